@@ -1,0 +1,56 @@
+"""``lmforge <verb> [--config recipe.yaml] [key=value ...]``.
+
+Each verb lives in its own module with a ``main(argv)`` function; modules are imported only when their verb
+runs, so ``lmforge --help`` starts in a fraction of a second (torch alone takes longer than that to import).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> (module, one-line help). Order is the order of the pipeline.
+VERBS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("lmforge.stages.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
+    "pretrain": ("lmforge.stages.pretrain", "pre-train a decoder-only transformer (next-token prediction)"),
+    "sample": ("lmforge.stages.sample", "print continuations of a prompt from any checkpoint"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, VERBS))
+    lines = ["usage: lmforge <verb> [--config RECIPE] [key=value ...]", "", "verbs:"]
+    lines += [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in VERBS.items()]
+    lines += ["", "`lmforge <verb> --help` shows a verb's options and its config keys."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from lmforge import __version__
+
+        print(__version__)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"lmforge: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    from lmforge.config import ConfigError
+
+    try:
+        return int(module.main(rest) or 0)
+    except ConfigError as e:
+        print(f"lmforge {verb}: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nlmforge {verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
