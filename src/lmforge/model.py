@@ -1,0 +1,307 @@
+"""A decoder-only transformer in the Llama layout, readable top to bottom.
+
+    tokens -> embed -> [RMSNorm -> GQA attention (RoPE) -> + -> RMSNorm -> SwiGLU MLP -> +] x L -> RMSNorm -> lm_head
+
+Parameter names are exactly those of Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj.weight``
+...), so a state dict moves between the two with no renaming; Qwen2 (bias on q/k/v), Mistral and SmolLM are the
+same architecture with other settings. Extras for alignment work: position ids and document ids for packed
+sequences (attention never crosses a document boundary), a key-padding mask for left-padded batches, a
+preallocated KV cache for generation, and an optional scalar ``score`` head for reward models and critics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Field names follow ``transformers.LlamaConfig`` so config.json round-trips."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 0  # 0 = hidden_size // num_attention_heads
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # Llama's flag: bias on q, k, v and o projections
+    qkv_bias: bool = False  # Qwen2: bias on q, k, v only
+    initializer_range: float = 0.02
+    num_labels: int = 0  # > 0 adds a `score` head (reward model: 1, critic: 1)
+
+    def validate(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if not self.head_dim and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads}) unless head_dim is set")
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in fp32 like Llama so bf16 activations keep their precision."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_cache(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (length, head_dim) for rotate-half RoPE (Su et al. 2021)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles. x: (B, H, T, D); cos/sin: (B, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (layers, batch, kv_heads, max_len, head_dim).
+
+    ``length`` positions are filled (the same for every row; left padding keeps rows aligned). The model
+    writes new keys at [length, length + T) and advances ``length`` after its last layer.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len,
+                 config.resolved_head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) batch rows: drop finished sequences, or fan a prompt out to n samples."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.resolved_head_dim
+        qkv_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False) if config.num_labels else None
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_rope()
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: residual projections shrink with depth so the residual stream starts near unit size.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=config.initializer_range / math.sqrt(2 * config.num_hidden_layers))
+
+    def reset_rope(self, length: int | None = None) -> None:
+        """(Re)build the cos/sin tables, on the device of the weights, for ``length`` positions."""
+        length = length or self.config.max_position_embeddings
+        device = self.model.embed_tokens.weight.device
+        cos, sin = rope_cache(self.config.resolved_head_dim, length, self.config.rope_theta, device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V); or the mean next-token loss when ``labels`` is given.
+
+        labels: (B, T) targets already aligned with the outputs (-100 = ignore), so shifting is the data's job.
+        position_ids: (B, T); default past_length + arange(T), or restarting at 0 in each document.
+        attention_mask: (B, past + T) with 1 for real tokens and 0 for padding (left-padded batches).
+        document_ids: (B, T) packed-sequence document index; attention never crosses documents.
+        return_hidden: return final-norm hidden states (B, T, D) instead of logits (for heads and chunked losses).
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if document_ids is not None:
+                position_ids = positions_from_documents(document_ids)
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        cos, sin = self._rope(position_ids)
+        mask = build_attention_mask(T, past, attention_mask, document_ids, input_ids.device)
+
+        x = self.model.embed_tokens(input_ids)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, i, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        if return_hidden:
+            return x
+        if labels is None:
+            return self.lm_head(x)
+        logits = self.lm_head(x).float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+    def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(position_ids.max()) + 1
+        if needed > self.rope_cos.shape[0]:  # longer than configured: extend the table rather than fail
+            self.reset_rope(2 * needed)
+        dtype = self.model.embed_tokens.weight.dtype
+        cos = self.rope_cos[position_ids].unsqueeze(1).to(dtype)
+        sin = self.rope_sin[position_ids].unsqueeze(1).to(dtype)
+        return cos, sin
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied head counts once); non_embedding drops the token embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+            if self.config.tie_word_embeddings:  # the shared matrix still does the head's work
+                n += self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per matmul weight (fwd + bwd) plus attention scores and values
+        (Kaplan et al. 2020: 6N + 12·L·d_attn·T, counting the full T×T square as PyTorch's kernels do)."""
+        c = self.config
+        matmul_params = self.num_params(non_embedding=True) - sum(
+            p.numel() for n, p in self.named_parameters() if p.dim() < 2)
+        return 6 * matmul_params + 12 * c.num_hidden_layers * c.num_attention_heads * c.resolved_head_dim * seq_len
+
+
+def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 where each packed document begins: [0,0,0,1,1] -> [0,1,2,0,1]."""
+    B, T = document_ids.shape
+    idx = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+def build_attention_mask(T: int, past: int, attention_mask: torch.Tensor | None,
+                         document_ids: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Boolean (B, 1, T, past + T) mask (True = may attend), or None when plain causal attention suffices.
+
+    Queries sit at positions past..past+T-1 and see keys at or before their own position, that are not padding
+    and that belong to the same document. A query at a padding position sees itself, so no row is fully masked
+    (a fully masked row would give NaN; padding outputs are ignored anyway).
+    """
+    if attention_mask is None and document_ids is None:
+        if past == 0 or T == 1:
+            return None  # SDPA's is_causal handles T > 1 with no past; one new token may see everything
+    S = past + T
+    q_pos = torch.arange(past, S, device=device)
+    k_pos = torch.arange(S, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+    if document_ids is not None:
+        if past:
+            raise ValueError("document_ids (packing) is for training forwards, not cached generation")
+        same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+        mask = mask & same_doc[:, None]
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S}")
+        mask = mask & attention_mask.bool()[:, None, None, :]
+        mask = mask | (k_pos[None, :] == q_pos[:, None])[None, None]
+    return mask

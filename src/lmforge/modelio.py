@@ -1,0 +1,228 @@
+"""Model directories in the Hugging Face layout: config.json + model.safetensors (+ tokenizer files).
+
+A directory lmforge writes opens with ``transformers.AutoModelForCausalLM.from_pretrained``; a Llama-family
+directory written by Hugging Face (Llama, Qwen2, Mistral, SmolLM) opens as an lmforge ``Transformer``.
+Weights are read from safetensors only: pickled ``pytorch_model.bin`` files can run code when loaded, so they
+are refused with a message saying how to convert them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.model import ModelConfig, Transformer
+
+# model_type -> (architecture class name written to config.json, key quirks)
+SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+
+
+def config_to_hf(cfg: ModelConfig, **token_ids) -> dict:
+    """ModelConfig -> a config.json dict that transformers reads as Llama (or Qwen2 when only q/k/v have bias)."""
+    qwen2 = cfg.qkv_bias and not cfg.attention_bias
+    out = {
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen2 else "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+    if not qwen2:
+        out.update(attention_bias=cfg.attention_bias, mlp_bias=False, pretraining_tp=1)
+    else:
+        out.update(use_sliding_window=False)
+    if cfg.num_labels:
+        out["num_labels"] = cfg.num_labels
+    out.update({k: v for k, v in token_ids.items() if v is not None})
+    return out
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """A Llama-family config.json dict -> ModelConfig; anything we would compute differently is an error."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_TYPES:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported "
+                         f"(lmforge loads {', '.join(SUPPORTED_TYPES)})")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
+    rope_scaling = hf.get("rope_scaling")
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+        raise ValueError(f"{source}: rope_scaling {rope_scaling} is not supported yet")
+    if hf.get("mlp_bias"):
+        raise ValueError(f"{source}: mlp_bias=true is not supported")
+    n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    if model_type == "mistral" and hf.get("sliding_window"):
+        warnings.warn(f"{source}: Mistral sliding_window={hf['sliding_window']} is ignored; attention is full, "
+                      "which is identical for sequences shorter than the window", stacklevel=2)
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=n_heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=head_dim if head_dim != hf["hidden_size"] // n_heads else 0,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(rope_theta),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type != "mistral")),
+        attention_bias=bool(hf.get("attention_bias", False)) if model_type == "llama" else False,
+        qkv_bias=model_type == "qwen2",
+        initializer_range=hf.get("initializer_range", 0.02),
+        num_labels=int(hf.get("num_labels", 0)) if "num_labels" in hf and hf.get("architectures", [""])[0]
+        .endswith("ForSequenceClassification") else 0,
+    )
+
+
+def save_model_dir(path: str | Path, model: Transformer, tokenizer=None, generation_config: dict | None = None,
+                   extra_files: dict[str, str] | None = None) -> Path:
+    """Write a Hugging Face model directory atomically (tmp dir, then rename), so a kill never leaves half of one.
+
+    extra_files: name -> text, for things like the resolved run config.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write_model_files(tmp, model, tokenizer, generation_config, extra_files)
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def write_model_files(path: Path, model: Transformer, tokenizer=None, generation_config: dict | None = None,
+                      extra_files: dict[str, str] | None = None) -> None:
+    """The files of a model directory, written into an existing (usually temporary) directory."""
+    path = Path(path)
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    model = getattr(model, "module", model)  # unwrap DDP
+    token_ids = {}
+    if tokenizer is not None:
+        token_ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    config = config_to_hf(model.config, **token_ids)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # shared with the embedding; transformers re-ties it
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(path)
+        gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos_ids(tokenizer),
+               "pad_token_id": tokenizer.pad_id}
+        gen.update(generation_config or {})
+        (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    for name, text in (extra_files or {}).items():
+        (path / name).write_text(text)
+
+
+def eos_ids(tokenizer) -> list[int] | int:
+    """Every id that ends a generation: the document end and, with a chat template, the end of a turn."""
+    ids = [tokenizer.eos_id]
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    if im_end is not None and im_end not in ids:
+        ids.append(im_end)
+    return ids if len(ids) > 1 else ids[0]
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards named by model.safetensors.index.json; never pickle."""
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(path / shard)))
+        return state
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise ValueError(f"{path}: only pickle weights (*.bin / *.pt) found; lmforge loads safetensors only because "
+                         "unpickling can run arbitrary code. Convert once with transformers: "
+                         "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local directory, or a Hugging Face hub id ('org/name') downloaded once into the hub cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if str(name_or_path).count("/") == 1 and not str(name_or_path).startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as e:
+            raise FileNotFoundError(f"{name_or_path}: not a local directory, and huggingface_hub is not installed "
+                                    "to download it (pip install huggingface_hub)") from e
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.jinja",
+                                                                          "tokenizer*"]))
+    raise FileNotFoundError(f"{name_or_path}: no such model directory")
+
+
+def load_model_dir(name_or_path: str | Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, num_labels: int | None = None) -> Transformer:
+    """Open an lmforge or Hugging Face Llama-family directory as a Transformer.
+
+    num_labels: add (or keep) a scalar head; a new head starts at zero init when the directory has none.
+    """
+    path = resolve_model_dir(name_or_path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json, so this is not a model directory")
+    cfg = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    if num_labels is not None:
+        cfg.num_labels = num_labels
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = read_state_dict(path)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    if cfg.num_labels and "score.weight" not in state:
+        state["score.weight"] = torch.zeros(cfg.num_labels, cfg.hidden_size)
+    if not cfg.num_labels:
+        state.pop("score.weight", None)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope()  # the tables were made on the meta device
+    return model.to(device=device, dtype=dtype)
+
+
+def load_tokenizer(name_or_path: str | Path):
+    from lmforge.tokenizer import Tokenizer
+
+    return Tokenizer.load(resolve_model_dir(name_or_path))
