@@ -1,0 +1,24 @@
+# lmforge: `make run` (the main job) and `make test` (the suite) set up a fresh machine themselves.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+
+.PHONY: install run test lint bench clean
+
+install:  ## CPU torch pinned first: an unpinned torch would pull GBs of CUDA wheels
+	$(PYTHON) -m pip install -q "$(TORCH)"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+
+run: install  ## the main job on the built-in tiny recipe
+	lmforge pretrain
+
+test: install lint  ## the whole suite, end-to-end CLI tests included
+	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check src tests bench
+
+bench: install
+	$(PYTHON) bench/bench_train_step.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache
