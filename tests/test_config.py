@@ -56,8 +56,9 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 
 def test_override_parsing():
-    assert parse_override("a.b=3") == ("a.b", 3)
-    assert parse_override("a=3e-4") == ("a", "3e-4")  # YAML reads it as a string; float fields accept it
+    assert parse_override("a.b=3")[1].parsed == 3
+    assert load_config(Outer, None, ["name=JULIET: hi"]).name == "JULIET: hi"  # raw text for string fields
+    assert load_config(Outer, None, ["name=123"]).name == "123"
     assert load_config(Inner, None, ["lr=3e-4"]).lr == 3e-4
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("nonsense")

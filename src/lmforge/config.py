@@ -52,16 +52,23 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+class Override(str):
+    """A command-line value: its raw text for string fields (``prompt=JULIET:``), parsed YAML for the rest."""
+
+    @property
+    def parsed(self) -> Any:
+        try:
+            return yaml.safe_load(self) if self.strip() else ""
+        except yaml.YAMLError:
+            return str(self)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """``a.b=3`` -> ("a.b", 3); the value is parsed as YAML so numbers, bools, lists and null work."""
+    """``a.b=3`` -> ("a.b", Override("3")): numbers, bools, lists and null parse as YAML where a field wants them."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value (e.g. train.lr=3e-4)")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
+    return key.strip(), Override(raw)
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -78,6 +85,8 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
 
 
 def _check_type(value: Any, tp: Any, key: str, src: str) -> Any:
+    if isinstance(value, Override):
+        value = str(value) if tp is str else value.parsed
     origin = typing.get_origin(tp)
     if tp is Any:
         return value

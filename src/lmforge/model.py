@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.objectives.lm import fused_linear_cross_entropy
+
 
 @dataclass
 class ModelConfig:
@@ -239,8 +241,7 @@ class Transformer(nn.Module):
             return x
         if labels is None:
             return self.lm_head(x)
-        logits = self.lm_head(x).float()
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+        return fused_linear_cross_entropy(x, self.lm_head.weight, labels)  # never holds (B, T, V) fp32 logits
 
     def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         needed = int(position_ids.max()) + 1
@@ -254,19 +255,17 @@ class Transformer(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied head counts once); non_embedding drops the token embedding table."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.model.embed_tokens.weight.numel()
-            if self.config.tie_word_embeddings:  # the shared matrix still does the head's work
-                n += self.lm_head.weight.numel()
-        return n
+        return n - self.model.embed_tokens.weight.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 per matmul weight (fwd + bwd) plus attention scores and values
-        (Kaplan et al. 2020: 6N + 12·L·d_attn·T, counting the full T×T square as PyTorch's kernels do)."""
+        """Training FLOPs per token: 6 per matmul weight (forward + backward; the output head always multiplies,
+        tied or not) plus attention scores and values (Kaplan et al. 2020: 12 * layers * d_attn * T)."""
         c = self.config
-        matmul_params = self.num_params(non_embedding=True) - sum(
-            p.numel() for n, p in self.named_parameters() if p.dim() < 2)
-        return 6 * matmul_params + 12 * c.num_hidden_layers * c.num_attention_heads * c.resolved_head_dim * seq_len
+        matmul_weights = sum(p.numel() for name, p in self.named_parameters()
+                             if p.dim() == 2 and not name.startswith("model.embed_tokens"))
+        if c.tie_word_embeddings:
+            matmul_weights += self.lm_head.weight.numel()
+        return 6 * matmul_weights + 12 * c.num_hidden_layers * c.num_attention_heads * c.resolved_head_dim * seq_len
 
 
 def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
