@@ -131,3 +131,14 @@ def test_unigram_baseline_by_hand(tmp_path):
     # add-one counts: token0 3, token1 2, token2 1 -> p = 3/6, 2/6
     expected = -(np.log(3 / 6) + np.log(2 / 6)) / 2
     assert unigram_baseline_loss(train, val, 3) == pytest.approx(expected)
+
+
+def test_parquet_source_and_missing_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": ["first doc", "second doc"], "id": [1, 2]}), path)
+    assert list(read_documents(str(path))) == ["first doc", "second doc"]
+    with pytest.raises(DataError, match=r"docs.parquet: no column 'body' \(columns: text, id\)"):
+        list(read_documents(str(path), text_field="body"))
