@@ -120,23 +120,26 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_nan_stop_names_the_step(tmp_path):
-    def nan_at_2(model, batch, calls=[0]):  # noqa: B006
+def nan_on_call(n):
+    """A loss function whose n-th call returns NaN (a bad batch in the middle of a run)."""
+    calls = [0]
+
+    def loss_fn(model, batch):
         calls[0] += 1
         loss = model(batch[0], labels=batch[1])
-        return (loss * float("nan") if calls[0] == 2 else loss), {}
+        return (loss * float("nan") if calls[0] == n else loss), {}
+    return loss_fn
+
+
+def test_nan_stop_names_the_step(tmp_path):
     model = tiny_model()
     with pytest.raises(NonFiniteLoss, match="at step 2"):
-        train(model, nan_at_2, Stream(), cfg(), tmp_path, save_model=lambda d: write_model_files(d, model))
+        train(model, nan_on_call(2), Stream(), cfg(), tmp_path, save_model=lambda d: write_model_files(d, model))
 
 
 def test_nan_skip_skips_and_continues(tmp_path):
-    def nan_at_2(model, batch, calls=[0]):  # noqa: B006
-        calls[0] += 1
-        loss = model(batch[0], labels=batch[1])
-        return (loss * float("nan") if calls[0] == 2 else loss), {}
     model = tiny_model()
-    result = train(model, nan_at_2, Stream(), cfg(nan_policy="skip"), tmp_path,
+    result = train(model, nan_on_call(2), Stream(), cfg(nan_policy="skip"), tmp_path,
                    save_model=lambda d: write_model_files(d, model))
     assert result.skipped_steps == 1 and result.step == 6
     assert all(torch.isfinite(p).all() for p in model.parameters())

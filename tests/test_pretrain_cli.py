@@ -56,3 +56,16 @@ def test_bad_override_is_one_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "unknown key train.'max_stepz'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_tokenizer_cli_trains_saves_and_reports(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(f'{{"text": "line {i} of a small corpus about tokens"}}\n' for i in range(50)))
+    proc = lmforge("tokenizer", f"data={corpus}", "vocab_size=300", f"out_dir={tmp_path / 'tok'}")
+    assert "characters/token" in proc.stdout
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tmp_path / "tok")
+    assert 260 < tok.vocab_size <= 300 and tok.decode(tok.encode("line 7 of")) == "line 7 of"
+    bad = lmforge("tokenizer", f"data={tmp_path / 'missing.jsonl'}", f"out_dir={tmp_path / 'x'}", check=False)
+    assert bad.returncode == 2 and "missing.jsonl: no such file" in bad.stderr

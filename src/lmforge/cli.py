@@ -41,11 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(VERBS[verb][0])
     from lmforge.config import ConfigError
+    from lmforge.data.sources import DataError
 
     try:
         return int(module.main(rest) or 0)
     except ConfigError as e:
         print(f"lmforge {verb}: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"lmforge {verb}: data error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nlmforge {verb}: interrupted", file=sys.stderr)
