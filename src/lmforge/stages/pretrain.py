@@ -177,9 +177,10 @@ def print_summary(summary: dict) -> None:
 
     console = Console()
     table = Table(title="pretrain", show_header=False)
-    beat = summary["unigram_baseline"] - summary["val_loss"]
+    gap = summary["unigram_baseline"] - summary["val_loss"]
+    verdict = f"model is {gap:.3f} below it" if gap > 0 else f"model is {-gap:.3f} ABOVE it: train longer"
     table.add_row("validation loss", f"{summary['val_loss']:.3f} nats/token")
-    table.add_row("unigram baseline", f"{summary['unigram_baseline']:.3f} ({beat:+.3f} better)")
+    table.add_row("unigram baseline", f"{summary['unigram_baseline']:.3f} ({verdict})")
     table.add_row("parameters", f"{summary['n_params']:,} ({summary['n_params_non_embedding']:,} non-embedding)")
     table.add_row("tokens trained", f"{summary['tokens']:,} in {summary['steps']} steps, {summary['seconds']} s")
     table.add_row("model", summary["model_dir"])
