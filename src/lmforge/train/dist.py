@@ -1,9 +1,14 @@
-"""torchrun / DDP in a few functions. Without torchrun everything degrades to a single process, no group."""
+"""torchrun / DDP in a few functions.
+
+Under ``torchrun`` each process reads RANK / WORLD_SIZE / LOCAL_RANK and joins one process group (NCCL on CUDA,
+gloo on CPU). Without torchrun everything degrades to a single process with no group, and every helper here is
+a no-op, so the training loop has one code path.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as td
@@ -14,10 +19,11 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the one process that writes files and prints."""
         return self.rank == 0
 
     @property
@@ -26,6 +32,7 @@ class DistInfo:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA if present, else Apple MPS, else CPU; anything else is passed to torch.device."""
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -36,21 +43,40 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
+    """Join torchrun's process group if there is one; returns this process's rank, world size and device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return DistInfo(device=pick_device(device))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device)
+    if world == 1:
+        return DistInfo(device=dev)
+    if "RANK" not in os.environ:
+        raise RuntimeError("WORLD_SIZE is set but RANK is not: launch multi-process runs with torchrun")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not td.is_initialized():
-        td.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            td.init_process_group(backend="nccl", device_id=dev)
+        else:
+            _loopback_for_single_node_gloo(world)
+            td.init_process_group(backend="gloo")
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev)
 
 
+def _loopback_for_single_node_gloo(world: int) -> None:
+    """All ranks on this machine: talk over loopback. Gloo otherwise binds to whatever the hostname resolves to,
+    which in containers and CI sandboxes is often an address the other ranks cannot reach."""
+    single_node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
+    if single_node and "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+
+
+def is_distributed() -> bool:
+    return td.is_available() and td.is_initialized() and td.get_world_size() > 1
+
+
 def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` in a multi-process run; the model itself otherwise."""
     if not info.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -58,19 +84,34 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
 
-def all_reduce_mean(value: float | torch.Tensor) -> float:
-    """Mean over ranks (a no-op in a single process)."""
-    if not (td.is_available() and td.is_initialized()):
-        return float(value)
-    t = torch.tensor(float(value), dtype=torch.float64)
-    if td.get_backend() == "nccl":
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under torch.compile and DDP wrappers (what gets saved, what has ``.config``)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (a copy; the input is untouched). NCCL needs the values on the GPU."""
+    if not is_distributed():
+        return values.clone()
+    t = values.detach().clone()
+    if td.get_backend() == "nccl" and not t.is_cuda:
         t = t.cuda()
     td.all_reduce(t)
-    return float(t) / td.get_world_size()
+    return t.to(values.device)
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
+    """Mean over ranks: a float for a float, a tensor for a tensor (a no-op in a single process)."""
+    if isinstance(value, torch.Tensor):
+        return all_reduce_sum(value) / (td.get_world_size() if is_distributed() else 1)
+    if not is_distributed():
+        return float(value)
+    return float(all_reduce_sum(torch.tensor(float(value), dtype=torch.float64))) / td.get_world_size()
 
 
 def barrier() -> None:
-    if td.is_available() and td.is_initialized():
+    if is_distributed():
         td.barrier()
 
 

@@ -1,4 +1,9 @@
-"""Run metrics: one JSON object per line in metrics.jsonl, TensorBoard scalars beside it, and a progress bar."""
+"""Run metrics: one JSON object per line in metrics.jsonl, TensorBoard scalars beside it, and a progress display.
+
+metrics.jsonl is the source of truth (plots, tests and the scaling-law fits read it); TensorBoard is a view of
+it. A resumed run appends a ``{"event": "resume"}`` row and logs the steps after its checkpoint again;
+:func:`read_metrics` drops the superseded rows, so readers see the curve an uninterrupted run would have written.
+"""
 
 from __future__ import annotations
 
@@ -9,38 +14,43 @@ import time
 import warnings
 from pathlib import Path
 
+_warned_no_tensorboard = False
+
 
 class MetricsLogger:
-    """Appends {"step", "time", ...metrics} to ``out_dir/metrics.jsonl`` and mirrors scalars to ``out_dir/tb``."""
+    """Appends ``{"step", "time", **metrics}`` rows to ``out_dir/metrics.jsonl`` and scalars to ``out_dir/tb``.
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    Only the main rank should write (``enabled=is_main``); a disabled logger does nothing. ``resume_step``
+    marks a restart from that step's checkpoint (see read_metrics) and purges later TensorBoard events.
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.start = time.time()
         self.tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._write({"step": resume_step, "time": round(time.time(), 3), "event": "resume"})
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
-            except ImportError:
-                warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only "
-                              "(pip install tensorboard)", stacklevel=2)
+            self.tb = _summary_writer(Path(out_dir) / "tb", None if resume_step is None else resume_step + 1)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": step, "time": round(time.time() - self.start, 3)}
+        row = {"step": step, "time": round(time.time(), 3)}
         row.update({k: _plain(v) for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._write(row)
         if self.tb is not None:
             for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, step)
+
+    def _write(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:  # one complete line per write: a kill never tears one
+            f.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
         if self.tb is not None:
@@ -48,25 +58,94 @@ class MetricsLogger:
             self.tb = None
 
 
+def _summary_writer(log_dir: Path, purge_step: int | None):
+    global _warned_no_tensorboard
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if not _warned_no_tensorboard:
+            warnings.warn("tensorboard is not installed, so metrics go to metrics.jsonl only "
+                          "(pip install tensorboard to get them in TensorBoard too)", stacklevel=3)
+            _warned_no_tensorboard = True
+        return None
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
+
+
 def _plain(v):
+    """A JSON-able scalar: tensors become numbers, NaN/inf become null (strict JSON has no NaN)."""
     if hasattr(v, "item"):
         v = v.item()
-    if isinstance(v, float):
-        return round(v, 6) if math.isfinite(v) else str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
     return v
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl (or of a run directory's), as an uninterrupted run would have written them:
+    at each resume marker, earlier rows for steps after the resumed checkpoint are dropped."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows: list[dict] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row.get("event") == "resume":
+            rows = [r for r in rows if r["step"] <= row["step"]]
+        else:
+            rows.append(row)
+    return rows
 
 
-def progress_bar(enabled: bool = True):
-    """A rich progress bar; on a non-terminal (CI, logs) it stays quiet and the loop prints plain lines."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+class ProgressDisplay:
+    """A rich progress bar on a terminal; in logs (no TTY) a plain line at most every ``plain_every_s`` seconds.
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    disable=not (enabled and sys.stderr.isatty()), transient=False)
+    Only the main rank shows anything. Use as a context manager; ``update`` sets the step and the info text
+    (loss, lr, tokens/s), ``print`` writes a line above the bar (eval results, notices).
+    """
+
+    def __init__(self, total: int, start: int = 0, description: str = "train", enabled: bool = True,
+                 plain_every_s: float = 30.0):
+        self.total, self.step, self.info = total, start, ""
+        self.description, self.enabled, self.plain_every_s = description, enabled, plain_every_s
+        self.bar = None
+        self.last_plain, self._plain_step = time.monotonic(), -1
+        if enabled and sys.stdout.isatty():  # rich draws on stdout
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self.task = self.bar.add_task(description, total=total, completed=start, info="")
+
+    def __enter__(self) -> ProgressDisplay:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        elif self.enabled and self.info and self.step != self._plain_step:
+            self._plain_line()
+
+    def update(self, step: int, info: str | None = None) -> None:
+        self.step = step
+        if info is not None:
+            self.info = info
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=self.info)
+        elif self.enabled and info is not None and time.monotonic() - self.last_plain >= self.plain_every_s:
+            self._plain_line()
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(message, markup=False, highlight=False)
+        else:
+            print(message, flush=True)
+
+    def _plain_line(self) -> None:
+        print(f"{self.description} step {self.step}/{self.total}  {self.info}", flush=True)
+        self.last_plain, self._plain_step = time.monotonic(), self.step

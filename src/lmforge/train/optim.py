@@ -1,4 +1,8 @@
-"""AdamW with weight-decay groups, and learning-rate schedules as pure functions of the step."""
+"""AdamW with weight-decay groups, and learning-rate schedules as pure functions of the step.
+
+The schedule is recomputed from the step number every step (never stepped like a torch LR scheduler), so a
+resumed run needs nothing but the step to be back on the same curve.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +11,50 @@ import math
 import torch
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float) -> torch.optim.AdamW:
-    """Decay matrices (dim >= 2: linear weights, embeddings); never norms or biases (as in nanoGPT).
-    Fused AdamW when every parameter is on CUDA, multi-tensor (foreach) otherwise."""
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters, configured by a TrainConfig (lr, weight_decay, betas, eps).
+
+    Matrices (dim >= 2: linear weights and embeddings) are decayed; norms and biases never are, as in nanoGPT:
+    decaying a gain or an offset towards zero only fights the model. The fused CUDA kernel is used when every
+    parameter is on CUDA, the multi-tensor (foreach) one otherwise.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps,
-                             fused=fused or None, foreach=None if fused else True)
+    fused = all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, fused=True if fused else None, foreach=None if fused else True)
 
 
-def lr_at(step: int, *, lr: float, max_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
-          min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
-    """Learning rate for optimizer step ``step`` (0-based).
+def lr_at(step: int, cfg) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) under a TrainConfig's schedule.
 
-    warmup: linear from lr/warmup to lr over ``warmup_steps``; then
-    cosine: min + (lr - min) * (1 + cos(pi * progress)) / 2;  linear: straight down to min;
-    wsd (warmup-stable-decay): flat at lr, then linear to min over the last ``decay_fraction`` of steps;
-    constant: lr.  min = lr * min_lr_ratio.
+    warmup: linear from lr/warmup_steps up to lr over the first ``warmup_steps`` steps; then, with
+    floor = lr * min_lr_ratio and progress running 0 -> 1 from the end of warmup to max_steps:
+      cosine    floor + (lr - floor) * (1 + cos(pi * progress)) / 2
+      linear    straight from lr down to floor
+      wsd       warmup-stable-decay: flat at lr, then linear to floor over the last decay_fraction of all steps
+      constant  lr
     """
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    floor = lr * min_lr_ratio
-    span = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    if schedule == "constant":
+    lr, warmup, max_steps = cfg.lr, cfg.warmup_steps, cfg.max_steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    floor = lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
         return lr
-    if schedule == "cosine":
-        return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return lr + (floor - lr) * progress
-    if schedule == "wsd":
-        decay_start = max_steps - int(decay_fraction * max_steps)
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * max_steps))
+        decay_start = max_steps - decay_steps
         if step < decay_start:
             return lr
-        return lr + (floor - lr) * min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
-    raise ValueError(f"unknown schedule {schedule!r}")
+        return lr + (floor - lr) * min(1.0, (step - decay_start) / decay_steps)
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if cfg.schedule == "cosine":
+        return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return lr + (floor - lr) * progress
+    raise ValueError(f"unknown schedule {cfg.schedule!r} (cosine, wsd, linear, constant)")
