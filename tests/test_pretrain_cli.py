@@ -8,8 +8,8 @@ import pytest
 
 MICRO = ["seq_len=32", "vocab_size=320", "model.hidden_size=32", "model.intermediate_size=64",
          "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.num_key_value_heads=1",
-         "train.max_steps=30", "train.batch_size=8", "train.micro_batch_size=8", "train.warmup_steps=5",
-         "train.eval_every=15", "train.eval_batches=2", "train.save_every=15", "train.log_every=5",
+         "train.max_steps=60", "train.batch_size=8", "train.micro_batch_size=8", "train.warmup_steps=5",
+         "train.eval_every=30", "train.eval_batches=2", "train.save_every=30", "train.log_every=5",
          "train.lr=1e-2", "sample_tokens=10"]
 
 
@@ -26,7 +26,7 @@ def test_pretrain_cli_beats_unigram_and_writes_an_hf_checkpoint(tmp_path):
     proc = lmforge("pretrain", f"out_dir={out}", "data.filters.max_chars=2000", *MICRO)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_loss"] < summary["unigram_baseline"], summary
-    assert summary["steps"] == 30 and summary["sample"].startswith("ROMEO:")
+    assert summary["steps"] == 60 and summary["sample"].startswith("ROMEO:")
     assert "validation loss" in proc.stdout
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json"):

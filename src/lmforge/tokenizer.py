@@ -17,6 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 
+# ChatML, as SmolLM2 and Qwen write it: <|im_start|>{role}\n{content}<|im_end|>\n per message.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -24,30 +25,50 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# End-of-text names used by common tokenizer families, for directories whose config names no eos.
+_EOS_GUESSES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Byte-level BPE: every byte is in the base alphabet, so any text round-trips exactly."""
+    """Byte-level BPE: every byte is in the base alphabet, so any text round-trips exactly.
+
+    No normalizer (NFC and friends belong to data cleaning; a tokenizer that rewrites text cannot round-trip)
+    and no prefix space (so ``encode("a") + encode("b")`` is ``encode("ab")`` at a word boundary).
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least "
+                         f"{len(alphabet)} bytes + {len(SPECIAL_TOKENS)} special tokens")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  special_tokens=SPECIAL_TOKENS, show_progress=False, initial_alphabet=alphabet)
     tok.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(tok, bos="<|endoftext|>", eos="<|endoftext|>", pad="<|pad|>", chat_template=CHATML_TEMPLATE)
 
 
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer, bos: str | None, eos: str, pad: str | None,
+    """A `tokenizers.Tokenizer` plus what the rest of lmforge needs: special-token ids and a chat template.
+
+    ``bos`` may be None (Qwen has none); documents then start with ``<|endoftext|>`` or eos instead, as such
+    models were pre-trained. ``pad`` defaults to eos, as Hugging Face models without a pad token are used.
+    """
+
+    def __init__(self, tok: HFTokenizer, bos: str | None, eos: str, pad: str | None = None,
                  chat_template: str | None = None, model_max_length: int = 1_000_000):
         self.tok = tok
         self.bos_token, self.eos_token = bos, eos
         self.pad_token = pad or eos
         self.chat_template = chat_template
         self.model_max_length = model_max_length
-        for name in (bos, eos, self.pad_token):
+        for role, name in (("bos", bos), ("eos", eos), ("pad", self.pad_token)):
             if name is not None and tok.token_to_id(name) is None:
-                raise ValueError(f"special token {name!r} is not in the vocabulary")
+                raise ValueError(f"{role} token {name!r} is not in the vocabulary")
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+                f"pad={self.pad_token!r})")
 
     @property
     def vocab_size(self) -> int:
@@ -59,45 +80,72 @@ class Tokenizer:
 
     @property
     def eos_id(self) -> int:
+        """The id generation stops at (chat models also stop at ``<|im_end|>``; see modelio.eos_ids)."""
         return self.tok.token_to_id(self.eos_token)
 
     @property
     def pad_id(self) -> int:
         return self.tok.token_to_id(self.pad_token)
 
+    @property
+    def doc_start_id(self) -> int:
+        """What ``add_bos`` prepends: bos, else ``<|endoftext|>`` (Qwen's document separator), else eos."""
+        if self.bos_id is not None:
+            return self.bos_id
+        endoftext = self.tok.token_to_id("<|endoftext|>")
+        return endoftext if endoftext is not None else self.eos_id
+
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token strings in it (``<|im_start|>``) become their single ids."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
+        return [self.doc_start_id] + ids if add_bos else ids
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
-        out = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-        return [[self.bos_id] + ids for ids in out] if add_bos and self.bos_id is not None else out
+        """``encode`` for many texts at once (the Rust side runs them in parallel)."""
+        out = [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [[self.doc_start_id] + ids for ids in out] if add_bos else out
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """Render a conversation with the tokenizer's jinja2 chat template (ChatML by default)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """Render a conversation with the tokenizer's jinja2 chat template (ChatML when it has none).
+
+        The environment matches the one `transformers` renders with (sandboxed, trim_blocks, lstrip_blocks,
+        loop controls, ``raise_exception``), so templates shipped with Hugging Face models render the same.
+        Extra keyword arguments (``tools=...``, ``enable_thinking=...``) are passed to the template.
+        """
         try:
             import jinja2
+            import jinja2.ext
+            import jinja2.sandbox
         except ImportError as e:
             raise ImportError("chat templates need jinja2: pip install jinja2") from e
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message:
+                raise ValueError(f"messages[{i}] must be a dict with a 'role' (and usually 'content'), "
+                                 f"got {message!r:.60}")
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = _strftime_now
         template = env.from_string(self.chat_template or CHATML_TEMPLATE)
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token)
+                               bos_token=self.bos_token or "", eos_token=self.eos_token,
+                               pad_token=self.pad_token, **kwargs)
 
     def save(self, directory: str | Path) -> None:
+        """tokenizer.json + tokenizer_config.json + special_tokens_map.json, as `transformers` writes them."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(d / "tokenizer.json"))
-        added = {str(self.tok.token_to_id(t)): {"content": t, "special": True, "lstrip": False, "rstrip": False,
-                                                "normalized": False, "single_word": False}
-                 for t in self._special_tokens()}
+        added = {str(i): {"content": t.content, "special": t.special, "lstrip": t.lstrip, "rstrip": t.rstrip,
+                          "normalized": t.normalized, "single_word": t.single_word}
+                 for i, t in sorted(self.tok.get_added_tokens_decoder().items())}
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
@@ -105,34 +153,53 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False, "model_max_length": self.model_max_length,
             "chat_template": self.chat_template, "added_tokens_decoder": added,
         }
-        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        special_map = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
-        (d / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
-
-    def _special_tokens(self) -> list[str]:
-        return [t for t in SPECIAL_TOKENS + [self.bos_token, self.eos_token, self.pad_token]
-                if t is not None and self.tok.token_to_id(t) is not None]
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
+        special_map = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                         ("pad_token", self.pad_token)) if v is not None}
+        (d / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
-        """Open tokenizer.json + tokenizer_config.json written by lmforge or by Hugging Face."""
+        """Open a directory written by ``save`` or by Hugging Face (SmolLM2, Llama, Qwen, ...).
+
+        Special tokens come from tokenizer_config.json, then special_tokens_map.json (strings, or dicts with
+        "content"); eos falls back to a known end-of-text token in the vocabulary, pad to eos.
+        """
         d = Path(directory)
         if not (d / "tokenizer.json").exists():
             raise FileNotFoundError(f"{d}: no tokenizer.json (lmforge needs a 'fast' tokenizer file)")
         tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
-        config = {}
-        if (d / "tokenizer_config.json").exists():
-            config = json.loads((d / "tokenizer_config.json").read_text())
+        config = _read_json(d / "tokenizer_config.json")
+        special = _read_json(d / "special_tokens_map.json")
+
+        def pick(key: str) -> str | None:
+            return _token_name(config.get(key)) or _token_name(special.get(key))
+
+        eos = pick("eos_token") or next((t for t in _EOS_GUESSES if tok.token_to_id(t) is not None), None)
+        if eos is None:
+            raise ValueError(f"{d / 'tokenizer_config.json'}: no 'eos_token', and none of "
+                             f"{', '.join(_EOS_GUESSES)} is in the vocabulary")
         template = config.get("chat_template")
-        if template is None and (d / "chat_template.jinja").exists():
-            template = (d / "chat_template.jinja").read_text()
+        if template is None and (d / "chat_template.jinja").exists():  # transformers >= 4.50 writes this
+            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
         if isinstance(template, list):  # several named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        eos = _token_name(config.get("eos_token")) or "<|endoftext|>"
-        bos = _token_name(config.get("bos_token"))
-        pad = _token_name(config.get("pad_token"))
-        return cls(tok, bos=bos, eos=eos, pad=pad, chat_template=template,
-                   model_max_length=int(min(config.get("model_max_length", 1_000_000), 1e12)))
+        max_len = config.get("model_max_length") or 1_000_000
+        return cls(tok, bos=pick("bos_token"), eos=eos, pad=pick("pad_token"), chat_template=template,
+                   model_max_length=int(min(max_len, 1e12)))  # HF writes 1e30 for "no limit"
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _token_name(value) -> str | None:
@@ -141,3 +208,13 @@ def _token_name(value) -> str | None:
 
 def _raise(message: str):
     raise ValueError(f"chat template: {message}")
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    from datetime import datetime
+
+    return datetime.now().strftime(fmt)

@@ -55,7 +55,7 @@ def prepare_tokenizer(cfg: PretrainConfig, out_dir: Path, dist):
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     tok_dir = out_dir / "tokenizer"
-    if dist.is_main and not (tok_dir / "tokenizer.json").exists():
+    if dist.is_main:  # reused when trained with the same settings on unchanged data; retrained otherwise
         run_tokenizer(TokenizerStageConfig(data=cfg.data.source, text_field=cfg.data.text_field,
                                            vocab_size=cfg.vocab_size, out_dir=str(tok_dir)))
     barrier()
@@ -102,7 +102,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     from lmforge.train.dist import all_reduce_mean, init_distributed
     from lmforge.train.loop import train
 
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
@@ -119,7 +119,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                             rank=dist.rank, world_size=dist.world_size)
 
     def loss_fn(model, batch):
-        x, y = (t.to(dist.device, non_blocking=True) for t in batch)
+        x, y = batch  # the loop has moved it to the device
         return model(x, labels=y), {}
 
     def eval_fn(model):
@@ -134,7 +134,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         write_model_files(path, model, tokenizer)
 
     result = train(model, loss_fn, batches, cfg.train, out_dir, save_model=save_model, eval_fn=eval_fn,
-                   dist=dist, tokens_per_batch_fn=lambda batch: batch[0].numel() * dist.world_size,
+                   dist=dist, tokens_per_batch_fn=lambda batch: batch[0].numel(),
                    run_config=cfg)
     summary = {}
     if dist.is_main:
