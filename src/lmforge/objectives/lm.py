@@ -1,35 +1,42 @@
-"""Next-token cross-entropy without materialising (tokens x vocabulary) fp32 logits.
+"""Token-level cross-entropy and log-probabilities without materialising (tokens x vocabulary) fp32 logits.
 
-For hidden states h (N, D), output matrix W (V, D) and targets y, the mean loss over the M non-ignored rows is
+For hidden states h (N, D), output matrix W (V, D) and targets y, the per-token loss is
 
-    L = (1/M) sum_i [ logsumexp(W h_i) - (W h_i)_{y_i} ]
+    l_i = logsumexp(W h_i) - (W h_i)_{y_i} = -log p(y_i | h_i)
 
-and its gradient has a closed form: with p_i = softmax(W h_i) and e_y the one-hot target,
+and, for the mean over the M non-ignored rows, the gradient has a closed form: with p_i = softmax(W h_i) and
+e_y the one-hot target,
 
     dL/dh_i = (1/M) (p_i - e_{y_i})^T W,        dL/dW = (1/M) sum_i (p_i - e_{y_i}) h_i^T.
 
-So the forward pass walks over chunks of rows, builds one chunk's logits in fp32, takes its loss, turns the
-logits into (p - e_y) in place and multiplies out both gradients right there. Backward only scales them by the
-incoming gradient. Peak memory is O(chunk x V) instead of O(N x V), and the softmax is computed once instead of
-forward + backward (the same idea as Liger Kernel's fused linear cross-entropy, Hsu et al. 2024).
+For ``reduction="mean"`` / ``"sum"`` the forward pass walks over chunks of rows, builds one chunk's logits in fp32,
+takes its loss, turns the logits into (p - e_y) in place and multiplies out both gradients right there; backward
+only scales them by the incoming gradient. Peak memory is O(chunk x V) instead of O(N x V), and the softmax is
+computed once instead of forward + backward (the same idea as Liger Kernel's fused linear cross-entropy,
+Hsu et al. 2024). ``reduction="none"`` needs a per-token incoming gradient that is unknown at forward time, so
+each chunk runs under ``torch.utils.checkpoint``: only the chunk's inputs are kept and its logits are rebuilt,
+one chunk at a time, during backward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, reduction, needs_grad):
         n = hidden.shape[0]
         valid = labels != ignore_index
         count = int(valid.sum())
-        scale = 1.0 / max(count, 1)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
         w = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.empty_like(weight, dtype=torch.float32) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size]
@@ -49,10 +56,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 probs.mul_((keep * scale)[:, None])
                 g = probs.to(hidden.dtype)
                 grad_hidden[start:start + chunk_size] = g @ w
-                if start == 0:
-                    torch.mm(g.T.float(), h.float(), out=grad_weight)
-                else:
-                    grad_weight.addmm_(g.T.float(), h.float())
+                grad_weight.addmm_(g.T.float(), h.float())
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total * scale
@@ -60,16 +64,94 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is None:
+            raise RuntimeError("chunked_cross_entropy was run with grad disabled; it cannot be backpropagated")
+        # in place, to hold no second (N x D) / (V x D) buffer; a second backward through the same graph raises
         gh = grad_hidden.mul_(grad_output.to(grad_hidden.dtype)) if ctx.needs_input_grad[0] else None
         gw = grad_weight.mul_(grad_output).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None, None
+
+
+def _map_row_chunks(fn: Callable[..., torch.Tensor], rows: torch.Tensor, labels: torch.Tensor,
+                    chunk_size: int, *shared: torch.Tensor) -> torch.Tensor:
+    """Apply ``fn(rows_chunk, labels_chunk, *shared)`` to chunks of rows and concatenate the (chunk,) results.
+
+    With grad enabled each chunk is checkpointed, so backward rebuilds one chunk's intermediates at a time
+    instead of keeping all of them alive: peak memory O(chunk x V) rather than O(N x V).
+    """
+    grad = torch.is_grad_enabled() and (rows.requires_grad or any(t.requires_grad for t in shared))
+    outs = []
+    for start in range(0, rows.shape[0], chunk_size):
+        args = (rows[start:start + chunk_size], labels[start:start + chunk_size], *shared)
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    if not outs:
+        return rows.new_zeros(0, dtype=torch.float32)
+    return torch.cat(outs)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          ignore_index: int = -100, chunk_size: int = 1024,
+                          reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the logits ``hidden @ weight.T`` against ``labels``, computed ``chunk_size`` rows at a time.
+
+    hidden: (N, D) or (B, T, D) final hidden states; weight: (V, D) the lm_head; labels: (N,) or (B, T) with
+    ``ignore_index`` where there is no target. Logits are upcast to fp32 one chunk at a time only, so peak
+    memory is O(chunk_size x V). Equals ``F.cross_entropy(hidden @ weight.T, labels, reduction=...)`` in fp32.
+
+    reduction: "mean" over non-ignored tokens (an all-ignored batch gives 0, not NaN, and a zero gradient),
+    "sum", or "none" (fp32 per-token losses of ``labels``' shape, 0 at ignored positions).
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    if reduction == "none":
+        def rows_ce(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy((h @ w.to(h.dtype).T).float(), y, reduction="none", ignore_index=ignore_index)
+
+        return _map_row_chunks(rows_ce, flat_hidden, flat_labels, chunk_size, weight).reshape(labels.shape)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _FusedLinearCrossEntropy.apply(flat_hidden, weight, flat_labels, ignore_index, chunk_size,
+                                          reduction, needs_grad)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                ignore_index: int = -100, chunk_size: int = 1024) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels``; an all-ignored batch gives 0, not NaN.
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels``: ``chunked_cross_entropy(reduction="mean")``."""
+    return chunked_cross_entropy(hidden, weight, labels, ignore_index, chunk_size, reduction="mean")
 
-    hidden: (..., D); weight: (V, D); labels: (...) with ``ignore_index`` for positions without a target.
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                   chunk_size: int = 1024) -> torch.Tensor:
+    """Per-token log p(label) = -cross_entropy(logits, label), in fp32; 0 at positions where label == ignore_index.
+
+    logits: (..., V); labels: (...). Computed as ``-F.cross_entropy(reduction="none")`` on fp32 chunks of rows
+    (never a full fp32 log_softmax), each chunk checkpointed when grad is needed. Labels must already be
+    aligned with the logits (shift them yourself for next-token prediction).
     """
-    return _FusedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                          ignore_index, chunk_size)
+    def rows_logp(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -F.cross_entropy(x.float(), y, reduction="none", ignore_index=ignore_index)
+
+    flat = _map_row_chunks(rows_logp, logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), chunk_size)
+    return flat.reshape(labels.shape)
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           chunk_size: int = 1024, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token log p(label) from hidden states and the lm_head, never holding (tokens x V) logits.
+
+    hidden: (..., D); weight: (V, D); labels: (...). Returns fp32 of ``labels``' shape, 0 at ignored positions.
+    """
+    return -chunked_cross_entropy(hidden, weight, labels, ignore_index, chunk_size, reduction="none")
+
+
+def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Sequence log-probability: sum_t m_t log p_t over the last dim, or that sum / sum_t m_t if ``average``.
+
+    token_logps, mask: (..., T). An all-masked row gives 0. The average is what SimPO, ORPO and IPO use.
+    """
+    mask = mask.to(token_logps.dtype)
+    total = (token_logps * mask).sum(-1)
+    if not average:
+        return total
+    return total / mask.sum(-1).clamp(min=1)
