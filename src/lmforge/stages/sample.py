@@ -1,9 +1,13 @@
-"""``lmforge sample``: continuations of a prompt from any checkpoint (lmforge or Hugging Face Llama-family dir)."""
+"""``lmforge sample``: continuations of a prompt from any checkpoint (lmforge or Hugging Face Llama-family dir).
+
+With n=1 the continuation streams to the terminal token by token; with n>1 the samples share one prefill and
+print one after another.
+"""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -18,40 +22,45 @@ class SampleConfig:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     n: int = 1
+    stop_strings: list[str] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+    def validate(self) -> None:
+        from lmforge.stages.generate import DTYPES
+
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 def run_sample(cfg: SampleConfig, stream=None) -> list[str]:
     """Sample ``cfg.n`` continuations; streams tokens to ``stream`` (a file) when n == 1."""
     from lmforge.generation import SamplingParams, generate
-    from lmforge.modelio import load_model_dir, load_tokenizer
-    from lmforge.train.dist import pick_device
+    from lmforge.stages.generate import encode_prompt, load_for_generation
 
-    device = pick_device(cfg.device)
-    model = load_model_dir(cfg.model, device=device).eval()
-    tok = load_tokenizer(cfg.model)
-    if cfg.chat:
-        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": cfg.prompt}],
-                                                 add_generation_prompt=True))
-    else:
-        ids = tok.encode(cfg.prompt, add_bos=True)
+    model, tok = load_for_generation(cfg.model, cfg.device, cfg.dtype)
+    row = {"messages": [{"role": "user", "content": cfg.prompt}]} if cfg.chat else {"prompt": cfg.prompt}
+    ids = encode_prompt(tok, row, add_bos=True)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
-                            n=cfg.n, seed=cfg.seed)
+                            n=cfg.n, stop_strings=list(cfg.stop_strings), seed=cfg.seed)
     on_token = None
     if stream is not None and cfg.n == 1:
         shown = {"ids": [], "text": ""}
 
         def on_token(row: int, token_id: int) -> None:
+            # Decode everything so far and print the new characters: a multi-byte character split over
+            # tokens only shows once complete. Stop strings are not held back (the final text cuts them).
             shown["ids"].append(token_id)
             text = tok.decode(shown["ids"], skip_special_tokens=True)
-            stream.write(text[len(shown["text"]):])
-            stream.flush()
-            shown["text"] = text
+            if not text.endswith("\ufffd"):
+                stream.write(text[len(shown["text"]):])
+                stream.flush()
+                shown["text"] = text
 
         stream.write(cfg.prompt)
-    completions = generate(model, [ids], params, tokenizer=tok, on_token=on_token)[0]
+    completions = generate(model, [ids], params, tokenizer=tok, pad_id=tok.pad_id, on_token=on_token)[0]
     if on_token is not None:
         stream.write("\n")
     return [c.text for c in completions]

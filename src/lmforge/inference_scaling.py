@@ -1,0 +1,265 @@
+"""Inference-time scaling: buy accuracy with samples ("thinking tokens") instead of parameters.
+
+    best_of_n         sample n, keep the completion a scorer likes best (reward model, DPO implicit reward)
+    self_consistency  sample n, majority vote over their final answers (Wang et al. 2022)
+    adaptive_budget   sample in rounds; stop a problem once its top answer holds threshold of the votes
+    accuracy_vs_samples   the sweep: accuracy and tokens spent for N = 1, 2, 4, ... (+ a plot)
+
+Answers come from ``extract(text)`` (default ``answers.extract_answer``). Without a tokenizer a completion's
+text is its token ids joined by spaces, which lets tests script answers on tiny random models.
+A scorer is ``scorer(prompt_ids, completion_ids) -> float``; one may carry ``score_batch(pairs) -> list[float]``
+to score many at once (the model-based scorers here do).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from lmforge.answers import answers_match, extract_answer
+from lmforge.generation import Completion, SamplingParams, generate, left_pad
+
+Scorer = Callable[[list[int], list[int]], float]
+Extract = Callable[[str], "str | None"]
+
+
+@dataclass
+class Pick:
+    """best_of_n's result for one prompt."""
+    completion: Completion
+    score: float
+    scores: list[float]
+    completions: list[Completion]
+    tokens: int  # tokens generated for this prompt
+
+
+@dataclass
+class Vote:
+    """self_consistency's / adaptive_budget's result for one prompt."""
+    answer: str | None  # the most voted answer; None when no completion had one
+    share: float  # its votes / completions sampled
+    votes: dict[str, int]
+    completions: list[Completion]
+    tokens: int  # tokens generated for this prompt
+
+
+def completion_text(c: Completion) -> str:
+    return c.text if c.text is not None else " ".join(map(str, c.token_ids))
+
+
+def majority(answers: list[str | None]) -> tuple[str | None, float, dict[str, int]]:
+    """(top answer, its share of all answers, counts); None answers count as samples but get no vote.
+    Ties go to the answer seen first, so the result never depends on dict or hash order."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return None, 0.0, {}
+    answer, count = votes.most_common(1)[0]
+    return answer, count / len(answers), dict(votes)
+
+
+def score_pairs(scorer: Scorer, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+    batch = getattr(scorer, "score_batch", None)
+    return list(batch(pairs)) if batch is not None else [float(scorer(p, c)) for p, c in pairs]
+
+
+def best_of_n(model, prompts: list[list[int]], n: int, scorer: Scorer, params: SamplingParams | None = None,
+              *, tokenizer=None) -> list[Pick]:
+    """Sample n completions per prompt and keep the highest-scoring one (the first on ties)."""
+    params = replace(params or SamplingParams(), n=n)
+    results = generate(model, prompts, params, tokenizer=tokenizer)
+    scores = score_pairs(scorer, [(p, c.token_ids) for p, row in zip(prompts, results) for c in row])
+    picks = []
+    for i, row in enumerate(results):
+        s = scores[i * n:(i + 1) * n]
+        best = max(range(n), key=lambda j: s[j])
+        picks.append(Pick(row[best], s[best], s, row, sum(len(c.token_ids) for c in row)))
+    return picks
+
+
+def self_consistency(model, prompts: list[list[int]], n: int, extract: Extract = extract_answer,
+                     params: SamplingParams | None = None, *, tokenizer=None) -> list[Vote]:
+    """Sample n completions per prompt and majority-vote over their extracted answers."""
+    params = replace(params or SamplingParams(), n=n)
+    results = generate(model, prompts, params, tokenizer=tokenizer)
+    return [_vote(row, extract) for row in results]
+
+
+def _vote(completions: list[Completion], extract: Extract) -> Vote:
+    answer, share, votes = majority([extract(completion_text(c)) for c in completions])
+    return Vote(answer, share, votes, completions, sum(len(c.token_ids) for c in completions))
+
+
+def adaptive_budget(model, prompts: list[list[int]], *, max_samples: int = 16, round_size: int = 4,
+                    threshold: float = 0.75, extract: Extract = extract_answer,
+                    params: SamplingParams | None = None, tokenizer=None) -> list[Vote]:
+    """Self-consistency that stops early on easy problems.
+
+    Every round samples ``round_size`` more completions for the problems still open; a problem closes once its
+    top answer holds at least ``threshold`` of its samples, or at ``max_samples``. Problems the model is sure
+    about cost one round; the budget goes to the ones it is unsure about. Returns Votes (``tokens`` = spent).
+    """
+    if round_size < 1 or max_samples < round_size:
+        raise ValueError(f"need 1 <= round_size <= max_samples, got {round_size} and {max_samples}")
+    params = params or SamplingParams()
+    seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()))
+    sampled: list[list[Completion]] = [[] for _ in prompts]
+    open_ = list(range(len(prompts)))
+    for r in range(-(-max_samples // round_size)):
+        size = min(round_size, max_samples - r * round_size)
+        rows = generate(model, [prompts[i] for i in open_], replace(params, n=size, seed=seed * 1_000_003 + r),
+                        tokenizer=tokenizer)
+        for i, row in zip(open_, rows):
+            sampled[i] += row
+        open_ = [i for i in open_ if _keeps_going(sampled[i], extract, threshold, max_samples)]
+        if not open_:
+            break
+    return [_vote(row, extract) for row in sampled]
+
+
+def _keeps_going(completions: list[Completion], extract: Extract, threshold: float, max_samples: int) -> bool:
+    answer, share, _ = majority([extract(completion_text(c)) for c in completions])
+    return len(completions) < max_samples and (answer is None or share < threshold)
+
+
+def adaptive_samples_used(answers: list[str | None], round_size: int, threshold: float) -> int:
+    """How many of these (already drawn) samples adaptive_budget would have used: its stopping rule, replayed."""
+    for used in range(round_size, len(answers) + round_size, round_size):
+        answer, share, _ = majority(answers[:used])
+        if answer is not None and share >= threshold:
+            return min(used, len(answers))
+    return len(answers)
+
+
+def accuracy_vs_samples(model, prompts: list[list[int]], golds: list, ns=(1, 2, 4, 8, 16), *,
+                        extract: Extract = extract_answer, params: SamplingParams | None = None, tokenizer=None,
+                        scorer: Scorer | None = None, thresholds=(0.5, 0.75, 1.0), round_size: int = 2,
+                        match: Callable[[str, str], bool] = answers_match) -> list[dict]:
+    """Accuracy and mean generated tokens per problem for every N in ``ns``, one row per (method, N).
+
+    Draws max(ns) samples per problem once; N uses the first N of them, so the curves are nested and cheap.
+    Methods: "majority" (self-consistency), "best_of_n" (with a scorer), "pass@n" (an oracle that is right when
+    any sample is: the ceiling for any selector), and "adaptive" at each vote-share threshold (its stopping
+    rule replayed on the same samples, which is what running it live would draw).
+    """
+    if len(golds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(golds)} gold answers")
+    ns = sorted(set(ns))
+    top = ns[-1]
+    results = generate(model, prompts, replace(params or SamplingParams(), n=top), tokenizer=tokenizer)
+    answers = [[extract(completion_text(c)) for c in row] for row in results]
+    lengths = [[len(c.token_ids) for c in row] for row in results]
+    right = [[a is not None and match(a, str(g)) for a in row] for row, g in zip(answers, golds)]
+    scores = None
+    if scorer is not None:
+        flat = score_pairs(scorer, [(p, c.token_ids) for p, row in zip(prompts, results) for c in row])
+        scores = [flat[i * top:(i + 1) * top] for i in range(len(prompts))]
+
+    def row(method: str, n: int, correct: list[bool], used: list[int]) -> dict:
+        spent = [sum(lengths[i][:u]) for i, u in enumerate(used)]
+        return {"method": method, "n": n, "accuracy": sum(correct) / len(correct),
+                "mean_samples": sum(used) / len(used), "mean_tokens": sum(spent) / len(spent)}
+
+    table = []
+    for n in ns:
+        used = [n] * len(prompts)
+        votes = [majority(a[:n])[0] for a in answers]
+        table.append(row("majority", n, [v is not None and match(v, str(g)) for v, g in zip(votes, golds)], used))
+        if scores is not None:
+            best = [max(range(n), key=lambda j, s=s: s[j]) for s in scores]
+            table.append(row("best_of_n", n, [r[b] for r, b in zip(right, best)], used))
+        table.append(row("pass@n", n, [any(r[:n]) for r in right], used))
+    for t in thresholds:
+        used = [adaptive_samples_used(a, round_size, t) for a in answers]
+        votes = [majority(a[:u])[0] for a, u in zip(answers, used)]
+        table.append(row(f"adaptive@{t:g}", top,
+                         [v is not None and match(v, str(g)) for v, g in zip(votes, golds)], used))
+    return table
+
+
+def plot_accuracy(table: list[dict], path: str | Path, title: str = "inference-time scaling") -> Path:
+    """Accuracy vs samples per problem and vs generated tokens per problem, one line per method (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_n, by_tokens) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for method in dict.fromkeys(r["method"] for r in table):
+        rows = [r for r in table if r["method"] == method]
+        style = dict(marker="o", linestyle="-" if len(rows) > 1 else "none", label=method)
+        by_n.plot([r["mean_samples"] for r in rows], [r["accuracy"] for r in rows], **style)
+        by_tokens.plot([max(r["mean_tokens"], 1e-9) for r in rows], [r["accuracy"] for r in rows], **style)
+    by_n.set_xscale("log", base=2)
+    by_n.set_xlabel("samples per problem")
+    by_n.set_ylabel("accuracy")
+    by_n.set_ylim(-0.02, 1.02)
+    by_tokens.set_xscale("log")
+    by_tokens.set_xlabel("generated (thinking) tokens per problem")
+    by_tokens.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- scorers ----
+
+@torch.inference_mode()
+def sequence_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int = 0,
+                      batch_size: int = 16) -> list[float]:
+    """Sum of log p(completion token | everything before it) for each (prompt, completion), one full forward
+    per batch of left-padded sequences."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        ids, mask, pos = left_pad([p + c for p, c in chunk], pad_id, model.lm_head.weight.device)
+        logits = model(ids, attention_mask=mask, position_ids=pos)[:, :-1].float()
+        token_logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        width = ids.shape[1]
+        cols = torch.arange(1, width, device=ids.device)[None]  # column of the token each logit predicts
+        first = torch.tensor([width - len(c) for _, c in chunk], device=ids.device)[:, None]
+        out += (token_logp * (cols >= first)).sum(-1).tolist()
+    return out
+
+
+def reward_model_scorer(reward_model, pad_id: int = 0, batch_size: int = 16) -> Scorer:
+    """A reward model's scalar (its ``score`` head at the last token of prompt + completion) as a scorer."""
+    if getattr(reward_model, "score", None) is None:
+        raise ValueError("the reward model has no score head (load it with num_labels=1)")
+
+    @torch.inference_mode()
+    def score_batch(pairs):
+        out = []
+        for start in range(0, len(pairs), batch_size):
+            ids, mask, pos = left_pad([p + c for p, c in pairs[start:start + batch_size]], pad_id,
+                                      reward_model.score.weight.device)
+            hidden = reward_model(ids, attention_mask=mask, position_ids=pos, return_hidden=True)[:, -1]
+            out += reward_model.score(hidden)[:, 0].float().tolist()
+        return out
+
+    def scorer(prompt_ids, completion_ids):
+        return score_batch([(prompt_ids, completion_ids)])[0]
+
+    scorer.score_batch = score_batch
+    return scorer
+
+
+def dpo_reward_scorer(policy, reference, beta: float = 0.1, pad_id: int = 0, batch_size: int = 16) -> Scorer:
+    """DPO's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)) (Rafailov et al. 2023) as a scorer."""
+    def score_batch(pairs):
+        lp = sequence_logprobs(policy, pairs, pad_id, batch_size)
+        ref = sequence_logprobs(reference, pairs, pad_id, batch_size)
+        return [beta * (a - b) for a, b in zip(lp, ref)]
+
+    def scorer(prompt_ids, completion_ids):
+        return score_batch([(prompt_ids, completion_ids)])[0]
+
+    scorer.score_batch = score_batch
+    return scorer

@@ -1,0 +1,173 @@
+"""``lmforge generate``: sample completions for a file of prompts (JSON Lines in, JSON Lines out).
+
+Each input row is ``{"prompt": "raw text"}`` or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (rendered
+with the model's chat template, ending in the assistant's turn); other fields are kept. Each output row is the
+input row plus ``completions``: ``[{"text", "tokens", "finish_reason"[, "token_ids", "logprobs"]}]``, n per row.
+Rows are checked before the model loads, so a bad row costs nothing: the error names file:line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class GenerateConfig:
+    model: str = ""  # lmforge or Hugging Face Llama-family model directory (or hub id)
+    input: str = ""  # .jsonl of {"prompt": str} or {"messages": [...]} rows
+    output: str = ""  # .jsonl written row by row, in input order
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    n: int = 1  # completions per prompt
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int = 0
+    batch_size: int = 32  # prompts per engine call (each brings n rows)
+    add_bos: bool = True  # prepend bos to raw-text prompts (chat templates bring their own)
+    logprobs: bool = False  # also write token_ids and their raw model log-probabilities
+    device: str = "auto"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+    def validate(self) -> None:
+        for key in ("model", "input", "output"):
+            if not getattr(self, key):
+                raise ValueError(f"{key}=... is required")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.sampling_params().validate()
+
+    def sampling_params(self):
+        from lmforge.generation import SamplingParams
+
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                              n=self.n, stop_strings=list(self.stop_strings), seed=self.seed,
+                              return_logprobs=self.logprobs)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def read_prompt_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every row of a prompts .jsonl, checked: a 'prompt' string or a 'messages' list."""
+    from lmforge.data.sources import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+            if "messages" in row:
+                _check_messages(row["messages"], where)
+            elif "prompt" in row:
+                if not isinstance(row["prompt"], str):
+                    raise DataError(f"{where}: field 'prompt' must be a string, got {type(row['prompt']).__name__}")
+            else:
+                raise DataError(f"{where}: a row needs a 'prompt' string or a 'messages' list "
+                                f"(fields: {', '.join(row) or 'none'})")
+            rows.append((lineno, row))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _check_messages(messages, where: str) -> None:
+    from lmforge.data.sources import DataError
+
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: field 'messages[{i}]' must have string 'role' and 'content', got {m!r:.80}")
+
+
+def encode_prompt(tokenizer, row: dict, add_bos: bool) -> list[int]:
+    """Token ids of a prompt row: the chat template (assistant turn opened) for messages, else the raw text."""
+    if "messages" in row:
+        return tokenizer.encode(tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True))
+    return tokenizer.encode(row["prompt"], add_bos=add_bos)
+
+
+def load_for_generation(model_dir: str, device: str = "auto", dtype: str = "float32"):
+    """(model in eval mode, tokenizer) on the chosen device; ``auto`` picks CUDA, then MPS, then CPU."""
+    import torch
+
+    from lmforge.modelio import load_model_dir, load_tokenizer
+    from lmforge.train.dist import pick_device
+
+    model = load_model_dir(model_dir, device=pick_device(device), dtype=getattr(torch, dtype)).eval()
+    return model, load_tokenizer(model_dir)
+
+
+def completion_record(c, with_logprobs: bool) -> dict:
+    record = {"text": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+    if with_logprobs:
+        record |= {"token_ids": c.token_ids, "logprobs": [round(x, 5) for x in c.logprobs]}
+    return record
+
+
+def run_generate(cfg: GenerateConfig) -> dict:
+    """Complete every row of cfg.input into cfg.output; returns counts for the summary line."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from lmforge.data.sources import DataError
+    from lmforge.generation import generate
+
+    numbered = read_prompt_rows(cfg.input)
+    model, tok = load_for_generation(cfg.model, cfg.device, cfg.dtype)
+    rows, prompts = [row for _, row in numbered], []
+    for lineno, row in numbered:
+        ids = encode_prompt(tok, row, cfg.add_bos)
+        if not ids:
+            raise DataError(f"{cfg.input}:{lineno}: field 'prompt' is empty (add_bos=true starts it from bos)")
+        prompts.append(ids)
+    params = cfg.sampling_params()
+    out_path = Path(cfg.output)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tokens = finished = 0
+    columns = (TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeRemainingColumn())
+    with out_path.open("w", encoding="utf-8") as out, Progress(*columns, transient=True) as progress:
+        task = progress.add_task("generate", total=len(rows), rate="")
+        for start in range(0, len(rows), cfg.batch_size):
+            batch = generate(model, prompts[start:start + cfg.batch_size], params, tokenizer=tok,
+                             pad_id=tok.pad_id)
+            for row, completions in zip(rows[start:start + cfg.batch_size], batch):
+                records = [completion_record(c, cfg.logprobs) for c in completions]
+                out.write(json.dumps({**row, "completions": records}, ensure_ascii=False) + "\n")
+                tokens += sum(r["tokens"] for r in records)
+                finished += sum(r["finish_reason"] == "stop" for r in records)
+            out.flush()
+            elapsed = progress.tasks[0].elapsed or 1e-9
+            progress.update(task, advance=len(batch), rate=f"{tokens / elapsed:,.0f} tok/s")
+    return {"rows": len(rows), "completions": len(rows) * cfg.n, "tokens": tokens, "stopped": finished,
+            "output": str(out_path)}
+
+
+def main(argv: list[str]) -> int:
+    from lmforge.config import parse_cli
+
+    cfg = parse_cli(argv, GenerateConfig, prog="lmforge generate", description=__doc__)
+    s = run_generate(cfg)
+    print(f"{s['completions']} completions for {s['rows']} prompts, {s['tokens']:,} tokens "
+          f"({s['stopped']} stopped, {s['completions'] - s['stopped']} hit max_new_tokens) -> {s['output']}",
+          file=sys.stderr)
+    return 0
