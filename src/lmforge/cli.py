@@ -14,6 +14,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "tokenizer": ("lmforge.stages.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
     "pretrain": ("lmforge.stages.pretrain", "pre-train a decoder-only transformer (next-token prediction)"),
     "sample": ("lmforge.stages.sample", "print continuations of a prompt from any checkpoint"),
+    "generate": ("lmforge.stages.generate", "sample completions for a file of prompts (jsonl in, jsonl out)"),
+    "think": ("lmforge.stages.think", "inference-time scaling: best-of-N, self-consistency, thinking budgets"),
+    "scaling": ("lmforge.stages.scaling", "scaling laws: sweep, fit L(N,D), compute-optimal N and D"),
 }
 
 
