@@ -184,8 +184,9 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: list[
         path = recipe_path(str(recipe))
         source = str(path)
         data = read_yaml(path)
-    variables = {k: v for k, v in data.items() if not isinstance(v, dict)} if section is not None else {}
-    if section is not None:
+    variables = {}
+    if recipe is not None and section is not None:
+        variables = {k: v for k, v in data.items() if not isinstance(v, dict)}
         data = _section(data, section, source)
     for text in overrides:
         key, value = parse_override(text)

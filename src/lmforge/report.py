@@ -1,0 +1,362 @@
+"""``lmforge report RUN_DIR``: one Markdown and one self-contained HTML page for a pipeline run.
+
+A run directory holds one directory per stage (``runs/tiny/{pretrain,sft,dpo,...}``), each with any of
+summary.json, metrics.jsonl, config.yaml, PNG plots and an ``eval/eval.json`` written by ``lmforge eval`` (or
+eval.json itself, for an eval stage of its own).
+The report shows:
+
+1. a table, one row per stage. A column shows the first of its keys found in the stage's summary.json, then in
+   its eval/eval.json, then the last value logged under its metric keys in metrics.jsonl; a {"value", "ci"}
+   dict prints with its interval, a missing value is "—", and a column no stage has is left out:
+       column     summary / eval keys                                    metrics.jsonl keys
+       loss       val_loss, eval_loss, loss, train_loss                  val_loss, eval_loss, loss
+       accuracy   accuracy, eval/accuracy last                           eval/accuracy
+       format     format_rate                                            -
+       pref. acc. preference_accuracy, eval_rewards/accuracies,          eval_rewards/accuracies, eval_accuracy
+                  eval_accuracy
+       reward     reward, eval/reward last, reward last,                 eval/reward, reward, objective/rlhf_reward
+                  objective/rlhf_reward last
+       KL         kl, kl_k1_per_token                                    kl
+       length     mean_response_tokens, eval/mean_length last,           eval/mean_length, completions/mean_length
+                  completions/mean_length last
+       steps      steps                                                  step
+       time       seconds                                                -
+   "loss" is each stage's own objective (next-token loss for pretrain / SFT, the DPO loss for DPO, ...).
+2. sample answers side by side: every stage's ``samples: [{"prompt", "response"}]`` and those of its eval, or
+   its single ``sample`` string (the answer to its config's sample_prompt, which pretrain's sample starts with);
+   one row per prompt, one column per stage;
+3. loss curves from each stage's metrics.jsonl (loss and val_loss against step; matplotlib, Agg backend);
+4. every PNG found in a stage directory (or its eval/), captioned with the stage and the file name.
+
+report.md refers to PNGs by relative path (loss_curves.png is written next to it); report.html embeds them as
+base64, so it is one file to send around. The same inputs always give byte-identical output.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STAGE_ORDER = ("tokenizer", "pretrain", "midtrain", "sft", "reward", "dpo", "ipo", "simpo", "orpo", "kto",
+               "online_dpo", "constitutional", "ppo", "grpo", "rloo", "eval", "think", "scaling")
+COLUMNS = [  # (header, summary / eval.json keys, metrics.jsonl keys, format)
+    ("loss", ("val_loss", "eval_loss", "loss", "train_loss"), ("val_loss", "eval_loss", "loss"), "{:.3f}"),
+    ("accuracy", ("accuracy", "eval/accuracy last"), ("eval/accuracy",), "{:.1%}"),
+    ("format", ("format_rate",), (), "{:.1%}"),
+    ("pref. acc.", ("preference_accuracy", "eval_rewards/accuracies", "eval_accuracy"),
+     ("eval_rewards/accuracies", "eval_accuracy"), "{:.1%}"),
+    ("reward", ("reward", "eval/reward last", "reward last", "objective/rlhf_reward last"),
+     ("eval/reward", "reward", "objective/rlhf_reward"), "{:.3f}"),
+    ("KL", ("kl", "kl_k1_per_token"), ("kl",), "{:.4f}"),
+    ("length", ("mean_response_tokens", "eval/mean_length last", "completions/mean_length last"),
+     ("eval/mean_length", "completions/mean_length"), "{:.1f}"),
+    ("steps", ("steps",), ("step",), "{:,}"),
+    ("time", ("seconds",), (), "{:.0f} s"),
+]
+MISSING = "—"
+MAX_PROMPTS = 8
+CSS = """body{font:15px/1.5 system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222}h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:1em 0;width:100%}th,td{border:1px solid #ddd;padding:.35em .6em;
+vertical-align:top;text-align:left}th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.text{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}
+figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
+.meta{color:#666}"""
+
+
+@dataclass
+class Stage:
+    name: str
+    path: Path
+    summary: dict = field(default_factory=dict)  # summary.json
+    evaluation: dict = field(default_factory=dict)  # eval/eval.json
+    metrics: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+
+# ---- reading ----
+
+def _read_json(path: Path) -> dict:
+    from lmforge.data.sources import DataError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl rows; at a {"event": "resume"} row, earlier rows past the resumed step are dropped."""
+    from lmforge.data.sources import DataError
+
+    rows: list[dict] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise DataError(f"{path}:{lineno}: field 'step' missing (a metrics row is {{\"step\": int, ...}})")
+        if row.get("event") == "resume":
+            rows = [r for r in rows if r["step"] <= row["step"]]
+        else:
+            rows.append(row)
+    return rows
+
+
+def _samples(summary: dict, stage_dir: Path) -> list[dict]:
+    samples = [s for s in summary.get("samples") or [] if isinstance(s, dict) and "response" in s]
+    if not samples and isinstance(summary.get("sample"), str):  # one answer to the config's sample_prompt
+        prompt = ""
+        if (stage_dir / "config.yaml").exists():
+            import yaml
+
+            config = yaml.safe_load((stage_dir / "config.yaml").read_text(encoding="utf-8"))
+            prompt = str(config.get("sample_prompt") or "") if isinstance(config, dict) else ""
+        text = summary["sample"]
+        samples = [{"prompt": prompt or "(sample)", "response": text[len(prompt):] if prompt and
+                    text.startswith(prompt) else text}]  # pretrain's sample repeats its prompt
+    return [{"prompt": str(s.get("prompt", "")), "response": str(s["response"])} for s in samples]
+
+
+def collect_stages(run_dir: str | Path) -> list[Stage]:
+    """Every stage directory of a run (one with summary.json, metrics.jsonl, eval/eval.json or eval.json), in
+    pipeline order."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        from lmforge.data.sources import DataError
+
+        raise DataError(f"{run_dir}: no such run directory")
+    stages = []
+    for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+        evaluated = d / "eval" / "eval.json"
+        files = [d / "summary.json", d / "metrics.jsonl", evaluated if evaluated.exists() else d / "eval.json"]
+        if not any(f.exists() for f in files):
+            continue
+        stage = Stage(d.name, d)
+        if files[0].exists():
+            stage.summary = _read_json(files[0])
+        if files[2].exists():  # an `lmforge eval` of this stage's model fills what the stage did not measure
+            stage.evaluation = _read_json(files[2])
+        if files[1].exists():
+            stage.metrics = read_metrics(files[1])
+        own = _samples(stage.summary, d)
+        stage.samples = own + [s for s in _samples(stage.evaluation, files[2].parent)
+                               if s["prompt"] not in {o["prompt"] for o in own}]
+        stage.plots = sorted(d.glob("*.png")) + sorted((d / "eval").glob("*.png"))
+        stages.append(stage)
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
+    return sorted(stages, key=lambda s: (order.get(s.name, len(order)), s.name))
+
+
+# ---- content ----
+
+def _number(value):
+    if isinstance(value, dict) and "value" in value:
+        value = value["value"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _cell(stage: Stage, keys: tuple[str, ...], metric_keys: tuple[str, ...], fmt: str) -> str:
+    for source in (stage.summary, stage.evaluation):
+        for key in keys:
+            value = _number(source.get(key))
+            if value is not None:
+                raw, text = source[key], fmt.format(value)
+                if isinstance(raw, dict) and isinstance(raw.get("ci"), list) and len(raw["ci"]) == 2:
+                    text += f" [{fmt.format(raw['ci'][0])}, {fmt.format(raw['ci'][1])}]"
+                return text
+    for key in metric_keys:  # the last value logged
+        logged = [r[key] for r in stage.metrics if _number(r.get(key)) is not None]
+        if logged:
+            return fmt.format(logged[-1])
+    return MISSING
+
+
+def stage_table(stages: list[Stage]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the stage table; columns that no stage has are dropped."""
+    cells = [[_cell(s, keys, metric_keys, fmt) for _, keys, metric_keys, fmt in COLUMNS] for s in stages]
+    keep = [j for j in range(len(COLUMNS)) if any(row[j] != MISSING for row in cells)]
+    return ["stage"] + [COLUMNS[j][0] for j in keep], [[s.name] + [row[j] for j in keep]
+                                                       for s, row in zip(stages, cells)]
+
+
+def sample_grid(stages: list[Stage], max_prompts: int = MAX_PROMPTS) -> tuple[list[str], list[list[str]]]:
+    """(stage names, rows of [prompt, response per stage]) for prompts in first-seen order."""
+    with_samples = [s for s in stages if s.samples]
+    prompts: dict[str, dict[str, str]] = {}
+    for s in with_samples:
+        for sample in s.samples:
+            if sample["prompt"] in prompts or len(prompts) < max_prompts:
+                prompts.setdefault(sample["prompt"], {}).setdefault(s.name, sample["response"])
+    names = [s.name for s in with_samples]
+    return names, [[p] + [answers.get(n, MISSING) for n in names] for p, answers in prompts.items()]
+
+
+def plot_loss_curves(stages: list[Stage], path: Path) -> Path | None:
+    """One panel per stage with logged losses: loss and val_loss against step. None when nothing was logged."""
+    curves = [(s, {k: [(r["step"], r[k]) for r in s.metrics if _number(r.get(k)) is not None]
+                   for k in ("loss", "val_loss")}) for s in stages]
+    curves = [(s, c) for s, c in curves if any(c.values())]
+    if not curves:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+    for ax, (stage, series) in zip(axes[0], curves):
+        for key, points in series.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if len(points) < 20 else None, ms=3, label=key)
+        ax.set(title=stage.name, xlabel="step", ylabel="loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same inputs, same bytes
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("lmforge report draws plots with matplotlib: pip install 'lmforge[plots]' "
+                          "(or run it with plots=false)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _caption(stage: Stage, png: Path) -> str:
+    where = "eval" if png.parent.name == "eval" and png.parent != stage.path else ""
+    name = png.stem.replace("_", " ").replace("-", " ")
+    return f"{stage.name}{' (eval)' if where else ''}: {name}"
+
+
+# ---- rendering ----
+
+def _md(text: str) -> str:
+    """Text safe in a Markdown table cell: HTML escaped, pipes escaped, newlines as <br>."""
+    return html.escape(text.strip(), quote=False).replace("|", "\\|").replace("\n", "<br>")
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_md(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+
+
+def render_markdown(title: str, run_dir: Path, stages: list[Stage], loss_png: Path | None, out_dir: Path) -> str:
+    rel = lambda p: Path(os.path.relpath(p, out_dir)).as_posix()
+    lines = [f"# {_md(title)}", "", f"Run directory: `{run_dir.as_posix()}`; {len(stages)} stages.", "", "## Stages", ""]
+    lines += _md_table(*stage_table(stages))
+    names, grid = sample_grid(stages)
+    if grid:
+        lines += ["", "## Sample answers", "", "The same prompts, answered by each stage's model.", ""]
+        lines += _md_table(["prompt"] + names, grid)
+    if loss_png is not None:
+        lines += ["", "## Loss curves", "", f"![loss curves]({rel(loss_png)})"]
+    plots = [(s, p) for s in stages for p in s.plots]
+    if plots:
+        lines += ["", "## Plots"]
+        for stage, png in plots:
+            lines += ["", f"![{_md(_caption(stage, png))}]({rel(png)})", "", f"*{_md(_caption(stage, png))}*"]
+    return "\n".join(lines) + "\n"
+
+
+def _h(text: str) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _html_table(headers: list[str], rows: list[list[str]], text_cells: bool = False) -> str:
+    def td(j: int, cell: str) -> str:
+        cls = "text" if text_cells else "num" if j else ""  # first column: the stage name
+        return f'<td class="{cls}">{_h(cell)}</td>' if cls else f"<td>{_h(cell)}</td>"
+
+    head = "<tr>" + "".join(f"<th>{_h(h)}</th>" for h in headers) + "</tr>"
+    body = ["<tr>" + "".join(td(j, c) for j, c in enumerate(row)) + "</tr>" for row in rows]
+    return "<table>\n" + head + "\n" + "\n".join(body) + "\n</table>"
+
+
+def _figure(png: Path, caption: str) -> str:
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{_h(caption)}">'
+            f"<figcaption>{_h(caption)}</figcaption></figure>")
+
+
+def render_html(title: str, run_dir: Path, stages: list[Stage], loss_png: Path | None) -> str:
+    parts = [f"<h1>{_h(title)}</h1>",
+             f'<p class="meta">Run directory: <code>{_h(run_dir.as_posix())}</code>; {len(stages)} stages.</p>',
+             "<h2>Stages</h2>", _html_table(*stage_table(stages))]
+    names, grid = sample_grid(stages)
+    if grid:
+        parts += ["<h2>Sample answers</h2>", "<p>The same prompts, answered by each stage's model.</p>",
+                  _html_table(["prompt"] + names, grid, text_cells=True)]
+    if loss_png is not None:
+        parts += ["<h2>Loss curves</h2>", _figure(loss_png, "loss and validation loss against step, per stage")]
+    plots = [(s, p) for s in stages for p in s.plots]
+    if plots:
+        parts += ["<h2>Plots</h2>"] + [_figure(png, _caption(stage, png)) for stage, png in plots]
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{_h(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(parts) + "\n</body>\n</html>\n")
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, title: str = "",
+                 plots: bool = True) -> dict:
+    """Write report.md, report.html (and loss_curves.png) for a run; returns their paths and the stage names."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir
+    stages = collect_stages(run_dir)
+    if not stages:
+        from lmforge.data.sources import DataError
+
+        raise DataError(f"{run_dir}: no stage directories (none holds summary.json, metrics.jsonl or eval/eval.json)")
+    title = title or f"lmforge run: {run_dir.resolve().name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loss_png = plot_loss_curves(stages, out_dir / "loss_curves.png") if plots else None
+    if not plots:
+        for s in stages:
+            s.plots = []
+    md, page = out_dir / "report.md", out_dir / "report.html"
+    md.write_text(render_markdown(title, run_dir, stages, loss_png, out_dir), encoding="utf-8")
+    page.write_text(render_html(title, run_dir, stages, loss_png), encoding="utf-8")
+    return {"markdown": str(md), "html": str(page), "stages": [s.name for s in stages],
+            "loss_curves": str(loss_png) if loss_png else None}
+
+
+@dataclass
+class ReportConfig:
+    run_dir: str = ""  # the pipeline run directory (runs/NAME)
+    out_dir: str = ""  # default: the run directory
+    title: str = ""  # default: "lmforge run: NAME"
+    plots: bool = True  # false: no loss curves or embedded PNGs (and no matplotlib needed)
+
+    def validate(self) -> None:
+        if not self.run_dir:
+            raise ValueError("give the run directory: lmforge report RUN_DIR (or run_dir=...)")
+
+
+def main(argv: list[str]) -> int:
+    from lmforge.config import parse_cli
+
+    if argv and "=" not in argv[0] and not argv[0].startswith("-"):  # `lmforge report runs/tiny`
+        argv = [f"run_dir={argv[0]}"] + argv[1:]
+    cfg = parse_cli(argv, ReportConfig, prog="lmforge report", description=__doc__)
+    out = write_report(cfg.run_dir, cfg.out_dir or None, cfg.title, cfg.plots)
+    print(f"{len(out['stages'])} stages ({', '.join(out['stages'])}) -> {out['markdown']}, {out['html']}")
+    return 0
