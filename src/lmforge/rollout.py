@@ -1,0 +1,376 @@
+"""The rollout phase shared by the on-policy algorithms (GRPO, RLOO, PPO), and the stream that feeds it to the loop.
+
+    prompts --generate n each--> completions --rewards--> scores
+            --pack--> one buffer: [left-padded prompt | right-padded response] rows + masks
+            --the same forward as training, in eval mode, no grad--> old log-probs (policy), ref log-probs, values
+            --the stage--> advantages
+
+and then ``epochs`` passes over the buffer in shuffled micro-batches through train/loop.train, whose data
+iterator is a :class:`RolloutStream`: when the buffer is used up it rolls out again with the current policy.
+
+Log-probabilities are computed by ONE function, :func:`response_logprobs`, on micro-batches cut by ONE
+function, :func:`micro_batch`; the rollout scores the buffer in exactly the micro-batches the first epoch
+will train on, so the first optimizer step sees a ratio pi/pi_old of exactly 1 (no silent off-policy drift
+from different padding or batch shapes). The buffer being optimised is saved in every checkpoint
+(rollout.safetensors), so resuming mid-iteration continues on the very same samples.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.objectives.lm import token_logprobs
+from lmforge.objectives.rl import entropy_from_logits
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids")  # (N, P + R) tensors
+BUFFER_FILE = "rollout.safetensors"
+
+
+# ---- prompts ----
+
+def read_rl_prompts(spec: str, prompt_field: str = "prompt", answer_field: str = "answer") -> list[dict]:
+    """RL prompt rows {"prompt": str | messages, "answer": str | None} from a .jsonl(.gz) file or
+    ``builtin:tinyworld/NAME``. A bad row is one DataError naming the file, the line and the field."""
+    from lmforge.data.sources import DataError
+
+    if spec.startswith("builtin:tinyworld/"):
+        from lmforge.tinyworld import source_rows
+
+        raw = [(f"{spec}: row {i}", row) for i, row in enumerate(source_rows(spec.split("/", 1)[1]), 1)]
+    elif spec.startswith("builtin:"):
+        raise DataError(f"{spec}: RL prompts come from a .jsonl file or builtin:tinyworld/rl")
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"{spec}: no such file")
+        opener = gzip.open if path.suffix == ".gz" else open
+        raw = []
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        raw.append((f"{path}:{lineno}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    rows = []
+    for where, row in raw:
+        if not isinstance(row, dict) or prompt_field not in row:
+            fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{where}: field {prompt_field!r} missing (fields: {fields})")
+        prompt = row[prompt_field]
+        ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt))
+        if not ok:
+            raise DataError(f"{where}: field {prompt_field!r} must be a string or a list of "
+                            f"{{'role', 'content'}} messages, got {prompt!r:.60}")
+        answer = row.get(answer_field)
+        if answer is not None and not isinstance(answer, (str, int, float)):
+            raise DataError(f"{where}: field {answer_field!r} must be a string or a number, got {answer!r:.40}")
+        rows.append({"prompt": prompt, "answer": None if answer is None else str(answer), "where": where})
+    if not rows:
+        raise DataError(f"{spec}: no prompts")
+    return rows
+
+
+def prompt_text(prompt) -> str:
+    """The user's words: the string itself, or the last message's content."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def render_prompt(tokenizer, prompt, system_prompt: str = "", chat_template: bool = True) -> list[int]:
+    """Token ids the policy completes: the chat template with the assistant turn opened (a string prompt
+    becomes one user message), or with ``chat_template=False`` the raw text after a document-start token."""
+    if not chat_template:
+        return tokenizer.encode(prompt_text(prompt), add_bos=True)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt:
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def prompt_indices(n_rows: int, iteration: int, per_rollout: int, seed: int, rank: int = 0,
+                   world_size: int = 1) -> list[int]:
+    """The prompts of rollout ``iteration`` on ``rank``: a walk through seeded per-epoch shuffles of the data,
+    a pure function of its arguments (so a resumed run draws exactly what the uninterrupted one would)."""
+    out = []
+    start = (iteration * world_size + rank) * per_rollout
+    for k in range(start, start + per_rollout):
+        epoch, pos = divmod(k, n_rows)
+        order = list(range(n_rows))
+        random.Random(f"{seed}/prompts/{epoch}").shuffle(order)
+        out.append(order[pos])
+    return out
+
+
+# ---- the buffer ----
+
+def pack_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> dict:
+    """Rows [left-padded prompt | right-padded response] with masks and positions, on the CPU.
+
+    Returns input_ids / attention_mask / position_ids (N, P + R), labels (N, R) (the response, -100 at
+    padding), response_mask (N, R) float, prompt_len and response_len (N,). Positions count real tokens only,
+    as in generation.left_pad, so a row's numbers do not depend on how much padding surrounds it.
+    """
+    n = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    R = max(1, max(len(c) for c in completion_ids))
+    input_ids = torch.full((n, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, P + R), dtype=torch.long)
+    labels = torch.full((n, R), -100, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, P - len(p):P + len(c)] = 1
+        if c:
+            input_ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
+            labels[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "labels": labels, "response_mask": (labels != -100).float(),
+            "prompt_len": torch.tensor([len(p) for p in prompt_ids]),
+            "response_len": torch.tensor([len(c) for c in completion_ids])}
+
+
+def micro_batch(buffer: dict, idx: torch.Tensor) -> dict:
+    """Rows ``idx`` of the buffer, trimmed to their longest prompt and response (less padding, same numbers).
+
+    Sequence tensors keep columns [P - longest prompt, P + longest response); per-token tensors (N, R) keep
+    their first longest-response columns; per-row tensors (N,) are just indexed.
+    """
+    P = buffer["input_ids"].shape[1] - buffer["labels"].shape[1]
+    p = int(buffer["prompt_len"][idx].max())
+    r = max(1, int(buffer["response_len"][idx].max()))
+    out = {}
+    for k, v in buffer.items():
+        if k in SEQUENCE_KEYS:
+            out[k] = v[idx, P - p:P + r]
+        elif v.dim() == 2:
+            out[k] = v[idx, :r]
+        else:
+            out[k] = v[idx]
+    return out
+
+
+def epoch_order(n: int, seed: int, iteration: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(hash_seed(seed, iteration, epoch))
+    return torch.randperm(n, generator=g)
+
+
+def hash_seed(*parts) -> int:
+    return random.Random("/".join(map(str, parts))).randrange(2**62)
+
+
+def epoch_micro_batches(n: int, micro_batch_size: int, seed: int, iteration: int, epoch: int) -> list[torch.Tensor]:
+    return list(epoch_order(n, seed, iteration, epoch).split(micro_batch_size))
+
+
+# ---- the one log-prob function ----
+
+def forward_logits(model, batch: dict) -> torch.Tensor:
+    """(B, T, V) logits of the rows of a micro-batch: padding masked out, positions counting real tokens."""
+    return model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+
+
+def response_logits(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The logits that predict the response tokens: columns P - 1 ... P + R - 2."""
+    R = batch["labels"].shape[1]
+    return logits[:, -R - 1:-1]
+
+
+def response_logprobs(logits: torch.Tensor, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """(B, R) fp32 log pi(response token | prefix) at the sampling temperature; 0 at padding.
+
+    Used by the rollout (old and reference log-probs) and by the training losses alike.
+    """
+    z = response_logits(logits, batch)
+    if temperature != 1.0:
+        z = z / temperature
+    return token_logprobs(z, batch["labels"])
+
+
+@torch.no_grad()
+def score_buffer(fn: Callable[[dict], dict[str, torch.Tensor]], buffer: dict, batches: list[torch.Tensor],
+                 device, autocast=None) -> dict[str, torch.Tensor]:
+    """Run ``fn(micro_batch) -> {name: (b, r) or (b,) tensor}`` over ``batches`` of buffer rows and scatter the
+    results back into (N, R) / (N,) CPU tensors (per-token ones zero-padded past each micro-batch's width)."""
+    from contextlib import nullcontext
+
+    from lmforge.train.loop import to_device
+
+    n, R = buffer["labels"].shape
+    out: dict[str, torch.Tensor] = {}
+    for idx in batches:
+        with autocast if autocast is not None else nullcontext():
+            results = fn(to_device(micro_batch(buffer, idx), device))
+        for k, v in results.items():
+            v = v.detach().float().cpu()
+            if k not in out:
+                out[k] = torch.zeros((n, R) if v.dim() == 2 else (n,))
+            if v.dim() == 2:
+                out[k][idx, :v.shape[1]] = v
+            else:
+                out[k][idx] = v
+    return out
+
+
+def policy_scores(model, temperature: float = 1.0, entropy: bool = False):
+    """A ``score_buffer`` function: {"logprobs"} (+ "entropy" per token) of the responses under ``model``."""
+    def fn(batch):
+        logits = forward_logits(model, batch)
+        out = {"logprobs": response_logprobs(logits, batch, temperature)}
+        if entropy:
+            z = response_logits(logits, batch).float()
+            out["entropy"] = entropy_from_logits(z / temperature if temperature != 1.0 else z) * batch["response_mask"]
+        return out
+    return fn
+
+
+class eval_mode:
+    """Models in eval mode (no dropout) inside, back to their previous mode after."""
+
+    def __init__(self, *models):
+        self.models = [m for m in models if m is not None]
+
+    def __enter__(self):
+        self.modes = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in zip(self.models, self.modes):
+            m.train(mode)
+
+
+# ---- the stream the training loop reads ----
+
+class RolloutStream:
+    """Micro-batches for train/loop.train that roll out a fresh buffer whenever the last one is used up.
+
+    make_rollout(iteration, plan) -> (buffer, stats): the stage's rollout (generate, score, old/ref log-probs,
+    advantages); ``plan(n)`` gives the first epoch's micro-batches of an n-row buffer, to score it in exactly
+    those. Each buffer is trained on for ``epochs``
+    shuffled passes of ``micro_batch_size`` rows. Every micro-batch carries the rollout's stats (a dict of
+    floats) under "stats" so the loss function can report them with the step.
+
+    State (JSON): iteration, epoch, position, stats; the buffer itself is written by :meth:`save_buffer` into
+    the checkpoint directory and read back from ``resume_dir()`` by :meth:`load_state_dict`.
+    """
+
+    def __init__(self, make_rollout, *, epochs: int, micro_batch_size: int, seed: int,
+                 resume_dir: Callable[[], Path | None] = lambda: None, on_rollout=None):
+        self.make_rollout, self.epochs, self.micro_batch_size, self.seed = make_rollout, epochs, micro_batch_size, seed
+        self.resume_dir, self.on_rollout = resume_dir, on_rollout
+        self.iteration, self.epoch, self.position = 0, 0, 0  # iteration = rollouts made so far
+        self.buffer: dict | None = None
+        self.stats: dict = {}
+        self._batches: list[torch.Tensor] = []
+
+    def __iter__(self):
+        return self
+
+    def _plan(self, iteration: int, epoch: int) -> list[torch.Tensor]:
+        n = self.buffer["labels"].shape[0] if self.buffer is not None else 0
+        return epoch_micro_batches(n, self.micro_batch_size, self.seed, iteration, epoch)
+
+    def __next__(self) -> dict:
+        if self.buffer is None or self.epoch >= self.epochs:
+            iteration = self.iteration
+            self.buffer, self.stats = self.make_rollout(iteration, lambda n: epoch_micro_batches(
+                n, self.micro_batch_size, self.seed, iteration, 0))
+            if self.on_rollout is not None:
+                self.on_rollout(self.iteration, self.stats)
+            self.iteration += 1
+            self.epoch, self.position = 0, 0
+            self._batches = self._plan(self.iteration - 1, 0)
+        idx = self._batches[self.position]
+        batch = micro_batch(self.buffer, idx)
+        batch["stats"] = {k: torch.tensor(float(v)) for k, v in self.stats.items()}
+        self.position += 1
+        if self.position == len(self._batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            if self.epoch < self.epochs:
+                self._batches = self._plan(self.iteration - 1, self.epoch)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "epoch": self.epoch, "position": self.position,
+                "stats": dict(self.stats), "has_buffer": self.buffer is not None}
+
+    def save_buffer(self, directory: Path) -> None:
+        if self.buffer is not None:
+            save_file({k: v.contiguous() for k, v in self.buffer.items()}, str(Path(directory) / BUFFER_FILE))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration, self.epoch, self.position = state["iteration"], state["epoch"], state["position"]
+        self.stats = dict(state["stats"])
+        self.buffer = None
+        if state["has_buffer"]:
+            directory = self.resume_dir()
+            if directory is None or not (Path(directory) / BUFFER_FILE).exists():
+                raise FileNotFoundError(f"resuming mid-rollout needs {BUFFER_FILE} in the checkpoint "
+                                        f"({directory}), and it is missing")
+            self.buffer = load_file(str(Path(directory) / BUFFER_FILE))
+            if self.epoch < self.epochs:
+                self._batches = self._plan(self.iteration - 1, self.epoch)
+
+
+# ---- sampling and scoring ----
+
+class Samples:
+    """N = prompts x n completions (a prompt's n contiguous) with their rewards."""
+
+    def __init__(self, rows, prompt_ids, completions, rewards, parts):
+        self.rows, self.prompt_ids = rows, prompt_ids
+        self.completion_ids = [c.token_ids for c in completions]
+        self.texts = [c.text if c.text is not None else " ".join(map(str, c.token_ids)) for c in completions]
+        self.finish_reasons = [c.finish_reason for c in completions]
+        self.rewards, self.parts = rewards, parts
+
+    def stats(self, group_size: int) -> dict[str, float]:
+        """TRL's rollout metrics: reward (mean), reward_std, frac_reward_zero_std, completions/*, rewards/NAME/mean."""
+        lengths = torch.tensor([float(len(c)) for c in self.completion_ids])
+        groups = self.rewards.reshape(-1, group_size)
+        zero_std = (groups.max(1).values - groups.min(1).values).abs() < 1e-8
+        out = {"reward": self.rewards.mean().item(),
+               "reward_std": self.rewards.std().item() if len(self.rewards) > 1 else 0.0,
+               "frac_reward_zero_std": zero_std.float().mean().item(),
+               "completions/mean_length": lengths.mean().item(),
+               "completions/max_length": lengths.max().item(),
+               "completions/clipped_ratio": sum(f == "length" for f in self.finish_reasons) / len(lengths)}
+        out.update({f"rewards/{name}/mean": v.mean().item() for name, v in self.parts.items()})
+        return out
+
+
+def sample_and_score(policy, tokenizer, rows: list[dict], prompt_ids: list[list[int]], params, reward) -> Samples:
+    """Generate ``params.n`` completions per prompt with the policy (eval mode) and score them with ``reward``.
+
+    Non-finite rewards are an error naming the reward, never a silent NaN in the advantages.
+    """
+    from lmforge.generation import generate
+    from lmforge.rewards import RewardInput
+
+    with eval_mode(policy):
+        outs = generate(policy, prompt_ids, params, tokenizer=tokenizer,
+                        pad_id=tokenizer.pad_id if tokenizer is not None else 0)
+    n = params.n
+    flat = [c for row in outs for c in row]
+    rep_rows = [r for r in rows for _ in range(n)]
+    rep_ids = [p for p in prompt_ids for _ in range(n)]
+    samples = Samples(rep_rows, rep_ids, flat, None, None)
+    total, parts = reward(RewardInput(prompts=[prompt_text(r["prompt"]) for r in rep_rows],
+                                      completions=samples.texts, answers=[r.get("answer") for r in rep_rows],
+                                      prompt_ids=rep_ids, completion_ids=samples.completion_ids,
+                                      finish_reasons=samples.finish_reasons))
+    for name, v in parts.items():
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            raise ValueError(f"reward {name!r} gave {bad} non-finite values (NaN/inf) out of {len(v)}")
+    samples.rewards, samples.parts = total.float(), parts
+    return samples

@@ -1,0 +1,262 @@
+"""``lmforge ppo``: RLHF with PPO (Ziegler et al. 2019; Ouyang et al. 2022), in TRL's PPOTrainer form.
+
+Four models: the policy (trained), a frozen reference, the reward (a reward model and/or verifiable rewards,
+rewards.py), and a critic: a second Transformer with a scalar ``score`` head reading a value at every token,
+initialised from the reward model (or the policy). Policy and critic train together through the one loop, as
+one module (TRL's PolicyAndValueWrapper). Each rollout:
+
+    r_t = -beta kl_t   (+ the sequence's score at its last token),  kl_t = log pi/pi_ref (k1) or k3
+    A, R = GAE(r, V; gamma, lam),  A whitened;   rewards optionally whitened (scale only) before GAE
+    loss = clipped surrogate(A) + vf_coef * clipped value loss(V, R)       (objectives/rl.py)
+
+beta is fixed, or adapted after every rollout towards ``target_kl`` (Ziegler et al. 2019). Every step logs
+TRL's names: objective/kl, objective/entropy, objective/scores, objective/non_score_reward,
+objective/rlhf_reward (J = E[score] - beta KL), policy/clipfrac_avg, policy/approxkl_avg, val/clipfrac_avg, ...
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lmforge.rewards import RewardSpec
+from lmforge.stages.grpo import RLDataConfig
+from lmforge.train.loop import TrainConfig
+
+
+@dataclass
+class PPOConfig:
+    out_dir: str = "runs/tiny/ppo"
+    model: str = "runs/tiny/sft/model"  # the policy to start from
+    ref_model: str = ""  # empty = the starting policy
+    critic_from: str = ""  # model dir for the critic; empty = the first 'model' reward's path, else the policy
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(kind="model", path="runs/tiny/reward/model")])
+    prompts_per_rollout: int = 16  # per process
+    num_generations: int = 1  # completions per prompt
+    epochs: int = 4  # PPO epochs over each rollout buffer (TRL's num_ppo_epochs)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    kl_coef: float = 0.05  # beta: the per-token KL penalty in the reward
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    adaptive_kl: bool = False
+    target_kl: float = 6.0  # adaptive: the per-sequence KL aimed at
+    kl_horizon: int = 10000  # adaptive: samples over which beta moves by at most 20%
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    clip_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_rewards: bool = False
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-6, warmup_steps=0, schedule="constant",
+                                                                   max_steps=100, batch_size=16,
+                                                                   micro_batch_size=8, weight_decay=0.0,
+                                                                   eval_every=20, save_every=50, log_every=1))
+
+    def validate(self) -> None:
+        rows = self.prompts_per_rollout * self.num_generations
+        checks = [(self.prompts_per_rollout >= 1 and self.num_generations >= 1 and self.epochs >= 1,
+                   "prompts_per_rollout, num_generations and epochs must be >= 1"),
+                  (self.max_new_tokens >= 1 and self.temperature > 0, "max_new_tokens must be >= 1, temperature > 0"),
+                  (self.kl_coef >= 0 and self.target_kl > 0 and self.kl_horizon > 0,
+                   "kl_coef must be >= 0, target_kl and kl_horizon > 0"),
+                  (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]"),
+                  (rows % self.train.batch_size == 0, f"train.batch_size ({self.train.batch_size}) must divide "
+                   f"prompts_per_rollout x num_generations = {rows}")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class PolicyAndValue(nn.Module):
+    """Policy and critic as one module for the loop: forward -> (policy logits (B, T, V), values (B, T))."""
+
+    def __init__(self, policy: nn.Module, critic: nn.Module):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+        if critic.lm_head.weight is not critic.model.embed_tokens.weight:
+            critic.lm_head.requires_grad_(False)  # an untied output head plays no part in the values
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        logits = self.policy(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        hidden = self.critic(input_ids, attention_mask=attention_mask, position_ids=position_ids, return_hidden=True)
+        return logits, self.critic.score(hidden).squeeze(-1).float()
+
+
+def response_values(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """V(s_t) for each response token t: the value read where that token's logits are (columns P-1 ... P+R-2)."""
+    R = batch["labels"].shape[1]
+    return values[:, -R - 1:-1] * batch["response_mask"]
+
+
+def critic_source(cfg: PPOConfig) -> str:
+    if cfg.critic_from:
+        return cfg.critic_from
+    return next((r.path for r in cfg.rewards if r.kind == "model"), cfg.model)
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token rewards: -beta kl_t everywhere, plus the sequence's score at its last response token."""
+    rewards = -beta * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def run_ppo(cfg: PPOConfig) -> dict:
+    from safetensors.torch import save_model as save_weights
+
+    from lmforge.config import save_config
+    from lmforge.generation import SamplingParams
+    from lmforge.modelio import load_model_dir, save_model_dir
+    from lmforge.objectives.rl import (
+        adaptive_kl_controller,
+        gae,
+        kl_estimate,
+        masked_mean,
+        ppo_policy_loss,
+        ppo_value_loss,
+        whiten,
+    )
+    from lmforge.rewards import build_reward
+    from lmforge.rollout import (
+        RolloutStream,
+        forward_logits,
+        hash_seed,
+        pack_rollout,
+        prompt_indices,
+        response_logprobs,
+        sample_and_score,
+        score_buffer,
+    )
+    from lmforge.stages.grpo import (
+        check_answers,
+        kl_anomaly_check,
+        load_policy_and_ref,
+        load_rl_data,
+        make_eval_fn,
+        rl_summary,
+        save_summary,
+    )
+    from lmforge.train.checkpointing import latest_checkpoint
+    from lmforge.train.dist import init_distributed
+    from lmforge.train.loop import autocast_context, train
+    from lmforge.train.metrics import MetricsLogger
+
+    t0 = time.time()
+    dist = init_distributed(cfg.train.device)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    policy, ref, tokenizer = load_policy_and_ref(cfg.model, cfg.ref_model, dist.device)
+    critic = load_model_dir(critic_source(cfg), device=dist.device, num_labels=1)
+    model = PolicyAndValue(policy, critic)
+    rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
+    check_answers(rows + eval_rows, cfg.rewards)
+    reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
+    T = cfg.temperature
+
+    def make_rollout(iteration: int, plan):
+        beta = stream.stats.get("kl_coef_next", cfg.kl_coef)  # the adaptive controller's state
+        idx = prompt_indices(len(rows), iteration, cfg.prompts_per_rollout, cfg.train.seed, dist.rank,
+                             dist.world_size)
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=T, n=cfg.num_generations,
+                                seed=hash_seed(cfg.train.seed, iteration, dist.rank))
+        samples = sample_and_score(policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx],
+                                   params, reward)
+        buffer = pack_rollout(samples.prompt_ids, samples.completion_ids, tokenizer.pad_id)
+        batches = plan(len(samples.completion_ids))
+        autocast = autocast_context(cfg.train, dist.device)
+
+        def both(batch):
+            logits, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+            return {"logprobs": response_logprobs(logits, batch, T), "values": response_values(values, batch)}
+
+        def reference(batch):
+            return {"logprobs": response_logprobs(forward_logits(ref, batch), batch, T)}
+
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            scored = score_buffer(both, buffer, batches, dist.device, autocast)
+            ref_logprobs = score_buffer(reference, buffer, batches, dist.device, autocast)["logprobs"]
+        model.train(was_training)
+        mask = buffer["response_mask"]
+        logprobs, values = scored["logprobs"], scored["values"]
+        kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * mask
+        scores = samples.rewards
+        rewards = shaped_rewards(scores, kl, mask, beta)
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        buffer.update(old_logprobs=logprobs, old_values=values, returns=returns,
+                      advantages=whiten(advantages, mask))
+        seq_kl = kl.sum(1).mean().item()
+        non_score = (-beta * kl).sum(1).mean().item()
+        stats = samples.stats(cfg.num_generations)
+        if cfg.num_generations == 1:
+            del stats["frac_reward_zero_std"]  # no groups to be flat
+        eos = sum(f == "stop" for f in samples.finish_reasons)
+        stats.update({"objective/kl": seq_kl, "objective/entropy": (-logprobs * mask).sum(1).mean().item(),
+                      "objective/non_score_reward": non_score, "objective/scores": scores.mean().item(),
+                      "objective/rlhf_reward": scores.mean().item() + non_score, "objective/kl_coef": beta,
+                      "val/num_eos_tokens": float(eos), "kl_k1": masked_mean(logprobs - ref_logprobs, mask).item(),
+                      "rollout": iteration + 1})
+        stats["kl_coef_next"] = adaptive_kl_controller(beta, seq_kl, cfg.target_kl, len(scores), cfg.kl_horizon) \
+            if cfg.adaptive_kl else beta
+        kl_anomaly_check(iteration, stats)
+        return buffer, stats
+
+    ckpt_root = out_dir / "checkpoints"
+    stream = RolloutStream(make_rollout, epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size,
+                           seed=cfg.train.seed, resume_dir=lambda: latest_checkpoint(ckpt_root))
+
+    def loss_fn(model, batch):
+        logits, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        mask = batch["response_mask"]
+        logp = response_logprobs(logits, batch, T)
+        pg_loss, pm = ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg.clip_eps)
+        vf_loss, vm = ppo_value_loss(response_values(values, batch), batch["old_values"], batch["returns"], mask,
+                                     cfg.clip_value)
+        stats = {k: v for k, v in batch["stats"].items() if k != "kl_coef_next"}
+        return pg_loss + cfg.vf_coef * vf_loss, {
+            **stats, "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
+            "policy/clipfrac_avg": pm["clipfrac"], "policy/approxkl_avg": pm["approx_kl"],
+            "val/ratio": pm["ratio_mean"], "val/clipfrac_avg": vm["vf_clipfrac"], "val/vpred": vm["vpred"]}
+
+    def save_model(path: Path):
+        save_weights(model, str(path / "model.safetensors"))
+        tokenizer.save(path)
+        stream.save_buffer(path)
+
+    eval_fn = make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens) if eval_rows else None
+    if eval_fn is not None and dist.is_main and latest_checkpoint(ckpt_root) is None:
+        MetricsLogger(out_dir, tensorboard=False).log(0, eval_fn())
+    result = train(model, loss_fn, stream, cfg.train, out_dir, save_model=save_model, eval_fn=eval_fn, dist=dist,
+                   tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), run_config=cfg, description="ppo")
+    summary = {}
+    if dist.is_main:
+        save_model_dir(out_dir / "model", policy, tokenizer)
+        save_model_dir(out_dir / "critic", critic, tokenizer)
+        summary = rl_summary(out_dir, result, t0, "ppo", reward_key="objective/rlhf_reward")
+        summary["critic_dir"] = str(out_dir / "critic")
+        save_summary(out_dir, summary)
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    from lmforge.config import parse_cli
+    from lmforge.stages.grpo import print_summary
+
+    cfg = parse_cli(argv, PPOConfig, prog="lmforge ppo", description=__doc__, default_recipe="tiny", section="ppo")
+    summary = run_ppo(cfg)
+    if summary:
+        print_summary(summary)
+    return 0
