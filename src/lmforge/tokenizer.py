@@ -8,6 +8,7 @@ so imported models and our own share one chat format. Saved as tokenizer.json + 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -118,22 +119,11 @@ class Tokenizer:
         loop controls, ``raise_exception``), so templates shipped with Hugging Face models render the same.
         Extra keyword arguments (``tools=...``, ``enable_thinking=...``) are passed to the template.
         """
-        try:
-            import jinja2
-            import jinja2.ext
-            import jinja2.sandbox
-        except ImportError as e:
-            raise ImportError("chat templates need jinja2: pip install jinja2") from e
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message:
                 raise ValueError(f"messages[{i}] must be a dict with a 'role' (and usually 'content'), "
                                  f"got {message!r:.60}")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                           extensions=[jinja2.ext.loopcontrols])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise
-        env.globals["strftime_now"] = _strftime_now
-        template = env.from_string(self.chat_template or CHATML_TEMPLATE)
+        template = _compile_template(self.chat_template or CHATML_TEMPLATE)
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                bos_token=self.bos_token or "", eos_token=self.eos_token,
                                pad_token=self.pad_token, **kwargs)
@@ -188,6 +178,23 @@ class Tokenizer:
         max_len = config.get("model_max_length") or 1_000_000
         return cls(tok, bos=pick("bos_token"), eos=eos, pad=pick("pad_token"), chat_template=template,
                    model_max_length=int(min(max_len, 1e12)))  # HF writes 1e30 for "no limit"
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(source: str):
+    """A chat template compiled once (compiling costs milliseconds; SFT renders it several times per row)."""
+    try:
+        import jinja2
+        import jinja2.ext
+        import jinja2.sandbox
+    except ImportError as e:
+        raise ImportError("chat templates need jinja2: pip install jinja2") from e
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
 
 
 def _read_json(path: Path) -> dict:
