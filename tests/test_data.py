@@ -76,7 +76,7 @@ def test_txt_splits_on_blank_lines_and_builtin_exists(tmp_path):
     assert list(read_documents(str(p))) == ["one\nline", "two"]
     first = next(read_documents("builtin:tinyshakespeare"))
     assert first == "First Citizen:\nBefore we proceed any further, hear me speak."
-    with pytest.raises(DataError, match=r"builtin:nope: no such built-in corpus \(built-in: tinyshakespeare"):
+    with pytest.raises(DataError, match=r"builtin:nope: no such built-in corpus \(built-in: .*tinyshakespeare, tinyworld/quiz"):
         next(read_documents("builtin:nope"))
 
 

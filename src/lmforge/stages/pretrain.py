@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from lmforge.data.mix import MixSource
 from lmforge.data.sources import FilterConfig
 from lmforge.model import ModelConfig
 from lmforge.train.loop import TrainConfig
@@ -25,6 +26,10 @@ class DataConfig:
     text_field: str = "text"
     val_fraction: float = 0.05
     filters: FilterConfig = field(default_factory=FilterConfig)
+    # Weighted sources (weights = shares of tokens; see data/mix.py). When set, the training documents come from
+    # the mix; `source` still trains the tokenizer when none is given.
+    mix: list[MixSource] = field(default_factory=list)
+    mix_tokens: int = 0  # the mixture's size; 0 = as large as it gets without repeating any source
 
 
 @dataclass
@@ -64,15 +69,20 @@ def prepare_tokenizer(cfg: PretrainConfig, out_dir: Path, dist):
 
 def prepare_shards(cfg: PretrainConfig, tokenizer, data_dir: Path, dist) -> dict:
     """Token shards for the corpus, built once (a complete meta.json with the same fingerprint = done)."""
+    from lmforge.data.mix import mix_documents, mix_name
     from lmforge.data.shards import build_shards
     from lmforge.data.sources import filter_documents, read_documents
     from lmforge.train.dist import barrier
 
     if dist.is_main:
-        docs = read_documents(cfg.data.source, text_field=cfg.data.text_field)
-        kept, stats = filter_documents(docs, cfg.data.filters)
+        if cfg.data.mix:
+            kept, stats, _ = mix_documents(cfg.data.mix, tokenizer, cfg.data.filters, cfg.train.seed,
+                                           cfg.data.mix_tokens)
+        else:
+            kept, stats = filter_documents(read_documents(cfg.data.source, text_field=cfg.data.text_field),
+                                           cfg.data.filters)
         build_shards(kept, tokenizer, data_dir, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
-                     filter_stats=stats, source=cfg.data.source)
+                     filter_stats=stats, source=mix_name(cfg.data.mix) if cfg.data.mix else cfg.data.source)
     barrier()
     return json.loads((data_dir / "meta.json").read_text())
 
