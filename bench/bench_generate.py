@@ -10,6 +10,7 @@ top_p 0.9). Prints new tokens per second side by side and the ratio (best of --r
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from functools import partial
@@ -83,7 +84,7 @@ def main() -> None:
             rows.append((batch, mode, new_tokens / times["stock"], new_tokens / times["ours"]))
 
     print(f"\ngeneration, {args.prompt}-token prompts, {args.new} new tokens, fp32, {args.threads} threads, "
-          f"best of {args.repeats}")
+          f"best of {args.repeats}, load average {os.getloadavg()[0]:.1f}")
     print(f"{'batch':>5} {'mode':<8} {'transformers tok/s':>19} {'lmforge tok/s':>14} {'speed-up':>9}")
     for batch, mode, stock_tps, ours_tps in rows:
         print(f"{batch:>5} {mode:<8} {stock_tps:>19.0f} {ours_tps:>14.0f} {ours_tps / stock_tps:>8.2f}x")

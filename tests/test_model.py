@@ -134,3 +134,48 @@ def test_score_head_round_trips(tmp_path):
 def test_bad_config_names_the_problem():
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         Transformer(tiny(num_attention_heads=4, num_key_value_heads=3))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(packed):
+    model = Transformer(tiny()).train()
+    assert model.gradient_checkpointing is False
+    x, labels = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12]) if packed else None
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(x, labels=labels, document_ids=doc_ids)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_loss, plain_grads = loss_and_grads()
+    model.gradient_checkpointing = True
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ckpt_loss, ckpt_grads = loss_and_grads()
+    assert torch.equal(plain_loss, ckpt_loss)
+    for name, g in plain_grads.items():
+        assert torch.allclose(g, ckpt_grads[name], atol=1e-6, rtol=1e-5), name
+    # checkpointed: far fewer tensors are saved for backward than without it
+    model.gradient_checkpointing = False
+    saved_plain = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_plain.append(t) or t, lambda t: t):
+        model(x, labels=labels, document_ids=doc_ids)
+    assert len(saved) < len(saved_plain) / 2
+
+
+def test_rope_tables_grow_past_max_position_embeddings_and_positions_default_to_past_plus_t():
+    short = Transformer(tiny(max_position_embeddings=8)).eval()
+    long = Transformer(tiny(max_position_embeddings=64)).eval()
+    long.load_state_dict(short.state_dict())
+    x = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        expected = long(x)
+        assert (short(x) - expected).abs().max() < 1e-5  # tables extended, not an index error
+        assert short.rope_cos.shape[0] >= 20
+        explicit = short(x, position_ids=torch.arange(20).expand(2, 20))
+        assert (explicit - expected).abs().max() < 1e-5
+        cache = KVCache(short.config, 2, 40)
+        short(x[:, :12], cache=cache)
+        assert (short(x[:, 12:], cache=cache) - expected[:, 12:]).abs().max() < 1e-5

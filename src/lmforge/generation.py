@@ -257,6 +257,8 @@ def _decode(model, prompts, params: SamplingParams, tokenizer, eos_token_ids, pa
     input_ids, prompt_mask, positions = left_pad(prompts, pad_id, device)
     width = input_ids.shape[1]
     cache = KVCache(model.config, len(prompts), width + steps, device=device, dtype=dtype)
+    if prompt_mask is None:  # no row is padded: positions are the model's default, past..past+T-1 (no gather)
+        positions = None
     logits = last_logits(model, input_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache)
     seen = None
     if params.repetition_penalty != 1.0:
@@ -268,7 +270,7 @@ def _decode(model, prompts, params: SamplingParams, tokenizer, eos_token_ids, pa
     if n > 1:
         cache.select(fan)
         logits, seen = logits[fan], seen[fan] if seen is not None else None
-    position = positions[fan, -1:] + 1  # (rows, 1)
+    position = positions[fan, -1:] + 1 if positions is not None else None  # (rows, 1) next position of each row
     key_mask = None  # decode keys: the prompt's mask, then ones for generated tokens; None when unpadded
     if prompt_mask is not None:
         key_mask = torch.ones(len(fan), width + steps, dtype=torch.long, device=device)
@@ -310,13 +312,15 @@ def _decode(model, prompts, params: SamplingParams, tokenizer, eos_token_ids, pa
         if len(keep) < len(live):  # finished rows leave the batch: no more compute for them
             idx = torch.tensor(keep, device=device)
             cache.select(idx)
-            picked, position = picked[idx], position[idx]
+            picked = picked[idx]
+            position = position[idx] if position is not None else None
             key_mask = key_mask[idx] if key_mask is not None else None
             seen = seen[idx] if seen is not None else None
             live = [live[j] for j in keep]
         mask = key_mask[:, :cache.length + 1] if key_mask is not None else None
         logits = last_logits(model, picked[:, None], attention_mask=mask, position_ids=position, cache=cache)
-        position += 1
+        if position is not None:
+            position += 1
 
     results: list[list[Completion]] = [[] for _ in prompts]
     for r, p in enumerate(fan.tolist()):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.objectives.lm import fused_linear_cross_entropy
 
@@ -69,18 +70,20 @@ class RMSNorm(nn.Module):
 
 
 def rope_cache(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape (length, head_dim) for rotate-half RoPE (Su et al. 2021)."""
+    """cos and signed sin tables, (length, head_dim), for rotate-half RoPE (Su et al. 2021).
+
+    Pair (x_i, x_{i+d/2}) turns by angle a_i: x_i' = x_i cos a_i - x_{i+d/2} sin a_i and
+    x_{i+d/2}' = x_{i+d/2} cos a_i + x_i sin a_i. The sin table carries the signs (-sin | +sin), so that
+    apply_rope is x * cos + swap_halves(x) * sin.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles. x: (B, H, T, D); cos/sin: (B, 1, T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles. x: (B, H, T, D); cos/sin: (B or 1, 1, T, D)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin  # roll by d/2 swaps the halves
 
 
 class KVCache:
@@ -106,12 +109,14 @@ class KVCache:
         return self.k.shape[1]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, kv_heads, T, head_dim) in place after the filled part; return views of all keys so far."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.k[layer], self.v[layer]
+        keys.narrow(2, self.length, k.shape[2]).copy_(k)
+        values.narrow(2, self.length, v.shape[2]).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep (and reorder, or repeat) batch rows: drop finished sequences, or fan a prompt out to n samples."""
@@ -139,11 +144,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        is_causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        # grouped-query attention: each kv head serves n_heads // n_kv_heads query heads (SDPA indexes, never copies)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -178,6 +181,9 @@ class Transformer(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        # Recompute each block's activations in backward instead of storing them: activation memory drops from
+        # O(layers) blocks to about one, for roughly one extra forward pass of compute. Training forwards only.
+        self.gradient_checkpointing = False
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
@@ -223,17 +229,21 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            if document_ids is not None:
-                position_ids = positions_from_documents(document_ids)
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        cos, sin = self._rope(position_ids)
+        if position_ids is not None:  # given: make sure the tables reach them (reading the max is a host sync)
+            self._extend_rope(int(position_ids.max()) + 1)
+        elif document_ids is not None:
+            position_ids = positions_from_documents(document_ids)
+        self._extend_rope(past + T)
+        cos, sin = self._rope(position_ids, past, T)
         mask = build_attention_mask(T, past, attention_mask, document_ids, input_ids.device)
 
         x = self.model.embed_tokens(input_ids)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, i, cache)
+            if recompute:
+                x = checkpoint(block, x, cos, sin, mask, i, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, i, cache)
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)
@@ -243,14 +253,19 @@ class Transformer(nn.Module):
             return self.lm_head(x)
         return fused_linear_cross_entropy(x, self.lm_head.weight, labels)  # never holds (B, T, V) fp32 logits
 
-    def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        needed = int(position_ids.max()) + 1
-        if needed > self.rope_cos.shape[0]:  # longer than configured: extend the table rather than fail
+    def _extend_rope(self, needed: int) -> None:
+        if needed > self.rope_cos.shape[0]:  # longer than configured: extend the tables rather than fail
             self.reset_rope(2 * needed)
+
+    def _rope(self, position_ids: torch.Tensor | None, past: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, 1, T, D); (1, 1, T, D) for the default positions past..past+T-1 (a slice)."""
+        cos, sin = self.rope_cos, self.rope_sin
+        if position_ids is None:
+            cos, sin = cos[None, None, past:past + T], sin[None, None, past:past + T]
+        else:
+            cos, sin = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
         dtype = self.model.embed_tokens.weight.dtype
-        cos = self.rope_cos[position_ids].unsqueeze(1).to(dtype)
-        sin = self.rope_sin[position_ids].unsqueeze(1).to(dtype)
-        return cos, sin
+        return cos.to(dtype), sin.to(dtype)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied head counts once); non_embedding drops the token embedding table."""
