@@ -207,6 +207,10 @@ def _grad_signs(loss_fn):
     ("ipo_below_target", lambda c, r: dpo_loss(c, r, t(-11.0), t(-11.0), loss_type="ipo")[0]),  # h=2 < 5
     ("simpo", lambda c, r: simpo_loss(c, r, t(5.0), t(6.0))[0]),
     ("orpo", lambda c, r: orpo_loss(c, r, t(5.0), t(6.0), t(2.0))[0]),
+    ("hinge", lambda c, r: dpo_loss(c, r, t(-11.0), t(-11.0), loss_type="hinge")[0]),  # beta h = 0.2 < 1
+    ("robust", lambda c, r: dpo_loss(c, r, t(-11.0), t(-11.0), loss_type="robust", label_smoothing=0.1)[0]),
+    ("cdpo", lambda c, r: dpo_loss(c, r, t(-11.0), t(-11.0), loss_type="cdpo", label_smoothing=0.1)[0]),
+    ("kto", lambda c, r: kto_loss(torch.cat([c, r]), t(-11.0, -11.0), torch.tensor([True, False]), 0.0)[0]),
 ])
 def test_gradient_pushes_chosen_up_and_rejected_down(name, fn):
     d_chosen, d_rejected = _grad_signs(fn)

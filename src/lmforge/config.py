@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 def recipe_path(name_or_path: str) -> Path:
     """A recipe given by path, or by the name of a built-in recipe (``tiny`` -> recipes/tiny.yaml)."""
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():
         return p
     builtin = resources.files("lmforge") / "recipes" / f"{name_or_path.removesuffix('.yaml')}.yaml"
     if builtin.is_file():

@@ -50,8 +50,9 @@ def config_to_hf(cfg: ModelConfig, **token_ids) -> dict:
         out.update(attention_bias=cfg.attention_bias, mlp_bias=False, pretraining_tp=1)
     else:
         out.update(use_sliding_window=False)
-    if cfg.num_labels:
+    if cfg.num_labels:  # a score head: a reward model / critic, which transformers opens as *ForSequenceClassification
         out["num_labels"] = cfg.num_labels
+        out["architectures"] = [out["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
     out.update({k: v for k, v in token_ids.items() if v is not None})
     return out
 

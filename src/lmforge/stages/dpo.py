@@ -1,0 +1,421 @@
+"""``lmforge dpo``: direct preference optimisation and its family on preference pairs; ``lmforge dpo sweep``: beta.
+
+    loss_type  sigmoid (DPO) | ipo | hinge (SLiC) | cdpo / robust (label_smoothing = flip rate)   need pi_ref
+               simpo (length-normalised, margin gamma) | orpo (odds ratio + SFT NLL)             reference-free
+
+How a step runs: chosen and rejected rows go through ONE forward (2B rows, right-padded to the longest row of a
+length-grouped batch, so the fast causal kernel runs and padding is minimal); per-token log-probs are taken only
+at completion positions, from the hidden states and the lm_head a chunk at a time (never the full logits).
+The reference log-probs are PRECOMPUTED in one pass before training (the initial policy is the reference, so
+only one model is ever in memory); ``reference=live`` keeps a frozen copy instead. Metrics have TRL's names:
+rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected (eval_*
+on held-out pairs). The result is a Hugging Face directory with the tokenizer and its chat template.
+
+    lmforge dpo model=runs/tiny/sft/model data.source=pairs.jsonl loss_type=ipo beta=0.5
+    lmforge dpo sweep betas=[0.05,0.1,0.5,1.0]      KL drift from the reference vs margin, a PNG and a table
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from lmforge.data.preference import PreferenceDataConfig
+from lmforge.train.loop import TrainConfig
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "cdpo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+@dataclass
+class DPOConfig:
+    model: str = "runs/tiny/sft/model"  # the SFT policy to start from
+    ref_model: str = ""  # the reference; empty: the starting policy itself
+    out_dir: str = "runs/tiny/dpo"
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    loss_type: str = "sigmoid"
+    beta: float = 0.1  # KL strength (DPO/IPO/hinge); SimPO's reward scale; ORPO's lambda
+    label_smoothing: float = 0.0  # cdpo / robust: the assumed label-flip rate
+    simpo_gamma: float = 0.5  # SimPO's target margin
+    reference: str = "precompute"  # precompute (one pass, then only the policy in memory) | live
+    betas: list[float] = field(default_factory=list)  # non-empty: run a beta sweep (same as `lmforge dpo sweep`)
+    logprob_chunk_size: int = 1024  # completion tokens per lm_head chunk
+    group_by_length: bool = True  # batch pairs of similar length: minimal padding
+    gradient_checkpointing: bool = False
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7, warmup_steps=10, max_steps=200,
+                                                                   batch_size=16, micro_batch_size=8,
+                                                                   weight_decay=0.0, eval_every=50))
+
+    def validate(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.reference not in ("precompute", "live"):
+            raise ValueError(f"reference must be precompute or live, got {self.reference!r}")
+        if self.beta <= 0 or any(b <= 0 for b in self.betas):
+            raise ValueError("beta (and every value in betas) must be positive")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+# ------------------------------------------------------------------------------------------ log-probs of answers
+
+def completion_logps(model, batch: dict, chunk_size: int = 1024):
+    """(N,) fp32 sum of log pi(completion token | prefix) per row, and (N,) completion lengths.
+
+    ``batch`` as ``data.preference.collate_sequences`` makes it. Log-probs are computed only at the positions
+    whose label is a completion token, from hidden states and the lm_head in chunks (chunked_token_logprobs).
+    """
+    import torch
+
+    from lmforge.objectives import chunked_token_logprobs
+    from lmforge.stages.reward import forward_hidden
+    from lmforge.train.dist import unwrap
+
+    labels = batch["labels"]
+    hidden = forward_hidden(model, batch["input_ids"], batch.get("attention_mask"))
+    keep = labels != -100
+    rows = keep.nonzero()[:, 0]
+    token_logps = chunked_token_logprobs(hidden[keep], unwrap(model).lm_head.weight, labels[keep], chunk_size)
+    logps = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
+    return logps, keep.sum(-1).float()
+
+
+def precompute_reference(model, items: list, collate, store, length, batch_size: int, device,
+                         chunk_size: int = 1024, autocast=None, description: str = "reference log-probs") -> None:
+    """One pass of ``model`` over ``items`` (length-sorted batches: little padding; ``length=None`` keeps the
+    order, so batches are exactly those evaluate_pairs builds and step-0 rewards come out exactly 0).
+
+    ``collate(chunk)`` builds a batch; its rows, and the rows of any "kl_"-prefixed sub-batch, are scored with
+    ``completion_logps``; ``store(chunk, {"": logps, "kl_": logps})`` writes the values into the items.
+    """
+    import contextlib
+
+    import torch
+    from rich.progress import Progress
+
+    from lmforge.train.loop import to_device
+
+    order = sorted(range(len(items)), key=lambda i: length(items[i])) if length else list(range(len(items)))
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), autocast or contextlib.nullcontext(), Progress(transient=True) as bar:
+        task = bar.add_task(description, total=len(items))
+        for s in range(0, len(order), batch_size):
+            chunk = [items[i] for i in order[s:s + batch_size]]
+            batch = to_device(collate(chunk), device)
+            values = {"": completion_logps(model, batch, chunk_size)[0].tolist()}
+            if "kl_labels" in batch:
+                sub = {k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")}
+                values["kl_"] = completion_logps(model, sub, chunk_size)[0].tolist()
+            store(chunk, values)
+            bar.advance(task, len(chunk))
+    model.train(was_training)
+
+
+def store_pair_logps(chunk: list, values: dict) -> None:
+    """Chosen rows come first, then rejected rows (collate_pairs)."""
+    for j, pair in enumerate(chunk):
+        pair.ref_chosen, pair.ref_rejected = values[""][j], values[""][len(chunk) + j]
+
+
+# ---------------------------------------------------------------------------------------------------- the loss
+
+def dpo_loss_fn(cfg: DPOConfig, beta: float | None = None, ref_model=None):
+    """loss_fn(model, batch) for the loop: one forward over chosen + rejected, then the configured loss."""
+    import torch
+
+    from lmforge.objectives import dpo_loss, orpo_loss, simpo_loss
+
+    beta = cfg.beta if beta is None else beta
+
+    def loss_fn(model, batch):
+        logps, lengths = completion_logps(model, batch, cfg.logprob_chunk_size)
+        chosen, rejected = logps.chunk(2)
+        len_c, len_r = lengths.chunk(2)
+        if cfg.loss_type == "simpo":
+            return simpo_loss(chosen, rejected, len_c, len_r, beta=beta, gamma=cfg.simpo_gamma,
+                              label_smoothing=cfg.label_smoothing)
+        if cfg.loss_type == "orpo":
+            nll = -chosen.sum() / len_c.sum().clamp(min=1)  # SFT loss: mean NLL over the chosen tokens
+            return orpo_loss(chosen, rejected, len_c, len_r, nll, lambda_=beta)
+        if ref_model is not None:
+            with torch.no_grad():
+                ref = completion_logps(ref_model, batch, cfg.logprob_chunk_size)[0]
+        else:
+            ref = batch["ref_logps"]
+        ref_c, ref_r = ref.chunk(2)
+        lengths_kw = dict(chosen_lengths=len_c, rejected_lengths=len_r) if cfg.loss_type == "ipo" else {}
+        return dpo_loss(chosen, rejected, ref_c, ref_r, beta=beta, loss_type=cfg.loss_type,
+                        label_smoothing=cfg.label_smoothing, **lengths_kw)
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------------- the stage
+
+def prepare(cfg: DPOConfig, dist):
+    """(policy, tokenizer, train pairs, eval pairs, data stats), reference log-probs precomputed when needed."""
+    import torch
+
+    from lmforge.data.preference import collate_pairs, load_preference_data, pair_length
+    from lmforge.stages.reward import load_policy
+    from lmforge.train.loop import autocast_context
+
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = load_policy(cfg.model)
+    model.to(dist.device)
+    train_pairs, eval_pairs, stats = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+    if cfg.loss_type not in REFERENCE_FREE and cfg.reference == "precompute":
+        ref = model if not cfg.ref_model else load_policy(cfg.ref_model)[0].to(dist.device)
+        t0 = time.time()
+        collate, autocast = (lambda b: collate_pairs(b, tokenizer.pad_id)), autocast_context(cfg.train, dist.device)
+        precompute_reference(ref, train_pairs, collate, store_pair_logps, pair_length, cfg.train.micro_batch_size * 2,
+                             dist.device, cfg.logprob_chunk_size, autocast)
+        precompute_reference(ref, eval_pairs, collate, store_pair_logps, None, cfg.train.micro_batch_size,
+                             dist.device, cfg.logprob_chunk_size, autocast, "reference log-probs (eval)")
+        stats["reference_seconds"] = round(time.time() - t0, 2)
+        del ref
+    return model, tokenizer, train_pairs, eval_pairs, stats
+
+
+def live_reference(cfg: DPOConfig, model, device):
+    """A frozen reference model for reference=live (None when not needed)."""
+    import copy
+
+    from lmforge.stages.reward import load_policy
+
+    if cfg.loss_type in REFERENCE_FREE or cfg.reference != "live":
+        return None
+    ref = load_policy(cfg.ref_model)[0] if cfg.ref_model else copy.deepcopy(model)
+    return ref.to(device).eval().requires_grad_(False)
+
+
+def train_policy(cfg: DPOConfig, model, tokenizer, train_pairs, eval_pairs, dist, out_dir: Path,
+                 beta: float | None = None) -> dict:
+    """The one loop on pairs; returns the summary (initial and final eval metrics, throughput, model dir)."""
+    import torch
+
+    from lmforge.data.preference import Batches, collate_pairs, pair_length
+    from lmforge.modelio import save_model_dir, write_model_files
+    from lmforge.stages.reward import evaluate_pairs
+    from lmforge.train.loop import autocast_context, train
+
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+    pad = tokenizer.pad_id
+
+    def collate(items):
+        return collate_pairs(items, pad)
+
+    ref_model = live_reference(cfg, model, dist.device)
+    loss_fn = dpo_loss_fn(cfg, beta, ref_model)
+    batches = Batches(train_pairs, cfg.train.micro_batch_size, collate, cfg.train.seed, dist.rank,
+                      dist.world_size, length=pair_length, group_by_length=cfg.group_by_length)
+
+    def eval_fn(m):
+        return evaluate_pairs(m, loss_fn, eval_pairs, collate, cfg.train.micro_batch_size, dist.device,
+                              cfg.train.eval_batches) if eval_pairs else {}
+
+    model.eval()
+    with torch.no_grad(), autocast_context(cfg.train, dist.device):
+        initial = eval_fn(model)
+    model.train()
+    run_cfg = replace(cfg, beta=beta if beta is not None else cfg.beta)
+    t0 = time.time()
+    result = train(model, loss_fn, batches, cfg.train, out_dir, dist=dist, eval_fn=eval_fn,
+                   save_model=lambda path: write_model_files(path, model, tokenizer), run_config=run_cfg,
+                   tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), description=f"dpo ({cfg.loss_type})")
+    seconds = time.time() - t0
+    summary = {}
+    if dist.is_main:
+        save_model_dir(out_dir / "model", model, tokenizer)
+        summary = {"loss_type": cfg.loss_type, "beta": run_cfg.beta, "steps": result.step,
+                   "initial": {k: round(v, 4) for k, v in initial.items()},
+                   **{k: round(v, 4) for k, v in result.eval_metrics.items()},
+                   "train": {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)},
+                   "pairs_per_second": round(result.step * cfg.train.batch_size / max(seconds, 1e-9), 2),
+                   "model_dir": str(out_dir / "model")}
+    return summary
+
+
+def run_dpo(cfg: DPOConfig) -> dict:
+    """Train with the configured loss (or run the beta sweep when ``betas`` is set); returns the summary."""
+    from lmforge.config import save_config
+    from lmforge.train.dist import init_distributed
+
+    if cfg.betas:
+        return run_sweep(cfg)
+    dist = init_distributed(cfg.train.device)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+    t0 = time.time()
+    model, tokenizer, train_pairs, eval_pairs, stats = prepare(cfg, dist)
+    summary = train_policy(cfg, model, tokenizer, train_pairs, eval_pairs, dist, out_dir)
+    if dist.is_main:
+        summary.update(data=stats, seconds=round(time.time() - t0, 1))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ the beta sweep
+
+def token_kl(policy, reference, batch: dict, chunk_size: int = 512):
+    """(N,) sum and (N,) count over completion positions of KL(pi(.|prefix) || pi_ref(.|prefix)), exact over
+    the vocabulary (teacher-forced on the given completions), computed a chunk of positions at a time."""
+    import torch
+    import torch.nn.functional as F
+
+    from lmforge.stages.reward import forward_hidden
+
+    keep = batch["labels"] != -100
+    rows = keep.nonzero()[:, 0]
+    h_pol = forward_hidden(policy, batch["input_ids"], batch.get("attention_mask"))[keep]
+    h_ref = forward_hidden(reference, batch["input_ids"], batch.get("attention_mask"))[keep]
+    kl = []
+    for s in range(0, h_pol.shape[0], chunk_size):
+        logp = F.log_softmax((h_pol[s:s + chunk_size] @ policy.lm_head.weight.T).float(), -1)
+        logq = F.log_softmax((h_ref[s:s + chunk_size] @ reference.lm_head.weight.T).float(), -1)
+        kl.append((logp.exp() * (logp - logq)).sum(-1))
+    total = torch.zeros(keep.shape[0], device=rows.device).index_add(0, rows, torch.cat(kl) if kl else
+                                                                   torch.zeros(0, device=rows.device))
+    return total, keep.sum(-1).float()
+
+
+def kl_drift(policy, reference, pairs: list, pad_id: int, batch_size: int, device) -> dict:
+    """Mean per-token and per-sequence KL(pi || pi_ref) on the chosen answers of held-out pairs."""
+    import torch
+
+    from lmforge.data.preference import collate_sequences, in_batches
+    from lmforge.train.loop import to_device
+
+    total, tokens, seqs = 0.0, 0.0, 0
+    policy.eval()
+    with torch.inference_mode():
+        for chunk in in_batches(pairs, batch_size):
+            batch = to_device(collate_sequences([p.prompt_ids for p in chunk], [p.chosen_ids for p in chunk],
+                                                pad_id), device)
+            kl, n = token_kl(policy, reference, batch)
+            total, tokens, seqs = total + float(kl.sum()), tokens + float(n.sum()), seqs + len(chunk)
+    return {"kl_per_token": total / max(tokens, 1), "kl_per_sequence": total / max(seqs, 1)}
+
+
+def run_sweep(cfg: DPOConfig) -> dict:
+    """One DPO run per beta from the same start (reference log-probs computed once); then KL drift of each
+    policy from the reference on held-out chosen answers against its held-out margin: sweep.json + PNG."""
+    import copy
+
+    from lmforge.config import save_config
+    from lmforge.stages.reward import load_policy
+    from lmforge.train.dist import init_distributed
+
+    betas = cfg.betas or [0.05, 0.1, 0.5, 1.0]
+    dist = init_distributed(cfg.train.device)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+    start, tokenizer, train_pairs, eval_pairs, stats = prepare(cfg, dist)
+    if not eval_pairs:
+        from lmforge.data.sources import DataError
+
+        raise DataError("the beta sweep measures KL and margins on held-out pairs: set data.eval_fraction > 0 "
+                        "or data.eval_source")
+    initial = {k: v.detach().clone() for k, v in start.state_dict().items()}
+    reference = (load_policy(cfg.ref_model)[0] if cfg.ref_model else copy.deepcopy(start)).to(dist.device).eval()
+    rows = []
+    for beta in betas:
+        start.load_state_dict(initial)
+        summary = train_policy(cfg, start, tokenizer, train_pairs, eval_pairs, dist,
+                               out_dir / f"beta_{beta:g}", beta=beta)
+        if not dist.is_main:
+            continue
+        drift = kl_drift(start, reference, eval_pairs, tokenizer.pad_id, cfg.train.micro_batch_size, dist.device)
+        margin = summary.get("eval_rewards/margins", float("nan"))
+        rows.append({"beta": beta, **{k: round(v, 5) for k, v in drift.items()},
+                     "eval_rewards/margins": margin, "logratio_margin": round(margin / beta, 4),
+                     "eval_rewards/accuracies": summary.get("eval_rewards/accuracies"),
+                     "model_dir": summary["model_dir"]})
+    result = {"loss_type": cfg.loss_type, "betas": betas, "table": rows, "data": stats}
+    if dist.is_main:
+        (out_dir / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+        result["plot"] = str(plot_sweep(rows, out_dir / "kl_vs_margin.png", cfg.loss_type))
+    return result
+
+
+def plot_sweep(rows: list[dict], path: Path, loss_type: str = "sigmoid") -> Path:
+    """KL drift from the reference (x) against the held-out chosen-rejected margin (y), one point per beta."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_reward, ax_ratio) = plt.subplots(1, 2, figsize=(10, 4))
+    kl = [r["kl_per_token"] for r in rows]
+    for ax, key, label in ((ax_reward, "eval_rewards/margins", "implicit reward margin beta*h (rewards/margins)"),
+                           (ax_ratio, "logratio_margin", "log-ratio margin h = margin / beta")):
+        ax.plot(kl, [r[key] for r in rows], marker="o")
+        for r in rows:
+            ax.annotate(f"beta={r['beta']:g}", (r["kl_per_token"], r[key]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("KL(pi || pi_ref) per token, held-out chosen answers")
+        ax.set_ylabel(label)
+    fig.suptitle(f"{loss_type}: drift from the reference vs preference margin")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- output
+
+METRIC_ROWS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+               "logps/chosen", "logps/rejected")
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if "table" in summary:
+        table = Table(title=f"beta sweep ({summary['loss_type']})")
+        for col in ("beta", "KL/token", "KL/sequence", "rewards/margins", "log-ratio margin", "accuracy"):
+            table.add_column(col, justify="right")
+        for r in summary["table"]:
+            acc = r.get("eval_rewards/accuracies")
+            table.add_row(f"{r['beta']:g}", f"{r['kl_per_token']:.4f}", f"{r['kl_per_sequence']:.3f}",
+                          f"{r['eval_rewards/margins']:.4f}", f"{r['logratio_margin']:.3f}",
+                          "" if acc is None else f"{acc:.3f}")
+        console.print(table)
+        console.print(summary.get("plot", ""))
+        return
+    table = Table(title=f"dpo ({summary['loss_type']}, beta {summary['beta']:g}): held-out pairs")
+    for col in ("metric", "before", "after"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name in METRIC_ROWS:
+        key = f"eval_{name}"
+        if key in summary:
+            before = summary["initial"].get(key)
+            table.add_row(name, "" if before is None else f"{before:.4f}", f"{summary[key]:.4f}")
+    console.print(table)
+    console.print(f"{summary['steps']} steps, {summary['pairs_per_second']} pairs/s, data: "
+                  + ", ".join(f"{k} {v}" for k, v in summary.get("data", {}).items()))
+    console.print(summary["model_dir"])
+
+
+def main(argv: list[str]) -> int:
+    from lmforge.config import parse_cli
+
+    sweep = bool(argv) and argv[0] == "sweep"
+    cfg = parse_cli(argv[1:] if sweep else argv, DPOConfig, prog="lmforge dpo" + (" sweep" if sweep else ""),
+                    description=__doc__, default_recipe="tiny", section="dpo")
+    if sweep and not cfg.betas:
+        cfg = replace(cfg, betas=[0.05, 0.1, 0.5, 1.0])
+    summary = run_dpo(cfg)
+    if summary:
+        print_summary(summary)
+    return 0
