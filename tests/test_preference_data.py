@@ -153,3 +153,25 @@ def test_parquet_and_tinyworld_sources(tmp_path):
     pairs = read_pairs("builtin:tinyworld/preference", stats=stats)
     assert len(pairs) > 100 and stats["kept"] == len(pairs)
     assert pairs[0].prompt[0]["role"] == "user" and pairs[0].chosen != pairs[0].rejected
+
+
+def test_soft_labels_reach_the_batch_and_become_cdpo_smoothing():
+    import torch
+
+    from lmforge.objectives import dpo_loss
+
+    row = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5", "label_confidence": 0.8}
+    pair = pair_from_row(row, "x.jsonl:1")
+    assert pair.confidence == 0.8 and pair_from_row({**row, "label_confidence": 1}, "x").confidence == 1.0
+    with pytest.raises(DataError, match=r"x.jsonl:3: field 'label_confidence'"):
+        pair_from_row({**row, "label_confidence": 0.3}, "x.jsonl:3")
+    tok = micro_tokenizer()
+    batch = collate_pairs(tokenize_pairs([pair], tok, PreferenceDataConfig(max_length=64, max_prompt_length=32)),
+                          tok.pad_id)
+    assert torch.allclose(batch["confidence"], torch.tensor([0.8]))
+    # cDPO with eps = 1 - confidence: -(0.8 log σ(βh) + 0.2 log σ(-βh)) at βh = 0.1 * 2
+    c, r, z = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([0.0])
+    loss, _ = dpo_loss(c, r, z, z, beta=0.1, loss_type="cdpo", label_smoothing=1 - batch["confidence"])
+    expected = -(0.8 * torch.nn.functional.logsigmoid(torch.tensor(0.2)) +
+                 0.2 * torch.nn.functional.logsigmoid(torch.tensor(-0.2)))
+    assert torch.isclose(loss, expected)

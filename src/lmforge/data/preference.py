@@ -62,6 +62,7 @@ class Pair:
     rejected: str | list[dict]
     where: str
     margin: float = 0.0  # score_chosen - score_rejected when scores are configured
+    confidence: float = 1.0  # P(chosen is better): an AI judge's soft label (`label_confidence`), else 1
 
 
 @dataclass
@@ -71,6 +72,7 @@ class TokenPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     margin: float = 0.0
+    confidence: float = 1.0
     ref_chosen: float | None = None
     ref_rejected: float | None = None
 
@@ -213,13 +215,17 @@ def pair_from_row(row: dict, where: str, cfg: PreferenceDataConfig | None = None
             return "prompt_not_prefix"
     if chosen == rejected:
         return "identical"
+    confidence = row.get("label_confidence", 1.0)
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.5 <= confidence <= 1:
+        raise DataError(f"{where}: field 'label_confidence' must be a number in [0.5, 1] (the probability that "
+                        f"chosen is better), got {confidence!r}")
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
         if not answer or (isinstance(answer, str) and not answer.strip()):
             return "empty_answer"
         if isinstance(answer, list) and any(m["role"] != "assistant" for m in answer):
             raise DataError(f"{where}: field {name!r}: an answer may only hold assistant messages "
                             "(or be the full conversation that starts with the prompt)")
-    return Pair(prompt, chosen, rejected, where, margin)
+    return Pair(prompt, chosen, rejected, where, margin, float(confidence))
 
 
 def read_pairs(spec: str, cfg: PreferenceDataConfig | None = None, stats: Counter | None = None) -> list[Pair]:
@@ -316,7 +322,7 @@ def tokenize_pairs(pairs: Iterable[Pair], tokenizer, cfg: PreferenceDataConfig,
         if c == r:
             stats["identical_after_truncation"] += 1
             continue
-        out.append(TokenPair(p, c, r, pair.margin))
+        out.append(TokenPair(p, c, r, pair.margin, pair.confidence))
     return out
 
 
@@ -416,6 +422,7 @@ def collate_pairs(pairs: list[TokenPair], pad_id: int, side: str = "right") -> d
     batch = collate_sequences(prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], pad_id,
                               side)
     batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    batch["confidence"] = torch.tensor([p.confidence for p in pairs], dtype=torch.float32)
     if all(p.ref_chosen is not None for p in pairs):
         batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs],
                                           dtype=torch.float32)

@@ -147,8 +147,11 @@ def dpo_loss_fn(cfg: DPOConfig, beta: float | None = None, ref_model=None):
             ref = batch["ref_logps"]
         ref_c, ref_r = ref.chunk(2)
         lengths_kw = dict(chosen_lengths=len_c, rejected_lengths=len_r) if cfg.loss_type == "ipo" else {}
+        smoothing = cfg.label_smoothing
+        if cfg.loss_type == "cdpo" and "confidence" in batch:  # an AI judge's soft labels: eps = 1 - P(chosen)
+            smoothing = (1 - batch["confidence"] + cfg.label_smoothing).clamp(max=0.5)
         return dpo_loss(chosen, rejected, ref_c, ref_r, beta=beta, loss_type=cfg.loss_type,
-                        label_smoothing=cfg.label_smoothing, **lengths_kw)
+                        label_smoothing=smoothing, **lengths_kw)
     return loss_fn
 
 
