@@ -158,7 +158,7 @@ def test_dpo_cli_raises_accuracy_and_margin_and_saves_a_chat_model(setup):
     model, data, d = setup
     out = d / "dpo"
     proc = lmforge("dpo", f"model={model}", f"data.source={data}", f"out_dir={out}", "train.max_steps=12",
-                   "beta=0.1", *MICRO)
+                   "beta=0.1", "rpo_alpha=0", *MICRO)  # pure DPO: starts at ln 2
     s = json.loads((out / "summary.json").read_text())
     assert s["initial"]["eval_rewards/accuracies"] == 0.0 and s["initial"]["eval_loss"] == pytest.approx(
         math.log(2), abs=1e-4)
@@ -204,3 +204,18 @@ def test_dpo_cli_reference_free_loss_skips_the_reference_pass(setup):
     s = json.loads((out / "summary.json").read_text())
     assert math.isfinite(s["eval_loss"]) and s["loss_type"] == "orpo" and "reference_seconds" not in s["data"]
     assert "eval_nll_loss" in s and "eval_log_odds_ratio" in s
+
+
+def test_rpo_alpha_adds_the_chosen_answers_per_token_nll():
+    model = tiny(2).eval()
+    items = pairs()
+    precompute_reference(model, items, lambda b: collate_pairs(b, 0), store_pair_logps,
+                         lambda p: len(p.prompt_ids), batch_size=3, device="cpu")
+    batch = collate_pairs(items, 0)
+    nll = -sum(brute_logp(model, p, c) for p, c, _ in PAIRS) / sum(len(c) for _, c, _ in PAIRS)
+    with torch.no_grad():
+        plain, _ = dpo_loss_fn(DPOConfig())(model, batch)
+        rpo, metrics = dpo_loss_fn(DPOConfig(rpo_alpha=0.5))(model, batch)
+    assert plain.item() == pytest.approx(math.log(2), abs=1e-5)
+    assert rpo.item() == pytest.approx(math.log(2) + 0.5 * nll, abs=1e-4)
+    assert metrics["nll_loss"].item() == pytest.approx(nll, abs=1e-4)

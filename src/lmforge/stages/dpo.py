@@ -39,6 +39,8 @@ class DPOConfig:
     beta: float = 0.1  # KL strength (DPO/IPO/hinge); SimPO's reward scale; ORPO's lambda
     label_smoothing: float = 0.0  # cdpo / robust: the assumed label-flip rate
     simpo_gamma: float = 0.5  # SimPO's target margin
+    rpo_alpha: float = 0.0  # > 0: + alpha * NLL of the chosen answer per token (RPO, Pang et al. 2024; TRL's
+    #                         rpo_alpha): keeps DPO from pushing the chosen answer's likelihood down with the rejected
     reference: str = "precompute"  # precompute (one pass, then only the policy in memory) | live
     betas: list[float] = field(default_factory=list)  # non-empty: run a beta sweep (same as `lmforge dpo sweep`)
     logprob_chunk_size: int = 1024  # completion tokens per lm_head chunk
@@ -57,6 +59,8 @@ class DPOConfig:
             raise ValueError("beta (and every value in betas) must be positive")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
 
 
 # ------------------------------------------------------------------------------------------ log-probs of answers
@@ -150,8 +154,12 @@ def dpo_loss_fn(cfg: DPOConfig, beta: float | None = None, ref_model=None):
         smoothing = cfg.label_smoothing
         if cfg.loss_type == "cdpo" and "confidence" in batch:  # an AI judge's soft labels: eps = 1 - P(chosen)
             smoothing = (1 - batch["confidence"] + cfg.label_smoothing).clamp(max=0.5)
-        return dpo_loss(chosen, rejected, ref_c, ref_r, beta=beta, loss_type=cfg.loss_type,
-                        label_smoothing=smoothing, **lengths_kw)
+        loss, metrics = dpo_loss(chosen, rejected, ref_c, ref_r, beta=beta, loss_type=cfg.loss_type,
+                                 label_smoothing=smoothing, **lengths_kw)
+        if cfg.rpo_alpha > 0:
+            nll = -chosen.sum() / len_c.sum().clamp(min=1)
+            loss, metrics = loss + cfg.rpo_alpha * nll, {**metrics, "nll_loss": nll.detach()}
+        return loss, metrics
     return loss_fn
 
 
