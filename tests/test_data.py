@@ -286,3 +286,16 @@ def test_unigram_baseline_by_hand(tmp_path):
     assert unigram_baseline_loss(train, val, 4) == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="token id 2, outside a vocabulary of 2"):
         unigram_baseline_loss(train, val, 2)
+
+
+def test_hf_source_streams_rows_through_datasets(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, config, split, streaming: iter([{"text": "one"}, {"txt": "two"}])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    docs = read_documents("hf:org/corpus:cfg@train")
+    assert next(docs) == "one"
+    with pytest.raises(DataError, match=r"hf:org/corpus:cfg@train: row 2: field 'text' missing"):
+        next(docs)

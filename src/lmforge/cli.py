@@ -62,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.data.sources import DataError
 
     try:
-        return int(module.main(rest) or 0)
+        rc = int(module.main(rest) or 0)
+        if "torch.distributed" in sys.modules:  # under torchrun: leave the process group together (after success
+            from lmforge.train.dist import cleanup  # only: a failed rank must not wait for the others)
+
+            cleanup()
+        return rc
     except ConfigError as e:
         print(f"lmforge {verb}: config error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,15 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
-from lmforge.data.sources import DataError, _decode, _kind, _open_binary, parse_json_line, source_files
+from lmforge.data.sources import (
+    DataError,
+    _decode,
+    _kind,
+    _open_binary,
+    hf_rows,
+    parse_json_line,
+    source_files,
+)
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -32,7 +40,7 @@ def read_rows(spec: str) -> Iterator[tuple[dict, str]]:
     """Every record of a jsonl / json / parquet file, directory, glob, ``hf:`` or ``builtin:`` spec, as
     (row dict, where) with ``where`` = "file:line" (or "file: row N") for error messages."""
     if spec.startswith("hf:"):
-        yield from _hf_rows(spec.removeprefix("hf:"))
+        yield from hf_rows(spec.removeprefix("hf:"))
         return
     if spec.startswith("builtin:tinyworld/"):  # generated in code by lmforge.tinyworld
         from lmforge.data.sources import generated_rows
@@ -98,19 +106,6 @@ def _parquet_rows(path: Path) -> Iterator[tuple[dict, str]]:
         for row in batch.to_pylist():
             n += 1
             yield row, f"{path}: row {n}"
-
-
-def _hf_rows(spec: str) -> Iterator[tuple[dict, str]]:
-    try:
-        import datasets
-    except ImportError as e:
-        raise DataError(f"hf:{spec}: Hugging Face datasets need `pip install datasets`") from e
-    name, _, split = spec.partition("@")
-    name, _, config = name.partition(":")
-    if not name:
-        raise DataError(f"hf:{spec}: expected hf:NAME[:CONFIG][@SPLIT], e.g. hf:HuggingFaceTB/smoltalk:all@train")
-    for i, row in enumerate(datasets.load_dataset(name, config or None, split=split or "train", streaming=True), 1):
-        yield dict(row), f"hf:{spec}: row {i}"
 
 
 # ------------------------------------------------------------------------------------------------ checking rows

@@ -214,8 +214,9 @@ def field_of(row: dict, name: str, path, lineno: int | str, kind: type = str):
     return value
 
 
-def _read_hf(spec: str, text_field: str) -> Iterator[str]:
-    """``NAME[:CONFIG][@SPLIT]`` through `datasets` (streaming, so large corpora need no full download)."""
+def hf_rows(spec: str) -> Iterator[tuple[dict, str]]:
+    """``NAME[:CONFIG][@SPLIT]`` through `datasets` as (row, "hf:spec: row N") pairs, streamed (large corpora
+    need no full download)."""
     try:
         import datasets
     except ImportError as e:
@@ -224,9 +225,13 @@ def _read_hf(spec: str, text_field: str) -> Iterator[str]:
     name, _, config = name.partition(":")
     if not name:
         raise DataError(f"hf:{spec}: expected hf:NAME[:CONFIG][@SPLIT], e.g. hf:roneneldan/TinyStories@train")
-    ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
-    for i, row in enumerate(ds, 1):
-        yield field_of(row, text_field, f"hf:{spec}", f"row {i}")
+    for i, row in enumerate(datasets.load_dataset(name, config or None, split=split or "train", streaming=True), 1):
+        yield dict(row), f"hf:{spec}: row {i}"
+
+
+def _read_hf(spec: str, text_field: str) -> Iterator[str]:
+    for row, where in hf_rows(spec):
+        yield field_of(row, text_field, f"hf:{spec}", where.rsplit(": ", 1)[1])
 
 
 # C0/C1 control characters except \t and \n (\r, \f, \v and the Unicode separators become newlines first),

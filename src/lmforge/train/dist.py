@@ -116,5 +116,9 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Leave the process group together: a rank that tears gloo down while another is still talking to it
+    can abort the other ("terminate called without an active exception")."""
     if td.is_available() and td.is_initialized():
+        if td.get_world_size() > 1:
+            td.barrier()
         td.destroy_process_group()
