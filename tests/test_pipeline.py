@@ -18,7 +18,7 @@ STAGES = "[pretrain,midtrain,sft,reward,dpo,grpo,ppo]"
 
 def micro_overrides(run_dir) -> list[str]:
     out = [f"run_dir={run_dir}", f"stages={STAGES}", "eval.limit=24", "eval.max_new_tokens=40",
-           "eval.sample_tokens=24"]
+           "eval.sample_tokens=24", "eval.think_samples=4", "eval.think_limit=8"]
     out += [f"pretrain.{o}" for o in MODEL + TRAIN] + ["pretrain.train.max_steps=150", "pretrain.seq_len=64",
                                                        "pretrain.train.batch_size=16",
                                                        "pretrain.train.micro_batch_size=16",
@@ -63,11 +63,13 @@ def test_micro_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     for tuned in ("dpo", "grpo", "ppo"):
         assert "kl" in stages[tuned]["eval"] and "accuracy" in stages[tuned]["eval"], tuned
 
+    sweep = json.loads((run / "sft" / "eval" / "sweep.json").read_text())  # accuracy vs samples after SFT
+    assert {r["n"] for r in sweep if r["method"] == "majority"} == {1, 2, 4}
     md = (run / "report.md").read_text()
     html = (run / "report.html").read_text()
     for stage in stages:
         assert f"| {stage} |" in md
-    assert "What is 347 + 289?" in md and "data:image/png;base64," in html
+    assert "What is 347 + 289?" in md and "accuracy_vs_samples.png" in md and "data:image/png;base64," in html
 
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)  # everything is done: skipped
     assert again.returncode == 0 and "train step" not in again.stdout + again.stderr

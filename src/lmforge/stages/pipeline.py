@@ -47,6 +47,8 @@ class PipelineEvalConfig:
     batch_size: int = 64
     samples: list[str] = field(default_factory=lambda: ["What is 347 + 289?", "What is 57 + 68?"])  # shown per stage
     sample_tokens: int = 64
+    think_samples: int = 8  # after SFT: accuracy vs samples per problem (self-consistency), N = 1..this; 0 = off
+    think_limit: int = 32  # problems in that sweep
 
 
 @dataclass
@@ -136,7 +138,7 @@ def evaluate_stage(stage: str, model_dir: Path, pcfg: PipelineConfig, sft_dir: P
         reward_model=str(model_dir) if is_reward else "", prefs=e.prefs if is_reward else "",
         out_dir=str(model_dir.parent / "eval"), n_boot=200)
     out = Path(cfg.out_dir)
-    digest = config_hash(cfg) + _model_stamp(model_dir) + hashlib.sha256(repr((e.samples, e.sample_tokens)).encode()).hexdigest()[:8]
+    digest = config_hash(cfg) + _model_stamp(model_dir) + hashlib.sha256(repr((e.samples, e.sample_tokens, e.think_samples, e.think_limit)).encode()).hexdigest()[:8]
     if _done(out / "pipeline_eval.json", digest) and (out / "eval.json").exists():
         return json.loads((out / "eval.json").read_text())
     summary = run_eval(cfg) if cfg.task or cfg.prefs else {}
@@ -144,9 +146,25 @@ def evaluate_stage(stage: str, model_dir: Path, pcfg: PipelineConfig, sft_dir: P
         summary["samples"] = demo_answers(model_dir, e.samples, chat=cfg.chat, max_new_tokens=e.sample_tokens)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    if stage == "sft" and e.task == "tinyworld" and e.think_samples > 0:
+        think_sweep(model_dir, out, e)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline_eval.json").write_text(json.dumps({"config_hash": digest}) + "\n")
     return summary
+
+
+def think_sweep(model_dir: Path, out: Path, e: PipelineEvalConfig) -> dict:
+    """Inference-time scaling on held-out problems: accuracy vs samples per problem -> out/sweep.json + PNG."""
+    from lmforge.stages.think import ThinkConfig, run_think
+    from lmforge.tinyworld import eval_rows
+
+    out.mkdir(parents=True, exist_ok=True)
+    problems = out / "think_problems.jsonl"
+    rows = [{"messages": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
+            for r in eval_rows(e.think_limit)]
+    problems.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_think(ThinkConfig(model=str(model_dir), input=str(problems), out_dir=str(out), method="sweep",
+                                 n=e.think_samples, max_new_tokens=e.max_new_tokens))
 
 
 def demo_answers(model_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int) -> list[dict]:
