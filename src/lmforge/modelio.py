@@ -108,16 +108,21 @@ def save_model_dir(path: str | Path, model: Transformer, tokenizer=None, generat
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     write_model_files(tmp, model, tokenizer, generation_config, extra_files)
-    if path.exists():
-        old = path.with_name(path.name + ".old")
+    replace_dir(tmp, path)
+    return path
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, moving an existing ``dst`` aside first (a directory cannot be replaced)."""
+    if dst.exists():
+        old = dst.with_name(dst.name + ".old")
         if old.exists():
             shutil.rmtree(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
+        os.replace(dst, old)
+        os.replace(src, dst)
         shutil.rmtree(old)
     else:
-        os.replace(tmp, path)
-    return path
+        os.replace(src, dst)
 
 
 def write_model_files(path: Path, model: Transformer, tokenizer=None, generation_config: dict | None = None,

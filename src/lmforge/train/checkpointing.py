@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save_model as save_weights
 
 import lmforge
+from lmforge.modelio import replace_dir
 from lmforge.train.dist import barrier, is_distributed, unwrap
 
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -73,7 +74,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, save_model, model: torch.n
         state = {"step": step, "lmforge_version": lmforge.__version__, "world_size": len(ranks), **train_state,
                  "data": [s["data"] for s in ranks], "rng": [s["rng"] for s in ranks], "optimizer": structure}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=_json_default) + "\n")
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
         _write_atomic(root / "latest", final.name)
         _prune(root, keep, step)
     barrier()
@@ -193,19 +194,6 @@ def _json_default(obj):
         return obj.item()
     raise TypeError(f"checkpoint state holds a {type(obj).__name__} ({obj!r:.80}), which JSON cannot store; "
                     "state_dict() values must be numbers, strings, lists or dicts")
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``, moving an existing ``dst`` aside first (a directory cannot be replaced)."""
-    if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(src, dst)
 
 
 def _write_atomic(path: Path, text: str) -> None:
