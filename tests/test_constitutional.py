@@ -246,6 +246,7 @@ def test_a_crashed_labelling_run_resumes_from_the_cache(model_dir, prompts_file,
 
 
 def test_local_judge_probabilities_are_the_next_token_distribution(model_dir):
+    from lmforge.data.chat import encode_prompt
     from lmforge.modelio import load_model_dir, load_tokenizer
 
     model, tok = load_model_dir(model_dir).eval(), load_tokenizer(model_dir)
@@ -254,7 +255,7 @@ def test_local_judge_probabilities_are_the_next_token_distribution(model_dir):
              [{"role": "user", "content": "1 or 2"}]]
     got = dict(judge.choose(convs, ("A", "B")))
     for i, messages in enumerate(convs):
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+        ids = encode_prompt(tok, messages)  # the prompt as SFT trained it (bos first)
         with torch.no_grad():
             probs = model(torch.tensor([ids]))[0, -1].softmax(-1)
         p_a = sum(float(probs[t]) for t in judge.label_token_ids("A"))

@@ -253,7 +253,7 @@ def test_generate_cli_jsonl_in_jsonl_out(tok_model, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"messages": [{"role": "user"}]}\n')
     assert main(["generate", *args[:1], f"input={tmp_path / 'bad.jsonl'}", *args[2:]]) == 2
     err = capsys.readouterr().err
-    assert "bad.jsonl:2" in err and "messages[0]" in err
+    assert "bad.jsonl:2: field 'messages'[0]: 'content' must be a string" in err
     (tmp_path / "bad.jsonl").write_text('{"text": "wrong field"}\n')
     assert main(["generate", *args[:1], f"input={tmp_path / 'bad.jsonl'}", *args[2:]]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err

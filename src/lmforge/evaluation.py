@@ -13,7 +13,8 @@
 
 Prompts are strings or message lists. With ``chat=True`` a string becomes one user turn and is rendered with the
 tokenizer's chat template up to the assistant header, bos first (as SFT trains); ``chat=False`` encodes the raw
-text after bos (how a base model is probed). Generation is greedy unless ``temperature`` says otherwise.
+text after bos (how a base model is probed); both by data.chat.encode_prompt, as every stage's prompts are.
+Generation is greedy unless ``temperature`` says otherwise.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from lmforge.answers import extract_answer, is_correct, normalize_answer
+from lmforge.data.chat import encode_prompt  # the one prompt encoder (SFT's bos rule); eval.py uses it
 from lmforge.data.sources import DataError
 from lmforge.generation import Completion, SamplingParams, generate, left_pad
 
@@ -105,18 +107,6 @@ def progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
                   transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(label, total=total)
         yield lambda k=1: bar.advance(task, k)
-
-
-def encode_prompt(tokenizer, prompt, chat: bool = True) -> list[int]:
-    """Token ids of a prompt: ids as given; with chat, a message list (or a string as one user turn) rendered
-    with the chat template up to the assistant header, bos first; without, the (last user) text after bos."""
-    if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
-        return list(prompt)
-    if not chat:
-        return tokenizer.encode(prompt_text(prompt), add_bos=True)
-    from lmforge.data.chat import encode_chat_prompt  # the bos rule SFT trains with
-
-    return encode_chat_prompt(tokenizer, [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
 
 
 def prompt_text(prompt) -> str:

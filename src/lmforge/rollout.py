@@ -13,14 +13,15 @@ function, :func:`micro_batch`; the rollout scores the buffer in exactly the micr
 will train on, so the first optimizer step sees a ratio pi/pi_old of exactly 1 (no silent off-policy drift
 from different padding or batch shapes). The buffer being optimised is saved in every checkpoint
 (rollout.safetensors), so resuming mid-iteration continues on the very same samples.
+
+:func:`start_rl_run` is the set-up both stages share (models, prompts, reward, eval, out_dir, resume point).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,34 +37,19 @@ BUFFER_FILE = "rollout.safetensors"
 # ---- prompts ----
 
 def read_rl_prompts(spec: str, prompt_field: str = "prompt", answer_field: str = "answer") -> list[dict]:
-    """RL prompt rows {"prompt": str | messages, "answer": str | None} from a .jsonl(.gz) file or
-    ``builtin:tinyworld/NAME``. A bad row is one DataError naming the file, the line and the field."""
+    """RL prompt rows {"prompt": str | messages, "answer": str | None} from a .jsonl(.gz) (or .json / .parquet)
+    file or ``builtin:tinyworld/NAME``. A bad row is one DataError naming the file, the line and the field."""
+    from lmforge.data.chat import read_rows  # the shared reader: bad JSON names the file and line
     from lmforge.data.sources import DataError
 
-    if spec.startswith("builtin:tinyworld/"):
-        from lmforge.tinyworld import source_rows
-
-        raw = [(f"{spec}: row {i}", row) for i, row in enumerate(source_rows(spec.split("/", 1)[1]), 1)]
-    elif spec.startswith("builtin:"):
+    if spec.startswith("builtin:") and not spec.startswith("builtin:tinyworld/"):
         raise DataError(f"{spec}: RL prompts come from a .jsonl file or builtin:tinyworld/rl")
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise DataError(f"{spec}: no such file")
-        opener = gzip.open if path.suffix == ".gz" else open
-        raw = []
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        raw.append((f"{path}:{lineno}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    if not spec.startswith("builtin:") and not Path(spec).is_file():
+        raise DataError(f"{spec}: no such file")
     rows = []
-    for where, row in raw:
-        if not isinstance(row, dict) or prompt_field not in row:
-            fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-            raise DataError(f"{where}: field {prompt_field!r} missing (fields: {fields})")
+    for row, where in read_rows(spec):
+        if prompt_field not in row:
+            raise DataError(f"{where}: field {prompt_field!r} missing (fields: {', '.join(row)})")
         prompt = row[prompt_field]
         ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -87,13 +73,11 @@ def prompt_text(prompt) -> str:
 
 def render_prompt(tokenizer, prompt, system_prompt: str = "", chat_template: bool = True) -> list[int]:
     """Token ids the policy completes: the chat template with the assistant turn opened (a string prompt
-    becomes one user message), or with ``chat_template=False`` the raw text after a document-start token."""
-    if not chat_template:
-        return tokenizer.encode(prompt_text(prompt), add_bos=True)
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system_prompt:
-        messages = [{"role": "system", "content": system_prompt}] + messages
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    becomes one user message), or with ``chat_template=False`` the raw text after a document-start token;
+    by data.chat.encode_prompt, so the policy sees the prefix SFT (or pre-training) gave it."""
+    from lmforge.data.chat import encode_prompt
+
+    return encode_prompt(tokenizer, prompt, chat=chat_template, system=system_prompt)
 
 
 def prompt_indices(n_rows: int, iteration: int, per_rollout: int, seed: int, rank: int = 0,
@@ -374,3 +358,115 @@ def sample_and_score(policy, tokenizer, rows: list[dict], prompt_ids: list[list[
             raise ValueError(f"reward {name!r} gave {bad} non-finite values (NaN/inf) out of {len(v)}")
     samples.rewards, samples.parts = total.float(), parts
     return samples
+
+
+# ---- the run set-up the RL stages share ----
+
+@dataclass
+class RLRun:
+    """What an RL stage (GRPO / RLOO, PPO) starts from; made by :func:`start_rl_run`."""
+    t0: float  # time.time() at the start, for the summary
+    dist: object  # train.dist.DistInfo: device, rank, world_size, is_main
+    out_dir: Path
+    policy: torch.nn.Module  # trained
+    ref: torch.nn.Module  # frozen, eval mode
+    tokenizer: object
+    rows: list[dict]  # training prompts (read_rl_prompts rows) and their encoded ids
+    prompt_ids: list[list[int]]
+    eval_rows: list[dict]  # the first data.eval_size eval prompts (none: [])
+    eval_ids: list[list[int]]
+    reward: object  # rewards.CombinedReward
+    eval_fn: Callable[..., dict] | None  # greedy eval/accuracy, eval/mean_length, eval/reward; None without eval rows
+
+    def resume_dir(self) -> Path | None:
+        """The checkpoint a rerun resumes from (None: a fresh run); RolloutStream reads its buffer from there."""
+        from lmforge.train.checkpointing import latest_checkpoint
+
+        return latest_checkpoint(self.out_dir / "checkpoints")
+
+    def log_start_eval(self) -> None:
+        """The eval metrics at step 0 (the starting point of every curve), on a fresh run, on the main process."""
+        if self.eval_fn is not None and self.dist.is_main and self.resume_dir() is None:
+            from lmforge.train.metrics import MetricsLogger
+
+            MetricsLogger(self.out_dir, tensorboard=False).log(0, self.eval_fn())
+
+
+def start_rl_run(cfg) -> RLRun:
+    """The set-up GRPO and PPO share: distributed init, out_dir with the resolved config.yaml, the seed, policy +
+    frozen reference + tokenizer, training and eval prompts encoded as SFT trained (render_prompt), answers
+    checked against the rewards, the reward, and the greedy eval function.
+
+    ``cfg`` is a stage config with out_dir, model, ref_model, data (stages.grpo.RLDataConfig), rewards,
+    max_new_tokens and train (train.loop.TrainConfig).
+    """
+    import time
+
+    from lmforge.config import save_config
+    from lmforge.rewards import build_reward
+    from lmforge.train.dist import init_distributed
+
+    t0 = time.time()
+    dist = init_distributed(cfg.train.device)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    policy, ref, tokenizer = load_policy_and_ref(cfg.model, cfg.ref_model, dist.device)
+    rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
+    check_answers(rows + eval_rows, cfg.rewards)
+    reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
+    eval_fn = make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens) if eval_rows else None
+    return RLRun(t0, dist, out_dir, policy, ref, tokenizer, rows, prompt_ids, eval_rows, eval_ids, reward, eval_fn)
+
+
+def load_policy_and_ref(policy_dir: str, ref_dir: str, device):
+    from lmforge.modelio import load_model_dir, load_tokenizer
+
+    policy = load_model_dir(policy_dir, device=device)
+    ref = load_model_dir(ref_dir or policy_dir, device=device).eval().requires_grad_(False)
+    return policy, ref, load_tokenizer(policy_dir)
+
+
+def load_rl_data(cfg, tokenizer) -> tuple[list[dict], list[list[int]], list[dict], list[list[int]]]:
+    """(train rows, their rendered prompt ids, eval rows, their ids) for an RLDataConfig."""
+    rows = read_rl_prompts(cfg.source, cfg.prompt_field, cfg.answer_field)
+    eval_rows = read_rl_prompts(cfg.eval_source, cfg.prompt_field, cfg.answer_field)[:cfg.eval_size] \
+        if cfg.eval_source and cfg.eval_size > 0 else []
+
+    def ids(rs):
+        return [render_prompt(tokenizer, r["prompt"], cfg.system_prompt, cfg.chat_template) for r in rs]
+    return rows, ids(rows), eval_rows, ids(eval_rows)
+
+
+def check_answers(rows: list[dict], rewards) -> None:
+    from lmforge.data.sources import DataError
+
+    if any(r.kind == "math" for r in rewards):
+        missing = next((r for r in rows if r["answer"] is None), None)
+        if missing is not None:
+            raise DataError(f"{missing['where']}: the math reward needs an 'answer' field")
+
+
+def make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, max_new_tokens: int, batch_size: int = 64):
+    """eval/accuracy (when rows have answers), eval/mean_length and eval/reward of greedy completions."""
+    from lmforge.answers import is_correct
+    from lmforge.generation import SamplingParams
+
+    def eval_fn(_model=None) -> dict:
+        if not eval_rows:
+            return {}
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        samples = []
+        for s in range(0, len(eval_rows), batch_size):
+            samples.append(sample_and_score(policy, tokenizer, eval_rows[s:s + batch_size],
+                                            eval_ids[s:s + batch_size], params, reward))
+        texts = [t for x in samples for t in x.texts]
+        lengths = [len(c) for x in samples for c in x.completion_ids]
+        out = {"eval/mean_length": sum(lengths) / len(lengths),
+               "eval/reward": sum(float(x.rewards.sum()) for x in samples) / len(texts)}
+        if all(r["answer"] is not None for r in eval_rows):
+            out["eval/accuracy"] = sum(is_correct(t, r["answer"]) for t, r in zip(texts, eval_rows)) / len(texts)
+        return out
+    return eval_fn

@@ -94,7 +94,9 @@ class LocalModel:
 
     def encode(self, messages: Messages, reserve: int = 0) -> list[int]:
         """Chat-template tokens ending in the assistant's turn, cut from the left to leave ``reserve`` positions."""
-        ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        from lmforge.data.chat import encode_prompt  # as SFT tokenized the model's training prompts
+
+        ids = encode_prompt(self.tokenizer, messages)
         room = self.model.config.max_position_embeddings - reserve
         return ids[-room:] if len(ids) > room else ids
 

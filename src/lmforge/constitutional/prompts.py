@@ -66,13 +66,14 @@ def read_prompts(specs: list[str] | str, limit: int = 0, label: str | None = Non
 
 def _read_file(path: Path) -> list[dict]:
     name = path.name.removesuffix(".gz")
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        text = f.read()
     if name.endswith(".csv"):
-        return _read_csv(text, path)
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            return _read_csv(f.read(), path)
     if name.endswith((".jsonl", ".json")):
-        return _read_jsonl(text, path)
+        from lmforge.data.chat import read_rows  # the shared JSON Lines reader: errors name file and line
+
+        return [_row(_messages(r, where), where, r.get("label")) for r, where in read_rows(str(path))]
     raise DataError(f"{path}: prompts must be .jsonl, .jsonl.gz or .csv")
 
 
@@ -95,22 +96,6 @@ def _read_csv(text: str, path: Path) -> list[dict]:
     return rows
 
 
-def _read_jsonl(text: str, path: Path) -> list[dict]:
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-        if not isinstance(r, dict):
-            raise DataError(f"{where}: a row must be a JSON object")
-        rows.append(_row(_messages(r, where), where, r.get("label")))
-    return rows
-
-
 def _messages(r: dict, where: str) -> list[dict]:
     if isinstance(r.get("chosen"), str) and "Human:" in r["chosen"]:
         return [{"role": "user", "content": first_human_turn(r["chosen"], where)}]
@@ -123,10 +108,10 @@ def _messages(r: dict, where: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: a row needs 'prompt' (string or messages), 'messages', or an HH-RLHF "
                         f"'chosen' dialogue (fields: {', '.join(r) or 'none'})")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field '{field}[{i}]' must have string 'role' and 'content'")
-    messages = [{"role": m["role"], "content": m["content"]} for m in value]
+    from lmforge.data.chat import check_messages
+
+    messages = [{"role": m["role"], "content": m["content"]}
+                for m in check_messages(value, where, field, need_assistant=False)]
     while messages and messages[-1]["role"] == "assistant":  # a prompt ends with the user's turn
         messages.pop()
     if not messages:

@@ -12,6 +12,10 @@ assistant turn to locate where the turn starts and ends), so the mask is right f
 messages in order (ChatML / SmolLM2 / Qwen, Llama-3, Mistral, ...). The mask covers each assistant turn's
 content and its end-of-turn marker (``<|im_end|>``, ``<|eot_id|>``) so the model learns to stop, and nothing of
 the template's framing (role headers, the newline after the marker).
+
+:func:`encode_prompt` is the one prompt encoder of the package (generate, sample, chat, think, eval, RL rollouts,
+constitutional AI): chat prompts are tokenized exactly as a training conversation's prefix (same render, same bos
+rule), raw-text prompts exactly as a pre-training document's start.
 """
 
 from __future__ import annotations
@@ -264,17 +268,52 @@ def tokenize_conversation(tokenizer, messages: list[dict], add_generation_prompt
     text, spans = assistant_spans(tokenizer, messages, add_generation_prompt)
     ids, offsets = encode_with_offsets(tokenizer, text)
     mask = _mask_from_spans(offsets, spans)
-    bos = _bos_id(tokenizer)
-    if bos is not None and (not ids or ids[0] != bos):
+    bos = _missing_bos(tokenizer, ids)
+    if bos is not None:
         ids, mask = [bos] + ids, [0] + mask
     return ids, mask
 
 
+def _missing_bos(tokenizer, ids: list[int]) -> int | None:
+    """The bos id when ``ids`` should get it in front: the tokenizer has one and the text does not start with it
+    (SmolLM2's bos is ``<|im_start|>``, which its template already starts with: never a double bos)."""
+    bos = _bos_id(tokenizer)
+    return bos if bos is not None and (not ids or ids[0] != bos) else None
+
+
 def encode_chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids that ask a model for the next assistant turn: the template with the generation prompt, with
-    the same bos rule as training (:func:`tokenize_conversation`), so inference sees what SFT taught."""
-    ids, _ = tokenize_conversation(tokenizer, messages, add_generation_prompt=True)
-    return ids
+    """Token ids that ask a model for the next assistant turn: the template with the generation prompt, tokenized
+    as :func:`tokenize_conversation` tokenizes a training conversation (one encode of the render, the same bos
+    rule), so inference sees the very prefix SFT trained on. Unlike training it needs no assistant spans, so
+    templates that rewrite earlier turns (dropping past reasoning) still render a prompt."""
+    ids, _ = encode_with_offsets(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+    bos = _missing_bos(tokenizer, ids)
+    return [bos] + ids if bos is not None else ids
+
+
+def encode_prompt(tokenizer, prompt, chat: bool = True, system: str = "", add_bos: bool = True) -> list[int]:
+    """THE token ids a model is asked to continue; every stage that prompts a model (generate, sample, chat, think,
+    eval, the RL rollouts, constitutional AI's local models) encodes through here, so that a prompt is
+    token-identical to what the model trained on.
+
+    prompt: a string, a list of {"role", "content"} messages, or a list of token ids (returned as they are).
+    chat: render messages (a string = one user turn; ``system``, if given, first) with the chat template, the
+    assistant turn opened, with SFT's bos rule (:func:`encode_chat_prompt`). Without chat the text (for messages,
+    the last user turn) is a raw document start as pre-training saw it: ``tokenizer.encode(text, add_bos=True)``,
+    the document-start token (bos, else ``<|endoftext|>``, else eos) first, as data/shards.py stores documents;
+    ``add_bos=False`` leaves that token out.
+    """
+    if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+        return list(prompt)
+    if not chat:
+        if not isinstance(prompt, str):
+            users = [m["content"] for m in prompt if m.get("role") == "user"]
+            prompt = users[-1] if users else prompt[-1]["content"]
+        return tokenizer.encode(prompt, add_bos=add_bos)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system:
+        messages = [{"role": "system", "content": system}] + messages
+    return encode_chat_prompt(tokenizer, messages)
 
 
 def tokenize_prompt_completion(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
@@ -295,7 +334,5 @@ def tokenize_prompt_completion(tokenizer, prompt, completion) -> tuple[list[int]
     split = next((t for t, (_, b) in enumerate(offsets) if b > first), len(ids))
     stop = next((t for t, (a, _) in enumerate(offsets) if a >= last), len(ids))
     prompt_ids, completion_ids = ids[:split], ids[split:stop]
-    bos = _bos_id(tokenizer)
-    if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
-        prompt_ids = [bos] + prompt_ids
-    return prompt_ids, completion_ids
+    bos = _missing_bos(tokenizer, prompt_ids)
+    return ([bos] + prompt_ids if bos is not None else prompt_ids), completion_ids

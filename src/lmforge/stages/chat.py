@@ -61,7 +61,8 @@ class ChatConfig:
 class ChatSession:
     """A conversation: the messages so far, and ``reply(user_text)`` that renders them, generates and remembers.
 
-    ``last_prompt`` is the exact text the model saw on the latest turn (the rendered chat template).
+    ``last_prompt`` is the rendered chat template of the latest turn; the model sees its tokens as SFT trained it
+    to (data.chat.encode_prompt: bos first unless the template starts with it).
     """
 
     def __init__(self, model, tokenizer, params, system: str = "", max_context: int = 0):
@@ -95,8 +96,10 @@ class ChatSession:
             del self.messages[first:first + 2]  # the oldest user turn and its answer
 
     def _render(self, messages: list[dict]) -> list[int]:
-        self.last_prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(self.last_prompt)
+        from lmforge.data.chat import encode_prompt, render
+
+        self.last_prompt = render(self.tokenizer, messages, add_generation_prompt=True)
+        return encode_prompt(self.tokenizer, messages)
 
     def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Add a user turn, generate the assistant's answer (``on_text`` gets it piece by piece), keep both."""

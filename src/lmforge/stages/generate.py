@@ -3,7 +3,8 @@
 Each input row is ``{"prompt": "raw text"}`` or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (rendered
 with the model's chat template, ending in the assistant's turn); other fields are kept. Each output row is the
 input row plus ``completions``: ``[{"text", "tokens", "finish_reason"[, "token_ids", "logprobs"]}]``, n per row.
-Rows are checked before the model loads, so a bad row costs nothing: the error names file:line and the field.
+Rows (.jsonl, or .json / .parquet) are read and checked before the model loads, so a bad row costs nothing: the
+error names file:line and the field. Prompts are encoded as the model was trained (data.chat.encode_prompt).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 @dataclass
 class GenerateConfig:
     model: str = ""  # lmforge or Hugging Face Llama-family model directory (or hub id)
-    input: str = ""  # .jsonl of {"prompt": str} or {"messages": [...]} rows
+    input: str = ""  # .jsonl (or .json / .parquet) of {"prompt": str} or {"messages": [...]} rows
     output: str = ""  # .jsonl written row by row, in input order
     max_new_tokens: int = 256
     temperature: float = 1.0  # 0 = greedy
@@ -29,7 +30,7 @@ class GenerateConfig:
     stop_strings: list[str] = field(default_factory=list)
     seed: int = 0
     batch_size: int = 32  # prompts per engine call (each brings n rows)
-    add_bos: bool = True  # prepend bos to raw-text prompts (chat templates bring their own)
+    add_bos: bool = True  # raw-text prompts start with bos as pre-training documents do (messages: SFT's rule)
     logprobs: bool = False  # also write token_ids and their raw model log-probabilities
     device: str = "auto"
     dtype: str = "float32"  # float32 | bfloat16 | float16
@@ -56,54 +57,40 @@ class GenerateConfig:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def read_prompt_rows(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, row) for every row of a prompts .jsonl, checked: a 'prompt' string or a 'messages' list."""
+def read_prompt_rows(path: str | Path) -> list[tuple[str, dict]]:
+    """("file:line", row) for every row of a prompts file, checked: a 'prompt' string or a 'messages' list.
+
+    Rows are read by data.chat.read_rows (.jsonl, .json, .parquet, gzipped too), so a bad line is the same
+    error as in every other dataset: file, line and field."""
+    from lmforge.data.chat import check_messages, read_rows
     from lmforge.data.sources import DataError
 
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-            if "messages" in row:
-                _check_messages(row["messages"], where)
-            elif "prompt" in row:
-                if not isinstance(row["prompt"], str):
-                    raise DataError(f"{where}: field 'prompt' must be a string, got {type(row['prompt']).__name__}")
-            else:
-                raise DataError(f"{where}: a row needs a 'prompt' string or a 'messages' list "
-                                f"(fields: {', '.join(row) or 'none'})")
-            rows.append((lineno, row))
+    for row, where in read_rows(str(path)):
+        if "messages" in row:
+            check_messages(row["messages"], where, need_assistant=False)
+        elif "prompt" in row:
+            if not isinstance(row["prompt"], str):
+                raise DataError(f"{where}: field 'prompt' must be a string, got {type(row['prompt']).__name__}")
+        else:
+            raise DataError(f"{where}: a row needs a 'prompt' string or a 'messages' list "
+                            f"(fields: {', '.join(row) or 'none'})")
+        rows.append((where, row))
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
 
 
-def _check_messages(messages, where: str) -> None:
-    from lmforge.data.sources import DataError
+def encode_prompt(tokenizer, row: dict, add_bos: bool = True) -> list[int]:
+    """Token ids of a prompt row by data.chat.encode_prompt: messages with the chat template (assistant turn
+    opened, SFT's bos rule), a 'prompt' as raw text after the document-start token (``add_bos``) as pre-trained."""
+    from lmforge.data.chat import encode_prompt as encode
 
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field 'messages[{i}]' must have string 'role' and 'content', got {m!r:.80}")
-
-
-def encode_prompt(tokenizer, row: dict, add_bos: bool) -> list[int]:
-    """Token ids of a prompt row: the chat template (assistant turn opened) for messages, else the raw text."""
     if "messages" in row:
-        return tokenizer.encode(tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True))
-    return tokenizer.encode(row["prompt"], add_bos=add_bos)
+        return encode(tokenizer, row["messages"])
+    return encode(tokenizer, row["prompt"], chat=False, add_bos=add_bos)
 
 
 def load_for_generation(model_dir: str, device: str = "auto", dtype: str = "float32"):
@@ -134,10 +121,10 @@ def run_generate(cfg: GenerateConfig) -> dict:
     numbered = read_prompt_rows(cfg.input)
     model, tok = load_for_generation(cfg.model, cfg.device, cfg.dtype)
     rows, prompts = [row for _, row in numbered], []
-    for lineno, row in numbered:
+    for where, row in numbered:
         ids = encode_prompt(tok, row, cfg.add_bos)
         if not ids:
-            raise DataError(f"{cfg.input}:{lineno}: field 'prompt' is empty (add_bos=true starts it from bos)")
+            raise DataError(f"{where}: field 'prompt' is empty (add_bos=true starts it from bos)")
         prompts.append(ids)
     params = cfg.sampling_params()
     out_path = Path(cfg.output)

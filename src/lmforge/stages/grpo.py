@@ -84,60 +84,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def load_rl_data(cfg: RLDataConfig, tokenizer) -> tuple[list[dict], list[list[int]], list[dict], list[list[int]]]:
-    """(train rows, their rendered prompt ids, eval rows, their ids)."""
-    from lmforge.rollout import read_rl_prompts, render_prompt
-
-    rows = read_rl_prompts(cfg.source, cfg.prompt_field, cfg.answer_field)
-    eval_rows = read_rl_prompts(cfg.eval_source, cfg.prompt_field, cfg.answer_field)[:cfg.eval_size] \
-        if cfg.eval_source and cfg.eval_size > 0 else []
-
-    def ids(rs):
-        return [render_prompt(tokenizer, r["prompt"], cfg.system_prompt, cfg.chat_template) for r in rs]
-    return rows, ids(rows), eval_rows, ids(eval_rows)
-
-
-def check_answers(rows: list[dict], rewards: list[RewardSpec]) -> None:
-    from lmforge.data.sources import DataError
-
-    if any(r.kind == "math" for r in rewards):
-        missing = next((r for r in rows if r["answer"] is None), None)
-        if missing is not None:
-            raise DataError(f"{missing['where']}: the math reward needs an 'answer' field")
-
-
-def load_policy_and_ref(policy_dir: str, ref_dir: str, device):
-    from lmforge.modelio import load_model_dir, load_tokenizer
-
-    policy = load_model_dir(policy_dir, device=device)
-    ref = load_model_dir(ref_dir or policy_dir, device=device).eval().requires_grad_(False)
-    return policy, ref, load_tokenizer(policy_dir)
-
-
-def make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, max_new_tokens: int, batch_size: int = 64):
-    """eval/accuracy (when rows have answers), eval/mean_length and eval/reward of greedy completions."""
-    from lmforge.answers import is_correct
-    from lmforge.generation import SamplingParams
-    from lmforge.rollout import sample_and_score
-
-    def eval_fn(_model=None) -> dict:
-        if not eval_rows:
-            return {}
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-        samples = []
-        for s in range(0, len(eval_rows), batch_size):
-            samples.append(sample_and_score(policy, tokenizer, eval_rows[s:s + batch_size],
-                                            eval_ids[s:s + batch_size], params, reward))
-        texts = [t for x in samples for t in x.texts]
-        lengths = [len(c) for x in samples for c in x.completion_ids]
-        out = {"eval/mean_length": sum(lengths) / len(lengths),
-               "eval/reward": sum(float(x.rewards.sum()) for x in samples) / len(texts)}
-        if all(r["answer"] is not None for r in eval_rows):
-            out["eval/accuracy"] = sum(is_correct(t, r["answer"]) for t, r in zip(texts, eval_rows)) / len(texts)
-        return out
-    return eval_fn
-
-
 def flat_batch_warning(iteration: int, stats: dict, groups: int) -> None:
     if stats["frac_reward_zero_std"] >= 1.0:
         log(f"WARNING rollout {iteration + 1}: all {groups} groups got equal rewards (mean {stats['reward']:.3f}): "
@@ -250,48 +196,29 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     """Train (or resume) and return a summary; with ``compare_beta`` run once per beta and plot."""
     if cfg.compare_beta:
         return run_beta_comparison(cfg)
-    import torch
-
-    from lmforge.config import save_config
     from lmforge.modelio import save_model_dir, write_model_files
-    from lmforge.rewards import build_reward
-    from lmforge.rollout import RolloutStream
-    from lmforge.train.checkpointing import latest_checkpoint
-    from lmforge.train.dist import init_distributed
+    from lmforge.rollout import RolloutStream, start_rl_run
     from lmforge.train.loop import train
-    from lmforge.train.metrics import MetricsLogger
 
-    t0 = time.time()
-    dist = init_distributed(cfg.train.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
-    torch.manual_seed(cfg.train.seed)
-    policy, ref, tokenizer = load_policy_and_ref(cfg.model, cfg.ref_model, dist.device)
-    rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
-    check_answers(rows + eval_rows, cfg.rewards)
-    reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
-    ckpt_root = out_dir / "checkpoints"
-    stream = RolloutStream(grpo_rollout(cfg, policy, ref, tokenizer, rows, prompt_ids, reward, dist.device,
-                                        dist.rank, dist.world_size),
+    run = start_rl_run(cfg)
+    policy, tokenizer, out_dir, dist = run.policy, run.tokenizer, run.out_dir, run.dist
+    stream = RolloutStream(grpo_rollout(cfg, policy, run.ref, tokenizer, run.rows, run.prompt_ids, run.reward,
+                                        dist.device, dist.rank, dist.world_size),
                            epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                           resume_dir=lambda: latest_checkpoint(ckpt_root))
+                           resume_dir=run.resume_dir)
 
     def save_model(path: Path):
         write_model_files(path, policy, tokenizer)
         stream.save_buffer(path)
 
-    eval_fn = make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens) if eval_rows else None
-    if eval_fn is not None and dist.is_main and latest_checkpoint(ckpt_root) is None:
-        MetricsLogger(out_dir, tensorboard=False).log(0, eval_fn())  # the starting point of every curve
-    result = train(policy, grpo_loss_fn(cfg), stream, cfg.train, out_dir, save_model=save_model, eval_fn=eval_fn,
-                   dist=dist, tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), run_config=cfg,
-                   description=cfg.algorithm)
+    run.log_start_eval()
+    result = train(policy, grpo_loss_fn(cfg), stream, cfg.train, out_dir, save_model=save_model,
+                   eval_fn=run.eval_fn, dist=dist, tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()),
+                   run_config=cfg, description=cfg.algorithm)
     summary = {}
     if dist.is_main:
         save_model_dir(out_dir / "model", policy, tokenizer)
-        summary = rl_summary(out_dir, result, t0, cfg.algorithm)
+        summary = rl_summary(out_dir, result, run.t0, cfg.algorithm)
         save_summary(out_dir, summary)
     return summary
 

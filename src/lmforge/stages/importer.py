@@ -106,10 +106,10 @@ def perplexity(model, tokenizer, text: str) -> tuple[float, int]:
 
 def chat_check(model, tokenizer, question: str = CHECK_QUESTION, max_new_tokens: int = 32) -> str:
     """The model's greedy answer to one user turn, rendered with its chat template (ChatML when it has none)."""
+    from lmforge.data.chat import encode_prompt
     from lmforge.generation import SamplingParams, generate
 
-    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                                            add_generation_prompt=True))
+    prompt = encode_prompt(tokenizer, question)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     return generate(model, [prompt], params, tokenizer=tokenizer, pad_id=tokenizer.pad_id)[0][0].text.strip()
 

@@ -16,7 +16,6 @@ objective/rlhf_reward (J = E[score] - beta KL), policy/clipfrac_avg, policy/appr
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -111,7 +110,6 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, b
 def run_ppo(cfg: PPOConfig) -> dict:
     from safetensors.torch import save_model as save_weights
 
-    from lmforge.config import save_config
     from lmforge.generation import SamplingParams
     from lmforge.modelio import load_model_dir, save_model_dir
     from lmforge.objectives.rl import (
@@ -123,7 +121,6 @@ def run_ppo(cfg: PPOConfig) -> dict:
         ppo_value_loss,
         whiten,
     )
-    from lmforge.rewards import build_reward
     from lmforge.rollout import (
         RolloutStream,
         forward_logits,
@@ -133,34 +130,16 @@ def run_ppo(cfg: PPOConfig) -> dict:
         response_logprobs,
         sample_and_score,
         score_buffer,
+        start_rl_run,
     )
-    from lmforge.stages.grpo import (
-        check_answers,
-        kl_anomaly_check,
-        load_policy_and_ref,
-        load_rl_data,
-        make_eval_fn,
-        rl_summary,
-        save_summary,
-    )
-    from lmforge.train.checkpointing import latest_checkpoint
-    from lmforge.train.dist import init_distributed
+    from lmforge.stages.grpo import kl_anomaly_check, rl_summary, save_summary
     from lmforge.train.loop import autocast_context, train
-    from lmforge.train.metrics import MetricsLogger
 
-    t0 = time.time()
-    dist = init_distributed(cfg.train.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
-    torch.manual_seed(cfg.train.seed)
-    policy, ref, tokenizer = load_policy_and_ref(cfg.model, cfg.ref_model, dist.device)
+    run = start_rl_run(cfg)
+    policy, ref, tokenizer, out_dir, dist = run.policy, run.ref, run.tokenizer, run.out_dir, run.dist
+    rows, prompt_ids, reward = run.rows, run.prompt_ids, run.reward
     critic = load_model_dir(critic_source(cfg), device=dist.device, num_labels=1)
     model = PolicyAndValue(policy, critic)
-    rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
-    check_answers(rows + eval_rows, cfg.rewards)
-    reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
     T = cfg.temperature
 
     def make_rollout(iteration: int, plan):
@@ -214,9 +193,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         kl_anomaly_check(iteration, stats)
         return buffer, stats
 
-    ckpt_root = out_dir / "checkpoints"
     stream = RolloutStream(make_rollout, epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size,
-                           seed=cfg.train.seed, resume_dir=lambda: latest_checkpoint(ckpt_root))
+                           seed=cfg.train.seed, resume_dir=run.resume_dir)
 
     def loss_fn(model, batch):
         logits, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
@@ -236,16 +214,15 @@ def run_ppo(cfg: PPOConfig) -> dict:
         tokenizer.save(path)
         stream.save_buffer(path)
 
-    eval_fn = make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens) if eval_rows else None
-    if eval_fn is not None and dist.is_main and latest_checkpoint(ckpt_root) is None:
-        MetricsLogger(out_dir, tensorboard=False).log(0, eval_fn())
-    result = train(model, loss_fn, stream, cfg.train, out_dir, save_model=save_model, eval_fn=eval_fn, dist=dist,
-                   tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), run_config=cfg, description="ppo")
+    run.log_start_eval()
+    result = train(model, loss_fn, stream, cfg.train, out_dir, save_model=save_model, eval_fn=run.eval_fn,
+                   dist=dist, tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), run_config=cfg,
+                   description="ppo")
     summary = {}
     if dist.is_main:
         save_model_dir(out_dir / "model", policy, tokenizer)
         save_model_dir(out_dir / "critic", critic, tokenizer)
-        summary = rl_summary(out_dir, result, t0, "ppo", reward_key="objective/rlhf_reward")
+        summary = rl_summary(out_dir, result, run.t0, "ppo", reward_key="objective/rlhf_reward")
         summary["critic_dir"] = str(out_dir / "critic")
         save_summary(out_dir, summary)
     return summary

@@ -66,9 +66,9 @@ def read_problems(path: str, limit: int = 0) -> list[dict]:
     from lmforge.stages.generate import read_prompt_rows
 
     rows = read_prompt_rows(path)
-    for lineno, row in rows:
+    for where, row in rows:
         if "answer" not in row:
-            raise DataError(f"{path}:{lineno}: a problem needs an 'answer' field (fields: {', '.join(row)})")
+            raise DataError(f"{where}: a problem needs an 'answer' field (fields: {', '.join(row)})")
     rows = rows[:limit] if limit else rows
     return [row for _, row in rows]
 
