@@ -162,3 +162,25 @@ def _problem(question: str) -> tw.Problem:
 
 def _questions(page: str) -> list[tw.Problem]:
     return [tw.Problem(int(a), op, int(b)) for a, op, b in QUESTION.findall(page)]
+
+
+def test_wrong_answers_make_the_mistakes_small_models_make():
+    """Rejected answers: misread operands (worked correctly for the wrong problem), forgotten carries, one
+    column's slip; each is wrong for the asked problem and consistent with its own restated problem."""
+    import random
+    import re
+
+    rng, misread, other = random.Random(0), 0, 0
+    for p in tw.problems(300, "train"):
+        text = tw.wrong_answer(p, rng)
+        a, op, b = re.search(r"(\d+) ([+-]) (\d+):", text).groups()
+        q = tw.Problem(int(a), op, int(b))
+        assert not is_correct(text, p.answer) and q.op == p.op
+        if q != p:
+            misread += 1
+            assert is_correct(text, q.answer) and text.endswith(q.worked_answer())
+        else:
+            other += 1
+    assert misread > 90 and other > 90
+    steps, answer = tw.slipped_steps(tw.Problem(57, "+", 68), random.Random(1))
+    assert steps != tw.Problem(57, "+", 68).steps() and answer != 125

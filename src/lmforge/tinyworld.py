@@ -6,7 +6,7 @@ Every stage of the built-in tiny pipeline trains on data made here, so each stag
                          asked "What is 57 + 68?", the base model continues the page with more exercises
     SFT                  {"messages": [user question, assistant worked solution]}: now it answers, in format
     reward model, DPO    {"prompt", "chosen", "rejected"}: chosen is correct and concise, rejected is wrong
-                         (a forgotten carry, a slipped digit), sometimes padded with filler as well
+                         (a misread operand, a forgotten carry, a slipped column), sometimes padded as well
     PPO / GRPO           {"prompt", "answer"}: a verifiable reward (answers.is_correct)
     evaluation           held-out problems with gold answers; evaluate_arithmetic() scores any checkpoint
 
@@ -168,16 +168,49 @@ def sft_rows(n: int = 4000, seed: int = 0) -> list[dict]:
     return [{"messages": _user(p.question) + _assistant(p.worked_answer())} for p in problems(n, "train", seed + 1)]
 
 
+def misread(p: Problem, rng: random.Random) -> Problem:
+    """The problem with one operand digit copied wrong: the commonest mistake of a small model after SFT."""
+    for _ in range(20):
+        which = rng.randrange(2)
+        digits = list(str((p.a, p.b)[which]))
+        i = rng.randrange(len(digits))
+        digits[i] = str((int(digits[i]) + rng.choice([1, 2, 3, 7, 8, 9])) % 10)
+        value = int("".join(digits))
+        a, b = (value, p.b) if which == 0 else (p.a, value)
+        if p.op == "-" and a < b:
+            continue
+        q = Problem(a, p.op, b)
+        if q.answer != p.answer:
+            return q
+    return Problem(p.a + 1, p.op, p.b)
+
+
+def slipped_steps(p: Problem, rng: random.Random) -> tuple[list[str], int]:
+    """The worked steps with one column's result off by one or two, and the answer those steps lead to."""
+    steps = p.steps()
+    i = rng.randrange(len(steps))
+    expr, value = steps[i].rsplit("=", 1)
+    value = int(value)
+    wrong = value + rng.choice([-2, -1, 1, 2]) if value >= 2 else value + rng.choice([1, 2])
+    steps[i] = f"{expr}={wrong}"
+    results = [int(s.rsplit("=", 1)[1]) for s in steps]
+    digits = "".join(str(r % 10) for r in reversed(results[:-1]))  # every column but the last gives one digit
+    return steps, int(f"{results[-1]}{digits}")
+
+
 def wrong_answer(p: Problem, rng: random.Random) -> str:
-    """A plausible wrong solution: forgotten carries/borrows, else one slipped digit; sometimes padded too."""
-    careless = p.careless_answer()
-    if careless != p.answer and rng.random() < 0.6:
+    """A plausible wrong solution, in format, sometimes padded with filler as well; the mistakes a ~2M model makes:
+    an operand misread when restating the problem (then worked correctly), a forgotten carry or borrow, a slip
+    in one column's sum."""
+    kind, careless = rng.random(), p.careless_answer()
+    if kind < 0.45:
+        q = misread(p, rng)
+        text = f"{q.a} {q.op} {q.b}: {', '.join(q.steps())}. {format_answer(q.answer)}"
+    elif kind < 0.75 and careless != p.answer:
         text = p.worked_answer(p.steps(carry=False), careless)
     else:
-        digits = list(str(p.answer))
-        i = rng.randrange(len(digits))
-        digits[i] = str((int(digits[i]) + rng.choice([1, 2, 8, 9])) % 10)  # never the same digit
-        text = p.worked_answer(answer=int("".join(digits)))
+        steps, answer = slipped_steps(p, rng)
+        text = p.worked_answer(steps, answer)
     return f"{rng.choice(FILLER)} {rng.choice(FILLER)} {text}" if rng.random() < 0.3 else text
 
 
