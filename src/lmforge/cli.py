@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "reward": ("lmforge.stages.reward", "train a reward model on preference pairs (Bradley-Terry); `reward score`"),
     "dpo": ("lmforge.stages.dpo", "DPO family on preference pairs: sigmoid/ipo/hinge/robust/simpo/orpo; `dpo sweep`"),
     "kto": ("lmforge.stages.kto", "KTO on unpaired good/bad examples (prompt, completion, label)"),
+    "online-dpo": ("lmforge.stages.online_dpo", "online / iterative DPO: sample, label by verifier or RM, DPO; k rounds"),
     "grpo": ("lmforge.stages.grpo", "GRPO / RLOO (algorithm=rloo) on prompts with verifiable or model rewards"),
     "ppo": ("lmforge.stages.ppo", "PPO RLHF: policy, reference, reward model, critic; GAE, KL penalty"),
     "sample": ("lmforge.stages.sample", "print continuations of a prompt from any checkpoint"),

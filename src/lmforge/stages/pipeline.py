@@ -1,6 +1,6 @@
 """``lmforge pipeline``: the whole recipe, stage after stage, each starting from the previous stage's model.
 
-    tokenizer+pretrain -> midtrain -> SFT -> reward model -> DPO -> GRPO -> PPO -> report
+    tokenizer+pretrain -> midtrain -> SFT -> reward model -> DPO -> GRPO -> PPO -> (beta sweep, reward hacking) -> report
 
 Every stage reads its own section of the recipe (the built-in ``tiny`` by default) and writes
 ``<run_dir>/<stage>/`` (model/, summary.json, metrics.jsonl, config.yaml). After each stage the pipeline evaluates
@@ -30,11 +30,16 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "reward": ("lmforge.stages.reward", "RewardConfig", "run_reward"),
     "dpo": ("lmforge.stages.dpo", "DPOConfig", "run_dpo"),
     "kto": ("lmforge.stages.kto", "KTOConfig", "run_kto"),
+    "online_dpo": ("lmforge.stages.online_dpo", "OnlineDPOConfig", "run_online_dpo"),
     "grpo": ("lmforge.stages.grpo", "GRPOConfig", "run_grpo"),
     "ppo": ("lmforge.stages.ppo", "PPOConfig", "run_ppo"),
+    # studies rather than models: their plots go into the report
+    "dpo_sweep": ("lmforge.stages.dpo", "DPOConfig", "run_dpo"),  # KL drift vs margin for several betas
+    "reward_hacking": ("lmforge.stages.grpo", "GRPOConfig", "run_grpo"),  # a length-paying reward, with/without KL
 }
+DEFAULT_STAGES = ("pretrain", "midtrain", "sft", "reward", "dpo", "grpo", "ppo")  # a recipe's pipeline.stages picks
 BASE_STAGES = ("pretrain", "midtrain")  # probed with raw text; the rest through the chat template
-TUNED_STAGES = ("dpo", "kto", "grpo", "ppo")  # measured against the SFT model (KL, reference accuracy)
+TUNED_STAGES = ("dpo", "kto", "online_dpo", "grpo", "ppo")  # measured against the SFT model (KL, reference accuracy)
 
 
 @dataclass
@@ -54,7 +59,7 @@ class PipelineEvalConfig:
 @dataclass
 class PipelineConfig:
     run_dir: str = "runs/tiny"  # write it as ${run_dir} in the recipe so one override moves every stage
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
     report: bool = True
 
