@@ -302,6 +302,7 @@ def test_eval_cli_end_to_end(checkpoints, capsys):
     assert (summary["wins"], summary["ties"], summary["losses"]) == (0, 3, 0)
     assert summary["preference_accuracy"]["n"] == 3 and "reward" in summary and summary["perplexity"] > 1
     assert summary["reference_accuracy"] == summary["accuracy"] and len(summary["samples"]) == 3
+    assert summary["accuracy_gain"] == {"value": 0.0, "ci": [0.0, 0.0], "n": 3}  # paired: itself vs itself
     kinds = [json.loads(line)["kind"] for line in (c / "policy" / "eval" / "records.jsonl").read_text().splitlines()]
     assert kinds.count("task") == 3 and kinds.count("preference") == 3 and kinds.count("win_rate") == 3
 
@@ -319,3 +320,14 @@ def test_eval_cli_errors_are_one_line(checkpoints, tmp_path, capsys):
     assert "has no score head" in capsys.readouterr().err
     assert main(["eval", f"model={c / 'policy' / 'model'}", "task=gsm8k"]) == 2
     assert "task=gsm8k needs data=PATH" in capsys.readouterr().err
+
+
+def test_accuracy_gain_is_paired_over_problems():
+    """model - reference per problem: a model right on exactly the problems its reference got right plus two
+    more gains +2/n, and the paired interval is tighter than either accuracy's own."""
+    ref = [1.0] * 10 + [0.0] * 10
+    new = [1.0] * 12 + [0.0] * 8
+    gain = ev.rate([a - b for a, b in zip(new, ref)], n_boot=500)
+    assert gain["value"] == pytest.approx(0.1) and gain["ci"][0] >= 0.0
+    acc = ev.rate(new, n_boot=500)
+    assert gain["ci"][1] - gain["ci"][0] < acc["ci"][1] - acc["ci"][0]

@@ -257,7 +257,8 @@ def task_accuracy(model, tokenizer, rows: Sequence[dict], *, chat: bool = True, 
     out = {"accuracy": rate([np.mean(r) for r in correct_rows], n_boot, seed),
            "format_rate": rate([np.mean(r) for r in formatted_rows], n_boot, seed),
            "mean_response_tokens": float(np.mean([len(c.token_ids) for c in flat])),
-           **hacking_probes(flat), "records": records, "completions": results}
+           **hacking_probes(flat), "records": records, "completions": results,
+           "per_problem": [float(np.mean(r)) for r in correct_rows]}
     if n > 1:
         out["pass_at_n"] = rate([float(any(r)) for r in correct_rows], n_boot, seed)
     return out

@@ -43,10 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STAGE_ORDER = ("tokenizer", "pretrain", "midtrain", "sft", "reward", "dpo", "ipo", "simpo", "orpo", "kto",
-               "online_dpo", "constitutional", "ppo", "grpo", "rloo", "eval", "think", "scaling")
+               "online_dpo", "constitutional", "ppo", "grpo", "rloo", "dpo_sweep", "reward_hacking", "eval", "think",
+               "scaling")
 COLUMNS = [  # (header, summary / eval.json keys, metrics.jsonl keys, format)
     ("loss", ("val_loss", "eval_loss", "loss", "train_loss"), ("val_loss", "eval_loss", "loss"), "{:.3f}"),
     ("accuracy", ("accuracy", "eval/accuracy last"), ("eval/accuracy",), "{:.1%}"),
+    ("vs SFT", ("accuracy_gain",), (), "{:+.1%}"),  # paired difference over the same held-out problems
     ("format", ("format_rate",), (), "{:.1%}"),
     ("pref. acc.", ("preference_accuracy", "eval_rewards/accuracies", "eval_accuracy"),
      ("eval_rewards/accuracies", "eval_accuracy"), "{:.1%}"),
@@ -171,8 +173,8 @@ def _number(value):
 
 
 def _cell(stage: Stage, keys: tuple[str, ...], metric_keys: tuple[str, ...], fmt: str) -> str:
-    for source in (stage.summary, stage.evaluation):
-        for key in keys:
+    for key in keys:  # in the order given (the pipeline's held-out eval.json "accuracy" before a stage's own eval)
+        for source in (stage.summary, stage.evaluation):
             value = _number(source.get(key))
             if value is not None:
                 raw, text = source[key], fmt.format(value)
@@ -189,6 +191,9 @@ def _cell(stage: Stage, keys: tuple[str, ...], metric_keys: tuple[str, ...], fmt
 def stage_table(stages: list[Stage]) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) of the stage table; columns that no stage has are dropped."""
     cells = [[_cell(s, keys, metric_keys, fmt) for _, keys, metric_keys, fmt in COLUMNS] for s in stages]
+    measured = [any(c != MISSING for c, col in zip(row, COLUMNS) if col[0] not in ("steps", "time")) for row in cells]
+    stages = [s for s, m in zip(stages, measured) if m]  # studies with only plots (a beta sweep) show as plots
+    cells = [row for row, m in zip(cells, measured) if m]
     keep = [j for j in range(len(COLUMNS)) if any(row[j] != MISSING for row in cells)]
     return ["stage"] + [COLUMNS[j][0] for j in keep], [[s.name] + [row[j] for j in keep]
                                                        for s, row in zip(stages, cells)]

@@ -1,7 +1,8 @@
 """``lmforge eval``: score a checkpoint; every metric is optional and runs when its inputs are given.
 
     task=tinyworld|gsm8k|svamp|math500|jsonl [data=FILE]   accuracy, format rate, response length, hacking probes
-    reference=DIR      KL(model || reference) on the model's own samples; the reference's accuracy and length
+    reference=DIR      KL(model || reference) on the model's own samples; the reference's accuracy and length, and
+                       accuracy_gain: model minus reference, paired over the same problems, with its interval
     reward_model=DIR   mean reward of the answers; with prefs=FILE its preference accuracy; the judge for compare
     compare=DIR        win rate of model against compare, judged by reward_model
     perplexity=SPEC    validation loss on texts (file, dir, glob, builtin:NAME) or a token-shards directory
@@ -134,7 +135,10 @@ def run_eval(cfg: EvalConfig) -> dict:
         if reference is not None:
             ref_res = ev.task_accuracy(reference, tok, rows, chat=cfg.chat, max_new_tokens=cfg.max_new_tokens,
                                        n=cfg.n, **common, **task_kw)
-            summary |= {"reference_accuracy": ref_res["accuracy"], "reference_format_rate": ref_res["format_rate"]}
+            summary |= {"reference_accuracy": ref_res["accuracy"], "reference_format_rate": ref_res["format_rate"],
+                        # paired over the same problems, so its interval is much tighter than the two accuracies'
+                        "accuracy_gain": ev.rate([a - b for a, b in zip(res["per_problem"], ref_res["per_problem"])],
+                                                 cfg.n_boot, cfg.seed)}
         flat = [c for row in res["completions"] for c in row]
         ref_flat = [c for row in ref_res["completions"] for c in row] if ref_res else None
         summary |= {"mean_response_tokens": res["mean_response_tokens"], **ev.hacking_probes(flat, ref_flat)}
