@@ -184,3 +184,21 @@ def test_wrong_answers_make_the_mistakes_small_models_make():
     assert misread > 90 and other > 90
     steps, answer = tw.slipped_steps(tw.Problem(57, "+", 68), random.Random(1))
     assert steps != tw.Problem(57, "+", 68).steps() and answer != 125
+
+
+def test_careless_sft_demonstrations_forget_carries_only():
+    """builtin:tinyworld/sft_careless: the same problems as /sft; a share of those that need a carry or borrow
+    forget it (in format, wrong); problems without one are always right."""
+    clean, careless = tw.sft_rows(400), tw.sft_rows(400, careless=0.4)
+    wrong = 0
+    for a, b in zip(clean, careless, strict=True):
+        assert a["messages"][0] == b["messages"][0]
+        p = _problem(a["messages"][0]["content"])
+        text = b["messages"][1]["content"]
+        if is_correct(text, p.answer):
+            assert text == p.worked_answer()
+        else:
+            wrong += 1
+            assert p.careless_answer() != p.answer and text == p.worked_answer(p.steps(carry=False), p.careless_answer())
+    assert 0.08 * len(clean) < wrong < 0.3 * len(clean)
+    assert generated_rows("builtin:tinyworld/sft_careless")[:400] == tw.sft_rows(400, careless=tw.CARELESS_SFT)

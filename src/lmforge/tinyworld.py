@@ -37,6 +37,7 @@ from lmforge.answers import ANSWER_PREFIX, format_answer
 TEST_FRACTION = 0.1  # share of all possible problems held out for evaluation
 MAX_DIGITS = 2  # operands have 1..MAX_DIGITS digits (3 is beyond a 2M-parameter model in minutes: ~3% after SFT)
 OPS = "+-"
+CARELESS_SFT = 0.4  # builtin:tinyworld/sft_careless: this share of carry/borrow demonstrations forgets it
 
 
 @dataclass(frozen=True)
@@ -163,9 +164,20 @@ def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def sft_rows(n: int = 4000, seed: int = 0) -> list[dict]:
-    """TRL conversational SFT rows: {"messages": [user question, assistant worked solution]}."""
-    return [{"messages": _user(p.question) + _assistant(p.worked_answer())} for p in problems(n, "train", seed + 1)]
+def sft_rows(n: int = 4000, seed: int = 0, careless: float = 0.0) -> list[dict]:
+    """TRL conversational SFT rows: {"messages": [user question, assistant worked solution]}.
+
+    careless: share of the problems that need a carry or borrow whose demonstration forgets it (a wrong answer,
+    worked in the same format): demonstrations with mistakes, as human ones have. SFT imitates them; the
+    preference and RL stages, which learn from which answers are right, can unlearn them.
+    """
+    rng = random.Random(f"tinyworld/sft/{seed}/{careless}")
+    rows = []
+    for p in problems(n, "train", seed + 1):
+        slip = careless > 0 and p.careless_answer() != p.answer and rng.random() < careless
+        answer = p.worked_answer(p.steps(carry=False), p.careless_answer()) if slip else p.worked_answer()
+        rows.append({"messages": _user(p.question) + _assistant(answer)})
+    return rows
 
 
 def misread(p: Problem, rng: random.Random) -> Problem:
@@ -236,6 +248,7 @@ def eval_rows(n: int = 200, seed: int = 0) -> list[dict]:
 SOURCES = {  # builtin:tinyworld/NAME -> the rows it serves
     "quiz": lambda: [{"text": page} for page in quiz_pages()],
     "sft": sft_rows,
+    "sft_careless": lambda: sft_rows(careless=CARELESS_SFT),
     "preference": preference_rows,
     "rl": rl_rows,
     "eval": eval_rows,
