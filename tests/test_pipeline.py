@@ -13,7 +13,7 @@ MODEL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_hidde
          "model.num_attention_heads=4", "model.num_key_value_heads=2"]
 TRAIN = ["train.warmup_steps=1", "train.eval_every=0", "train.save_every=0", "train.log_every=5",
          "train.num_threads=1"]
-STAGES = "[pretrain,midtrain,sft,reward,dpo,grpo,ppo]"
+STAGES = "[pretrain,midtrain,sft,reward,dpo,grpo,ppo,dpo_sweep,reward_hacking]"
 
 
 def micro_overrides(run_dir) -> list[str]:
@@ -34,6 +34,12 @@ def micro_overrides(run_dir) -> list[str]:
                                                   f"{stage}.prompts_per_rollout=4", f"{stage}.data.eval_size=8"]
     out += ["grpo.num_generations=4", "grpo.train.batch_size=16", "grpo.train.micro_batch_size=16",
             "ppo.train.batch_size=4", "ppo.train.micro_batch_size=4"]
+    # the studies: a two-beta DPO sweep and the reward-hacking comparison, a few steps each
+    out += [f"dpo_sweep.{o}" for o in TRAIN] + ["dpo_sweep.train.max_steps=4", "dpo_sweep.betas=[0.1,1.0]"]
+    out += [f"reward_hacking.{o}" for o in TRAIN] + [
+        "reward_hacking.train.max_steps=2", "reward_hacking.max_new_tokens=16", "reward_hacking.prompts_per_rollout=2",
+        "reward_hacking.num_generations=4", "reward_hacking.train.batch_size=8", "reward_hacking.train.micro_batch_size=8",
+        "reward_hacking.data.eval_size=4", "reward_hacking.train.eval_every=1"]
     return out
 
 
@@ -51,7 +57,8 @@ def test_micro_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     record = json.loads((run / "pipeline.json").read_text())
     stages = record["stages"]
-    assert list(stages) == ["pretrain", "midtrain", "sft", "reward", "dpo", "grpo", "ppo"]
+    assert list(stages) == ["pretrain", "midtrain", "sft", "reward", "dpo", "grpo", "ppo", "dpo_sweep",
+                            "reward_hacking"]
 
     pre, sft = stages["pretrain"], stages["sft"]
     assert pre["summary"]["val_loss"] < pre["summary"]["unigram_baseline"]
@@ -67,9 +74,12 @@ def test_micro_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     assert {r["n"] for r in sweep if r["method"] == "majority"} == {1, 2, 4}
     md = (run / "report.md").read_text()
     html = (run / "report.html").read_text()
-    for stage in stages:
+    for stage in ("pretrain", "midtrain", "sft", "reward", "dpo", "grpo", "ppo"):
         assert f"| {stage} |" in md
     assert "What is 347 + 289?" in md and "accuracy_vs_samples.png" in md and "data:image/png;base64," in html
+    assert "dpo_sweep/kl_vs_margin.png" in md and "reward_hacking/length_accuracy.png" in md  # the studies' plots
+    assert "| dpo_sweep |" not in md  # plot-only studies stay out of the stage table
+    assert "vs SFT" in md and stages["dpo"]["eval"]["accuracy_gain"] is not None  # paired gain over SFT
 
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)  # everything is done: skipped
     assert again.returncode == 0 and "train step" not in again.stdout + again.stderr
