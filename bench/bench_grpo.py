@@ -1,11 +1,12 @@
 """GRPO throughput: `lmforge grpo`'s code path vs TRL's GRPOTrainer (no vLLM) on the same tiny model.
 
-    python bench/bench_grpo.py [--steps 4] [--threads 2] [--skip-trl]
+    python bench/bench_grpo.py [--steps 4] [--threads 2] [--skip-trl] [--no-compile]
 
 Both: the same random Llama-layout model (hidden 256, 4 layers, 4 heads, 2 kv heads, ffn 688, vocab 8192) and
 tokenizer, 4 prompts x 4 generations per step, exactly 64 new tokens (no EOS), beta 0.04 (so both score a
 frozen reference), one optimizer step per rollout, fp32 on CPU. Each step = generate + reward + log-probs +
-loss + backward + AdamW. Prints prompts/s side by side (warm-up steps excluded).
+loss + backward + AdamW. Prints prompts/s side by side (warm-up steps excluded); the row "+ compile" generates
+with compile_generation=true, whose first step holds the torch.compile warm-up (printed).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def build_model_dir(path: Path) -> None:
     save_model_dir(path, model, tok)
 
 
-def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int) -> float:
+def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int, compile_generation: bool = False,
+                  first_step: list | None = None) -> float:
     from lmforge.modelio import load_model_dir, load_tokenizer
     from lmforge.rollout import RolloutStream, render_prompt
     from lmforge.stages.grpo import GRPOConfig, grpo_loss_fn, grpo_rollout
@@ -48,6 +50,7 @@ def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int) -> float:
     tok = load_tokenizer(model_dir)
     policy, ref = load_model_dir(model_dir), load_model_dir(model_dir).eval().requires_grad_(False)
     cfg = GRPOConfig(prompts_per_rollout=4, num_generations=4, max_new_tokens=64, beta=0.04,
+                     compile_generation=compile_generation,
                      train=TrainConfig(lr=1e-6, schedule="constant", warmup_steps=0, max_steps=warmup + steps,
                                        batch_size=16, micro_batch_size=16, weight_decay=0.0, eval_every=0,
                                        save_every=0, log_every=1, device="cpu"))
@@ -60,9 +63,11 @@ def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int) -> float:
     # no EOS: every completion runs the full 64 tokens, as in TRL's run below
     stream = RolloutStream(grpo_rollout(cfg, policy, ref, None, rows, ids, reward, torch.device("cpu")),
                            epochs=1, micro_batch_size=16, seed=0)
-    stamps = {}
+    stamps = {0: time.perf_counter()}
     train(policy, grpo_loss_fn(cfg), stream, cfg.train, out,
           on_log=lambda step, m: stamps.__setitem__(step, time.perf_counter()))
+    if first_step is not None:
+        first_step.append(stamps[1] - stamps[0])
     return 4 * steps / (stamps[warmup + steps] - stamps[warmup])
 
 
@@ -100,6 +105,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compile_generation row")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -108,15 +114,21 @@ def main() -> None:
         build_model_dir(d / "model")
         ours = bench_lmforge(d / "model", d / "lmforge", args.steps, args.warmup)
         rows.append(("lmforge grpo", ours))
+        first_step = []
+        if not args.no_compile:
+            rows.append(("lmforge grpo + compile", bench_lmforge(d / "model", d / "lmforge_compile", args.steps,
+                                                                 args.warmup, True, first_step)))
         if not args.skip_trl:
             rows.append((f"TRL {__import__('trl').__version__} GRPOTrainer (no vLLM)",
                          bench_trl(d / "model", d / "trl", args.steps, args.warmup)))
-    base = rows[-1][1]
+    base = rows[-1][1] if not args.skip_trl else rows[0][1]  # TRL, else lmforge's default
     print(f"\nGRPO step: 4 prompts x 4 generations x 64 new tokens, beta 0.04, fp32 CPU, {args.threads} threads, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     print(f"{'implementation':<40} {'prompts/s':>10} {'s/step':>8} {'vs TRL':>8}")
     for name, v in rows:
         print(f"{name:<40} {v:>10.2f} {4 / v:>8.2f} {v / base:>7.2f}x")
+    if first_step:
+        print(f"lmforge grpo + compile: first (warm-up) step {first_step[0]:.1f} s, compile included")
 
 
 if __name__ == "__main__":

@@ -398,7 +398,7 @@ def start_rl_run(cfg) -> RLRun:
     checked against the rewards, the reward, and the greedy eval function.
 
     ``cfg`` is a stage config with out_dir, model, ref_model, data (stages.grpo.RLDataConfig), rewards,
-    max_new_tokens and train (train.loop.TrainConfig).
+    max_new_tokens, compile_generation and train (train.loop.TrainConfig).
     """
     import time
 
@@ -417,7 +417,8 @@ def start_rl_run(cfg) -> RLRun:
     rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
     check_answers(rows + eval_rows, cfg.rewards)
     reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
-    eval_fn = make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens) if eval_rows else None
+    eval_fn = make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens,
+                           compile=cfg.compile_generation) if eval_rows else None
     return RLRun(t0, dist, out_dir, policy, ref, tokenizer, rows, prompt_ids, eval_rows, eval_ids, reward, eval_fn)
 
 
@@ -449,15 +450,17 @@ def check_answers(rows: list[dict], rewards) -> None:
             raise DataError(f"{missing['where']}: the math reward needs an 'answer' field")
 
 
-def make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, max_new_tokens: int, batch_size: int = 64):
-    """eval/accuracy (when rows have answers), eval/mean_length and eval/reward of greedy completions."""
+def make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, max_new_tokens: int, batch_size: int = 64,
+                 compile: bool = False):
+    """eval/accuracy (when rows have answers), eval/mean_length and eval/reward of greedy completions
+    (``compile``: with the torch.compile'd decode step, generation.SamplingParams.compile)."""
     from lmforge.answers import is_correct
     from lmforge.generation import SamplingParams
 
     def eval_fn(_model=None) -> dict:
         if not eval_rows:
             return {}
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, compile=compile)
         samples = []
         for s in range(0, len(eval_rows), batch_size):
             samples.append(sample_and_score(policy, tokenizer, eval_rows[s:s + batch_size],

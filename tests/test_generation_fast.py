@@ -1,0 +1,210 @@
+"""The fixed-shape decode path (Transformer.decode_step, StaticDecoder, torch.compile) against the growing-cache
+engine and plain full forwards: the same greedy tokens, seeded samples and stops, log-probs within 1e-4."""
+
+import pytest
+import torch
+from test_generation import full_forward_logprobs, reference_greedy
+from test_grpo import run_toy, toy_config
+from test_rollout import make_model_dir, tiny_model, write_rl_prompts
+
+import lmforge.generation
+import lmforge.rollout
+from lmforge.config import parse_cli
+from lmforge.generation import SamplingParams, StaticDecoder, compiled_step, decode_head, generate
+from lmforge.model import KVCache, ModelConfig, Transformer
+from lmforge.rewards import RewardSpec
+from lmforge.stages.generate import GenerateConfig
+from lmforge.stages.grpo import RLDataConfig
+from lmforge.stages.ppo import PPOConfig, run_ppo
+from lmforge.stages.sample import SampleConfig, run_sample
+from lmforge.train.loop import TrainConfig
+from lmforge.train.metrics import read_metrics
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+
+
+PROMPTS = [[5, 9, 13], [7, 2, 30, 41, 8, 11, 3], [60], [1, 2, 3, 4]]  # mixed lengths: left padding
+
+
+def both(model, prompts, **kw):
+    """(growing-cache completions, static-cache completions) for the same SamplingParams."""
+    out = [generate(model, prompts, SamplingParams(**kw, static_cache=static), eos_token_ids=[])
+           for static in (False, True)]
+    return out[0], out[1]
+
+
+def assert_same(a, b):
+    for row_a, row_b in zip(a, b, strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason
+            if x.logprobs is not None:
+                assert y.logprobs == pytest.approx(x.logprobs, abs=1e-4)
+
+
+def test_decode_step_equals_a_cached_forward(model):
+    """One static step (write at a slot, attend over the whole cache with a key mask) = forward with the cache."""
+    ids = torch.tensor([[0, 0, 5, 9, 13], [7, 2, 30, 41, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        grow, fixed = KVCache(model.config, 2, 9), KVCache(model.config, 2, 9, per_layer=True)
+        for c in (grow, fixed):
+            model(ids, attention_mask=mask, position_ids=positions, cache=c)
+        nxt = torch.tensor([17, 23])
+        want = model(nxt[:, None], attention_mask=torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), 1),
+                     position_ids=positions[:, -1:] + 1, cache=grow, return_hidden=True)[:, 0]
+        key_mask = torch.ones(2, 9, dtype=torch.bool)
+        key_mask[:, :5] = mask.bool()
+        for length in (None, 6):  # attend over all 9 slots, or only the 6 filled ones
+            k, v = [t.clone() for t in fixed.k], [t.clone() for t in fixed.v]
+            got = model.decode_step(nxt, k, v, torch.tensor([5]), torch.tensor([2, 0]), key_mask, length)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            for layer in range(model.config.num_hidden_layers):
+                torch.testing.assert_close(k[layer][:, :, :6], grow.k[layer][:, :, :6])
+                torch.testing.assert_close(v[layer][:, :, :6], grow.v[layer][:, :, :6])
+
+
+def test_static_greedy_equals_the_cache_path_and_full_forwards(model):
+    cached, static = both(model, PROMPTS, max_new_tokens=10, temperature=0, return_logprobs=True)
+    assert_same(cached, static)
+    for prompt, (c,) in zip(PROMPTS, static):
+        tokens, logps = reference_greedy(model, prompt, 10)
+        assert c.token_ids == tokens and c.logprobs == pytest.approx(logps, abs=1e-4)
+
+
+def test_static_seeded_samples_with_n_and_penalty_equal_the_cache_path(model):
+    kw = dict(max_new_tokens=8, temperature=0.9, top_p=0.9, n=3, seed=7, repetition_penalty=1.3, return_logprobs=True)
+    cached, static = both(model, PROMPTS, **kw)
+    assert_same(cached, static)
+    for prompt, row in zip(PROMPTS, static):
+        assert len(row) == 3
+        for c in row:
+            assert c.logprobs == pytest.approx(full_forward_logprobs(model, prompt, c.token_ids), abs=1e-4)
+
+
+def stops_that_finish_rows_early(model, prompts, n, steps):
+    """Stop ids taken from an unstopped sampled run, chosen so that rows finish at different steps."""
+    (run,) = [generate(model, prompts, SamplingParams(max_new_tokens=steps, temperature=1.0, n=n, seed=3),
+                       eos_token_ids=[])]
+    rows = [c.token_ids for r in run for c in r]
+    return sorted({rows[0][1], rows[1][3], rows[2][0]})
+
+
+def test_finished_rows_leave_the_static_batch_with_the_same_results(model, monkeypatch):
+    """Stop tokens end rows at different steps: the static decoder keeps their slots until half the rows are
+    done, then compacts the cache; tokens and log-probs stay those of the growing-cache path."""
+    stops = stops_that_finish_rows_early(model, PROMPTS, 4, 12)
+    sizes = []
+    shrink = StaticDecoder._shrink
+    monkeypatch.setattr(StaticDecoder, "_shrink", lambda self, rows: (sizes.append(len(rows)), shrink(self, rows)))
+    kw = dict(max_new_tokens=12, temperature=1.0, n=4, seed=3, stop_token_ids=stops, return_logprobs=True)
+    cached, static = both(model, PROMPTS, **kw)
+    assert_same(cached, static)
+    flat = [c for r in static for c in r]
+    lengths = {len(c.token_ids) for c in flat if c.finish_reason == "stop"}
+    assert len(lengths) >= 3 and any(c.finish_reason == "length" for c in flat)  # rows left at different steps
+    assert sizes and all(s <= 8 for s in sizes)  # 16 rows: compacted once at most half were live
+
+
+def test_static_decoder_compacts_at_half_and_keeps_min_rows():
+    cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model = Transformer(cfg)
+    cache = KVCache(cfg, 8, 4, per_layer=True)
+    dec = StaticDecoder(model, cache, torch.zeros(8, dtype=torch.long), torch.ones(8, 4, dtype=torch.bool),
+                        None, None, min_rows=2)
+    dec.keep(torch.tensor([0, 2, 3, 5, 7]))  # 5 of 8 live: slots kept
+    assert cache.batch_size == 8 and dec.rows.tolist() == [0, 2, 3, 5, 7]
+    dec.keep(torch.tensor([1, 3, 4]))  # live rows 2, 5, 7 of 8: compacted
+    assert cache.batch_size == 3 and dec.rows is None
+    dec.keep(torch.tensor([2]))  # one live row: a dead copy keeps the batch at min_rows
+    assert cache.batch_size == 2 and dec.rows.tolist() == [0]
+
+
+def test_prepacked_head_equals_lm_head(model):
+    h = torch.randn(16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(decode_head(model, 16)(h), model.lm_head(h), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decode_head(model, 1)(h[:1]), model.lm_head(h[:1]), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decoding_equals_eager_reads_live_weights_and_compiles_once(tmp_path):
+    """One compiled test (the compile dominates: ~10 s on an idle 2-core CPU, ~30 s loaded). The tiny GRPO run
+    trains between rollouts: identical rewards mean the compiled step reads the updated weights, not constants."""
+    model = tiny_model(vocab=16).eval()
+    prompts = [[1, 2], [3], [4, 6, 7, 9], [8]]
+    stops = stops_that_finish_rows_early(model, prompts, 2, 6)
+    kw = dict(max_new_tokens=6, temperature=1.0, n=2, seed=3, stop_token_ids=stops, return_logprobs=True)
+    eager = generate(model, prompts, SamplingParams(**kw), eos_token_ids=[])
+    compiled = generate(model, prompts, SamplingParams(**kw, compile=True), eos_token_ids=[])
+    assert_same(eager, compiled)
+    assert compiled_step(model).compiled is compiled_step(tiny_model(vocab=16)).compiled  # one compiled function
+
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    greedy = SamplingParams(max_new_tokens=5, temperature=0, compile=True, return_logprobs=True)
+    for batch in ([[5, 1, 2, 3, 4, 5, 6, 7, 8]], prompts[:3]):  # one row, other lengths and batch sizes
+        out = generate(model, batch, greedy, eos_token_ids=[])
+        for prompt, (c,) in zip(batch, out):
+            tokens, logps = reference_greedy(model, prompt, 5)
+            assert c.token_ids == tokens and c.logprobs == pytest.approx(logps, abs=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile
+
+    runs = {}
+    for flag in (False, True):
+        run_toy(tmp_path / str(flag), toy_config(max_steps=3, epochs=1, batch_size=16, compile_generation=flag))
+        runs[flag] = [(r["reward"], r["completions/mean_length"]) for r in read_metrics(tmp_path / str(flag))]
+    assert runs[True] == runs[False] and len(runs[True]) == 3
+
+
+def test_cli_configs_pass_the_compile_switch_to_generate(tmp_path, monkeypatch):
+    """`lmforge generate/sample compile=true` and ppo's compile_generation (rollouts and greedy eval) reach
+    SamplingParams.compile (grpo's is run for real above)."""
+    cfg = parse_cli(["model=m", "input=i.jsonl", "output=o.jsonl", "compile=true"], GenerateConfig,
+                    prog="generate", description="")
+    assert cfg.sampling_params().compile
+
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def fake_generate(model, prompts, params, **kw):
+        seen.append(("sample", params.compile))
+        raise Seen
+
+    policy = make_model_dir(tmp_path / "policy")
+    monkeypatch.setattr(lmforge.generation, "generate", fake_generate)
+    with pytest.raises(Seen):
+        run_sample(SampleConfig(model=str(policy), compile=True, device="cpu"))
+
+    def fake_sample_and_score(policy, tokenizer, rows, prompt_ids, params, reward):
+        seen.append(("ppo", params.compile))
+        raise Seen
+
+    monkeypatch.setattr(lmforge.rollout, "sample_and_score", fake_sample_and_score)
+    data = write_rl_prompts(tmp_path / "rl.jsonl")
+    rm = make_model_dir(tmp_path / "rm", seed=3, num_labels=1)
+    ppo = PPOConfig(out_dir=str(tmp_path / "ppo"), model=str(policy), compile_generation=True,
+                    data=RLDataConfig(source=str(data), eval_source=str(data), eval_size=2),
+                    rewards=[RewardSpec(kind="model", path=str(rm))], prompts_per_rollout=2,
+                    train=TrainConfig(max_steps=1, batch_size=2, micro_batch_size=2, device="cpu", num_threads=1,
+                                      eval_every=0, save_every=0))
+    with pytest.raises(Seen):
+        run_ppo(ppo)
+    run = lmforge.rollout.start_rl_run(ppo)
+    with pytest.raises(Seen):
+        run.eval_fn()
+    assert seen == [("sample", True), ("ppo", True), ("ppo", True)]
