@@ -4,7 +4,9 @@ Every stage of the built-in tiny pipeline trains on data made here, so each stag
 
     pretrain / midtrain  quiz pages (exercises, then an answer key with worked solutions) mixed with Shakespeare:
                          asked "What is 57 + 68?", the base model continues the page with more exercises
-    SFT                  {"messages": [user question, assistant worked solution]}: now it answers, in format
+    SFT                  {"messages": [user question, assistant worked solution]}: now it answers, in format.
+                         The recipe's demonstrations (/sft_careless) forget 40% of the carries and borrows,
+                         as human demonstrations carry systematic mistakes: SFT learns them too
     reward model, DPO    {"prompt", "chosen", "rejected"}: chosen is correct and concise, rejected is wrong
                          (a misread operand, a forgotten carry, a slipped column), sometimes padded as well
     PPO / GRPO           {"prompt", "answer"}: a verifiable reward (answers.is_correct)
@@ -16,13 +18,14 @@ the line answers.extract_answer reads:
     What is 57 + 68?    ->  57 + 68: 7+8=15, 5+6+1=12. The answer is 125.
     What is 347 - 289?  ->  347 - 289: 17-9=8, 13-8=5, 2-2=0. The answer is 58.
 
-(in "17-9" the 1 is a borrow; "13" is the 4 that lent one, plus ten.) Operands have up to MAX_DIGITS = 2 digits:
-that puts a ~2M-parameter model after the tiny recipe's pretraining and SFT at about half right, leaving room for
-DPO and GRPO to show gains. The steps are short enough for a ~2M
-parameter model and are the "thinking tokens" an inference-time-scaling budget cuts. Problems are split into
+(in "17-9" the 1 is a borrow; "13" is the 4 that lent one, plus ten.) Operands have up to MAX_DIGITS = 2 digits;
+the steps are short enough for a ~2M-parameter model and are the "thinking tokens" an inference-time-scaling
+budget cuts. After the tiny recipe's SFT most of the model's errors are the demonstrations' forgotten carries,
+which the reward model, DPO and GRPO (learning from which answers are right) can unlearn. Problems are split into
 train and test by a hash of the problem itself, so every stage and every seed agrees on what is held out.
 All producers are deterministic functions of their seed; they are served to recipes as data sources:
-``builtin:tinyworld/quiz`` (text), ``/sft``, ``/preference``, ``/rl``, ``/eval`` (rows; see SOURCES).
+``builtin:tinyworld/quiz`` (text), ``/sft``, ``/sft_careless``, ``/preference``, ``/rl``, ``/eval`` (rows; see
+SOURCES).
 """
 
 from __future__ import annotations
