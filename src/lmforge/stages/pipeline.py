@@ -1,6 +1,7 @@
 """``lmforge pipeline``: the whole recipe, stage after stage, each starting from the previous stage's model.
 
-    tokenizer+pretrain -> midtrain -> SFT -> reward model -> DPO -> GRPO -> PPO -> (beta sweep, reward hacking) -> report
+    tokenizer+pretrain -> midtrain -> SFT -> reward model -> DPO -> GRPO -> PPO -> online DPO
+        -> (studies: beta sweep, reward hacking) -> report
 
 Every stage reads its own section of the recipe (the built-in ``tiny`` by default) and writes
 ``<run_dir>/<stage>/`` (model/, summary.json, metrics.jsonl, config.yaml). After each stage the pipeline evaluates
