@@ -5,12 +5,10 @@ import hashlib
 import json
 
 import pytest
-import torch
 
 from lmforge.constitutional.judges import Choice
 from lmforge.constitutional.run import check_disjoint, split_prompts, wilson_ci
 from lmforge.lora import LoraOptions
-from lmforge.model import ModelConfig, Transformer
 from lmforge.stages.constitutional import (
     RUN_STEPS,
     EvalConfig,
@@ -23,29 +21,12 @@ from lmforge.stages.dpo import DPOConfig
 from lmforge.stages.sft import SFTConfig
 from lmforge.train.loop import TrainConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from lmforge.modelio import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(["The assistant answers the user. Response A or B? I can help with that.\n"] * 20,
-                          vocab_size=300)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                    max_position_embeddings=4096))
-    path = tmp_path_factory.mktemp("cai_run") / "model"
-    save_model_dir(path, model, tok)
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("cai_run")
 
 
 @pytest.fixture(scope="module")

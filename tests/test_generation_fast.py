@@ -20,13 +20,7 @@ from lmforge.stages.sample import SampleConfig, run_sample
 from lmforge.train.loop import TrainConfig
 from lmforge.train.metrics import read_metrics
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

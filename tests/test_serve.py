@@ -13,39 +13,26 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 from lmforge.constitutional.judges import ChatParams, LocalModel, OpenAIEndpoint
 from lmforge.data.chat import encode_prompt
 from lmforge.generation import SamplingParams, generate
-from lmforge.model import ModelConfig, Transformer
-from lmforge.modelio import save_model_dir
 from lmforge.stages.generate import load_for_generation
 from lmforge.stages.serve import ServeConfig, make_server
-from lmforge.tokenizer import train_tokenizer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Response A or B?"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tok = train_tokenizer(["The assistant answers the user. Response A or B? Héllo, thank you.\n"] * 20,
-                          vocab_size=300)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                    max_position_embeddings=256))
-    path = tmp_path_factory.mktemp("serve") / "tiny-chat"
-    save_model_dir(path, model, tok)
-    return path
+def model_dir(tiny_model_dir):
+    path = tiny_model_dir("serve", text="The assistant answers the user. Response A or B? Héllo, thank you.\n",
+                          layers=2, max_positions=256)
+    served = path.parent / "tiny-chat"  # the served name is the directory's
+    path.rename(served)
+    return served
 
 
 @pytest.fixture(scope="module")
