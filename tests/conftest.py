@@ -1,4 +1,5 @@
-"""Fixtures several test files share: one torch thread, and a tiny random chat model saved as a model directory."""
+"""Fixtures several test files share: one torch thread, a tiny random model, and a tiny random chat model saved as a
+model directory."""
 
 import pytest
 import torch
@@ -34,3 +35,13 @@ def tiny_model_dir(tmp_path_factory):
         save_model_dir(path, model, tok)
         return path
     return make
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A random 2-layer model (vocab 64, GQA 4/2 heads) in eval mode, for the generation engine's tests."""
+    from lmforge.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()

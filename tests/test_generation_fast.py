@@ -23,13 +23,6 @@ from lmforge.train.metrics import read_metrics
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
-
-
 PROMPTS = [[5, 9, 13], [7, 2, 30, 41, 8, 11, 3], [60], [1, 2, 3, 4]]  # mixed lengths: left padding
 
 
