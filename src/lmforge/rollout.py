@@ -402,16 +402,11 @@ def start_rl_run(cfg) -> RLRun:
     """
     import time
 
-    from lmforge.config import save_config
     from lmforge.rewards import build_reward
-    from lmforge.train.dist import init_distributed
+    from lmforge.train.dist import start_run
 
     t0 = time.time()
-    dist = init_distributed(cfg.train.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
+    dist, out_dir = start_run(cfg)
     torch.manual_seed(cfg.train.seed)
     policy, ref, tokenizer = load_policy_and_ref(cfg.model, cfg.ref_model, dist.device)
     rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)

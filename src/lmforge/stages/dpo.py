@@ -252,16 +252,11 @@ def train_policy(cfg: DPOConfig, model, tokenizer, train_pairs, eval_pairs, dist
 
 def run_dpo(cfg: DPOConfig) -> dict:
     """Train with the configured loss (or run the beta sweep when ``betas`` is set); returns the summary."""
-    from lmforge.config import save_config
-    from lmforge.train.dist import init_distributed
+    from lmforge.train.dist import start_run
 
     if cfg.betas:
         return run_sweep(cfg)
-    dist = init_distributed(cfg.train.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
+    dist, out_dir = start_run(cfg)
     t0 = time.time()
     model, tokenizer, train_pairs, eval_pairs, stats = prepare(cfg, dist)
     summary = train_policy(cfg, model, tokenizer, train_pairs, eval_pairs, dist, out_dir)
@@ -318,16 +313,11 @@ def run_sweep(cfg: DPOConfig) -> dict:
     policy from the reference on held-out chosen answers against its held-out margin: sweep.json + PNG."""
     import copy
 
-    from lmforge.config import save_config
     from lmforge.stages.reward import load_policy
-    from lmforge.train.dist import init_distributed
+    from lmforge.train.dist import start_run
 
     betas = cfg.betas or [0.05, 0.1, 0.5, 1.0]
-    dist = init_distributed(cfg.train.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
+    dist, out_dir = start_run(cfg)
     start, tokenizer, train_pairs, eval_pairs, stats = prepare(cfg, dist)
     if not eval_pairs:
         from lmforge.data.sources import DataError

@@ -106,17 +106,12 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     """Train (or resume) and return a summary: val_loss, unigram_baseline, n_params, tokens, flops, sample."""
     import torch
 
-    from lmforge.config import save_config
     from lmforge.data.shards import PackedBatches, TokenDataset, iter_eval, unigram_baseline_loss
     from lmforge.modelio import save_model_dir
-    from lmforge.train.dist import all_reduce_mean, init_distributed
+    from lmforge.train.dist import all_reduce_mean, start_run
     from lmforge.train.loop import train
 
-    dist = init_distributed(cfg.train.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
+    dist, out_dir = start_run(cfg)
     t0 = time.time()
     tokenizer = prepare_tokenizer(cfg, out_dir, dist)
     meta = prepare_shards(cfg, tokenizer, out_dir / "data", dist)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lmforge.data.preference import PreferenceDataConfig
 from lmforge.train.loop import TrainConfig
@@ -126,17 +125,12 @@ def run_reward(cfg: RewardConfig) -> dict:
     """Train the reward model; returns the summary (eval accuracy and margin, data counts, model dir)."""
     import torch
 
-    from lmforge.config import save_config
     from lmforge.data.preference import Batches, collate_pairs, load_preference_data, pair_length
     from lmforge.modelio import save_model_dir, write_model_files
-    from lmforge.train.dist import init_distributed
+    from lmforge.train.dist import start_run
     from lmforge.train.loop import train
 
-    dist = init_distributed(cfg.train.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
+    dist, out_dir = start_run(cfg)
     t0 = time.time()
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_policy(cfg.model, num_labels=1)

@@ -137,19 +137,14 @@ def run_sft(cfg: SFTConfig) -> dict:
     """Fine-tune and return a summary: val_loss before/after (assistant tokens), packing counts, tokens/s."""
     import torch
 
-    from lmforge.config import save_config
     from lmforge.data.packing import SFTBatches, iter_rows, make_rows, prepare_examples
     from lmforge.data.sources import DataError
     from lmforge.lora import apply_lora, merge_lora, save_adapter, trainable_parameters
     from lmforge.modelio import load_model_dir, save_model_dir, write_model_files
-    from lmforge.train.dist import init_distributed
+    from lmforge.train.dist import start_run
     from lmforge.train.loop import train
 
-    dist = init_distributed(cfg.train.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
+    dist, out_dir = start_run(cfg)
     t0 = time.time()
     tokenizer = prepare_tokenizer(cfg)
 
