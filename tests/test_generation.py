@@ -73,7 +73,7 @@ def test_stop_tokens_end_a_sequence_and_finished_rows_leave_the_batch(model):
     stop = tokens[3]
     params = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[stop])
     rows = []
-    hook = model.register_forward_hook(lambda m, args, kwargs, out: rows.append(args[0].shape[0]), with_kwargs=True)
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
     out = generate(model, PROMPTS, params, eos_token_ids=[])
     hook.remove()
     assert out[1][0].token_ids == tokens[:tokens.index(stop) + 1] and out[1][0].finish_reason == "stop"
@@ -95,10 +95,10 @@ def test_n_samples_share_prefill_and_are_reproducible(model):
     c = generate(model, PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.0, n=4, seed=124), eos_token_ids=[])
     assert [[x.token_ids for x in row] for row in a] != [[x.token_ids for x in row] for row in c]
     calls = []
-    hook = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: calls.append(i[0].numel()))
     generate(model, PROMPTS, SamplingParams(max_new_tokens=3, temperature=1.0, n=4, seed=0), eos_token_ids=[])
     hook.remove()
-    assert calls == [(3, 7), (12, 1), (12, 1)]  # one prefill of the 3 distinct prompts, then 12 rows decode
+    assert calls == [3 * 7, 12, 12]  # one prefill of the 3 distinct prompts (7 wide), then 12 rows decode
 
 
 CRAFTED = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]]))

@@ -10,7 +10,8 @@ from test_rollout import make_model_dir, tiny_model, write_rl_prompts
 import lmforge.generation
 import lmforge.rollout
 from lmforge.config import parse_cli
-from lmforge.generation import SamplingParams, StaticDecoder, compiled_step, decode_head, generate
+from lmforge.cpu_decode import packed_head
+from lmforge.generation import SamplingParams, StaticDecoder, compiled_step, generate
 from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.rewards import RewardSpec
 from lmforge.stages.generate import GenerateConfig
@@ -124,8 +125,8 @@ def test_static_decoder_compacts_at_half_and_keeps_min_rows():
 def test_prepacked_head_equals_lm_head(model):
     h = torch.randn(16, 32)
     with torch.no_grad():
-        torch.testing.assert_close(decode_head(model, 16)(h), model.lm_head(h), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(decode_head(model, 1)(h[:1]), model.lm_head(h[:1]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed_head(model, 16)(h), model.lm_head(h), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed_head(model, 1)(h[:1]), model.lm_head(h[:1]), atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_decoding_equals_eager_reads_live_weights_and_compiles_once(tmp_path):
