@@ -94,6 +94,32 @@ def test_chunked_cross_entropy_all_ignored_is_zero_without_nan(reduction):
     assert torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)
 
 
+@pytest.mark.parametrize("keep_limit", [0, 2**30])  # rebuild the softmax in backward, or keep it
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_token_logprobs_gradients_entropy_and_temperature(keep_limit, temperature):
+    """Against autograd through full fp64 logits: log-probs, entropies, and both gradients, for either backward."""
+    hidden, weight, labels = _ce_case(seed=3)
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    log_p = (h @ w.T / temperature).log_softmax(-1)
+    valid = labels != -100
+    expected = torch.where(valid, log_p.gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    expected_entropy = torch.where(valid, -(log_p.exp() * log_p).sum(-1), 0.0)
+    g = torch.linspace(-1, 2, len(labels), dtype=torch.float64)
+    (expected * g).sum().backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, entropy = chunked_token_logprobs(h2, w2, labels, chunk_size=4, temperature=temperature,
+                                           return_entropy=True, keep_limit=keep_limit)
+    assert not entropy.requires_grad and logp.dtype == torch.float32
+    (logp * g.float()).sum().backward()
+    torch.testing.assert_close(logp, expected.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, expected_entropy.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h2.grad, h.grad.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w2.grad, w.grad.float(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the rollout scores without grad: bit-identical numbers, so the first PPO ratio is 1
+        assert torch.equal(chunked_token_logprobs(hidden, weight, labels, chunk_size=4, temperature=temperature),
+                           logp.detach())
+
+
 def test_token_logprobs_and_chunked_token_logprobs():
     hidden, weight, labels = _ce_case(seed=2)
     logits = hidden @ weight.T

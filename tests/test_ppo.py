@@ -9,7 +9,7 @@ from test_grpo import lmforge, micro
 from test_rollout import make_model_dir, tiny_model
 
 from lmforge.objectives.rl import gae, kl_estimate, kl_regularised_optimum, ppo_policy_loss, whiten
-from lmforge.stages.ppo import PolicyAndValue, response_values, shaped_rewards
+from lmforge.stages.ppo import PolicyAndValue, logprobs_and_values, response_values, shaped_rewards
 from lmforge.train.metrics import read_metrics
 
 
@@ -53,10 +53,15 @@ def test_policy_and_value_reads_values_where_the_logits_are():
     model = PolicyAndValue(policy, critic).eval()
     batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 5]]), "labels": torch.tensor([[4, 5]]),
              "response_mask": torch.ones(1, 2)}
-    logits, values = model(batch["input_ids"])
-    torch.testing.assert_close(logits, policy(batch["input_ids"]))
+    hidden, values = model(batch["input_ids"])
+    torch.testing.assert_close(hidden, policy(batch["input_ids"], return_hidden=True))
     by_hand = critic.score(critic(batch["input_ids"], return_hidden=True))[0, :, 0]
     torch.testing.assert_close(response_values(values, batch)[0], by_hand[2:4])  # states before tokens 4 and 5
+    batch |= {"attention_mask": torch.ones(1, 5, dtype=torch.long), "position_ids": torch.arange(5)[None]}
+    logp, vals = logprobs_and_values(model, batch, 1.0)
+    logits = policy(batch["input_ids"])[0]
+    torch.testing.assert_close(logp[0], logits[[2, 3]].log_softmax(-1)[[0, 1], [4, 5]])
+    torch.testing.assert_close(vals[0], by_hand[2:4])
 
 
 @pytest.mark.slow

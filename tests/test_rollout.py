@@ -11,14 +11,13 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.rollout import (
     RolloutStream,
     epoch_micro_batches,
-    forward_logits,
     micro_batch,
     pack_rollout,
+    policy_logprobs,
     policy_scores,
     prompt_indices,
     read_rl_prompts,
     render_prompt,
-    response_logprobs,
     score_buffer,
 )
 
@@ -68,10 +67,10 @@ def test_pack_rollout_layout():
 def test_trimmed_micro_batch_gives_the_same_logprobs():
     model = tiny_model().eval()
     b = pack_rollout(PROMPTS, COMPLETIONS, pad_id=0)
-    full = response_logprobs(forward_logits(model, b), b)
+    full = policy_logprobs(model, b)
     mb = micro_batch(b, torch.tensor([0]))  # row 0 alone: no left padding, 2 response columns
     assert mb["input_ids"].shape == (1, 5)
-    one = response_logprobs(forward_logits(model, mb), mb)
+    one = policy_logprobs(model, mb)
     torch.testing.assert_close(one[0], full[0, :2], atol=1e-5, rtol=1e-5)
     assert (full[2] == 0).all()  # an empty response has no log-probs
     # and by hand: log softmax of the logit that predicts token 7 (the column of the last prompt token)
@@ -91,7 +90,7 @@ def test_rollout_and_training_logprobs_are_identical_so_the_first_ratio_is_exact
     model.train()  # the loop trains in train mode; the model has no dropout, so the numbers are the same
     for idx in plan:
         batch = micro_batch(buffer, idx)
-        new = response_logprobs(forward_logits(model, batch), batch)  # with grad, as in the loss
+        new = policy_logprobs(model, batch)  # with grad, as in the loss
         assert new.requires_grad
         assert torch.equal(new.detach(), batch["old_logprobs"])  # bit-identical: the ratio is exactly 1
         assert torch.equal(torch.exp(new - batch["old_logprobs"])[batch["response_mask"] > 0],

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.objectives.lm import token_logprobs
-from lmforge.objectives.rl import entropy_from_logits
+from lmforge.objectives.lm import chunked_token_logprobs
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids")  # (N, P + R) tensors
 BUFFER_FILE = "rollout.safetensors"
@@ -157,26 +156,38 @@ def epoch_micro_batches(n: int, micro_batch_size: int, seed: int, iteration: int
 
 # ---- the one log-prob function ----
 
-def forward_logits(model, batch: dict) -> torch.Tensor:
-    """(B, T, V) logits of the rows of a micro-batch: padding masked out, positions counting real tokens."""
-    return model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
-
-
-def response_logits(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """The logits that predict the response tokens: columns P - 1 ... P + R - 2."""
+def response_columns(x: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The columns of per-position outputs (hidden states, values) that predict the response tokens: P-1 ... P+R-2."""
     R = batch["labels"].shape[1]
-    return logits[:, -R - 1:-1]
+    return x[:, -R - 1:-1]
 
 
-def response_logprobs(logits: torch.Tensor, batch: dict, temperature: float = 1.0) -> torch.Tensor:
-    """(B, R) fp32 log pi(response token | prefix) at the sampling temperature; 0 at padding.
+def response_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, batch: dict, temperature: float = 1.0,
+                      entropy: bool = False):
+    """(B, R) fp32 log pi(response token | prefix) at the sampling temperature, 0 at padding; with ``entropy``
+    also the (B, R) entropy of pi there (no gradient).
 
-    Used by the rollout (old and reference log-probs) and by the training losses alike.
+    hidden: the policy's final hidden states over the whole row (B, P + R, D); head_weight: its lm_head weight.
+    Only real response tokens go through the head, in chunks (objectives.lm.chunked_token_logprobs): prompt
+    and padding positions cost nothing, and no (tokens x vocab) logits are held. Used by the rollout (old and
+    reference log-probs) and by the training losses alike.
     """
-    z = response_logits(logits, batch)
-    if temperature != 1.0:
-        z = z / temperature
-    return token_logprobs(z, batch["labels"])
+    labels = batch["labels"]
+    keep = labels != -100
+    out = chunked_token_logprobs(response_columns(hidden, batch)[keep], head_weight, labels[keep],
+                                 temperature=temperature, return_entropy=entropy)
+    scatter = lambda v: v.new_zeros(labels.shape).masked_scatter(keep, v)  # noqa: E731
+    return (scatter(out[0]), scatter(out[1])) if entropy else scatter(out)
+
+
+def policy_logprobs(model, batch: dict, temperature: float = 1.0, entropy: bool = False):
+    """``response_logprobs`` of ``model`` (an lmforge Transformer, possibly DDP-wrapped) on a micro-batch: the one
+    forward the rollout and the training step share (padding masked out, positions counting real tokens)."""
+    from lmforge.train.dist import unwrap
+
+    hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                   return_hidden=True)
+    return response_logprobs(hidden, unwrap(model).lm_head.weight, batch, temperature, entropy)
 
 
 @torch.no_grad()
@@ -207,12 +218,10 @@ def score_buffer(fn: Callable[[dict], dict[str, torch.Tensor]], buffer: dict, ba
 def policy_scores(model, temperature: float = 1.0, entropy: bool = False):
     """A ``score_buffer`` function: {"logprobs"} (+ "entropy" per token) of the responses under ``model``."""
     def fn(batch):
-        logits = forward_logits(model, batch)
-        out = {"logprobs": response_logprobs(logits, batch, temperature)}
-        if entropy:
-            z = response_logits(logits, batch).float()
-            out["entropy"] = entropy_from_logits(z / temperature if temperature != 1.0 else z) * batch["response_mask"]
-        return out
+        if not entropy:
+            return {"logprobs": policy_logprobs(model, batch, temperature)}
+        logprobs, ent = policy_logprobs(model, batch, temperature, entropy=True)
+        return {"logprobs": logprobs, "entropy": ent}
     return fn
 
 

@@ -136,13 +136,90 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return flat.reshape(labels.shape)
 
 
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """log p(y | h) = (W h / T)_y - logsumexp(W h / T) per row, with entropies on request; see chunked_token_logprobs.
+
+    Gradient: d log p_y / dz = e_y - softmax(z) for z = W h / T, so with incoming g per row
+    dh = (g (e_y - p) / T) W and dW = sum_rows (g (e_y - p) / T)^T h. The forward keeps each chunk's softmax p
+    when all of them fit in ``keep_limit`` elements (backward is then two matmuls per chunk); else backward
+    rebuilds a chunk's p from h and the saved logsumexp (one more matmul, O(chunk x V) memory).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, temperature, with_entropy, keep_limit,
+                needs_grad):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        valid = labels != ignore_index
+        targets = labels.clamp(min=0)
+        w = weight.to(hidden.dtype)
+        probs = hidden.new_empty((n, vocab), dtype=torch.float32) if needs_grad and n * vocab <= keep_limit else None
+        logps = hidden.new_empty(n, dtype=torch.float32)
+        lses = hidden.new_empty(n, dtype=torch.float32)
+        entropy = hidden.new_zeros(n, dtype=torch.float32) if with_entropy else None
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            z = (hidden[rows] @ w.T).float()
+            if temperature != 1.0:
+                z.div_(temperature)
+            target = z.gather(1, targets[rows, None]).squeeze(1)
+            top = z.amax(dim=-1, keepdim=True)
+            z.sub_(top)  # in place: z - max
+            e = torch.exp(z) if with_entropy else z.exp_()
+            norm = e.sum(dim=-1, keepdim=True)
+            lses[rows] = (top + norm.log()).squeeze(1)
+            logps[rows] = target - lses[rows]
+            if with_entropy:  # H = log sum e - sum p (z - max)
+                entropy[rows] = norm.log().squeeze(1) - (e * z).sum(-1) / norm.squeeze(1)
+            if probs is not None:
+                torch.div(e, norm, out=probs[rows])
+        logps.masked_fill_(~valid, 0.0)
+        ctx.save_for_backward(hidden, weight, targets, valid, lses, probs)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        if entropy is None:
+            return logps
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy.masked_fill_(~valid, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_logps, *_):
+        hidden, weight, targets, valid, lses, probs = ctx.saved_tensors
+        w = weight.to(hidden.dtype)
+        g = (grad_logps.float() * valid) / ctx.temperature
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            if probs is not None:
+                p = probs[rows]  # used up in place: a second backward through the same graph is not supported
+            else:
+                z = (hidden[rows] @ w.T).float()
+                p = (z.div_(ctx.temperature) if ctx.temperature != 1.0 else z).sub_(lses[rows, None]).exp_()
+            dz = p.mul_(-g[rows, None]).scatter_add_(1, targets[rows, None], g[rows, None])  # g (e_y - p) / T
+            if grad_hidden is not None:
+                grad_hidden[rows] = dz.to(hidden.dtype) @ w
+            if grad_weight is not None:
+                grad_weight.addmm_(dz.T, hidden[rows].float())
+        return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                None, None, None, None, None, None, None)
+
+
 def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                           chunk_size: int = 1024, ignore_index: int = -100) -> torch.Tensor:
+                           chunk_size: int = 1024, ignore_index: int = -100, temperature: float = 1.0,
+                           return_entropy: bool = False, keep_limit: int = 2**25):
     """Per-token log p(label) from hidden states and the lm_head, never holding (tokens x V) logits.
 
-    hidden: (..., D); weight: (V, D); labels: (...). Returns fp32 of ``labels``' shape, 0 at ignored positions.
+    hidden: (..., D); weight: (V, D); labels: (...). Returns fp32 of ``labels``' shape, 0 at ignored positions;
+    with ``return_entropy`` also the entropy of each position's distribution (no gradient). ``temperature``
+    divides the logits first (RL scores samples at the temperature they were drawn at). Logits are built one
+    chunk of rows at a time in fp32; the softmax is kept for backward only while it fits in ``keep_limit``
+    elements (2^25 = 128 MiB), else backward rebuilds it chunk by chunk. The same numbers with or without grad.
     """
-    return -chunked_cross_entropy(hidden, weight, labels, ignore_index, chunk_size, reduction="none")
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    out = _LinearTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), ignore_index,
+                                     chunk_size, temperature, return_entropy, keep_limit, needs_grad)
+    if return_entropy:
+        return out[0].reshape(labels.shape), out[1].reshape(labels.shape)
+    return out.reshape(labels.shape)
 
 
 def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:

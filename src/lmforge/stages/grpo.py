@@ -170,25 +170,23 @@ def grpo_rollout(cfg: GRPOConfig, policy, ref, tokenizer, rows: list[dict], prom
 
 def grpo_loss_fn(cfg: GRPOConfig):
     """loss_fn(model, micro-batch) -> (loss, metrics) for the loop: objectives/rl.py grpo_loss on the buffer."""
-    import torch
-
-    from lmforge.objectives.rl import entropy_from_logits, grpo_loss, masked_mean
-    from lmforge.rollout import forward_logits, response_logits, response_logprobs
+    from lmforge.objectives.rl import grpo_loss, masked_mean
+    from lmforge.rollout import policy_logprobs
 
     def loss_fn(model, batch):
-        logits = forward_logits(model, batch)
-        logp = response_logprobs(logits, batch, cfg.temperature)
         old = batch.get("old_logprobs")
+        if old is None:  # the rollout skipped the policy forward: entropy and k1 come from this one
+            logp, entropy = policy_logprobs(model, batch, cfg.temperature, entropy=True)
+        else:
+            logp = policy_logprobs(model, batch, cfg.temperature)
         loss, m = grpo_loss(logp, old, batch["ref_logprobs"], batch["advantages"], batch["response_mask"],
                             cfg.clip_eps, cfg.clip_eps_high, cfg.beta, cfg.loss_agg, max_len=cfg.max_new_tokens)
         metrics = {**batch["stats"], "kl": m["kl"], "clip_ratio": m["clipfrac"], "approx_kl": m["approx_kl"],
                    "ratio_mean": m["ratio_mean"]}
-        if old is None:  # the rollout skipped the policy forward: take entropy and k1 from this one
-            with torch.no_grad():
-                mask = batch["response_mask"]
-                z = response_logits(logits, batch).detach().float() / cfg.temperature
-                metrics["entropy"] = entropy_from_logits(z, mask)
-                metrics["kl_k1"] = masked_mean(logp.detach() - batch["ref_logprobs"], mask)
+        if old is None:
+            mask = batch["response_mask"]
+            metrics["entropy"] = masked_mean(entropy, mask)
+            metrics["kl_k1"] = masked_mean(logp.detach() - batch["ref_logprobs"], mask)
         return loss, metrics
     return loss_fn
 

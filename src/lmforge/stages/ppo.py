@@ -74,7 +74,7 @@ class PPOConfig:
 
 
 class PolicyAndValue(nn.Module):
-    """Policy and critic as one module for the loop: forward -> (policy logits (B, T, V), values (B, T))."""
+    """Policy and critic as one module for the loop: forward -> (policy hidden states (B, T, D), values (B, T))."""
 
     def __init__(self, policy: nn.Module, critic: nn.Module):
         super().__init__()
@@ -83,15 +83,27 @@ class PolicyAndValue(nn.Module):
             critic.lm_head.requires_grad_(False)  # an untied output head plays no part in the values
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
-        logits = self.policy(input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        hidden = self.critic(input_ids, attention_mask=attention_mask, position_ids=position_ids, return_hidden=True)
-        return logits, self.critic.score(hidden).squeeze(-1).float()
+        hidden = self.policy(input_ids, attention_mask=attention_mask, position_ids=position_ids, return_hidden=True)
+        critic = self.critic(input_ids, attention_mask=attention_mask, position_ids=position_ids, return_hidden=True)
+        return hidden, self.critic.score(critic).squeeze(-1).float()
+
+
+def logprobs_and_values(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) log pi of the response tokens and (B, R) values V(s_t) read at the same columns, from a
+    PolicyAndValue (called through its DDP wrapper, if any, so that gradients are synchronised)."""
+    from lmforge.rollout import response_logprobs
+    from lmforge.train.dist import unwrap
+
+    hidden, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    head = unwrap(model).policy.lm_head.weight
+    return response_logprobs(hidden, head, batch, temperature), response_values(values, batch)
 
 
 def response_values(values: torch.Tensor, batch: dict) -> torch.Tensor:
     """V(s_t) for each response token t: the value read where that token's logits are (columns P-1 ... P+R-2)."""
-    R = batch["labels"].shape[1]
-    return values[:, -R - 1:-1] * batch["response_mask"]
+    from lmforge.rollout import response_columns
+
+    return response_columns(values, batch) * batch["response_mask"]
 
 
 def critic_source(cfg: PPOConfig) -> str:
@@ -124,11 +136,10 @@ def run_ppo(cfg: PPOConfig) -> dict:
     )
     from lmforge.rollout import (
         RolloutStream,
-        forward_logits,
         hash_seed,
         pack_rollout,
+        policy_logprobs,
         prompt_indices,
-        response_logprobs,
         sample_and_score,
         score_buffer,
         start_rl_run,
@@ -156,11 +167,11 @@ def run_ppo(cfg: PPOConfig) -> dict:
         autocast = autocast_context(cfg.train, dist.device)
 
         def both(batch):
-            logits, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-            return {"logprobs": response_logprobs(logits, batch, T), "values": response_values(values, batch)}
+            logprobs, values = logprobs_and_values(model, batch, T)
+            return {"logprobs": logprobs, "values": values}
 
         def reference(batch):
-            return {"logprobs": response_logprobs(forward_logits(ref, batch), batch, T)}
+            return {"logprobs": policy_logprobs(ref, batch, T)}
 
         was_training = model.training
         model.eval()
@@ -198,12 +209,10 @@ def run_ppo(cfg: PPOConfig) -> dict:
                            seed=cfg.train.seed, resume_dir=run.resume_dir)
 
     def loss_fn(model, batch):
-        logits, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        logp, values = logprobs_and_values(model, batch, T)
         mask = batch["response_mask"]
-        logp = response_logprobs(logits, batch, T)
         pg_loss, pm = ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg.clip_eps)
-        vf_loss, vm = ppo_value_loss(response_values(values, batch), batch["old_values"], batch["returns"], mask,
-                                     cfg.clip_value)
+        vf_loss, vm = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.clip_value)
         stats = {k: v for k, v in batch["stats"].items() if k != "kl_coef_next"}
         return pg_loss + cfg.vf_coef * vf_loss, {
             **stats, "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
