@@ -15,15 +15,7 @@ from lmforge.generation import Completion
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import train_tokenizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and idle-spinning threads crawl when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TEXTS = [f"What is {a} + {b}? The answer is {a + b}." for a in range(0, 60, 7) for b in range(3, 40, 9)]
 

@@ -20,14 +20,7 @@ from lmforge.inference_scaling import (
 )
 from lmforge.model import ModelConfig, Transformer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and idle-spinning threads crawl when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(seed=0, **kw):
@@ -137,21 +130,15 @@ def test_reward_model_scorer_reads_the_last_token_and_ignores_padding():
         reward_model_scorer(tiny())
 
 
-def test_think_cli_sweep_and_methods(tmp_path, capsys):
+def test_think_cli_sweep_and_methods(tiny_model_dir, tmp_path, capsys):
     import json
 
     from lmforge.cli import main
-    from lmforge.modelio import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(["1 + 2 = 3. The answer is 3.\n", "4 + 4 = 8. The answer is 8.\n"] * 5, vocab_size=280)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    save_model_dir(tmp_path / "model", model, tok)
+    model_dir = tiny_model_dir("think", text="1 + 2 = 3. The answer is 3.\n4 + 4 = 8. The answer is 8.\n")
     rows = [{"prompt": "1 + 2 =", "answer": 3}, {"messages": [{"role": "user", "content": "4 + 4"}], "answer": "8"}]
     (tmp_path / "p.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
-    base = ["think", f"model={tmp_path / 'model'}", f"input={tmp_path / 'p.jsonl'}", "max_new_tokens=6",
+    base = ["think", f"model={model_dir}", f"input={tmp_path / 'p.jsonl'}", "max_new_tokens=6",
             "device=cpu", "n=4"]
     assert main([*base, f"out_dir={tmp_path / 'sweep'}"]) == 0
     table = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
@@ -159,7 +146,7 @@ def test_think_cli_sweep_and_methods(tmp_path, capsys):
     assert (tmp_path / "sweep" / "accuracy_vs_samples.png").exists()
     for method in ("adaptive", "self_consistency", "best_of_n"):
         out = tmp_path / method
-        assert main([*base, f"method={method}", f"out_dir={out}", f"reference_model={tmp_path / 'model'}"]) == 0
+        assert main([*base, f"method={method}", f"out_dir={out}", f"reference_model={model_dir}"]) == 0
         results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
         assert len(results) == 2 and all({"predicted", "correct", "tokens"} <= set(r) for r in results)
     assert "accuracy" in capsys.readouterr().out

@@ -16,13 +16,7 @@ from lmforge.stages.reward import RewardConfig, last_token_index, reward_loss_fn
 
 ROWS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def rm(seed=0):

@@ -51,11 +51,9 @@ class ChatConfig:
         self.sampling_params().validate()
 
     def sampling_params(self):
-        from lmforge.generation import SamplingParams
+        from lmforge.stages.generate import sampling_params_from
 
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                              seed=self.seed)
+        return sampling_params_from(self)
 
 
 class ChatSession:

@@ -47,15 +47,23 @@ class GenerateConfig:
         self.sampling_params().validate()
 
     def sampling_params(self):
-        from lmforge.generation import SamplingParams
-
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                              n=self.n, stop_strings=list(self.stop_strings), seed=self.seed,
-                              return_logprobs=self.logprobs, compile=self.compile)
+        return sampling_params_from(self, return_logprobs=self.logprobs)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "n",
+                 "stop_strings", "seed", "compile")
+
+
+def sampling_params_from(cfg, **extra):
+    """SamplingParams from a stage config (generate, chat, sample, think): the keys of SAMPLING_KEYS the config
+    has, the others left at SamplingParams' defaults, then ``extra`` (e.g. ``return_logprobs=cfg.logprobs``)."""
+    from lmforge.generation import SamplingParams
+
+    values = {key: getattr(cfg, key) for key in SAMPLING_KEYS if hasattr(cfg, key)}
+    if "stop_strings" in values:
+        values["stop_strings"] = list(values["stop_strings"])  # a copy: the config's list stays the config's
+    return SamplingParams(**{**values, **extra})
 
 
 def read_prompt_rows(path: str | Path) -> list[tuple[str, dict]]:

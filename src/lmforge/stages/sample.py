@@ -37,15 +37,13 @@ class SampleConfig:
 
 def run_sample(cfg: SampleConfig, stream=None) -> list[str]:
     """Sample ``cfg.n`` continuations; streams tokens to ``stream`` (a file) when n == 1."""
-    from lmforge.generation import SamplingParams, generate
-    from lmforge.stages.generate import encode_prompt, load_for_generation
+    from lmforge.generation import generate
+    from lmforge.stages.generate import encode_prompt, load_for_generation, sampling_params_from
 
     model, tok = load_for_generation(cfg.model, cfg.device, cfg.dtype)
     row = {"messages": [{"role": "user", "content": cfg.prompt}]} if cfg.chat else {"prompt": cfg.prompt}
     ids = encode_prompt(tok, row, add_bos=True)
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                            top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
-                            n=cfg.n, stop_strings=list(cfg.stop_strings), seed=cfg.seed, compile=cfg.compile)
+    params = sampling_params_from(cfg)
     on_token = None
     if stream is not None and cfg.n == 1:
         shown = {"ids": [], "text": ""}

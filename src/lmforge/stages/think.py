@@ -78,16 +78,14 @@ def run_think(cfg: ThinkConfig) -> dict:
 
     from lmforge import inference_scaling as scaling
     from lmforge.answers import answers_match, extract_answer
-    from lmforge.generation import SamplingParams
     from lmforge.modelio import load_model_dir
-    from lmforge.stages.generate import encode_prompt, load_for_generation
+    from lmforge.stages.generate import encode_prompt, load_for_generation, sampling_params_from
 
     problems = read_problems(cfg.input, cfg.limit)
     model, tok = load_for_generation(cfg.model, cfg.device, cfg.dtype)
     prompts = [encode_prompt(tok, row, cfg.add_bos) for row in problems]
     golds = [str(row["answer"]) for row in problems]
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                            top_p=cfg.top_p, seed=cfg.seed)
+    params = sampling_params_from(cfg, n=1)  # cfg.n is the budget: each method asks for its own n
     scorer = None
     device, dtype = model.lm_head.weight.device, getattr(torch, cfg.dtype)
     if cfg.reward_model:
