@@ -10,7 +10,7 @@ from test_rollout import make_model_dir, tiny_model, write_rl_prompts
 import lmforge.generation
 import lmforge.rollout
 from lmforge.config import parse_cli
-from lmforge.cpu_decode import packed_head
+from lmforge.cpu_decode import PackedDecodeStep, packed_head
 from lmforge.generation import SamplingParams, StaticDecoder, compiled_step, generate
 from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.rewards import RewardSpec
@@ -120,6 +120,35 @@ def test_static_decoder_compacts_at_half_and_keeps_min_rows():
     assert cache.batch_size == 3 and dec.rows is None
     dec.keep(torch.tensor([2]))  # one live row: a dead copy keeps the batch at min_rows
     assert cache.batch_size == 2 and dec.rows.tolist() == [0]
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(attention_bias=True, tie_word_embeddings=False),
+                                   dict(qkv_bias=True, num_key_value_heads=4)])
+def test_packed_decode_step_equals_the_model_forward(extra):
+    """PackedDecodeStep (folded norm gains and query scale, fused q/k/v and gate/up, bmm attention) against the
+    model's forward on a left-padded batch, for biases, an untied head and plain multi-head attention."""
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**(cfg | extra))).eval()
+    for p in model.parameters():  # non-trivial gains and biases, so that folding them is really tested
+        torch.nn.init.normal_(p, std=0.3 if p.dim() < 2 else 0.1)
+    ids = torch.tensor([[0, 0, 5, 9, 13], [7, 2, 30, 41, 8], [0, 3, 4, 5, 6]])
+    mask = (ids != 0).long()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours, theirs = KVCache(model.config, 3, 8), KVCache(model.config, 3, 8)
+        for c in (ours, theirs):
+            model(ids, attention_mask=mask, position_ids=positions, cache=c)
+        step = PackedDecodeStep(model, 3)
+        key_mask = torch.cat((mask, torch.ones(3, 3, dtype=torch.long)), 1)
+        tokens, position = torch.tensor([17, 23, 40]), positions[:, -1:] + 1
+        for _ in range(3):
+            want = model(tokens[:, None], attention_mask=key_mask[:, :theirs.length + 1], position_ids=position,
+                         cache=theirs)[:, 0]
+            got = step.head(step(tokens, key_mask[:, :ours.length + 1], position, ours))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            tokens, position = want.argmax(-1), position + 1
 
 
 def test_prepacked_head_equals_lm_head(model):
