@@ -252,7 +252,9 @@ def train_policy(cfg: DPOConfig, model, tokenizer, train_pairs, eval_pairs, dist
 
 def run_dpo(cfg: DPOConfig) -> dict:
     """Train with the configured loss (or run the beta sweep when ``betas`` is set); returns the summary."""
-    from lmforge.train.dist import start_run
+    from lmforge.train.dist import refuse_fsdp, start_run
+
+    refuse_fsdp(cfg.train, "dpo")
 
     if cfg.betas:
         return run_sweep(cfg)

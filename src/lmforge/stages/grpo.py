@@ -193,6 +193,9 @@ def grpo_loss_fn(cfg: GRPOConfig):
 
 def run_grpo(cfg: GRPOConfig) -> dict:
     """Train (or resume) and return a summary; with ``compare_beta`` run once per beta and plot."""
+    from lmforge.train.dist import refuse_fsdp
+
+    refuse_fsdp(cfg.train, "grpo")
     if cfg.compare_beta:
         return run_beta_comparison(cfg)
     from lmforge.modelio import save_model_dir, write_model_files

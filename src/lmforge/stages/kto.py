@@ -92,9 +92,10 @@ def run_kto(cfg: KTOConfig) -> dict:
     from lmforge.modelio import save_model_dir, write_model_files
     from lmforge.stages.dpo import precompute_reference
     from lmforge.stages.reward import evaluate_pairs, load_policy
-    from lmforge.train.dist import start_run
+    from lmforge.train.dist import refuse_fsdp, start_run
     from lmforge.train.loop import autocast_context, train
 
+    refuse_fsdp(cfg.train, "kto")
     dist, out_dir = start_run(cfg)
     t0 = time.time()
     torch.manual_seed(cfg.train.seed)

@@ -326,9 +326,10 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
     from lmforge.rollout import check_answers, load_rl_data
     from lmforge.stages.grpo import log
     from lmforge.stages.reward import load_policy
-    from lmforge.train.dist import init_distributed
+    from lmforge.train.dist import init_distributed, refuse_fsdp
     from lmforge.train.metrics import MetricsLogger
 
+    refuse_fsdp(cfg.train, "online-dpo")
     t0 = time.time()
     dist = init_distributed(cfg.train.device)
     out_dir = Path(cfg.out_dir)

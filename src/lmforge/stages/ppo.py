@@ -145,8 +145,10 @@ def run_ppo(cfg: PPOConfig) -> dict:
         start_rl_run,
     )
     from lmforge.stages.grpo import kl_anomaly_check, rl_summary, save_summary
+    from lmforge.train.dist import refuse_fsdp
     from lmforge.train.loop import autocast_context, train
 
+    refuse_fsdp(cfg.train, "ppo")
     run = start_rl_run(cfg)
     policy, ref, tokenizer, out_dir, dist = run.policy, run.ref, run.tokenizer, run.out_dir, run.dist
     rows, prompt_ids, reward = run.rows, run.prompt_ids, run.reward

@@ -127,9 +127,10 @@ def run_reward(cfg: RewardConfig) -> dict:
 
     from lmforge.data.preference import Batches, collate_pairs, load_preference_data, pair_length
     from lmforge.modelio import save_model_dir, write_model_files
-    from lmforge.train.dist import start_run
+    from lmforge.train.dist import refuse_fsdp, start_run
     from lmforge.train.loop import train
 
+    refuse_fsdp(cfg.train, "reward")
     dist, out_dir = start_run(cfg)
     t0 = time.time()
     torch.manual_seed(cfg.train.seed)

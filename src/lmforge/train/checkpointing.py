@@ -11,6 +11,10 @@
 A step directory is written as ``step_N.tmp`` and renamed when complete (trainer_state.json is its last file);
 ``latest`` is replaced atomically after that, so it never names a partial directory. Everything is read back
 with ``safetensors.torch.load_file`` and ``json``: loading a checkpoint cannot run code, unlike torch.load.
+
+Under FSDP (train.parallel=fsdp) the files are the same: every rank helps gather whole weights and whole AdamW
+moments, rank 0 writes them, and resuming hands each rank its shard again, so a checkpoint opens in a single
+process and resumes under ddp, fsdp or one process alike.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from safetensors.torch import save_model as save_weights
 
 import lmforge
 from lmforge.modelio import replace_dir
-from lmforge.train.dist import barrier, is_distributed, unwrap
+from lmforge.train.dist import barrier, full_tensor, is_distributed, is_dtensor, unwrap
 
 STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -56,7 +60,9 @@ def save_checkpoint(ckpt_root: str | Path, step: int, save_model, model: torch.n
     if is_distributed():
         ranks = [None] * td.get_world_size()
         td.all_gather_object(ranks, {"data": data_state, "rng": rng_meta, "rng_tensors": rng_tensors})
-    if not is_distributed() or td.get_rank() == 0:
+    main = not is_distributed() or td.get_rank() == 0
+    optimizer_state = _gather_sharded(optimizer.state_dict(), keep=main)
+    if main:
         tmp = root / (final.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -67,7 +73,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, save_model, model: torch.n
             save_model(tmp)
         if not (tmp / "model.safetensors").exists():
             raise RuntimeError(f"save_model({tmp}) wrote no model.safetensors; a checkpoint needs the weights")
-        tensors, structure = _flatten_optimizer(optimizer.state_dict())
+        tensors, structure = _flatten_optimizer(optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file({f"rank{r}.{k}": v.contiguous() for r, s in enumerate(ranks) for k, v in s["rng_tensors"].items()},
                   str(tmp / "rng.safetensors"))
@@ -89,8 +95,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     state = json.loads((path / "trainer_state.json").read_text())
     _load_weights(path / "model.safetensors", unwrap(model))
     if optimizer is not None:
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        load_optimizer(path, optimizer, state["optimizer"])
     if rank is None:
         rank = td.get_rank() if is_distributed() else 0
     saved_world = len(state["rng"])
@@ -103,6 +108,39 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     restore_rng(rng, state["rng"][r])
     state["data"], state["rng"] = state["data"][r], state["rng"][r]
     return state
+
+
+def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer, structure: dict) -> None:
+    """Restore the optimizer from a step directory (``structure``: trainer_state.json's "optimizer"). The file
+    holds whole tensors; for sharded (DTensor) parameters each rank keeps its own shard of every moment."""
+    sd = _unflatten_optimizer(load_file(str(Path(path) / "optimizer.safetensors")), structure)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, slots in sd["state"].items():
+        p = params[idx] if idx < len(params) else None
+        if not is_dtensor(p):
+            continue
+        from torch.distributed.tensor import distribute_tensor
+
+        for name, value in slots.items():
+            if torch.is_tensor(value) and value.shape == p.shape:  # a moment, not the scalar step count
+                slots[name] = distribute_tensor(value.to(p.to_local().device), p.device_mesh, p.placements,
+                                                src_data_rank=None)  # every rank read the file: no traffic
+    optimizer.load_state_dict(sd)
+
+
+def _gather_sharded(sd: dict, keep: bool) -> dict:
+    """An optimizer state_dict with every DTensor gathered whole (all ranks take part, in the same order); the
+    whole tensors are kept, on the CPU, only where ``keep``. Unsharded state comes back as it is."""
+    if not any(is_dtensor(v) for slots in sd["state"].values() for v in slots.values()):
+        return sd
+    state = {}
+    for idx, slots in sd["state"].items():
+        state[idx] = {}
+        for name, value in slots.items():
+            whole = full_tensor(value)
+            if keep:
+                state[idx][name] = whole.cpu() if torch.is_tensor(whole) else whole
+    return {"state": state, "param_groups": sd["param_groups"]}
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:

@@ -1,13 +1,21 @@
-"""torchrun / DDP in a few functions.
+"""torchrun: DDP and FSDP2 in a few functions.
 
 Under ``torchrun`` each process reads RANK / WORLD_SIZE / LOCAL_RANK and joins one process group (NCCL on CUDA,
 gloo on CPU). Without torchrun everything degrades to a single process with no group, and every helper here is
 a no-op, so the training loop has one code path.
+
+Two ways to spread training over processes (TrainConfig.parallel):
+  ddp   every rank holds the whole model, gradients and optimizer state; gradients are all-reduced.
+  fsdp  FSDP2 (``fully_shard``): every parameter, its gradient and its AdamW moments are split along dim 0
+        over the ranks (DTensors). Each transformer block is its own unit, all-gathered just before it runs
+        and freed after; the rest (embeddings, final norm, heads) is the root unit.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,8 +93,85 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
 
+PARALLEL = ("ddp", "fsdp")
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, parallel: str = "ddp", *, reshard_after_forward: bool = True,
+               bf16: bool = False) -> torch.nn.Module:
+    """The module to train: ``model`` itself in one process; under torchrun DDP around it (``ddp``) or a sharded
+    copy of it (``fsdp``; see shard_model). ``bf16`` (fsdp): all-gather parameters in bf16, reduce in fp32."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"unknown parallel {parallel!r} ({', '.join(PARALLEL)})")
+    if not info.distributed:
+        return model
+    if parallel == "fsdp":
+        return shard_model(model, info, reshard_after_forward=reshard_after_forward, bf16=bf16)
+    return wrap_ddp(model, info)
+
+
+def shard_model(model: torch.nn.Module, info: DistInfo, *, reshard_after_forward: bool = True,
+                bf16: bool = False) -> torch.nn.Module:
+    """An FSDP2-sharded deep copy of ``model``; ``model`` itself is parked on the CPU, untouched.
+
+    Units: every child of each ``nn.ModuleList`` named ``layers`` (lmforge's Transformer: ``model.layers[i]``,
+    one per block; LoRA-wrapped ones too) gets its own ``fully_shard``, then the root takes everything else.
+    A module without such a list is one unit (the root). Parameter names do not change, so the copy's
+    state_dict keys are the plain model's; gather_weights copies trained weights back into ``model``.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    model.to("cpu")  # the plain copy waits on the CPU: GPU memory holds only the shards
+    sharded = copy.deepcopy(model)
+    blocks = [block for name, mod in sharded.named_modules()
+              if name.rsplit(".", 1)[-1] == "layers" and isinstance(mod, torch.nn.ModuleList) for block in mod]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(sharded, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    return sharded
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported (0.6 s) when nothing was sharded
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def is_dtensor(t) -> bool:
+    tensor = sys.modules.get("torch.distributed.tensor")  # likewise
+    return tensor is not None and isinstance(t, tensor.DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (a collective: every rank must call it in the same order); plain tensors as is."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def gather_weights(sharded: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Copy the sharded copy's weights (and buffers) into the plain ``model`` on every rank, one all-gather per
+    parameter (so at most one whole parameter at a time sits on the device). Every rank must call it."""
+    targets = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    with torch.no_grad():
+        for name, t in [*sharded.named_parameters(), *sharded.named_buffers()]:
+            targets[name].copy_(full_tensor(t.detach()))
+
+
+def refuse_fsdp(train_cfg, stage: str) -> None:
+    """Stages that use the model's weights outside its forward (a head applied to returned hidden states,
+    generation during training) cannot run on sharded parameters: one clear error instead of a hang."""
+    if getattr(train_cfg, "parallel", "ddp") == "fsdp":
+        from lmforge.config import ConfigError
+
+        raise ConfigError(f"train.parallel=fsdp: lmforge {stage} applies model weights outside the model's "
+                          "forward (or generates while training), which FSDP's sharded parameters do not allow; "
+                          "use train.parallel=ddp (pretrain, midtrain and sft support fsdp)")
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under torch.compile and DDP wrappers (what gets saved, what has ``.config``)."""
+    """The module under torch.compile and DDP wrappers (what gets saved, what has ``.config``); an FSDP-sharded
+    module is its own (sharded) self."""
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 

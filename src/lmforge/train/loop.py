@@ -4,7 +4,7 @@ batches and a loss function
     loss_fn(model, batch) -> (loss, metrics)
 
 and :func:`train` does the rest: gradient accumulation, clipping, the learning-rate schedule, bf16 autocast on
-GPU, optional torch.compile, DDP under torchrun, NaN/inf guards, periodic evaluation, metrics (JSONL +
+GPU, optional torch.compile, DDP or FSDP2 under torchrun, NaN/inf guards, periodic evaluation, metrics (JSONL +
 TensorBoard), progress, atomic checkpoints and exact resume (model, optimizer, schedule, RNG, data position).
 CPU and CUDA, one process or many, all take the same code path.
 """
@@ -25,8 +25,25 @@ from typing import Literal
 import numpy as np
 import torch
 
-from lmforge.train.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir_name
-from lmforge.train.dist import DistInfo, all_reduce_mean, all_reduce_sum, init_distributed, unwrap, wrap_ddp
+from lmforge.train.checkpointing import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer,
+    save_checkpoint,
+    step_dir_name,
+)
+from lmforge.train.dist import (
+    PARALLEL,
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    full_tensor,
+    gather_weights,
+    init_distributed,
+    is_sharded,
+    unwrap,
+    wrap_model,
+)
 from lmforge.train.metrics import MetricsLogger, ProgressDisplay
 from lmforge.train.optim import build_optimizer, lr_at
 
@@ -54,6 +71,8 @@ class TrainConfig:
     seed: int = 0
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA with bf16, else fp32
     compile: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (ddp) or shard (fsdp, FSDP2) the model
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (less memory)
     nan_policy: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10  # skip policy: stop once more steps than this were skipped
     resume: bool = True
@@ -87,6 +106,7 @@ class TrainConfig:
             (self.max_skipped_steps >= 0, f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}"),
             (self.dtype in ("auto", "float32", "bfloat16"), f"unknown dtype {self.dtype!r}"),
             (self.nan_policy in ("stop", "skip"), f"unknown nan_policy {self.nan_policy!r}"),
+            (self.parallel in PARALLEL, f"unknown parallel {self.parallel!r} ({', '.join(PARALLEL)})"),
             (self.num_threads >= 0, f"num_threads must be >= 0 (0 = torch's default), got {self.num_threads}"),
         ]
         for ok, message in checks:
@@ -127,9 +147,9 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
           description: str = "train") -> TrainResult:
     """Optimise ``model`` for ``cfg.max_steps`` steps, resuming from ``out_dir/checkpoints`` if there are some.
 
-    loss_fn(model, batch) -> (scalar loss, {name: float|tensor}): ``model`` may be DDP/compile-wrapped, so
-        call it rather than reaching into attributes (``dist.unwrap`` gives the plain module). The batch has
-        already been moved to the device. Metrics are averaged over micro-batches and ranks when logged.
+    loss_fn(model, batch) -> (scalar loss, {name: float|tensor}): ``model`` may be DDP/compile-wrapped
+        or FSDP-sharded, so call it rather than reaching into attributes (``dist.unwrap`` gives the plain
+        module under DDP). The batch has already been moved to the device. Metrics are averaged over micro-batches and ranks when logged.
     train_data: iterator of this rank's micro-batches with state_dict()/load_state_dict() (the data position).
     save_model(dir): writes the model directory (config.json, model.safetensors, tokenizer) into ``dir``;
         checkpoints add the training state beside it. None: just model.safetensors.
@@ -140,6 +160,10 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
         model.flops_per_token(seq_len of the first batch) for MFU.
     on_log(step, metrics): every logged step, main rank. run_config: the stage's resolved config, written to
         out_dir/config.yaml and into every checkpoint (default: cfg).
+
+    cfg.parallel=fsdp under torchrun trains a sharded copy of ``model`` while ``model`` waits on the CPU; it
+    receives the whole weights for every checkpoint (so ``save_model`` works unchanged), every evaluation and
+    at the end (back on the device), so eval_fn, save_model and callers see a plain model, as with ddp.
     """
     cfg.validate()
     dist = dist or init_distributed(cfg.device)
@@ -158,11 +182,10 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
         save_config(run_config, out_dir / "config.yaml")
 
     model.to(dist.device)
-    optimizer = build_optimizer(model, cfg)
     step, tokens, skipped, notes = 0, 0, 0, []
     resumed = latest_checkpoint(ckpt_root) if cfg.resume else None
     if resumed is not None:
-        state = load_checkpoint(resumed, model, optimizer)
+        state = load_checkpoint(resumed, model)  # weights and RNG; the optimizer's state once it exists
         step, tokens, skipped = state["step"], state["tokens"], state["skipped_steps"]
         train_data.load_state_dict(state["data"])
         notes.append(f"resuming from {resumed} (step {step}){_changes(state.get('train_config'), cfg)}")
@@ -172,21 +195,42 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
         _seed_everything(cfg.seed + dist.rank)
     last_saved = step if resumed is not None else None
 
-    ddp_model = wrap_ddp(model, dist)
-    fwd_model = torch.compile(ddp_model) if cfg.compile else ddp_model
-    params = [p for p in model.parameters() if p.requires_grad]
+    # ddp: DDP around model; fsdp: a sharded copy of it (net), model itself parked on the CPU until the end
+    wrapped = wrap_model(model, dist, cfg.parallel, reshard_after_forward=cfg.reshard_after_forward,
+                         bf16=use_bf16(cfg, dist.device))
+    net = unwrap(wrapped)
+    sharded = is_sharded(net)
+    optimizer = build_optimizer(net, cfg)
+    if resumed is not None:
+        load_optimizer(resumed, optimizer, state["optimizer"])
+    fwd_model = torch.compile(wrapped) if cfg.compile else wrapped
+    params = [p for p in net.parameters() if p.requires_grad]
     logger = MetricsLogger(out_dir, enabled=dist.is_main, resume_step=step if resumed is not None else None)
     count_tokens = tokens_per_batch_fn or default_token_count
     peak = peak_flops(dist.device)
     result = TrainResult(step=step, tokens=tokens, skipped_steps=skipped, resumed_from=resumed)
 
+    synced = None  # fsdp: the step whose whole weights ``model`` holds
+
+    def sync_model() -> None:
+        nonlocal synced
+        if sharded and synced != step:
+            gather_weights(net, model)
+            synced = step
+
     def evaluate(progress: ProgressDisplay) -> dict:
         if eval_fn is None:
             return {}
-        model.eval()
+        plain = model if sharded else net
+        if sharded:  # every forward of a sharded model is a collective, and eval_fn may run more batches on one
+            sync_model()  # rank than on another: it gets the whole model, as under ddp (the weights, not
+            model.to(dist.device)  # gradients or AdamW state, must fit on one device)
+        plain.eval()
         with torch.no_grad(), autocast_context(cfg, dist.device):
-            metrics = {k: float(v) for k, v in eval_fn(model).items()}
-        model.train()
+            metrics = {k: float(v) for k, v in eval_fn(plain).items()}
+        plain.train()
+        if sharded:
+            model.to("cpu")
         logger.log(step, metrics)
         progress.print(f"step {step}/{cfg.max_steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if on_eval is not None:
@@ -195,6 +239,7 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
 
     def checkpoint() -> Path:
         nonlocal last_saved
+        sync_model()  # fsdp: the whole weights into model, for save_model
         train_state = {"tokens": tokens, "skipped_steps": skipped, "train_config": dataclasses.asdict(cfg),
                        "config": _as_dict(run_config)}
         path = save_checkpoint(ckpt_root, step, save_model, model, optimizer, train_state,
@@ -202,7 +247,7 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
         last_saved = step
         return path
 
-    model.train()
+    net.train()
     window = _Window()
     signals = _StopSignals(verbose=dist.is_main)
     progress = ProgressDisplay(cfg.max_steps, step, description, enabled=dist.is_main)
@@ -222,8 +267,7 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
                     step_tokens += int(count_tokens(batch))
                     if flops_per_token is None:
                         flops_per_token = _model_flops_per_token(model, batch)
-                    sync = micro == accum - 1 or not dist.distributed  # DDP all-reduces on the last only
-                    with contextlib.nullcontext() if sync else ddp_model.no_sync():
+                    with _gradient_sync(wrapped, last=micro == accum - 1):
                         with autocast_context(cfg, dist.device):
                             loss, metrics = loss_fn(fwd_model, batch)
                         _check_loss(loss, step)
@@ -232,7 +276,8 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
                     for k, v in metrics.items():
                         v = v.detach().float() if torch.is_tensor(v) else float(v)
                         metric_sums[k] = metric_sums.get(k, 0.0) + v / accum
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                grad_norm = full_tensor(  # a DTensor under fsdp: the norm over every rank's shards
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
                 local_loss, norm = torch.stack([loss_sum / accum, grad_norm.float().to(loss_sum.device)]).tolist()
                 totals = all_reduce_sum(torch.tensor(
                     [local_loss, float(not math.isfinite(norm)), float(signals.received is not None), step_tokens],
@@ -298,6 +343,9 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
             result.eval_metrics = evaluate(progress)
             if last_saved != step:
                 checkpoint()
+            if sharded:  # hand the caller back the whole, trained model on every rank
+                sync_model()
+                model.to(dist.device)
     finally:
         logger.close()
     result.step, result.tokens, result.skipped_steps = step, tokens, skipped
@@ -305,13 +353,27 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
     return result
 
 
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """cfg.dtype asks for bf16 ("auto": on CUDA GPUs that support it). Weights and AdamW state stay fp32."""
+    return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"
+                                       and torch.cuda.is_bf16_supported())
+
+
 def autocast_context(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast when cfg.dtype asks for it ("auto": on CUDA GPUs that support bf16); fp32 otherwise."""
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"
-                                           and torch.cuda.is_bf16_supported())
-    if not use_bf16:
+    """bf16 autocast when use_bf16 (under fsdp the weights are also all-gathered in bf16, gradients reduced in
+    fp32); fp32 otherwise."""
+    if not use_bf16(cfg, device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _gradient_sync(model: torch.nn.Module, last: bool):
+    """Gradient accumulation reduces over ranks on the last micro-batch only: DDP's no_sync() before it, FSDP2's
+    set_requires_gradient_sync(False) (gradients accumulate unsharded, then one reduce-scatter)."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
 # Dense bf16 peaks (no sparsity), most specific name first. MFU is only as good as this guess.
