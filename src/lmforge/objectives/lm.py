@@ -164,14 +164,18 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             target = z.gather(1, targets[rows, None]).squeeze(1)
             top = z.amax(dim=-1, keepdim=True)
             z.sub_(top)  # in place: z - max
-            e = torch.exp(z) if with_entropy else z.exp_()
+            if probs is not None:  # exp(z - max) straight into the kept buffer, normalised below
+                e = torch.exp(z, out=probs[rows])
+            else:
+                e = torch.exp(z) if with_entropy else z.exp_()
             norm = e.sum(dim=-1, keepdim=True)
             lses[rows] = (top + norm.log()).squeeze(1)
             logps[rows] = target - lses[rows]
-            if with_entropy:  # H = log sum e - sum p (z - max)
-                entropy[rows] = norm.log().squeeze(1) - (e * z).sum(-1) / norm.squeeze(1)
+            if with_entropy:  # H = log sum e - sum p (z - max); the row dots as a batched matmul, no (rows, V) product
+                dots = torch.bmm(e[:, None, :], z[:, :, None]).view(-1)
+                entropy[rows] = norm.log().squeeze(1) - dots / norm.squeeze(1)
             if probs is not None:
-                torch.div(e, norm, out=probs[rows])
+                e.div_(norm)
         logps.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, targets, valid, lses, probs)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
