@@ -63,6 +63,15 @@ def test_history_and_system_prompt_are_rendered_every_turn(session):
     assert session.messages == [{"role": "system", "content": "Be brief."}]
 
 
+def test_answers_are_capped_at_half_a_short_context(session):
+    """chat's default max_new_tokens (512) on a model with 256 positions answers in up to 128 tokens, not an error."""
+    from dataclasses import replace
+
+    short = ChatSession(session.model, session.tokenizer, replace(session.params, max_new_tokens=512), max_context=256)
+    assert short.params.max_new_tokens == 128
+    assert session.params.max_new_tokens == 6  # the fixture's own setting fits: untouched
+
+
 def test_oldest_turns_are_dropped_when_the_context_is_full(session):
     session.max_context = 60
     for text in ("Hello there", "how are you", "I am fine", "thank you"):

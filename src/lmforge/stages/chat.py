@@ -64,11 +64,15 @@ class ChatSession:
     """
 
     def __init__(self, model, tokenizer, params, system: str = "", max_context: int = 0):
+        from dataclasses import replace
+
         from lmforge.tokenizer import CHATML_TEMPLATE
 
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.system = system
         self.max_context = max_context or model.config.max_position_embeddings
+        if params.max_new_tokens > self.max_context // 2:  # e.g. the default 512 on a 256-position tiny model:
+            self.params = replace(params, max_new_tokens=self.max_context // 2)  # leave room for the conversation
         self.stop_strings = []
         if "<|im_end|>" in (tokenizer.chat_template or CHATML_TEMPLATE) and tokenizer.token_to_id("<|im_end|>") is None:
             self.stop_strings = ["<|im_end|>"]  # ChatML over a vocabulary without its marker token
