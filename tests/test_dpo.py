@@ -4,12 +4,11 @@ moves the policy the right way, the best-of-N scorer agrees, and the CLIs end to
 import copy
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from lmforge_cli import lmforge
 from preference_helpers import easy_pairs, micro_model_dir, write_jsonl
 
 from lmforge.data.preference import TokenPair, collate_pairs, collate_sequences
@@ -129,11 +128,6 @@ def test_token_kl_is_exact_and_zero_against_itself():
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-def lmforge(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lmforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 MICRO = ["train.batch_size=8", "train.micro_batch_size=8", "train.warmup_steps=2", "train.lr=1e-3",

@@ -5,12 +5,11 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 from copy import deepcopy
 
 import pytest
 import torch
+from lmforge_cli import lmforge
 from test_rollout import make_model_dir, tiny_model, write_rl_prompts
 
 from lmforge.objectives.rl import grpo_advantages, grpo_loss
@@ -139,11 +138,6 @@ def test_resume_mid_rollout_equals_the_uninterrupted_run(tmp_path):
 
 # ---- the CLI ----
 
-def lmforge(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lmforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def micro(tmp_path):

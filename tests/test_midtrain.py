@@ -1,11 +1,10 @@
 """End to end: `lmforge pretrain` on a weighted mix, then `lmforge midtrain` from it on a mix upweighting the quiz."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
+from lmforge_cli import lmforge
 
 MODEL = ["seq_len=32", "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
          "model.num_attention_heads=2", "model.num_key_value_heads=1"]
@@ -15,11 +14,6 @@ PRE_MIX = "data.mix=[{source: builtin:tinyshakespeare, weight: 0.9}, {source: bu
 MID_MIX = "data.mix=[{source: builtin:tinyshakespeare, weight: 0.2}, {source: builtin:tinyworld/quiz, weight: 0.8}]"
 
 
-def lmforge(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lmforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.mark.slow

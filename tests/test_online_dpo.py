@@ -3,13 +3,11 @@
 two references, and the CLI end to end (per-round summary, rerun is a no-op, bad data is one error)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from lmforge_cli import lmforge as run_lmforge
 from safetensors.torch import load_file
 from test_rollout import make_model_dir, write_rl_prompts
 
@@ -162,13 +160,9 @@ def test_reference_is_the_round_start_or_the_initial_model(tmp_path, reference):
         assert abs(first_step["rewards/chosen"]) > 1e-3
 
 
+
 def lmforge(*args, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lmforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return run_lmforge(*args, check=check, threads=1)
 
 
 def test_cli_two_rounds_summary_noop_rerun_and_bad_data(tmp_path):

@@ -1,10 +1,9 @@
 """End to end: `lmforge pretrain` on a micro config, then resume, sample, and open the result in transformers."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from lmforge_cli import lmforge
 
 MICRO = ["seq_len=32", "vocab_size=320", "model.hidden_size=32", "model.intermediate_size=64",
          "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.num_key_value_heads=1",
@@ -13,11 +12,6 @@ MICRO = ["seq_len=32", "vocab_size=320", "model.hidden_size=32", "model.intermed
          "train.lr=1e-2", "sample_tokens=10"]
 
 
-def lmforge(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lmforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.mark.slow

@@ -3,12 +3,11 @@ fallback against F.linear on the dequantized weight, save/load round trips, perp
 `lmforge quantize` then `lmforge generate` end to end."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from lmforge_cli import lmforge
 
 from lmforge.model import ModelConfig, Transformer
 from lmforge.quant import (
@@ -26,11 +25,6 @@ from lmforge.quant import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def lmforge(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lmforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 # ---- the quantisers, by hand ----

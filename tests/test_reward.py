@@ -2,11 +2,10 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
+from lmforge_cli import lmforge
 from preference_helpers import easy_pairs, micro_model_dir, write_jsonl
 
 from lmforge.data.preference import TokenPair, collate_pairs, pad_rows
@@ -93,11 +92,6 @@ def test_saved_reward_model_opens_in_transformers_with_the_same_scores(tmp_path)
     assert torch.allclose(ours, theirs, atol=1e-4)
 
 
-def lmforge(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lmforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 MICRO = ["train.max_steps=16", "train.batch_size=8", "train.micro_batch_size=8", "train.warmup_steps=2",

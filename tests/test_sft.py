@@ -1,11 +1,10 @@
 """SFT: packing (exactness, counts, resume), the assistant-only loss, LoRA (merge, PEFT format) and the CLI."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from lmforge_cli import lmforge
 
 from lmforge.data.packing import (
     SFTBatches,
@@ -161,11 +160,6 @@ def test_lora_merge_matches_adapter_and_the_adapter_loads_with_peft(tmp_path):
 
 # ---- end to end ----
 
-def lmforge(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lmforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")
