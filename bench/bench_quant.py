@@ -27,21 +27,16 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
-import math
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from lmforge.evaluation import token_perplexity as perplexity
+from lmforge.stages.quantize import decode_speed
+
 WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt.gz")
-
-
-def perplexity(model, ids: list[int]) -> float:
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        return math.exp(float(model(x[:, :-1], labels=x[:, 1:])))
 
 
 def fallback_perplexity(model, ids: list[int]) -> float:
@@ -55,20 +50,6 @@ def fallback_perplexity(model, ids: list[int]) -> float:
     finally:
         for m in layers:
             m.use_kernel = True
-
-
-def tok_per_s(model, prompt: list[int], batch: int, new: int, repeats: int) -> float:
-    from lmforge.generation import SamplingParams, generate
-
-    prompts = [list(prompt)] * batch
-    params = SamplingParams(max_new_tokens=new, temperature=0.0)
-    generate(model, prompts, SamplingParams(max_new_tokens=4, temperature=0.0), eos_token_ids=[])  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate(model, prompts, params, eos_token_ids=[])
-        best = min(best, time.perf_counter() - t0)
-    return batch * new / best
 
 
 def variants(model, group_sizes: list[int]):
@@ -108,7 +89,7 @@ def bench_model(title: str, model, texts: dict[str, list[int]], prompt: list[int
         exact = ["-"] * len(names) if base is None else [f"{fallback_perplexity(m, ids):.3f}"
                                                          for ids in texts.values()]
         base = base or ppl
-        speed = [tok_per_s(m, prompt, b, args.new, args.repeats) for b in args.batches]
+        speed = [decode_speed(m, prompt, args.new, b, args.repeats) for b in args.batches]
         rel = [f"{p:.3f}" + ("" if p is b else f" ({100 * (p / b - 1):+.1f}%)") for p, b in zip(ppl, base)]
         agree = "-" if m is model else f"{top1_agreement(m, model, first):.3f}"
         rows.append([name, f"{mb:.1f}", *rel, *exact, agree, *[f"{s:.1f}" for s in speed]])

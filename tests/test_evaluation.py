@@ -323,3 +323,21 @@ def test_accuracy_gain_is_paired_over_problems():
     assert gain["value"] == pytest.approx(0.1) and gain["ci"][0] >= 0.0
     acc = ev.rate(new, n_boot=500)
     assert gain["ci"][1] - gain["ci"][0] < acc["ci"][1] - acc["ci"][0]
+
+
+def test_token_perplexity_reads_windows_of_the_context():
+    """Within the context: exp of one forward's mean loss. Longer: consecutive windows, every token after a
+    window's first predicted, the mean weighted by tokens (import and quantize report this number)."""
+    from lmforge.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8)).eval()
+    ids = torch.randint(0, 32, (20,)).tolist()
+    with torch.no_grad():
+        one = math.exp(float(model(torch.tensor([ids[:8]])[:, :-1], labels=torch.tensor([ids[1:8]]))))
+        assert ev.token_perplexity(model, ids[:8]) == pytest.approx(one, rel=1e-6)
+        losses = [(float(model(torch.tensor([w[:-1]]), labels=torch.tensor([w[1:]]))), len(w) - 1)
+                  for w in (ids[0:8], ids[8:16], ids[16:20])]
+    expected = math.exp(sum(loss * n for loss, n in losses) / sum(n for _, n in losses))
+    assert ev.token_perplexity(model, ids) == pytest.approx(expected, rel=1e-6)

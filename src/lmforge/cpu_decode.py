@@ -95,7 +95,8 @@ class PackedDecodeStep:
                 bias = (torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in qkv])
                         * rows_scale if any(p.bias is not None for p in qkv) else None)
                 w_qkv = torch.cat([p.weight for p in qkv]) * block.input_layernorm.weight * rows_scale[:, None]
-                w_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * block.post_attention_layernorm.weight
+                w_gate_up = (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+                             * block.post_attention_layernorm.weight)
                 self.layers.append(dict(qkv=_pack(w_qkv, rows), qkv_bias=bias, o=_pack(a.o_proj.weight, rows),
                                         o_bias=a.o_proj.bias, gate_up=_pack(w_gate_up, rows),
                                         down=_pack(mlp.down_proj.weight, rows)))

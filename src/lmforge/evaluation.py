@@ -167,6 +167,22 @@ def reward_scores(reward_model, pairs: list[tuple[list[int], list[int]]], pad_id
 # ---- metrics ----
 
 @torch.inference_mode()
+def token_perplexity(model, ids: list[int]) -> float:
+    """exp(mean next-token loss) over the token list ``ids``, read in consecutive windows no longer than the
+    model's context (max_position_embeddings); every token after a window's first is predicted."""
+    window = model.config.max_position_embeddings
+    total = count = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(ids) - 1, window):
+            x = torch.tensor([ids[start:start + window]], device=model.lm_head.weight.device)
+            if x.shape[1] < 2:
+                break
+            n = x.shape[1] - 1
+            total += float(model(x[:, :-1], labels=x[:, 1:])) * n
+            count += n
+    return math.exp(total / count)
+
+
 def perplexity(model, tokenizer, data, seq_len: int = 256, batch_size: int = 8, max_batches: int = 0,
                split: str = "val") -> dict:
     """Mean next-token cross-entropy (nats/token) and perplexity exp(loss) = exp(-1/N sum_i log p(x_i | x_<i)).

@@ -16,12 +16,13 @@ sampling is exact, and accepts with probability >= top_p); rare leftovers take t
 
 Two decoders run the steps. CacheDecoder (the default) calls the model's forward on a cache that grows by one
 slot per step, and drops a finished row at once; on CPU with fp32 weights and 2 or more rows it calls a
-``cpu_decode.PackedDecodeStep`` instead (the same math with prepacked, fused weights, ~1.5x faster). StaticDecoder (``static_cache=True``, and always with
-``compile=True``) calls ``Transformer.decode_step``, gpt-fast style: the cache is preallocated, the new keys are
-written at a slot tensor and the token attends over the cache with a key mask, so every step has the same
-shapes and ``torch.compile`` turns it into one graph (compiled once per process and model shape, reused by
-later calls). Uncompiled, the growing cache is the faster of the two on CPU; compiled, the fixed-shape step
-removes most of the per-op overhead. Both give the same tokens and log-probs up to float rounding.
+``cpu_decode.PackedDecodeStep`` instead (the same math with prepacked, fused weights, ~1.5x faster).
+StaticDecoder (``static_cache=True``, and always with ``compile=True``) calls ``Transformer.decode_step``,
+gpt-fast style: the cache is preallocated, the new keys are written at a slot tensor and the token attends over
+the cache with a key mask, so every step has the same shapes and ``torch.compile`` turns it into one graph
+(compiled once per process and model shape, reused by later calls). Uncompiled, the growing cache is the faster
+of the two on CPU; compiled, the fixed-shape step removes most of the per-op overhead (on CPU with 2 or more rows
+the packed step is faster still). All give the same tokens and log-probs up to float rounding.
 """
 
 from __future__ import annotations
@@ -341,8 +342,9 @@ def _decode(model, prompts, params: SamplingParams, tokenizer, eos_token_ids, pa
             key_mask[:, :width] = prompt_mask[fan].bool()
         pad = width - torch.tensor([len(prompts[p]) for p in fan.tolist()], device=device)
         step = compiled_step(model) if params.compile else model.decode_step
-        decoder = StaticDecoder(model, cache, pad, key_mask, step, packed_head(model, len(fan)), narrow=not cuda_graphs,
-                                compact=not cuda_graphs, min_rows=2 if params.compile and not cuda_graphs else 1)
+        decoder = StaticDecoder(model, cache, pad, key_mask, step, packed_head(model, len(fan)),
+                                narrow=not cuda_graphs, compact=not cuda_graphs,
+                                min_rows=2 if params.compile and not cuda_graphs else 1)
     else:
         position = positions[fan, -1:] + 1 if positions is not None else None  # (rows, 1) next position per row
         key_mask = None  # decode keys: the prompt's mask, then ones for generated tokens; None when unpadded

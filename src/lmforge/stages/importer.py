@@ -94,14 +94,10 @@ def heldout_text() -> str:
 
 def perplexity(model, tokenizer, text: str) -> tuple[float, int]:
     """exp(mean next-token loss) over ``text`` (every token after the first is predicted), and the token count."""
-    import math
+    from lmforge.evaluation import token_perplexity
 
-    import torch
-
-    ids = torch.tensor([tokenizer.encode(text)], device=model.lm_head.weight.device)
-    with torch.inference_mode():
-        loss = model(ids[:, :-1], labels=ids[:, 1:])
-    return math.exp(float(loss)), ids.shape[1]
+    ids = tokenizer.encode(text)
+    return token_perplexity(model, ids), len(ids)
 
 
 def chat_check(model, tokenizer, question: str = CHECK_QUESTION, max_new_tokens: int = 32) -> str:

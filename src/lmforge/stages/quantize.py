@@ -51,24 +51,6 @@ def weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def perplexity(model, ids: list[int]) -> float:
-    """exp(mean next-token loss) over ``ids``, read in consecutive windows no longer than the model's context
-    (max_position_embeddings); every token after a window's first is predicted."""
-    import torch
-
-    window = model.config.max_position_embeddings
-    total = count = 0.0
-    with torch.inference_mode():
-        for start in range(0, len(ids) - 1, window):
-            x = torch.tensor([ids[start:start + window]], device=model.lm_head.weight.device)
-            if x.shape[1] < 2:
-                break
-            n = x.shape[1] - 1
-            total += float(model(x[:, :-1], labels=x[:, 1:])) * n
-            count += n
-    return math.exp(total / count)
-
-
 def decode_speed(model, prompt: list[int], new_tokens: int, batch_size: int = 1, repeats: int = 2) -> float:
     """Greedy new tokens per second (all rows together, end-of-sequence ignored), best of ``repeats`` runs
     after a short warm-up."""
@@ -85,7 +67,9 @@ def decode_speed(model, prompt: list[int], new_tokens: int, batch_size: int = 1,
 
 
 def measure(model, ids: list[int] | None, prompt: list[int], speed_tokens: int) -> dict:
-    out = {"perplexity": round(perplexity(model, ids), 4) if ids else None}
+    from lmforge.evaluation import token_perplexity
+
+    out = {"perplexity": round(token_perplexity(model, ids), 4) if ids else None}
     if speed_tokens > 0:
         out["decode_tok_s"] = round(decode_speed(model, prompt, speed_tokens), 1)
     return out

@@ -149,7 +149,8 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
 
     loss_fn(model, batch) -> (scalar loss, {name: float|tensor}): ``model`` may be DDP/compile-wrapped
         or FSDP-sharded, so call it rather than reaching into attributes (``dist.unwrap`` gives the plain
-        module under DDP). The batch has already been moved to the device. Metrics are averaged over micro-batches and ranks when logged.
+        module under DDP). The batch has already been moved to the device. Metrics are averaged over
+        micro-batches and ranks when logged.
     train_data: iterator of this rank's micro-batches with state_dict()/load_state_dict() (the data position).
     save_model(dir): writes the model directory (config.json, model.safetensors, tokenizer) into ``dir``;
         checkpoints add the training state beside it. None: just model.safetensors.
