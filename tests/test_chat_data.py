@@ -11,7 +11,7 @@ from lmforge.data.chat import (
     tokenize_conversation,
     tokenize_prompt_completion,
 )
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
 from lmforge.tokenizer import CHATML_TEMPLATE, train_tokenizer
 
 CHAT = [

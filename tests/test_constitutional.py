@@ -13,16 +13,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from lmforge.config import ConfigError
 from lmforge.constitutional.constitution import (
     critique_turn,
     load_constitution,
     pairwise_messages,
     revision_turn,
 )
-from lmforge.constitutional.judges import ChatParams, Choice, JudgeError, LocalModel, parse_choice
+from lmforge.constitutional.judges import ChatParams, Choice, LocalModel, parse_choice
 from lmforge.constitutional.prompts import read_prompts
-from lmforge.data.sources import DataError
+from lmforge.errors import ConfigError, DataError, JudgeError
 from lmforge.stages.constitutional import JudgeConfig, LabelConfig, ReviseConfig, run_label, run_revise
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -16,7 +16,8 @@ from lmforge.data.shards import (
     iter_eval,
     unigram_baseline_loss,
 )
-from lmforge.data.sources import DataError, FilterConfig, clean_text, filter_documents, read_documents
+from lmforge.data.sources import FilterConfig, clean_text, filter_documents, read_documents
+from lmforge.errors import DataError
 from lmforge.tokenizer import train_tokenizer
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge import evaluation as ev
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
 from lmforge.generation import Completion
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import train_tokenizer

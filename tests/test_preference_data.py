@@ -20,7 +20,7 @@ from lmforge.data.preference import (
     tokenize_pairs,
     tokenize_unpaired,
 )
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731

@@ -229,7 +229,7 @@ def read_with_constitutional(path):
     (b"\xff\xfe", r"p\.jsonl:2: not UTF-8 text"),
 ])
 def test_a_bad_line_in_any_prompt_file_is_the_same_error(read, line, error, tmp_path):
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
 
     path = tmp_path / "p.jsonl"
     good = json.dumps({"prompt": "What is 2 + 2?", "answer": "4"}).encode() + b"\n"
@@ -241,7 +241,7 @@ def test_a_bad_line_in_any_prompt_file_is_the_same_error(read, line, error, tmp_
 @pytest.mark.parametrize("read", [read_with_generate, read_with_constitutional],
                          ids=lambda f: f.__name__.removeprefix("read_with_"))
 def test_a_bad_message_names_the_line_and_field_as_sft_data_does(read, tmp_path):
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n'

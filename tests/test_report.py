@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
 from lmforge.report import collect_stages, stage_table, write_report
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from test_rollout import make_model_dir
 
-from lmforge.config import ConfigError, from_dict
+from lmforge.config import from_dict
+from lmforge.errors import ConfigError
 from lmforge.rewards import RewardInput, RewardSpec, build_reward, format_reward, length_reward, math_reward
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.rollout import (
     RolloutStream,

@@ -9,7 +9,8 @@ import torch
 from lmforge import tinyworld as tw
 from lmforge.answers import extract_answer, is_correct
 from lmforge.data.mix import MixSource, mix_documents, mix_name
-from lmforge.data.sources import DataError, FilterConfig, generated_rows, read_documents
+from lmforge.data.sources import FilterConfig, generated_rows, read_documents
+from lmforge.errors import DataError
 from lmforge.tokenizer import train_tokenizer
 
 QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")

@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb][0])
-    from lmforge.config import ConfigError
-    from lmforge.data.sources import DataError
+    from lmforge.errors import ConfigError, DataError
 
     try:
         rc = int(module.main(rest) or 0)

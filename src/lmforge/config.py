@@ -18,11 +18,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lmforge.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A bad recipe or override; the message names the key (and file, when there is one)."""
 
 
 def recipe_path(name_or_path: str) -> Path:

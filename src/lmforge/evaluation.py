@@ -30,7 +30,7 @@ import torch
 
 from lmforge.answers import extract_answer, is_correct, normalize_answer
 from lmforge.data.chat import encode_prompt  # the one prompt encoder (SFT's bos rule); eval.py uses it
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
 from lmforge.generation import Completion, SamplingParams, generate, left_pad
 
 TASKS = ("tinyworld", "gsm8k", "svamp", "math500", "jsonl")

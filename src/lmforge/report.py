@@ -85,7 +85,7 @@ class Stage:
 # ---- reading ----
 
 def _read_json(path: Path) -> dict:
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -98,7 +98,7 @@ def _read_json(path: Path) -> dict:
 
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl rows; at a {"event": "resume"} row, earlier rows past the resumed step are dropped."""
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
 
     rows: list[dict] = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -137,7 +137,7 @@ def collect_stages(run_dir: str | Path) -> list[Stage]:
     pipeline order."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        from lmforge.data.sources import DataError
+        from lmforge.errors import DataError
 
         raise DataError(f"{run_dir}: no such run directory")
     stages = []
@@ -328,7 +328,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, title: 
     out_dir = Path(out_dir) if out_dir else run_dir
     stages = collect_stages(run_dir)
     if not stages:
-        from lmforge.data.sources import DataError
+        from lmforge.errors import DataError
 
         raise DataError(f"{run_dir}: no stage directories (none holds summary.json, metrics.jsonl or eval/eval.json)")
     title = title or f"lmforge run: {run_dir.resolve().name}"

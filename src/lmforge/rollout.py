@@ -39,7 +39,7 @@ def read_rl_prompts(spec: str, prompt_field: str = "prompt", answer_field: str =
     """RL prompt rows {"prompt": str | messages, "answer": str | None} from a .jsonl(.gz) (or .json / .parquet)
     file or ``builtin:tinyworld/NAME``. A bad row is one DataError naming the file, the line and the field."""
     from lmforge.data.chat import read_rows  # the shared reader: bad JSON names the file and line
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
 
     if spec.startswith("builtin:") and not spec.startswith("builtin:tinyworld/"):
         raise DataError(f"{spec}: RL prompts come from a .jsonl file or builtin:tinyworld/rl")
@@ -446,7 +446,7 @@ def load_rl_data(cfg, tokenizer) -> tuple[list[dict], list[list[int]], list[dict
 
 
 def check_answers(rows: list[dict], rewards) -> None:
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
 
     if any(r.kind == "math" for r in rewards):
         missing = next((r for r in rows if r["answer"] is None), None)

@@ -261,7 +261,7 @@ SOURCES = {  # builtin:tinyworld/NAME -> the rows it serves
 def source_rows(name: str) -> list[dict]:
     """The rows of ``builtin:tinyworld/NAME`` (data.sources reads them like a JSON Lines file)."""
     if name not in SOURCES:
-        from lmforge.data.sources import DataError
+        from lmforge.errors import DataError
 
         raise DataError(f"builtin:tinyworld/{name}: no such generated source "
                         f"(tinyworld sources: {', '.join(f'builtin:tinyworld/{k}' for k in SOURCES)})")

@@ -35,11 +35,9 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.errors import JudgeError
+
 Messages = list[dict]
-
-
-class JudgeError(RuntimeError):
-    """A backend that cannot answer: unreachable, timing out, or speaking something other than the protocol."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
 
 
 def builtin_prompts() -> list[str]:

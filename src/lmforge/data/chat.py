@@ -25,15 +25,8 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
-from lmforge.data.sources import (
-    DataError,
-    _decode,
-    _kind,
-    _open_binary,
-    hf_rows,
-    parse_json_line,
-    source_files,
-)
+from lmforge.data.sources import _decode, _kind, _open_binary, hf_rows, parse_json_line, source_files
+from lmforge.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 

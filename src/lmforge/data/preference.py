@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
 
 ASSISTANT_MARKERS = ("\n\nAssistant:", "<|im_start|>assistant\n")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
 
 SHARD_TOKENS = 100_000_000  # ~200 MB of uint16 per shard file
 _READ_TOKENS = 1 << 24  # tokens per block when a whole split is scanned (unigram counts)

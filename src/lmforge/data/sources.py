@@ -21,13 +21,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from lmforge.errors import DataError
+
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
 SUPPORTED = ".txt, .md, .jsonl, .json, .parquet (text and JSON optionally .gz)"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the line and the field."""
 
 
 def builtin_path(name: str) -> Path:

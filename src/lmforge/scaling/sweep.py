@@ -154,7 +154,7 @@ def shared_tokenizer(base, out_dir: Path) -> Path:
 def train_run(spec: RunSpec, base, out_dir: Path, tokenizer_dir: Path, scfg: ScalingConfig,
               run_dir: Path | None = None) -> dict:
     """Train one run (or read it back when its summary exists) and return its table row."""
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
     from lmforge.stages.pretrain import run_pretrain
 
     run_dir = run_dir or out_dir / "runs" / spec.name
@@ -191,7 +191,8 @@ def train_run(spec: RunSpec, base, out_dir: Path, tokenizer_dir: Path, scfg: Sca
 
 def run_sweep(scfg: ScalingConfig, base) -> list[dict]:
     """Train every (size, budget) run not done yet; write sweep.csv and sweep.jsonl after each one."""
-    from lmforge.config import ConfigError, save_config
+    from lmforge.config import save_config
+    from lmforge.errors import ConfigError
     from lmforge.modelio import load_tokenizer
 
     if not scfg.models or not scfg.budgets:
@@ -236,7 +237,7 @@ def write_table(rows: list[dict], path: Path) -> None:
 
 def read_table(path: str | Path, required=("tokens", "val_loss")) -> list[dict]:
     """Rows of a sweep CSV (or JSONL) with numbers parsed; names the missing column or bad cell."""
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
 
     path = Path(path)
     if not path.exists():
@@ -292,7 +293,7 @@ def run_predict(scfg: ScalingConfig, base) -> dict:
     """
     import numpy as np
 
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
     from lmforge.modelio import load_tokenizer
     from lmforge.scaling.laws import bootstrap_indices, fit_chinchilla, percentile_ci, theta_of
 

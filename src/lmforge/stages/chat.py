@@ -136,7 +136,7 @@ class ChatSession:
 
 def check_template(tokenizer, template: str, model: str) -> None:
     """A checkpoint without a chat template is an error, unless the user asks for ChatML by name."""
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
     from lmforge.tokenizer import CHATML_TEMPLATE
 
     if template == "chatml":
@@ -230,7 +230,7 @@ def main(argv: list[str]) -> int:
     if argv and "=" not in argv[0] and not argv[0].startswith("-"):
         argv = [f"model={argv[0]}", *argv[1:]]  # `lmforge chat MODEL ...`
     cfg = parse_cli(argv, ChatConfig, prog="lmforge chat", description=__doc__)
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
 
     try:
         run_chat(cfg)

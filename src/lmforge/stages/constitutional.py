@@ -363,7 +363,7 @@ def print_summary(sub: str, summary: dict) -> None:
 
 def main(argv: list[str]) -> int:
     from lmforge.config import parse_cli
-    from lmforge.constitutional.judges import JudgeError
+    from lmforge.errors import JudgeError
 
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         print(__doc__ + "\nusage: lmforge constitutional {revise,label,eval,run} [--config RECIPE] [key=value ...]",

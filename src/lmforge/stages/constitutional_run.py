@@ -167,7 +167,7 @@ def prepare_prompts(cfg: RunConfig) -> tuple[dict[str, str], dict[str, int]]:
     check_disjoint(splits)
     empty = [name for name in ("eval_harmful", "eval_safe", "eval_helpful", "revise") if not splits[name]]
     if empty:
-        from lmforge.data.sources import DataError
+        from lmforge.errors import DataError
 
         raise DataError(f"the prompt split left {empty[0]} empty: give more prompts (red_team, helpful, safe) or "
                         "ask for fewer")
@@ -179,7 +179,7 @@ def run_constitutional(cfg: RunConfig, steps: dict | None = None, critic=None, j
     ``judge`` override the configured backends (tests). Returns results.json's content."""
     from lmforge.config import save_config
     from lmforge.constitutional.run import judge_check, markdown_table, model_metrics
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
     from lmforge.stages.dpo import run_dpo
     from lmforge.stages.sft import run_sft
 
@@ -271,7 +271,7 @@ def main_run(argv: list[str]) -> int:
     import argparse
 
     from lmforge.config import describe, load_config
-    from lmforge.constitutional.judges import JudgeError
+    from lmforge.errors import JudgeError
     from lmforge.stages import constitutional
 
     parser = argparse.ArgumentParser(prog="lmforge constitutional run", description=constitutional.__doc__,

@@ -322,7 +322,7 @@ def run_sweep(cfg: DPOConfig) -> dict:
     dist, out_dir = start_run(cfg)
     start, tokenizer, train_pairs, eval_pairs, stats = prepare(cfg, dist)
     if not eval_pairs:
-        from lmforge.data.sources import DataError
+        from lmforge.errors import DataError
 
         raise DataError("the beta sweep measures KL and margins on held-out pairs: set data.eval_fraction > 0 "
                         "or data.eval_source")

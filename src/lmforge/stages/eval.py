@@ -97,7 +97,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     import torch
 
     from lmforge import evaluation as ev
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
     from lmforge.modelio import load_model_dir
     from lmforge.stages.generate import load_for_generation
 

@@ -72,7 +72,7 @@ def read_prompt_rows(path: str | Path) -> list[tuple[str, dict]]:
     Rows are read by data.chat.read_rows (.jsonl, .json, .parquet, gzipped too), so a bad line is the same
     error as in every other dataset: file, line and field."""
     from lmforge.data.chat import check_messages, read_rows
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
 
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
@@ -124,7 +124,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     """Complete every row of cfg.input into cfg.output; returns counts for the summary line."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
     from lmforge.generation import generate
 
     numbered = read_prompt_rows(cfg.input)

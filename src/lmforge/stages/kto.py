@@ -88,7 +88,7 @@ def run_kto(cfg: KTOConfig) -> dict:
         split_eval,
         tokenize_unpaired,
     )
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
     from lmforge.modelio import save_model_dir, write_model_files
     from lmforge.stages.dpo import precompute_reference
     from lmforge.stages.reward import evaluate_pairs, load_policy

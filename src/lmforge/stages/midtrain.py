@@ -45,7 +45,8 @@ class MidtrainConfig:
 
 def run_midtrain(cfg: MidtrainConfig) -> dict:
     """Continue training ``cfg.model`` on ``cfg.data``; the pretrain summary plus val_loss_by_source before/after."""
-    from lmforge.config import ConfigError, save_config
+    from lmforge.config import save_config
+    from lmforge.errors import ConfigError
     from lmforge.modelio import load_model_dir, load_tokenizer, resolve_model_dir
     from lmforge.stages.pretrain import PretrainConfig, run_pretrain
     from lmforge.train.dist import init_distributed

@@ -156,7 +156,7 @@ def main(argv: list[str]) -> int:
     try:
         summary = run_quantize(cfg)
     except (FileNotFoundError, ValueError) as e:
-        from lmforge.config import ConfigError
+        from lmforge.errors import ConfigError
 
         if isinstance(e, ConfigError):
             raise

@@ -110,7 +110,7 @@ def evaluate_pairs(model, loss_fn, pairs, collate, batch_size: int, device, limi
 
 def load_policy(path: str, num_labels: int | None = None):
     """(model, tokenizer) from a model directory; the tokenizer must be there too (it carries the template)."""
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
     from lmforge.modelio import load_model_dir, load_tokenizer
 
     try:
@@ -215,7 +215,7 @@ def score_token_rows(model, rows: list[list[int]], pad_id: int, batch_size: int 
 def run_score(cfg: ScoreConfig) -> dict:
     from lmforge.data.chat import tokenize_prompt_completion
     from lmforge.data.preference import _rows, pair_from_row
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
 
     model, tokenizer = load_policy(cfg.model)
     if model.score is None:

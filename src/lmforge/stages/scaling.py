@@ -48,7 +48,7 @@ def load_configs(recipe: str, overrides: list[str]):
     data = read_yaml(path)
     unknown = [k for k in data if k not in ("scaling", "pretrain")]
     if unknown:
-        from lmforge.config import ConfigError
+        from lmforge.errors import ConfigError
 
         raise ConfigError(f"{path}: unknown section {unknown[0]!r} (a scaling recipe has 'scaling' and 'pretrain')")
     scaling, pretrain = dict(data.get("scaling") or {}), dict(data.get("pretrain") or {})
@@ -121,7 +121,7 @@ def cmd_fit(argv: list[str]) -> int:
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
 
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
     from lmforge.scaling.laws import analyze
     from lmforge.scaling.sweep import read_table, table_arrays
 
@@ -223,7 +223,7 @@ def cmd_optimal(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
 
     if any(c <= 0 for c in args.flops) or args.throughput_flops <= 0 or not 0 < args.mfu <= 1 or args.gpus < 1:
         raise ConfigError("--flops and --throughput-flops must be positive, --mfu in (0, 1], --gpus >= 1")
@@ -249,7 +249,7 @@ def cmd_optimal(argv: list[str]) -> int:
 
 def resolve_laws(spec: str) -> list[tuple[str, object]]:
     """(label, law) pairs: the requested law first, then the published references it is compared with."""
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
     from lmforge.scaling.laws import CHINCHILLA, ChinchillaLaw
 
     chin = ("Chinchilla approach 3 (published)", CHINCHILLA)

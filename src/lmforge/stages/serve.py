@@ -80,7 +80,7 @@ def _field(body: dict, key: str, default, kind: type | tuple, check=None, rule: 
 def request_messages(body: dict) -> list[dict]:
     """The checked messages; content given as a list of parts keeps its text parts."""
     from lmforge.data.chat import check_messages
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
 
     messages = body.get("messages")
     if isinstance(messages, list):

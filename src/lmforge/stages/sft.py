@@ -82,7 +82,7 @@ def split_conversations(rows: list, val_fraction: float, seed: int) -> tuple[lis
 def tokenize_rows(rows: list, tokenizer) -> list[tuple[list[int], list[int]]]:
     """(ids, assistant mask) per conversation; a template failure is a DataError naming the row."""
     from lmforge.data.chat import tokenize_conversation
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
     from lmforge.train.metrics import ProgressDisplay
 
     out = []
@@ -138,7 +138,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     import torch
 
     from lmforge.data.packing import SFTBatches, iter_rows, make_rows, prepare_examples
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
     from lmforge.lora import apply_lora, merge_lora, save_adapter, trainable_parameters
     from lmforge.modelio import load_model_dir, save_model_dir, write_model_files
     from lmforge.train.dist import start_run

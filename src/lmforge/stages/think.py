@@ -62,7 +62,7 @@ class ThinkConfig:
 
 
 def read_problems(path: str, limit: int = 0) -> list[dict]:
-    from lmforge.data.sources import DataError
+    from lmforge.errors import DataError
     from lmforge.stages.generate import read_prompt_rows
 
     rows = read_prompt_rows(path)

@@ -88,7 +88,7 @@ def run_tokenizer(cfg: TokenizerStageConfig):
 
     tok = train_tokenizer(counted(), cfg.vocab_size, cfg.min_frequency)
     if stats["docs"] == 0:
-        from lmforge.data.sources import DataError
+        from lmforge.errors import DataError
 
         raise DataError(f"{cfg.data}: no non-empty documents to train a tokenizer on")
     tok.save(out)

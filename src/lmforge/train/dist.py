@@ -162,7 +162,7 @@ def refuse_fsdp(train_cfg, stage: str) -> None:
     """Stages that use the model's weights outside its forward (a head applied to returned hidden states,
     generation during training) cannot run on sharded parameters: one clear error instead of a hang."""
     if getattr(train_cfg, "parallel", "ddp") == "fsdp":
-        from lmforge.config import ConfigError
+        from lmforge.errors import ConfigError
 
         raise ConfigError(f"train.parallel=fsdp: lmforge {stage} applies model weights outside the model's "
                           "forward (or generates while training), which FSDP's sharded parameters do not allow; "
