@@ -9,7 +9,6 @@ are refused with a message saying how to convert them.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge.atomic import replace_dir
 from lmforge.model import ModelConfig, Transformer
 
 # model_type -> (architecture class name written to config.json, key quirks)
@@ -110,19 +110,6 @@ def save_model_dir(path: str | Path, model: Transformer, tokenizer=None, generat
     write_model_files(tmp, model, tokenizer, generation_config, extra_files)
     replace_dir(tmp, path)
     return path
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``, moving an existing ``dst`` aside first (a directory cannot be replaced)."""
-    if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(src, dst)
 
 
 def write_model_files(path: Path, model: Transformer, tokenizer=None, generation_config: dict | None = None,

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from lmforge.atomic import atomic_open, write_atomic
+
 COLUMNS = ("name", "hidden_size", "num_hidden_layers", "n_params", "n_params_non_embedding", "tokens", "steps",
            "budget", "flops", "flops_with_attention", "val_loss", "unigram_baseline", "seconds")
 
@@ -223,16 +225,11 @@ def run_sweep(scfg: ScalingConfig, base) -> list[dict]:
 def write_table(rows: list[dict], path: Path) -> None:
     """sweep.csv (the COLUMNS) and sweep.jsonl beside it, each replaced atomically."""
     path = Path(path)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
-    jsonl = path.with_suffix(".jsonl")
-    tmp = jsonl.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(jsonl)
+    write_atomic(path.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_table(path: str | Path, required=("tokens", "val_loss")) -> list[dict]:

@@ -30,12 +30,13 @@ step wiring, results.md) is in ``lmforge.stages.constitutional_run``.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lmforge.atomic import write_atomic
 
 SUBCOMMANDS = ("revise", "label", "eval", "run")
 
@@ -171,9 +172,7 @@ def read_jsonl_by_id(path: Path) -> dict[str, dict]:
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _append(path: Path, rows: list[dict]) -> None:

@@ -36,13 +36,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from lmforge.atomic import write_atomic
 from lmforge.rewards import RewardSpec
 from lmforge.stages.grpo import RLDataConfig
 from lmforge.train.loop import TrainConfig
@@ -203,12 +203,6 @@ def read_round_pairs(round_dir: Path) -> tuple[list, dict] | None:
         return None
     state = json.loads(path.read_text())
     return [TokenPair(p, c, r, margin) for p, c, r, margin in state["pairs"]], state["stats"]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------- a round
