@@ -35,7 +35,7 @@ SYSTEMS = ["You are a careful arithmetic tutor.", "Show your work column by colu
 
 def conversations(n: int, seed: int = 0) -> list[list[dict]]:
     """1-4 question/answer turns each, a system prompt one time in two: lengths from ~40 to ~250 tokens."""
-    from lmforge.tinyworld import problems
+    from lmforge.data.tinyworld import problems
 
     rng = random.Random(seed)
     pool = problems(4 * n, "train", seed)
@@ -131,9 +131,9 @@ def main() -> None:
         ap.error("--steps must be a multiple of --warmup (lmforge's tokens/s is read per log window)")
     torch.set_num_threads(args.threads)
 
+    from lmforge.data.tinyworld import quiz_pages
     from lmforge.model import ModelConfig, Transformer
     from lmforge.modelio import save_model_dir
-    from lmforge.tinyworld import quiz_pages
     from lmforge.tokenizer import train_tokenizer
 
     convs = conversations(args.conversations)

@@ -6,11 +6,11 @@ import pytest
 
 from lmforge.data.chat import (
     encode_chat_prompt,
-    read_rows,
     read_sft_rows,
     tokenize_conversation,
     tokenize_prompt_completion,
 )
+from lmforge.data.rows import read_rows
 from lmforge.errors import DataError
 from lmforge.tokenizer import CHATML_TEMPLATE, train_tokenizer
 

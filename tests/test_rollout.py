@@ -32,7 +32,7 @@ def tiny_model(vocab=16, seed=0, **kw):
 
 def make_model_dir(path, seed=0, num_labels=0):
     """A tiny random chat model directory with a tokenizer trained on arithmetic text (seconds)."""
-    from lmforge import tinyworld
+    from lmforge.data import tinyworld
     from lmforge.modelio import save_model_dir
     from lmforge.tokenizer import train_tokenizer
 

@@ -6,11 +6,12 @@ from collections import Counter
 import pytest
 import torch
 
-from lmforge import tinyworld as tw
 from lmforge.answers import extract_answer, is_correct
+from lmforge.data import tinyworld as tw
 from lmforge.data.mix import MixSource, mix_documents, mix_name
 from lmforge.data.sources import FilterConfig, generated_rows, read_documents
 from lmforge.errors import DataError
+from lmforge.evaluation import evaluate_arithmetic
 from lmforge.tokenizer import train_tokenizer
 
 QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
@@ -147,12 +148,12 @@ def test_evaluate_arithmetic_scores_greedy_answers():
                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
     problems = tw.problems(6, "test", unique=True)
     for chat in (True, False):
-        out = tw.evaluate_arithmetic(model, tok, problems, chat=chat, max_new_tokens=6, batch_size=4, n_samples=3)
+        out = evaluate_arithmetic(model, tok, problems, chat=chat, max_new_tokens=6, batch_size=4, n_samples=3)
         assert 0 <= out["accuracy"] <= 1 and 0 <= out["format_rate"] <= 1 and len(out["samples"]) == 3
         assert out["samples"][0]["question"] == problems[0].question
         assert out["samples"][0]["answer"] == str(problems[0].answer)
     rows = tw.eval_rows(4)
-    assert tw.evaluate_arithmetic(model, tok, rows, max_new_tokens=2)["samples"][0]["question"] == rows[0]["question"]
+    assert evaluate_arithmetic(model, tok, rows, max_new_tokens=2)["samples"][0]["question"] == rows[0]["question"]
     assert model.training  # left as it was found
 
 

@@ -29,7 +29,10 @@ import numpy as np
 import torch
 
 from lmforge.answers import extract_answer, is_correct, normalize_answer
+from lmforge.data import tinyworld
 from lmforge.data.chat import encode_prompt  # the one prompt encoder (SFT's bos rule); eval.py uses it
+from lmforge.data.rows import json_rows
+from lmforge.data.tinyworld import Problem, is_formatted
 from lmforge.errors import DataError
 from lmforge.generation import Completion, SamplingParams, generate, left_pad
 
@@ -280,6 +283,35 @@ def task_accuracy(model, tokenizer, rows: Sequence[dict], *, chat: bool = True, 
     return out
 
 
+def evaluate_arithmetic(model, tokenizer, items, chat: bool = True, max_new_tokens: int = 64, batch_size: int = 64,
+                        n_samples: int = 5) -> dict:
+    """Greedy answers to arithmetic questions: {"accuracy", "format_rate", "samples"} (see is_formatted).
+
+    items: Problems, or rows with "question" (or a one-message "prompt") and "answer". chat=True renders the
+    question with the chat template and a generation prompt (a chat model's view); chat=False gives the raw
+    question as text, which is how a base model is probed. samples: the first ``n_samples``
+    {question, completion, answer, correct}. ``lmforge eval task=tinyworld`` gives the same numbers with CIs.
+    """
+    pairs = [_question_and_answer(item) for item in items]
+    if not pairs:
+        raise ValueError("evaluate_arithmetic needs at least one problem")
+    res = task_accuracy(model, tokenizer, [{"prompt": q, "answer": a} for q, a in pairs], chat=chat,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, format_check=is_formatted, n_boot=0)
+    samples = [{"question": r["prompt"], "completion": r["response"], "answer": r["answer"], "correct": r["correct"]}
+               for r in res["records"][:n_samples]]
+    return {"accuracy": res["accuracy"]["value"], "format_rate": res["format_rate"]["value"], "samples": samples}
+
+
+def _question_and_answer(item) -> tuple[str, str]:
+    if isinstance(item, Problem):
+        return item.question, str(item.answer)
+    question = item.get("question")
+    if question is None:
+        prompt = item["prompt"]
+        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    return question, str(item["answer"])
+
+
 def preference_accuracy(reward_model, tokenizer, pairs, *, batch_size: int = 16, max_length: int = 1024,
                         n_boot: int = 1000, seed: int = 0) -> dict:
     """Share of held-out pairs where r(prompt, chosen) > r(prompt, rejected); a tie counts one half.
@@ -383,39 +415,27 @@ def kl_to_reference(policy, reference, prompts: list[list[int]], *, completions:
 def load_task(task: str, path: str = "", limit: int = 0, seed: int = 0) -> list[dict]:
     """Rows {"prompt", "answer", "id"} of a benchmark (the first ``limit``; 0 = all).
 
-    tinyworld: held-out arithmetic problems (lmforge.tinyworld.eval_rows; no path). From a .jsonl[.gz] path:
+    tinyworld: held-out arithmetic problems (data.tinyworld.eval_rows; no path). From a .jsonl[.gz] path:
     gsm8k {"question", "answer": "... #### 72"}, svamp {"Body", "Question", "Answer"}, math500 {"problem",
     "answer"}, jsonl {"prompt" or "messages", "answer"}. The answer is reduced to its final, canonical form.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if task == "tinyworld":
-        from lmforge import tinyworld
-
         return [{"prompt": r["prompt"], "answer": r["answer"], "id": i}
                 for i, r in enumerate(tinyworld.eval_rows(n=limit or 200, seed=seed))]
     if not path:
         raise ValueError(f"task={task} needs data=PATH (a .jsonl or .jsonl.gz file)")
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
     rows = []
-    for row, where in _jsonl_rows(path):
+    for row, where in json_rows(Path(path)):
         rows.append({**_task_row(task, row, where), "id": len(rows)})
         if limit and len(rows) == limit:
             break
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
-
-
-def _jsonl_rows(path: str) -> Iterator[tuple[dict, str]]:
-    from lmforge.data.sources import _decode, _open_binary, parse_json_line
-
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: no such file")
-    with _open_binary(p) as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                yield parse_json_line(_decode(raw, p, lineno), p, lineno), f"{p}:{lineno}"
 
 
 def _field(row: dict, name: str, where: str, kinds=(str,)):

@@ -38,7 +38,7 @@ BUFFER_FILE = "rollout.safetensors"
 def read_rl_prompts(spec: str, prompt_field: str = "prompt", answer_field: str = "answer") -> list[dict]:
     """RL prompt rows {"prompt": str | messages, "answer": str | None} from a .jsonl(.gz) (or .json / .parquet)
     file or ``builtin:tinyworld/NAME``. A bad row is one DataError naming the file, the line and the field."""
-    from lmforge.data.chat import read_rows  # the shared reader: bad JSON names the file and line
+    from lmforge.data.rows import read_rows  # the shared reader: bad JSON names the file and line
     from lmforge.errors import DataError
 
     if spec.startswith("builtin:") and not spec.startswith("builtin:tinyworld/"):

@@ -71,7 +71,7 @@ def _read_file(path: Path) -> list[dict]:
         with opener(path, "rt", encoding="utf-8", newline="") as f:
             return _read_csv(f.read(), path)
     if name.endswith((".jsonl", ".json")):
-        from lmforge.data.chat import read_rows  # the shared JSON Lines reader: errors name file and line
+        from lmforge.data.rows import read_rows  # the shared JSON Lines reader: errors name file and line
 
         return [_row(_messages(r, where), where, r.get("label")) for r, where in read_rows(str(path))]
     raise DataError(f"{path}: prompts must be .jsonl, .jsonl.gz or .csv")

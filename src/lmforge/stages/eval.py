@@ -120,7 +120,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     common = dict(batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed)
     task_kw = {}
     if cfg.task == "tinyworld":  # its stricter format: one answer, stated last
-        from lmforge.tinyworld import is_formatted
+        from lmforge.data.tinyworld import is_formatted
 
         task_kw["format_check"] = is_formatted
     summary: dict = {"model": cfg.model}

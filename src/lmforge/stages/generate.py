@@ -71,7 +71,8 @@ def read_prompt_rows(path: str | Path) -> list[tuple[str, dict]]:
 
     Rows are read by data.chat.read_rows (.jsonl, .json, .parquet, gzipped too), so a bad line is the same
     error as in every other dataset: file, line and field."""
-    from lmforge.data.chat import check_messages, read_rows
+    from lmforge.data.chat import check_messages
+    from lmforge.data.rows import read_rows
     from lmforge.errors import DataError
 
     if not Path(path).is_file():

@@ -163,8 +163,8 @@ def evaluate_stage(stage: str, model_dir: Path, pcfg: PipelineConfig, sft_dir: P
 
 def think_sweep(model_dir: Path, out: Path, e: PipelineEvalConfig) -> dict:
     """Inference-time scaling on held-out problems: accuracy vs samples per problem -> out/sweep.json + PNG."""
+    from lmforge.data.tinyworld import eval_rows
     from lmforge.stages.think import ThinkConfig, run_think
-    from lmforge.tinyworld import eval_rows
 
     out.mkdir(parents=True, exist_ok=True)
     problems = out / "think_problems.jsonl"

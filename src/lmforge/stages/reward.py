@@ -214,7 +214,8 @@ def score_token_rows(model, rows: list[list[int]], pad_id: int, batch_size: int 
 
 def run_score(cfg: ScoreConfig) -> dict:
     from lmforge.data.chat import tokenize_prompt_completion
-    from lmforge.data.preference import _rows, pair_from_row
+    from lmforge.data.preference import pair_from_row
+    from lmforge.data.rows import read_rows
     from lmforge.errors import DataError
 
     model, tokenizer = load_policy(cfg.model)
@@ -226,7 +227,7 @@ def run_score(cfg: ScoreConfig) -> dict:
         score = score_texts(model, tokenizer, cfg.prompt, [cfg.response])[0]
         return {"rows": [{"prompt": cfg.prompt, "response": cfg.response, "score": score}]}
     records, rows, skipped = [], [], 0
-    for row, where in _rows(cfg.data):
+    for row, where in read_rows(cfg.data):
         if cfg.limit and len(records) >= cfg.limit:
             break
         if "chosen" in row or "rejected" in row:
