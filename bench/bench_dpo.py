@@ -73,7 +73,8 @@ def run_lmforge(args) -> dict:
     import torch
 
     from lmforge.data.preference import Batches, TokenPair, collate_pairs, pair_length
-    from lmforge.stages.dpo import DPOConfig, dpo_loss_fn, precompute_reference, store_pair_logps
+    from lmforge.scoring import precompute_reference, store_pair_logps
+    from lmforge.stages.dpo import DPOConfig, dpo_loss_fn
     from lmforge.train.loop import TrainConfig, train
 
     torch.set_num_threads(args.threads)

@@ -42,8 +42,9 @@ def build_model_dir(path: Path) -> None:
 
 def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int, compile_generation: bool = False,
                   first_step: list | None = None) -> float:
+    from lmforge.data.prompts import render_prompt
     from lmforge.modelio import load_model_dir, load_tokenizer
-    from lmforge.rollout import RolloutStream, render_prompt
+    from lmforge.rollout import RolloutStream
     from lmforge.stages.grpo import GRPOConfig, grpo_loss_fn, grpo_rollout
     from lmforge.train.loop import TrainConfig, train
 

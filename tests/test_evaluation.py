@@ -13,6 +13,7 @@ from lmforge import evaluation as ev
 from lmforge.errors import DataError
 from lmforge.generation import Completion
 from lmforge.model import ModelConfig, Transformer
+from lmforge.scoring import completion_logprobs
 from lmforge.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -165,7 +166,7 @@ def test_kl_is_zero_for_the_reference_itself_and_positive_otherwise(tok):
 def test_completion_logprobs_match_unpadded_forwards(tok):
     model = tiny(tok)
     pairs = [([1, 5, 9], [20, 21]), ([4], [7, 8, 9, 10]), ([3, 3, 3, 3, 3], [11])]
-    got = ev.completion_logprobs(model, pairs, pad_id=tok.pad_id, batch_size=2)
+    got = completion_logprobs(model, pairs, pad_id=tok.pad_id, batch_size=2)
     for (p, c), lp in zip(pairs, got):
         with torch.no_grad():
             full = model(torch.tensor([p + c]))[0].log_softmax(-1)

@@ -16,9 +16,9 @@ from lmforge.inference_scaling import (
     plot_accuracy,
     reward_model_scorer,
     self_consistency,
-    sequence_logprobs,
 )
 from lmforge.model import ModelConfig, Transformer
+from lmforge.scoring import sequence_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

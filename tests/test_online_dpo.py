@@ -101,10 +101,10 @@ def weights(path: Path) -> dict:
 
 
 def test_crash_mid_round_resumes_exactly_and_finished_rounds_are_not_redone(tmp_path, monkeypatch):
-    import lmforge.stages.dpo as dpo
+    import lmforge.stages.online_dpo as online
 
     full = run_online_dpo(micro_config(tmp_path, "full", save_every=1))
-    real = dpo.dpo_loss_fn
+    real = online.dpo_loss_fn
     calls = {"n": 0}
 
     def crashing_loss_fn(*args, **kw):
@@ -117,7 +117,7 @@ def test_crash_mid_round_resumes_exactly_and_finished_rounds_are_not_redone(tmp_
             return inner(model, batch)
         return loss_fn
 
-    monkeypatch.setattr(dpo, "dpo_loss_fn", crashing_loss_fn)
+    monkeypatch.setattr(online, "dpo_loss_fn", crashing_loss_fn)
     cfg = micro_config(tmp_path, "run", save_every=1)
     with pytest.raises(RuntimeError, match="killed"):
         run_online_dpo(cfg)
@@ -125,7 +125,7 @@ def test_crash_mid_round_resumes_exactly_and_finished_rounds_are_not_redone(tmp_
     assert (run / "round_1" / "round.json").exists() and not (run / "round_2" / "round.json").exists()
     frozen = {p: p.stat().st_mtime_ns for p in [*(run / "round_1").rglob("*"), run / "round_2" / "rollout.json",
                                                 run / "round_2" / "pairs.jsonl"]}
-    monkeypatch.setattr(dpo, "dpo_loss_fn", real)
+    monkeypatch.setattr(online, "dpo_loss_fn", real)
     resumed = run_online_dpo(cfg)
     assert {p: p.stat().st_mtime_ns for p in frozen} == frozen  # round 1 untouched, round 2's pairs not redrawn
     assert [r["eval/accuracy"] for r in resumed["rounds"]] == [r["eval/accuracy"] for r in full["rounds"]]

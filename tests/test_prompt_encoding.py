@@ -78,19 +78,19 @@ def sft_prompt_ids(tok, conversation, tmp_path) -> list[int]:
 # ---- the inference paths, each as the stage calls it ----
 
 def by_generate(tok, messages, tmp_path):
-    from lmforge.stages.generate import encode_prompt
+    from lmforge.data.prompts import encode_prompt_row
 
-    return encode_prompt(tok, {"messages": messages})
+    return encode_prompt_row(tok, {"messages": messages})
 
 
 def by_think(tok, messages, tmp_path):  # `lmforge think`: rows read from a file, encoded as run_think does
-    from lmforge.stages.generate import encode_prompt
+    from lmforge.data.prompts import encode_prompt_row
     from lmforge.stages.think import ThinkConfig, read_problems
 
     path = tmp_path / "problems.jsonl"
     path.write_text(json.dumps({"messages": messages, "answer": "4"}) + "\n")
     [row] = read_problems(str(path))
-    return encode_prompt(tok, row, ThinkConfig().add_bos)
+    return encode_prompt_row(tok, row, ThinkConfig().add_bos)
 
 
 def by_chat(tok, messages, tmp_path):  # `lmforge chat`: the session's history, rendered for the next answer
@@ -111,7 +111,7 @@ def by_eval(tok, messages, tmp_path):
 
 
 def by_rollout(tok, messages, tmp_path):  # GRPO / PPO: the system prompt comes from data.system_prompt
-    from lmforge.rollout import render_prompt
+    from lmforge.data.prompts import render_prompt
 
     system = messages[0]["content"] if messages[0]["role"] == "system" else ""
     return render_prompt(tok, messages[1:] if system else messages, system, chat_template=True)
@@ -152,9 +152,9 @@ def test_the_bos_rule_per_tokenizer(tok, tmp_path):
 
 
 def raw_by_generate(tok, text):  # also `lmforge sample` (chat=false) and think's 'prompt' rows
-    from lmforge.stages.generate import encode_prompt
+    from lmforge.data.prompts import encode_prompt_row
 
-    return encode_prompt(tok, {"prompt": text}, add_bos=True)
+    return encode_prompt_row(tok, {"prompt": text}, add_bos=True)
 
 
 def raw_by_eval(tok, text):
@@ -164,7 +164,7 @@ def raw_by_eval(tok, text):
 
 
 def raw_by_rollout(tok, text):
-    from lmforge.rollout import render_prompt
+    from lmforge.data.prompts import render_prompt
 
     return render_prompt(tok, text, chat_template=False)
 
@@ -188,7 +188,7 @@ def test_importer_chat_check_uses_the_same_prompt(monkeypatch):
 
     tok = train_tokenizer(TEXTS, vocab_size=300)
     seen = []
-    monkeypatch.setattr("lmforge.generation.generate", lambda model, prompts, params, **kw: seen.extend(prompts)
+    monkeypatch.setattr("lmforge.stages.importer.generate", lambda model, prompts, params, **kw: seen.extend(prompts)
                         or [[SimpleNamespace(text=" 4")]])
     importer.chat_check(None, tok, question="What is 2 + 2?")
     assert seen == [encode_prompt(tok, "What is 2 + 2?")] and seen[0][0] == tok.bos_id
@@ -198,7 +198,7 @@ def test_importer_chat_check_uses_the_same_prompt(monkeypatch):
 # ---- prompt files: one reader, one kind of error ----
 
 def read_with_generate(path):
-    from lmforge.stages.generate import read_prompt_rows
+    from lmforge.data.prompts import read_prompt_rows
 
     return read_prompt_rows(path)
 
@@ -210,7 +210,7 @@ def read_with_think(path):
 
 
 def read_with_rollout(path):
-    from lmforge.rollout import read_rl_prompts
+    from lmforge.data.prompts import read_rl_prompts
 
     return read_rl_prompts(str(path))
 

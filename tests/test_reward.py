@@ -11,7 +11,8 @@ from preference_helpers import easy_pairs, micro_model_dir, write_jsonl
 from lmforge.data.preference import TokenPair, collate_pairs, pad_rows
 from lmforge.inference_scaling import reward_model_scorer
 from lmforge.model import ModelConfig, Transformer
-from lmforge.stages.reward import RewardConfig, last_token_index, reward_loss_fn, sequence_rewards
+from lmforge.scoring import last_token_index, sequence_rewards
+from lmforge.stages.reward import RewardConfig, reward_loss_fn
 
 ROWS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
 

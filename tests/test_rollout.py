@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from lmforge.data.prompts import read_rl_prompts, render_prompt
 from lmforge.errors import DataError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.rollout import (
@@ -16,8 +17,6 @@ from lmforge.rollout import (
     policy_logprobs,
     policy_scores,
     prompt_indices,
-    read_rl_prompts,
-    render_prompt,
     score_buffer,
 )
 

@@ -20,14 +20,27 @@ from different padding or batch shapes). The buffer being optimised is saved in 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge.answers import is_correct
+from lmforge.data.prompts import read_rl_prompts, render_prompt
+from lmforge.errors import DataError
+from lmforge.generation import SamplingParams, generate
+from lmforge.model import unwrap
+from lmforge.modelio import load_model_and_tokenizer
 from lmforge.objectives.lm import chunked_token_logprobs
+from lmforge.rewards import RewardInput, build_reward
+from lmforge.scoring import to_device
+from lmforge.train.checkpointing import latest_checkpoint
+from lmforge.train.dist import start_run
+from lmforge.train.metrics import MetricsLogger
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids")  # (N, P + R) tensors
 BUFFER_FILE = "rollout.safetensors"
@@ -35,48 +48,9 @@ BUFFER_FILE = "rollout.safetensors"
 
 # ---- prompts ----
 
-def read_rl_prompts(spec: str, prompt_field: str = "prompt", answer_field: str = "answer") -> list[dict]:
-    """RL prompt rows {"prompt": str | messages, "answer": str | None} from a .jsonl(.gz) (or .json / .parquet)
-    file or ``builtin:tinyworld/NAME``. A bad row is one DataError naming the file, the line and the field."""
-    from lmforge.data.rows import read_rows  # the shared reader: bad JSON names the file and line
-    from lmforge.errors import DataError
-
-    if spec.startswith("builtin:") and not spec.startswith("builtin:tinyworld/"):
-        raise DataError(f"{spec}: RL prompts come from a .jsonl file or builtin:tinyworld/rl")
-    if not spec.startswith("builtin:") and not Path(spec).is_file():
-        raise DataError(f"{spec}: no such file")
-    rows = []
-    for row, where in read_rows(spec):
-        if prompt_field not in row:
-            raise DataError(f"{where}: field {prompt_field!r} missing (fields: {', '.join(row)})")
-        prompt = row[prompt_field]
-        ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt))
-        if not ok:
-            raise DataError(f"{where}: field {prompt_field!r} must be a string or a list of "
-                            f"{{'role', 'content'}} messages, got {prompt!r:.60}")
-        answer = row.get(answer_field)
-        if answer is not None and not isinstance(answer, (str, int, float)):
-            raise DataError(f"{where}: field {answer_field!r} must be a string or a number, got {answer!r:.40}")
-        rows.append({"prompt": prompt, "answer": None if answer is None else str(answer), "where": where})
-    if not rows:
-        raise DataError(f"{spec}: no prompts")
-    return rows
-
-
 def prompt_text(prompt) -> str:
     """The user's words: the string itself, or the last message's content."""
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
-def render_prompt(tokenizer, prompt, system_prompt: str = "", chat_template: bool = True) -> list[int]:
-    """Token ids the policy completes: the chat template with the assistant turn opened (a string prompt
-    becomes one user message), or with ``chat_template=False`` the raw text after a document-start token;
-    by data.chat.encode_prompt, so the policy sees the prefix SFT (or pre-training) gave it."""
-    from lmforge.data.chat import encode_prompt
-
-    return encode_prompt(tokenizer, prompt, chat=chat_template, system=system_prompt)
 
 
 def prompt_indices(n_rows: int, iteration: int, per_rollout: int, seed: int, rank: int = 0,
@@ -183,8 +157,6 @@ def response_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, batch: di
 def policy_logprobs(model, batch: dict, temperature: float = 1.0, entropy: bool = False):
     """``response_logprobs`` of ``model`` (an lmforge Transformer, possibly DDP-wrapped) on a micro-batch: the one
     forward the rollout and the training step share (padding masked out, positions counting real tokens)."""
-    from lmforge.train.dist import unwrap
-
     hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                    return_hidden=True)
     return response_logprobs(hidden, unwrap(model).lm_head.weight, batch, temperature, entropy)
@@ -195,10 +167,6 @@ def score_buffer(fn: Callable[[dict], dict[str, torch.Tensor]], buffer: dict, ba
                  device, autocast=None) -> dict[str, torch.Tensor]:
     """Run ``fn(micro_batch) -> {name: (b, r) or (b,) tensor}`` over ``batches`` of buffer rows and scatter the
     results back into (N, R) / (N,) CPU tensors (per-token ones zero-padded past each micro-batch's width)."""
-    from contextlib import nullcontext
-
-    from lmforge.train.loop import to_device
-
     n, R = buffer["labels"].shape
     out: dict[str, torch.Tensor] = {}
     for idx in batches:
@@ -346,9 +314,6 @@ def sample_and_score(policy, tokenizer, rows: list[dict], prompt_ids: list[list[
 
     Non-finite rewards are an error naming the reward, never a silent NaN in the advantages.
     """
-    from lmforge.generation import generate
-    from lmforge.rewards import RewardInput
-
     with eval_mode(policy):
         outs = generate(policy, prompt_ids, params, tokenizer=tokenizer,
                         pad_id=tokenizer.pad_id if tokenizer is not None else 0)
@@ -389,15 +354,11 @@ class RLRun:
 
     def resume_dir(self) -> Path | None:
         """The checkpoint a rerun resumes from (None: a fresh run); RolloutStream reads its buffer from there."""
-        from lmforge.train.checkpointing import latest_checkpoint
-
         return latest_checkpoint(self.out_dir / "checkpoints")
 
     def log_start_eval(self) -> None:
         """The eval metrics at step 0 (the starting point of every curve), on a fresh run, on the main process."""
         if self.eval_fn is not None and self.dist.is_main and self.resume_dir() is None:
-            from lmforge.train.metrics import MetricsLogger
-
             MetricsLogger(self.out_dir, tensorboard=False).log(0, self.eval_fn())
 
 
@@ -409,11 +370,6 @@ def start_rl_run(cfg) -> RLRun:
     ``cfg`` is a stage config with out_dir, model, ref_model, data (stages.grpo.RLDataConfig), rewards,
     max_new_tokens, compile_generation and train (train.loop.TrainConfig).
     """
-    import time
-
-    from lmforge.rewards import build_reward
-    from lmforge.train.dist import start_run
-
     t0 = time.time()
     dist, out_dir = start_run(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -427,11 +383,10 @@ def start_rl_run(cfg) -> RLRun:
 
 
 def load_policy_and_ref(policy_dir: str, ref_dir: str, device):
-    from lmforge.modelio import load_model_dir, load_tokenizer
-
-    policy = load_model_dir(policy_dir, device=device)
-    ref = load_model_dir(ref_dir or policy_dir, device=device).eval().requires_grad_(False)
-    return policy, ref, load_tokenizer(policy_dir)
+    """(policy, frozen reference, tokenizer); the reference is the policy's directory unless ``ref_dir``."""
+    policy, tokenizer = load_model_and_tokenizer(policy_dir, device)
+    ref = load_model_and_tokenizer(ref_dir or policy_dir, device)[0].requires_grad_(False)
+    return policy, ref, tokenizer
 
 
 def load_rl_data(cfg, tokenizer) -> tuple[list[dict], list[list[int]], list[dict], list[list[int]]]:
@@ -446,8 +401,6 @@ def load_rl_data(cfg, tokenizer) -> tuple[list[dict], list[list[int]], list[dict
 
 
 def check_answers(rows: list[dict], rewards) -> None:
-    from lmforge.errors import DataError
-
     if any(r.kind == "math" for r in rewards):
         missing = next((r for r in rows if r["answer"] is None), None)
         if missing is not None:
@@ -458,9 +411,6 @@ def make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, max_new_tokens:
                  compile: bool = False):
     """eval/accuracy (when rows have answers), eval/mean_length and eval/reward of greedy completions
     (``compile``: with the torch.compile'd decode step, generation.SamplingParams.compile)."""
-    from lmforge.answers import is_correct
-    from lmforge.generation import SamplingParams
-
     def eval_fn(_model=None) -> dict:
         if not eval_rows:
             return {}

@@ -25,8 +25,29 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.config import parse_cli
+from lmforge.generation import SamplingParams
+from lmforge.modelio import save_model_dir, write_model_files
+from lmforge.objectives.rl import grpo_advantages, grpo_loss, kl_estimate, masked_mean, rloo_advantages
 from lmforge.rewards import RewardSpec
-from lmforge.train.loop import TrainConfig
+from lmforge.rollout import (
+    RolloutStream,
+    hash_seed,
+    pack_rollout,
+    policy_logprobs,
+    policy_scores,
+    prompt_indices,
+    sample_and_score,
+    score_buffer,
+    start_rl_run,
+)
+from lmforge.train.dist import refuse_fsdp
+from lmforge.train.loop import TrainConfig, autocast_context, train
+from lmforge.train.metrics import read_metrics
 
 
 @dataclass
@@ -118,20 +139,6 @@ def grpo_rollout(cfg: GRPOConfig, policy, ref, tokenizer, rows: list[dict], prom
     ``reward`` is a rewards.CombinedReward or any callable RewardInput -> (total, {name: part}); ``tokenizer``
     may be None (completions are then scored as space-joined token ids, prompts padded with 0).
     """
-    import torch
-
-    from lmforge.generation import SamplingParams
-    from lmforge.objectives.rl import grpo_advantages, kl_estimate, masked_mean, rloo_advantages
-    from lmforge.rollout import (
-        hash_seed,
-        pack_rollout,
-        policy_scores,
-        prompt_indices,
-        sample_and_score,
-        score_buffer,
-    )
-    from lmforge.train.loop import autocast_context
-
     G, T = cfg.num_generations, cfg.temperature
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
     # One optimizer step per rollout, one pass: every micro-batch is scored before any update, so the old
@@ -170,9 +177,6 @@ def grpo_rollout(cfg: GRPOConfig, policy, ref, tokenizer, rows: list[dict], prom
 
 def grpo_loss_fn(cfg: GRPOConfig):
     """loss_fn(model, micro-batch) -> (loss, metrics) for the loop: objectives/rl.py grpo_loss on the buffer."""
-    from lmforge.objectives.rl import grpo_loss, masked_mean
-    from lmforge.rollout import policy_logprobs
-
     def loss_fn(model, batch):
         old = batch.get("old_logprobs")
         if old is None:  # the rollout skipped the policy forward: entropy and k1 come from this one
@@ -193,14 +197,9 @@ def grpo_loss_fn(cfg: GRPOConfig):
 
 def run_grpo(cfg: GRPOConfig) -> dict:
     """Train (or resume) and return a summary; with ``compare_beta`` run once per beta and plot."""
-    from lmforge.train.dist import refuse_fsdp
-
     refuse_fsdp(cfg.train, "grpo")
     if cfg.compare_beta:
         return run_beta_comparison(cfg)
-    from lmforge.modelio import save_model_dir, write_model_files
-    from lmforge.rollout import RolloutStream, start_rl_run
-    from lmforge.train.loop import train
 
     run = start_rl_run(cfg)
     policy, tokenizer, out_dir, dist = run.policy, run.tokenizer, run.out_dir, run.dist
@@ -226,8 +225,6 @@ def run_grpo(cfg: GRPOConfig) -> dict:
 
 
 def rl_summary(out_dir: Path, result, t0: float, algorithm: str, reward_key: str = "reward") -> dict:
-    from lmforge.train.metrics import read_metrics
-
     metrics = read_metrics(out_dir)
     summary = {"algorithm": algorithm, "steps": result.step, "seconds": round(time.time() - t0, 1),
                "model_dir": str(out_dir / "model")}
@@ -259,8 +256,6 @@ def plot_runs(runs: dict[str, Path], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmforge.train.metrics import read_metrics
-
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     panels = [("completions/mean_length", "rollout completion length (tokens)"),
               ("eval/accuracy", "eval accuracy (greedy)"), ("kl", "KL(pi || pi_ref) (k3, per token)")]
@@ -281,9 +276,6 @@ def plot_runs(runs: dict[str, Path], path: Path) -> Path:
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     runs = summary.get("runs", {"": summary})
     table = Table(title="RL summary")
     table.add_column("run")
@@ -302,8 +294,6 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, GRPOConfig, prog="lmforge grpo", description=__doc__, default_recipe="tiny", section="grpo")
     summary = run_grpo(cfg)
     if summary:

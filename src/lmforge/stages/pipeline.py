@@ -17,11 +17,26 @@ and a stage killed half-way resumes from its last checkpoint. Overrides go to on
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import importlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.config import describe, load_config, to_dict
+from lmforge.data.tinyworld import eval_rows
+from lmforge.evaluation import encode_prompt, generate_all
+from lmforge.generation import SamplingParams
+from lmforge.modelio import load_model_and_tokenizer
+from lmforge.report import write_report
+from lmforge.stages.eval import EvalConfig, run_eval
+from lmforge.stages.think import ThinkConfig, run_think
 
 # stage -> (module, config class, run function); the order is the pipeline's
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -87,18 +102,12 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str
 
 
 def stage_config(stage: str, recipe: str, overrides: list[str]):
-    import importlib
-
-    from lmforge.config import load_config
-
     module, cls_name, _ = STAGES[stage]
     cls = getattr(importlib.import_module(module), cls_name)
     return load_config(cls, recipe, overrides, section=stage)
 
 
 def config_hash(cfg) -> str:
-    from lmforge.config import to_dict
-
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -112,9 +121,6 @@ def _done(marker: Path, digest: str) -> bool:
 def run_stage(stage: str, cfg, upstream_changed: bool = False) -> tuple[dict, bool]:
     """Run one stage unless its output is complete for this exact config and its inputs did not change;
     returns (summary, ran). A finished stage that must run again starts fresh; an unfinished one resumes."""
-    import importlib
-    import shutil
-
     module, _, fn = STAGES[stage]
     out_dir = Path(cfg.out_dir)
     marker, digest = out_dir / "pipeline_stage.json", config_hash(cfg)
@@ -135,8 +141,6 @@ def run_stage(stage: str, cfg, upstream_changed: bool = False) -> tuple[dict, bo
 def evaluate_stage(stage: str, model_dir: Path, pcfg: PipelineConfig, sft_dir: Path | None,
                    reward_dir: Path | None) -> dict:
     """Held-out task accuracy (and KL / preference accuracy where they mean something) of one stage's model."""
-    from lmforge.stages.eval import EvalConfig, run_eval
-
     e = pcfg.eval
     is_reward = stage == "reward"
     cfg = EvalConfig(
@@ -163,9 +167,6 @@ def evaluate_stage(stage: str, model_dir: Path, pcfg: PipelineConfig, sft_dir: P
 
 def think_sweep(model_dir: Path, out: Path, e: PipelineEvalConfig) -> dict:
     """Inference-time scaling on held-out problems: accuracy vs samples per problem -> out/sweep.json + PNG."""
-    from lmforge.data.tinyworld import eval_rows
-    from lmforge.stages.think import ThinkConfig, run_think
-
     out.mkdir(parents=True, exist_ok=True)
     problems = out / "think_problems.jsonl"
     rows = [{"messages": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
@@ -177,11 +178,7 @@ def think_sweep(model_dir: Path, out: Path, e: PipelineEvalConfig) -> dict:
 
 def demo_answers(model_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int) -> list[dict]:
     """Greedy answers (chat) or continuations (base models) to the demo prompts."""
-    from lmforge.evaluation import encode_prompt, generate_all
-    from lmforge.generation import SamplingParams
-    from lmforge.stages.generate import load_for_generation
-
-    model, tok = load_for_generation(str(model_dir))
+    model, tok = load_model_and_tokenizer(str(model_dir))
     ids = [encode_prompt(tok, p, chat) for p in prompts]
     outs = generate_all(model, ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), tok)
     return [{"prompt": p, "response": o[0].text} for p, o in zip(prompts, outs)]
@@ -194,8 +191,6 @@ def _model_stamp(model_dir: Path) -> str:
 
 def run_pipeline(pcfg: PipelineConfig, recipe: str, stage_overrides: dict[str, list[str]],
                  shared: list[str]) -> dict:
-    from rich.console import Console
-
     console = Console()
     run_dir = Path(pcfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,8 +213,6 @@ def run_pipeline(pcfg: PipelineConfig, recipe: str, stage_overrides: dict[str, l
     record = {"run_dir": str(run_dir), "stages": results, "seconds": round(time.time() - t0, 1)}
     (run_dir / "pipeline.json").write_text(json.dumps(record, indent=2) + "\n")
     if pcfg.report:
-        from lmforge.report import write_report
-
         written = write_report(run_dir)
         record["report"] = [written["markdown"], written["html"]]
     console.rule(f"[bold]pipeline done in {record['seconds']:.0f} s[/bold]")
@@ -238,9 +231,6 @@ def _scalars(d: dict) -> dict:
 
 
 def print_table(record: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"lmforge pipeline: {record['run_dir']}")
     for col in ("stage", "loss", "accuracy", "format", "pref. acc.", "KL", "length", "time"):
         table.add_column(col, justify="left" if col == "stage" else "right")
@@ -260,10 +250,6 @@ def print_table(record: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
-    from lmforge.config import describe, load_config
-
     parser = argparse.ArgumentParser(prog="lmforge pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="config keys (override with key=value):\n" + describe(PipelineConfig))

@@ -21,11 +21,38 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import save_model as save_weights
 from torch import nn
 
+from lmforge.config import parse_cli
+from lmforge.generation import SamplingParams
+from lmforge.model import unwrap
+from lmforge.modelio import load_model_dir, save_model_dir
+from lmforge.objectives.rl import (
+    adaptive_kl_controller,
+    gae,
+    kl_estimate,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    whiten,
+)
 from lmforge.rewards import RewardSpec
-from lmforge.stages.grpo import RLDataConfig
-from lmforge.train.loop import TrainConfig
+from lmforge.rollout import (
+    RolloutStream,
+    hash_seed,
+    pack_rollout,
+    policy_logprobs,
+    prompt_indices,
+    response_columns,
+    response_logprobs,
+    sample_and_score,
+    score_buffer,
+    start_rl_run,
+)
+from lmforge.stages.grpo import RLDataConfig, kl_anomaly_check, print_summary, rl_summary, save_summary
+from lmforge.train.dist import refuse_fsdp
+from lmforge.train.loop import TrainConfig, autocast_context, train
 
 
 @dataclass
@@ -91,9 +118,6 @@ class PolicyAndValue(nn.Module):
 def logprobs_and_values(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, R) log pi of the response tokens and (B, R) values V(s_t) read at the same columns, from a
     PolicyAndValue (called through its DDP wrapper, if any, so that gradients are synchronised)."""
-    from lmforge.rollout import response_logprobs
-    from lmforge.train.dist import unwrap
-
     hidden, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
     head = unwrap(model).policy.lm_head.weight
     return response_logprobs(hidden, head, batch, temperature), response_values(values, batch)
@@ -101,8 +125,6 @@ def logprobs_and_values(model, batch: dict, temperature: float) -> tuple[torch.T
 
 def response_values(values: torch.Tensor, batch: dict) -> torch.Tensor:
     """V(s_t) for each response token t: the value read where that token's logits are (columns P-1 ... P+R-2)."""
-    from lmforge.rollout import response_columns
-
     return response_columns(values, batch) * batch["response_mask"]
 
 
@@ -121,33 +143,6 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, b
 
 
 def run_ppo(cfg: PPOConfig) -> dict:
-    from safetensors.torch import save_model as save_weights
-
-    from lmforge.generation import SamplingParams
-    from lmforge.modelio import load_model_dir, save_model_dir
-    from lmforge.objectives.rl import (
-        adaptive_kl_controller,
-        gae,
-        kl_estimate,
-        masked_mean,
-        ppo_policy_loss,
-        ppo_value_loss,
-        whiten,
-    )
-    from lmforge.rollout import (
-        RolloutStream,
-        hash_seed,
-        pack_rollout,
-        policy_logprobs,
-        prompt_indices,
-        sample_and_score,
-        score_buffer,
-        start_rl_run,
-    )
-    from lmforge.stages.grpo import kl_anomaly_check, rl_summary, save_summary
-    from lmforge.train.dist import refuse_fsdp
-    from lmforge.train.loop import autocast_context, train
-
     refuse_fsdp(cfg.train, "ppo")
     run = start_rl_run(cfg)
     policy, ref, tokenizer, out_dir, dist = run.policy, run.ref, run.tokenizer, run.out_dir, run.dist
@@ -241,9 +236,6 @@ def run_ppo(cfg: PPOConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-    from lmforge.stages.grpo import print_summary
-
     cfg = parse_cli(argv, PPOConfig, prog="lmforge ppo", description=__doc__, default_recipe="tiny", section="ppo")
     summary = run_ppo(cfg)
     if summary:

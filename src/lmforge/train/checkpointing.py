@@ -34,7 +34,8 @@ from safetensors.torch import save_model as save_weights
 
 import lmforge
 from lmforge.atomic import replace_dir, write_atomic
-from lmforge.train.dist import barrier, full_tensor, is_distributed, is_dtensor, unwrap
+from lmforge.model import unwrap
+from lmforge.train.dist import barrier, full_tensor, is_distributed, is_dtensor
 
 STEP_DIR = re.compile(r"step_(\d+)")
 

@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as td
 
+from lmforge.model import unwrap  # noqa: F401  (train.dist.unwrap: the loop and stages take it from here)
+from lmforge.modelio import pick_device
+
 
 @dataclass
 class DistInfo:
@@ -38,17 +41,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA if present, else Apple MPS, else CPU; anything else is passed to torch.device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -167,13 +159,6 @@ def refuse_fsdp(train_cfg, stage: str) -> None:
         raise ConfigError(f"train.parallel=fsdp: lmforge {stage} applies model weights outside the model's "
                           "forward (or generates while training), which FSDP's sharded parameters do not allow; "
                           "use train.parallel=ddp (pretrain, midtrain and sft support fsdp)")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under torch.compile and DDP wrappers (what gets saved, what has ``.config``); an FSDP-sharded
-    module is its own (sharded) self."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from lmforge.model import unwrap
+from lmforge.scoring import to_device
 from lmforge.train.checkpointing import (
     latest_checkpoint,
     load_checkpoint,
@@ -41,7 +43,6 @@ from lmforge.train.dist import (
     gather_weights,
     init_distributed,
     is_sharded,
-    unwrap,
     wrap_model,
 )
 from lmforge.train.metrics import MetricsLogger, ProgressDisplay
@@ -389,17 +390,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
-
-def to_device(batch, device: torch.device):
-    """Tensors in a (nested) tuple/list/dict moved to ``device``; anything else passed through."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 def _first_tensor(batch) -> torch.Tensor | None:
