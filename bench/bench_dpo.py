@@ -74,8 +74,9 @@ def run_lmforge(args) -> dict:
 
     from lmforge.data.preference import Batches, TokenPair, collate_pairs, pair_length
     from lmforge.scoring import precompute_reference, store_pair_logps
-    from lmforge.stages.dpo import DPOConfig, dpo_loss_fn
+    from lmforge.stages.dpo import DPOConfig
     from lmforge.train.loop import TrainConfig, train
+    from lmforge.train.preference import dpo_loss_fn
 
     torch.set_num_threads(args.threads)
     model = make_model()

@@ -44,8 +44,8 @@ def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int, compile_g
                   first_step: list | None = None) -> float:
     from lmforge.data.prompts import render_prompt
     from lmforge.modelio import load_model_dir, load_tokenizer
-    from lmforge.rollout import RolloutStream
-    from lmforge.stages.grpo import GRPOConfig, grpo_loss_fn, grpo_rollout
+    from lmforge.rollout import RolloutStream, grpo_loss_fn, grpo_rollout
+    from lmforge.stages.grpo import GRPOConfig
     from lmforge.train.loop import TrainConfig, train
 
     tok = load_tokenizer(model_dir)

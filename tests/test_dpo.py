@@ -15,7 +15,8 @@ from lmforge.data.preference import TokenPair, collate_pairs, collate_sequences
 from lmforge.inference_scaling import dpo_reward_scorer
 from lmforge.model import ModelConfig, Transformer
 from lmforge.scoring import completion_logps, precompute_reference, store_pair_logps, token_kl
-from lmforge.stages.dpo import LOSS_TYPES, DPOConfig, dpo_loss_fn
+from lmforge.stages.dpo import DPOConfig
+from lmforge.train.preference import LOSS_TYPES, dpo_loss_fn
 
 PAIRS = [([1, 2, 3], [4, 5], [6]), ([7], [8, 9, 10], [11, 12]), ([13, 14], [15], [16, 17, 18, 19])]
 

@@ -16,8 +16,8 @@ from lmforge.cpu_decode import PackedDecodeStep, packed_head
 from lmforge.generation import SamplingParams, StaticDecoder, compiled_step, generate
 from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.rewards import RewardSpec
+from lmforge.rollout import RLDataConfig
 from lmforge.stages.generate import GenerateConfig
-from lmforge.stages.grpo import RLDataConfig
 from lmforge.stages.ppo import PPOConfig, run_ppo
 from lmforge.stages.sample import SampleConfig, run_sample
 from lmforge.train.loop import TrainConfig

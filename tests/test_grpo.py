@@ -13,8 +13,8 @@ from lmforge_cli import lmforge
 from test_rollout import make_model_dir, tiny_model, write_rl_prompts
 
 from lmforge.objectives.rl import grpo_advantages, grpo_loss
-from lmforge.rollout import RolloutStream
-from lmforge.stages.grpo import GRPOConfig, grpo_loss_fn, grpo_rollout
+from lmforge.rollout import RolloutStream, grpo_loss_fn, grpo_rollout
+from lmforge.stages.grpo import GRPOConfig
 from lmforge.train.checkpointing import latest_checkpoint
 from lmforge.train.loop import TrainConfig, TrainingInterrupted, train
 from lmforge.train.metrics import read_metrics

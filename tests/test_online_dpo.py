@@ -13,8 +13,7 @@ from test_rollout import make_model_dir, write_rl_prompts
 
 from lmforge.generation import Completion
 from lmforge.rewards import RewardSpec
-from lmforge.rollout import Samples
-from lmforge.stages.grpo import RLDataConfig
+from lmforge.rollout import RLDataConfig, Samples
 from lmforge.stages.online_dpo import OnlineDPOConfig, make_pairs, run_online_dpo, select_pairs
 from lmforge.train.loop import TrainConfig
 from lmforge.train.metrics import read_metrics

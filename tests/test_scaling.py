@@ -166,8 +166,8 @@ def test_fit_cli_names_a_missing_column(tmp_path, capsys):
 @pytest.mark.slow
 def test_sweep_micro_grid_writes_the_table_and_resumes(tmp_path, capsys):
     from lmforge.data.sources import builtin_path
-    from lmforge.scaling.sweep import COLUMNS
     from lmforge.stages.scaling import main
+    from lmforge.train.sweep import COLUMNS
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(builtin_path("tinyshakespeare").read_text()[:40_000])

@@ -19,14 +19,16 @@ from different padding or batch shapes). The buffer being optimised is saved in 
 
 from __future__ import annotations
 
+import math
 import random
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 from safetensors.torch import load_file, save_file
 
 from lmforge.answers import is_correct
@@ -36,11 +38,13 @@ from lmforge.generation import SamplingParams, generate
 from lmforge.model import unwrap
 from lmforge.modelio import load_model_and_tokenizer
 from lmforge.objectives.lm import chunked_token_logprobs
+from lmforge.objectives.rl import grpo_advantages, grpo_loss, kl_estimate, masked_mean, rloo_advantages
 from lmforge.rewards import RewardInput, build_reward
 from lmforge.scoring import to_device
 from lmforge.train.checkpointing import latest_checkpoint
-from lmforge.train.dist import start_run
-from lmforge.train.metrics import MetricsLogger
+from lmforge.train.loop import autocast_context
+from lmforge.train.metrics import MetricsLogger, read_metrics
+from lmforge.train.runs import Run, log, start_run
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids")  # (N, P + R) tensors
 BUFFER_FILE = "rollout.safetensors"
@@ -334,14 +338,144 @@ def sample_and_score(policy, tokenizer, rows: list[dict], prompt_ids: list[list[
     return samples
 
 
+# ---- the RL stages' data, checks and summary ----
+
+@dataclass
+class RLDataConfig:
+    source: str = "builtin:tinyworld/rl"  # .jsonl(.gz) of {"prompt", "answer"} or builtin:tinyworld/rl
+    prompt_field: str = "prompt"  # a string, or a list of chat messages (TRL's conversational prompt)
+    answer_field: str = "answer"
+    eval_source: str = "builtin:tinyworld/eval"  # greedy accuracy / length / reward every train.eval_every; "" = none
+    eval_size: int = 64  # eval prompts used (the first ones)
+    system_prompt: str = ""
+    chat_template: bool = True  # render prompts with the chat template and an open assistant turn
+
+
+def flat_batch_warning(iteration: int, stats: dict, groups: int) -> None:
+    """A warning when every group of a rollout got equal rewards: all advantages are zero, nothing is learnt."""
+    if stats["frac_reward_zero_std"] >= 1.0:
+        log(f"WARNING rollout {iteration + 1}: all {groups} groups got equal rewards (mean {stats['reward']:.3f}): "
+            "every advantage is zero and nothing is learnt from this batch. Raise num_generations or temperature, "
+            "or use prompts of a difficulty the policy sometimes solves")
+
+
+def kl_anomaly_check(iteration: int, stats: dict) -> None:
+    """Non-finite log-probabilities are an error; a clearly negative KL estimate (samples that do not follow the
+    policy being scored) a warning."""
+    if not math.isfinite(stats.get("kl_k1", 0.0)):
+        raise FloatingPointError(f"rollout {iteration + 1}: non-finite log-probabilities (policy or reference)")
+    if stats.get("kl_k1", 0.0) < -0.05:
+        log(f"WARNING rollout {iteration + 1}: the KL(pi || pi_ref) estimate is negative ({stats['kl_k1']:.3f} "
+            "nats/token): the samples do not follow the policy being scored (check the sampling settings)")
+
+
+def first_and_last(rows: list[dict], key: str) -> tuple[float | None, float | None]:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return (values[0], values[-1]) if values else (None, None)
+
+
+def rl_summary(out_dir: Path, result, algorithm: str, reward_key: str = "reward") -> dict:
+    """algorithm, steps, and the first and last value of the reward and eval curves in out_dir/metrics.jsonl."""
+    metrics = read_metrics(out_dir)
+    summary = {"algorithm": algorithm, "steps": result.step}
+    for key in (reward_key, "eval/accuracy", "eval/mean_length", "eval/reward", "completions/mean_length"):
+        first, last = first_and_last(metrics, key)
+        if first is not None:
+            summary[f"{key} first"], summary[f"{key} last"] = first, last
+    return summary
+
+
+def print_rl_summary(summary: dict) -> None:
+    """The first and last value of every reward / eval curve of an RL summary (or of each run of a comparison)."""
+    runs = summary.get("runs", {"": summary})
+    table = Table(title="RL summary")
+    table.add_column("run")
+    table.add_column("metric")
+    table.add_column("first", justify="right")
+    table.add_column("last", justify="right")
+    for name, s in runs.items():
+        for key in [k.removesuffix(" first") for k in s if k.endswith(" first")]:
+            table.add_row(name, key, f"{s[key + ' first']:.3f}", f"{s[key + ' last']:.3f}")
+    console = Console()
+    console.print(table)
+    for name, s in runs.items():
+        console.print(f"{name + ': ' if name else ''}{s.get('steps')} steps in {s.get('seconds')} s -> {s.get('model_dir')}")
+    if "plot" in summary:
+        console.print(f"plot: {summary['plot']}")
+
+
+# ---- GRPO / RLOO ----
+
+def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list[list[int]], reward,
+                 device, rank: int = 0, world_size: int = 1):
+    """GRPO's / RLOO's ``make_rollout(iteration, plan) -> (buffer, stats)`` for a RolloutStream (``cfg``: a
+    stages.grpo.GRPOConfig): sample, score, old and reference log-probs, group-relative advantages.
+
+    ``reward`` is a rewards.CombinedReward or any callable RewardInput -> (total, {name: part}); ``tokenizer``
+    may be None (completions are then scored as space-joined token ids, prompts padded with 0).
+    """
+    G, T = cfg.num_generations, cfg.temperature
+    pad_id = tokenizer.pad_id if tokenizer is not None else 0
+    # One optimizer step per rollout, one pass: every micro-batch is scored before any update, so the old
+    # log-probs equal the training ones exactly and need no forward of their own (TRL does the same).
+    one_update = cfg.epochs == 1 and cfg.train.batch_size == cfg.prompts_per_rollout * G * world_size
+
+    def make_rollout(iteration: int, plan):
+        idx = prompt_indices(len(rows), iteration, cfg.prompts_per_rollout, cfg.train.seed, rank, world_size)
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=T, n=G,
+                                seed=hash_seed(cfg.train.seed, iteration, rank), compile=cfg.compile_generation)
+        samples = sample_and_score(policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx],
+                                   params, reward)
+        buffer = pack_rollout(samples.prompt_ids, samples.completion_ids, pad_id)
+        batches = plan(len(samples.completion_ids))
+        autocast = autocast_context(cfg.train, device)
+        with torch.no_grad():
+            if not one_update:  # else pi_old = pi exactly: the loss uses logp.detach() and skips this forward
+                scored = score_buffer(policy_scores(policy, T, entropy=True), buffer, batches, device, autocast)
+                buffer["old_logprobs"], entropy = scored["logprobs"], scored["entropy"]
+            buffer["ref_logprobs"] = score_buffer(policy_scores(ref, T), buffer, batches, device, autocast)["logprobs"]
+        if cfg.algorithm == "rloo":
+            buffer["advantages"] = rloo_advantages(samples.rewards, G)
+        else:
+            buffer["advantages"] = grpo_advantages(samples.rewards, G, cfg.scale_rewards)
+        mask = buffer["response_mask"]
+        stats = samples.stats(G)
+        if not one_update:
+            stats["entropy"] = masked_mean(entropy, mask).item()
+            stats["kl_k1"] = masked_mean(kl_estimate(buffer["old_logprobs"], buffer["ref_logprobs"], "k1"), mask).item()
+        stats["rollout"] = iteration + 1
+        flat_batch_warning(iteration, stats, len(idx))
+        kl_anomaly_check(iteration, stats)
+        return buffer, stats
+    return make_rollout
+
+
+def grpo_loss_fn(cfg):
+    """loss_fn(model, micro-batch) -> (loss, metrics) for the loop: objectives/rl.py grpo_loss on the buffer."""
+    def loss_fn(model, batch):
+        old = batch.get("old_logprobs")
+        if old is None:  # the rollout skipped the policy forward: entropy and k1 come from this one
+            logp, entropy = policy_logprobs(model, batch, cfg.temperature, entropy=True)
+        else:
+            logp = policy_logprobs(model, batch, cfg.temperature)
+        loss, m = grpo_loss(logp, old, batch["ref_logprobs"], batch["advantages"], batch["response_mask"],
+                            cfg.clip_eps, cfg.clip_eps_high, cfg.beta, cfg.loss_agg, max_len=cfg.max_new_tokens)
+        metrics = {**batch["stats"], "kl": m["kl"], "clip_ratio": m["clipfrac"], "approx_kl": m["approx_kl"],
+                   "ratio_mean": m["ratio_mean"]}
+        if old is None:
+            mask = batch["response_mask"]
+            metrics["entropy"] = masked_mean(entropy, mask)
+            metrics["kl_k1"] = masked_mean(logp.detach() - batch["ref_logprobs"], mask)
+        return loss, metrics
+    return loss_fn
+
+
 # ---- the run set-up the RL stages share ----
 
 @dataclass
 class RLRun:
     """What an RL stage (GRPO / RLOO, PPO) starts from; made by :func:`start_rl_run`."""
-    t0: float  # time.time() at the start, for the summary
-    dist: object  # train.dist.DistInfo: device, rank, world_size, is_main
-    out_dir: Path
+    run: Run  # runs.start_run's: config, process group (device, rank, is_main), out_dir, start time
     policy: torch.nn.Module  # trained
     ref: torch.nn.Module  # frozen, eval mode
     tokenizer: object
@@ -351,6 +485,14 @@ class RLRun:
     eval_ids: list[list[int]]
     reward: object  # rewards.CombinedReward
     eval_fn: Callable[..., dict] | None  # greedy eval/accuracy, eval/mean_length, eval/reward; None without eval rows
+
+    @property
+    def dist(self):
+        return self.run.dist
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run.out_dir
 
     def resume_dir(self) -> Path | None:
         """The checkpoint a rerun resumes from (None: a fresh run); RolloutStream reads its buffer from there."""
@@ -363,23 +505,22 @@ class RLRun:
 
 
 def start_rl_run(cfg) -> RLRun:
-    """The set-up GRPO and PPO share: distributed init, out_dir with the resolved config.yaml, the seed, policy +
-    frozen reference + tokenizer, training and eval prompts encoded as SFT trained (render_prompt), answers
-    checked against the rewards, the reward, and the greedy eval function.
+    """The set-up GRPO and PPO share: runs.start_run (distributed init, out_dir with the resolved config.yaml, the
+    seed), policy + frozen reference + tokenizer, training and eval prompts encoded as SFT trained
+    (render_prompt), answers checked against the rewards, the reward, and the greedy eval function.
 
-    ``cfg`` is a stage config with out_dir, model, ref_model, data (stages.grpo.RLDataConfig), rewards,
-    max_new_tokens, compile_generation and train (train.loop.TrainConfig).
+    ``cfg`` is a stage config with out_dir, model, ref_model, data (RLDataConfig), rewards, max_new_tokens,
+    compile_generation and train (train.loop.TrainConfig).
     """
-    t0 = time.time()
-    dist, out_dir = start_run(cfg)
-    torch.manual_seed(cfg.train.seed)
+    run = start_run(cfg)
+    dist = run.dist
     policy, ref, tokenizer = load_policy_and_ref(cfg.model, cfg.ref_model, dist.device)
     rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
     check_answers(rows + eval_rows, cfg.rewards)
     reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
     eval_fn = make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens,
                            compile=cfg.compile_generation) if eval_rows else None
-    return RLRun(t0, dist, out_dir, policy, ref, tokenizer, rows, prompt_ids, eval_rows, eval_ids, reward, eval_fn)
+    return RLRun(run, policy, ref, tokenizer, rows, prompt_ids, eval_rows, eval_ids, reward, eval_fn)
 
 
 def load_policy_and_ref(policy_dir: str, ref_dir: str, device):

@@ -39,20 +39,17 @@ from lmforge.data.preference import (
 )
 from lmforge.errors import DataError
 from lmforge.modelio import load_model_and_tokenizer, save_model_dir, write_model_files
-from lmforge.objectives import dpo_loss, orpo_loss, simpo_loss
 from lmforge.scoring import (
-    completion_logps,
     evaluate_pairs,
     precompute_reference,
     store_pair_logps,
     to_device,
     token_kl,
 )
-from lmforge.train.dist import refuse_fsdp, start_run
+from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, autocast_context, train
-
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "cdpo", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")
+from lmforge.train.preference import REFERENCE_FREE, check_loss_options, dpo_loss_fn
+from lmforge.train.runs import finish_run, round_metrics, start_run, write_config
 
 
 @dataclass
@@ -77,58 +74,17 @@ class DPOConfig:
                                                                    weight_decay=0.0, eval_every=50))
 
     def validate(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        check_loss_options(self)
         if self.reference not in ("precompute", "live"):
             raise ValueError(f"reference must be precompute or live, got {self.reference!r}")
-        if self.beta <= 0 or any(b <= 0 for b in self.betas):
-            raise ValueError("beta (and every value in betas) must be positive")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
-
-
-# ---------------------------------------------------------------------------------------------------- the loss
-
-def dpo_loss_fn(cfg: DPOConfig, beta: float | None = None, ref_model=None):
-    """loss_fn(model, batch) for the loop: one forward over chosen + rejected, then the configured loss."""
-    beta = cfg.beta if beta is None else beta
-
-    def loss_fn(model, batch):
-        logps, lengths = completion_logps(model, batch, cfg.logprob_chunk_size)
-        chosen, rejected = logps.chunk(2)
-        len_c, len_r = lengths.chunk(2)
-        if cfg.loss_type == "simpo":
-            return simpo_loss(chosen, rejected, len_c, len_r, beta=beta, gamma=cfg.simpo_gamma,
-                              label_smoothing=cfg.label_smoothing)
-        if cfg.loss_type == "orpo":
-            nll = -chosen.sum() / len_c.sum().clamp(min=1)  # SFT loss: mean NLL over the chosen tokens
-            return orpo_loss(chosen, rejected, len_c, len_r, nll, lambda_=beta)
-        if ref_model is not None:
-            with torch.no_grad():
-                ref = completion_logps(ref_model, batch, cfg.logprob_chunk_size)[0]
-        else:
-            ref = batch["ref_logps"]
-        ref_c, ref_r = ref.chunk(2)
-        lengths_kw = dict(chosen_lengths=len_c, rejected_lengths=len_r) if cfg.loss_type == "ipo" else {}
-        smoothing = cfg.label_smoothing
-        if cfg.loss_type == "cdpo" and "confidence" in batch:  # an AI judge's soft labels: eps = 1 - P(chosen)
-            smoothing = (1 - batch["confidence"] + cfg.label_smoothing).clamp(max=0.5)
-        loss, metrics = dpo_loss(chosen, rejected, ref_c, ref_r, beta=beta, loss_type=cfg.loss_type,
-                                 label_smoothing=smoothing, **lengths_kw)
-        if cfg.rpo_alpha > 0:
-            nll = -chosen.sum() / len_c.sum().clamp(min=1)
-            loss, metrics = loss + cfg.rpo_alpha * nll, {**metrics, "nll_loss": nll.detach()}
-        return loss, metrics
-    return loss_fn
+        if any(b <= 0 for b in self.betas):
+            raise ValueError(f"every value in betas must be positive, got {self.betas}")
 
 
 # ----------------------------------------------------------------------------------------------------- the stage
 
 def prepare(cfg: DPOConfig, dist):
     """(policy, tokenizer, train pairs, eval pairs, data stats), reference log-probs precomputed when needed."""
-    torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dist.device)
     train_pairs, eval_pairs, stats = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
     if cfg.loss_type not in REFERENCE_FREE and cfg.reference == "precompute":
@@ -154,7 +110,8 @@ def live_reference(cfg: DPOConfig, model, device):
 
 def train_policy(cfg: DPOConfig, model, tokenizer, train_pairs, eval_pairs, dist, out_dir: Path,
                  beta: float | None = None) -> dict:
-    """The one loop on pairs; returns the summary (initial and final eval metrics, throughput, model dir)."""
+    """The one loop on pairs into out_dir; returns the summary (initial and final eval metrics, throughput) on the
+    main rank, {} elsewhere. Saving the model is the caller's."""
     if hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = cfg.gradient_checkpointing
     pad = tokenizer.pad_id
@@ -181,16 +138,12 @@ def train_policy(cfg: DPOConfig, model, tokenizer, train_pairs, eval_pairs, dist
                    save_model=lambda path: write_model_files(path, model, tokenizer), run_config=run_cfg,
                    tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), description=f"dpo ({cfg.loss_type})")
     seconds = time.time() - t0
-    summary = {}
-    if dist.is_main:
-        save_model_dir(out_dir / "model", model, tokenizer)
-        summary = {"loss_type": cfg.loss_type, "beta": run_cfg.beta, "steps": result.step,
-                   "initial": {k: round(v, 4) for k, v in initial.items()},
-                   **{k: round(v, 4) for k, v in result.eval_metrics.items()},
-                   "train": {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)},
-                   "pairs_per_second": round(result.step * cfg.train.batch_size / max(seconds, 1e-9), 2),
-                   "model_dir": str(out_dir / "model")}
-    return summary
+    if not dist.is_main:
+        return {}
+    return {"loss_type": cfg.loss_type, "beta": run_cfg.beta, "steps": result.step,
+            "initial": round_metrics(initial), **round_metrics(result.eval_metrics),
+            "train": round_metrics(result.metrics),
+            "pairs_per_second": round(result.step * cfg.train.batch_size / max(seconds, 1e-9), 2)}
 
 
 def run_dpo(cfg: DPOConfig) -> dict:
@@ -199,14 +152,10 @@ def run_dpo(cfg: DPOConfig) -> dict:
 
     if cfg.betas:
         return run_sweep(cfg)
-    dist, out_dir = start_run(cfg)
-    t0 = time.time()
-    model, tokenizer, train_pairs, eval_pairs, stats = prepare(cfg, dist)
-    summary = train_policy(cfg, model, tokenizer, train_pairs, eval_pairs, dist, out_dir)
-    if dist.is_main:
-        summary.update(data=stats, seconds=round(time.time() - t0, 1))
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    run = start_run(cfg)
+    model, tokenizer, train_pairs, eval_pairs, stats = prepare(cfg, run.dist)
+    summary = train_policy(cfg, model, tokenizer, train_pairs, eval_pairs, run.dist, run.out_dir)
+    return finish_run(run, {**summary, "data": stats}, model, tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ the beta sweep
@@ -228,7 +177,8 @@ def run_sweep(cfg: DPOConfig) -> dict:
     """One DPO run per beta from the same start (reference log-probs computed once); then KL drift of each
     policy from the reference on held-out chosen answers against its held-out margin: sweep.json + PNG."""
     betas = cfg.betas or [0.05, 0.1, 0.5, 1.0]
-    dist, out_dir = start_run(cfg)
+    run = start_run(cfg)
+    dist, out_dir = run.dist, run.out_dir
     start, tokenizer, train_pairs, eval_pairs, stats = prepare(cfg, dist)
     if not eval_pairs:
         raise DataError("the beta sweep measures KL and margins on held-out pairs: set data.eval_fraction > 0 "
@@ -239,10 +189,12 @@ def run_sweep(cfg: DPOConfig) -> dict:
     rows = []
     for beta in betas:
         start.load_state_dict(initial)
-        summary = train_policy(cfg, start, tokenizer, train_pairs, eval_pairs, dist,
-                               out_dir / f"beta_{beta:g}", beta=beta)
+        beta_dir = out_dir / f"beta_{beta:g}"
+        write_config(replace(cfg, beta=beta), beta_dir, dist)  # each beta's run is a run of its own
+        summary = train_policy(cfg, start, tokenizer, train_pairs, eval_pairs, dist, beta_dir, beta=beta)
         if not dist.is_main:
             continue
+        summary["model_dir"] = str(save_model_dir(beta_dir / "model", start, tokenizer))
         drift = kl_drift(start, reference, eval_pairs, tokenizer.pad_id, cfg.train.micro_batch_size, dist.device)
         margin = summary.get("eval_rewards/margins", float("nan"))
         rows.append({"beta": beta, **{k: round(v, 5) for k, v in drift.items()},

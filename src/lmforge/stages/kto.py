@@ -14,8 +14,6 @@ logps/chosen, logps/rejected, and eval_* on held-out examples.
 
 from __future__ import annotations
 
-import json
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -34,11 +32,12 @@ from lmforge.data.preference import (
     tokenize_unpaired,
 )
 from lmforge.errors import DataError
-from lmforge.modelio import load_model_and_tokenizer, save_model_dir, write_model_files
+from lmforge.modelio import load_model_and_tokenizer, write_model_files
 from lmforge.objectives import kto_loss
 from lmforge.scoring import completion_logps, evaluate_pairs, precompute_reference
-from lmforge.train.dist import refuse_fsdp, start_run
+from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, autocast_context, train
+from lmforge.train.runs import finish_run, round_metrics, start_run
 
 
 @dataclass
@@ -91,9 +90,8 @@ def store_example_logps(chunk: list, values: dict) -> None:
 
 def run_kto(cfg: KTOConfig) -> dict:
     refuse_fsdp(cfg.train, "kto")
-    dist, out_dir = start_run(cfg)
-    t0 = time.time()
-    torch.manual_seed(cfg.train.seed)
+    run = start_run(cfg)
+    dist = run.dist
     model, tokenizer = load_model_and_tokenizer(cfg.model, dist.device)
     if not cfg.data.source:
         raise DataError("data.source is empty: give unpaired rows {prompt, completion, label} or preference pairs")
@@ -130,17 +128,12 @@ def run_kto(cfg: KTOConfig) -> dict:
     with torch.no_grad(), autocast_context(cfg.train, dist.device):
         initial = eval_fn(model)
     model.train()
-    result = train(model, loss_fn, batches, cfg.train, out_dir, dist=dist, eval_fn=eval_fn,
+    result = train(model, loss_fn, batches, cfg.train, run.out_dir, dist=dist, eval_fn=eval_fn,
                    save_model=lambda path: write_model_files(path, model, tokenizer), run_config=cfg,
                    tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), description="kto")
-    summary = {}
-    if dist.is_main:
-        save_model_dir(out_dir / "model", model, tokenizer)
-        summary = {"beta": cfg.beta, "steps": result.step, "initial": {k: round(v, 4) for k, v in initial.items()},
-                   **{k: round(v, 4) for k, v in result.eval_metrics.items()}, "data": stats,
-                   "seconds": round(time.time() - t0, 1), "model_dir": str(out_dir / "model")}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    summary = {"beta": cfg.beta, "steps": result.step, "initial": round_metrics(initial),
+               **round_metrics(result.eval_metrics), "data": stats}
+    return finish_run(run, summary, model, tokenizer)
 
 
 def print_summary(summary: dict) -> None:

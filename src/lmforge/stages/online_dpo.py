@@ -48,13 +48,14 @@ from rich.progress import Progress
 from rich.table import Table
 
 from lmforge.atomic import write_atomic
-from lmforge.config import parse_cli, save_config, to_dict
+from lmforge.config import parse_cli, to_dict
 from lmforge.data.preference import Batches, TokenPair, collate_pairs, pair_length
 from lmforge.evaluation import rate
 from lmforge.generation import SamplingParams
 from lmforge.modelio import load_model_and_tokenizer, save_model_dir, write_model_files
 from lmforge.rewards import RewardSpec, build_reward
 from lmforge.rollout import (
+    RLDataConfig,
     check_answers,
     hash_seed,
     load_rl_data,
@@ -63,11 +64,11 @@ from lmforge.rollout import (
     sample_and_score,
 )
 from lmforge.scoring import evaluate_pairs, precompute_reference, store_pair_logps
-from lmforge.stages.dpo import REFERENCE_FREE, DPOConfig, dpo_loss_fn
-from lmforge.stages.grpo import RLDataConfig, log
-from lmforge.train.dist import init_distributed, refuse_fsdp
+from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, autocast_context, train
 from lmforge.train.metrics import MetricsLogger
+from lmforge.train.preference import REFERENCE_FREE, check_loss_options, dpo_loss_fn
+from lmforge.train.runs import finish_run, log, start_run
 
 ROUND_FILE, ROLLOUT_FILE, PAIRS_FILE = "round.json", "rollout.json", "pairs.jsonl"
 
@@ -111,14 +112,7 @@ class OnlineDPOConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        dpo_config(self).validate()
-
-
-def dpo_config(cfg: OnlineDPOConfig):
-    """The `lmforge dpo` config whose loss a round trains with."""
-    return DPOConfig(model=cfg.model, out_dir=cfg.out_dir, loss_type=cfg.loss_type, beta=cfg.beta,
-                     label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha,
-                     logprob_chunk_size=cfg.logprob_chunk_size, train=cfg.train)
+        check_loss_options(self)
 
 
 # ---------------------------------------------------------------------------------------------------- pairs
@@ -221,7 +215,6 @@ def read_round_pairs(round_dir: Path) -> tuple[list, dict] | None:
 def train_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, pairs: list, eval_fn, dist, round_dir: Path):
     """Precompute the reference log-probs, then DPO on the round's pairs through the one loop (resuming from
     round_dir/checkpoints); returns (TrainResult, the reference's directory or None)."""
-    dcfg = dpo_config(cfg)
     micro = cfg.train.micro_batch_size
 
     def collate(items):
@@ -240,7 +233,7 @@ def train_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, pairs: list, ev
         else cfg.train.max_steps
     tcfg = replace(cfg.train, max_steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps),
                    seed=cfg.train.seed + k)
-    loss_fn = dpo_loss_fn(dcfg)
+    loss_fn = dpo_loss_fn(cfg)  # the loss options are `lmforge dpo`'s
     batches = Batches(pairs, micro, collate, tcfg.seed, dist.rank, dist.world_size, length=pair_length)
 
     def round_eval(model) -> dict:  # DPO's metrics on the round's own pairs, then held-out accuracy
@@ -313,10 +306,8 @@ def start_over(out_dir: Path) -> None:
 def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
     """Run (or resume, or extend) the rounds; returns the summary with every round's numbers."""
     refuse_fsdp(cfg.train, "online-dpo")
-    t0 = time.time()
-    dist = init_distributed(cfg.train.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = start_run(cfg)  # config.yaml (a start-over keeps it), the seed
+    dist, out_dir, t0 = run.dist, run.out_dir, run.t0
     digest = fingerprint(cfg)
     done = finished_rounds(out_dir, digest) if cfg.train.resume else None
     if done is None and any(out_dir.glob("round_*")):
@@ -325,13 +316,10 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
         if dist.is_main:
             start_over(out_dir)
     done = done or []
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
     if len(done) > cfg.rounds and (out_dir / "model").exists():
         log(f"online-dpo: all {cfg.rounds} rounds are finished in {out_dir}: nothing to do")
-        return write_summary(cfg, out_dir, done, t0, ran=False) if dist.is_main else {}
+        return online_summary(cfg, out_dir, done) if dist.is_main else {}
 
-    torch.manual_seed(cfg.train.seed)
     last = max(len(done) - 1, 0)
     policy, tokenizer = load_model_and_tokenizer(start_dir(cfg, last + 1), dist.device)
     rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
@@ -351,10 +339,7 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
         finish_round(out_dir / f"round_{k}", row, metrics, dist)
         done.append(row)
     metrics.close()
-    if not dist.is_main:
-        return {}
-    save_model_dir(out_dir / "model", policy, tokenizer)
-    return write_summary(cfg, out_dir, done, t0, ran=True)
+    return finish_run(run, online_summary(cfg, out_dir, done) if dist.is_main else {}, policy, tokenizer)
 
 
 def run_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, rows, prompt_ids, reward, eval_fn, dist,
@@ -408,8 +393,8 @@ def finish_round(round_dir: Path, row: dict, metrics, dist) -> None:
     shutil.rmtree(round_dir / "checkpoints", ignore_errors=True)
 
 
-def write_summary(cfg: OnlineDPOConfig, out_dir: Path, done: list[dict], t0: float, ran: bool) -> dict:
-    """summary.json: every round's row, and the first/last keys the pipeline report reads."""
+def online_summary(cfg: OnlineDPOConfig, out_dir: Path, done: list[dict]) -> dict:
+    """What summary.json holds: every round's row, and the first/last keys the pipeline report reads."""
     rounds = [{k: v for k, v in r.items() if k != "fingerprint"} for r in done]
     summary = {"loss_type": cfg.loss_type, "beta": cfg.beta, "reference": cfg.reference, "rounds": rounds,
                "steps": rounds[-1]["step"], "seconds": round(sum(r.get("seconds", 0.0) for r in rounds), 1),
@@ -418,8 +403,6 @@ def write_summary(cfg: OnlineDPOConfig, out_dir: Path, done: list[dict], t0: flo
         values = [r[key] for r in rounds if r.get(key) is not None]
         if values:
             summary[f"{key} first"], summary[f"{key} last"] = values[0], values[-1]
-    if ran:
-        write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -39,20 +39,24 @@ from lmforge.objectives.rl import (
 )
 from lmforge.rewards import RewardSpec
 from lmforge.rollout import (
+    RLDataConfig,
     RolloutStream,
     hash_seed,
+    kl_anomaly_check,
     pack_rollout,
     policy_logprobs,
+    print_rl_summary,
     prompt_indices,
     response_columns,
     response_logprobs,
+    rl_summary,
     sample_and_score,
     score_buffer,
     start_rl_run,
 )
-from lmforge.stages.grpo import RLDataConfig, kl_anomaly_check, print_summary, rl_summary, save_summary
 from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, autocast_context, train
+from lmforge.train.runs import finish_run
 
 
 @dataclass
@@ -144,9 +148,9 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, b
 
 def run_ppo(cfg: PPOConfig) -> dict:
     refuse_fsdp(cfg.train, "ppo")
-    run = start_rl_run(cfg)
-    policy, ref, tokenizer, out_dir, dist = run.policy, run.ref, run.tokenizer, run.out_dir, run.dist
-    rows, prompt_ids, reward = run.rows, run.prompt_ids, run.reward
+    rl = start_rl_run(cfg)
+    policy, ref, tokenizer, out_dir, dist = rl.policy, rl.ref, rl.tokenizer, rl.out_dir, rl.dist
+    rows, prompt_ids, reward = rl.rows, rl.prompt_ids, rl.reward
     critic = load_model_dir(critic_source(cfg), device=dist.device, num_labels=1)
     model = PolicyAndValue(policy, critic)
     T = cfg.temperature
@@ -203,7 +207,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
         return buffer, stats
 
     stream = RolloutStream(make_rollout, epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size,
-                           seed=cfg.train.seed, resume_dir=run.resume_dir)
+                           seed=cfg.train.seed, resume_dir=rl.resume_dir)
 
     def loss_fn(model, batch):
         logp, values = logprobs_and_values(model, batch, T)
@@ -221,23 +225,20 @@ def run_ppo(cfg: PPOConfig) -> dict:
         tokenizer.save(path)
         stream.save_buffer(path)
 
-    run.log_start_eval()
-    result = train(model, loss_fn, stream, cfg.train, out_dir, save_model=save_model, eval_fn=run.eval_fn,
+    rl.log_start_eval()
+    result = train(model, loss_fn, stream, cfg.train, out_dir, save_model=save_model, eval_fn=rl.eval_fn,
                    dist=dist, tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), run_config=cfg,
                    description="ppo")
     summary = {}
     if dist.is_main:
-        save_model_dir(out_dir / "model", policy, tokenizer)
-        save_model_dir(out_dir / "critic", critic, tokenizer)
-        summary = rl_summary(out_dir, result, run.t0, "ppo", reward_key="objective/rlhf_reward")
-        summary["critic_dir"] = str(out_dir / "critic")
-        save_summary(out_dir, summary)
-    return summary
+        summary = rl_summary(out_dir, result, "ppo", reward_key="objective/rlhf_reward")
+        summary["critic_dir"] = str(save_model_dir(out_dir / "critic", critic, tokenizer))
+    return finish_run(rl.run, summary, policy, tokenizer)
 
 
 def main(argv: list[str]) -> int:
     cfg = parse_cli(argv, PPOConfig, prog="lmforge ppo", description=__doc__, default_recipe="tiny", section="ppo")
     summary = run_ppo(cfg)
     if summary:
-        print_summary(summary)
+        print_rl_summary(summary)
     return 0

@@ -15,7 +15,6 @@ that ``transformers`` opens as ``LlamaForSequenceClassification`` (and lmforge w
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -34,11 +33,12 @@ from lmforge.data.preference import (
 )
 from lmforge.data.rows import read_rows
 from lmforge.errors import DataError
-from lmforge.modelio import load_model_and_tokenizer, save_model_dir, write_model_files
+from lmforge.modelio import load_model_and_tokenizer, write_model_files
 from lmforge.objectives import bradley_terry_loss
 from lmforge.scoring import evaluate_pairs, reward_scores, sequence_rewards
-from lmforge.train.dist import refuse_fsdp, start_run
+from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, train
+from lmforge.train.runs import finish_run, round_metrics, start_run
 
 
 @dataclass
@@ -74,9 +74,8 @@ def reward_loss_fn(cfg: RewardConfig):
 def run_reward(cfg: RewardConfig) -> dict:
     """Train the reward model; returns the summary (eval accuracy and margin, data counts, model dir)."""
     refuse_fsdp(cfg.train, "reward")
-    dist, out_dir = start_run(cfg)
-    t0 = time.time()
-    torch.manual_seed(cfg.train.seed)
+    run = start_run(cfg)
+    dist = run.dist
     model, tokenizer = load_model_and_tokenizer(cfg.model, "cpu", num_labels=1)  # the head's init: CPU RNG
     if model.score.weight.abs().sum() == 0:  # a fresh head: small random init (TRL: std 1/sqrt(d + 1))
         torch.nn.init.normal_(model.score.weight, std=1 / (model.config.hidden_size + 1) ** 0.5)
@@ -94,17 +93,12 @@ def run_reward(cfg: RewardConfig) -> dict:
         return evaluate_pairs(m, loss_fn, eval_pairs, collate, cfg.train.micro_batch_size, dist.device,
                               cfg.train.eval_batches) if eval_pairs else {}
 
-    result = train(model, loss_fn, batches, cfg.train, out_dir, dist=dist, eval_fn=eval_fn,
+    result = train(model, loss_fn, batches, cfg.train, run.out_dir, dist=dist, eval_fn=eval_fn,
                    save_model=lambda path: write_model_files(path, model, tokenizer), run_config=cfg,
                    tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), description="reward")
-    summary = {}
-    if dist.is_main:
-        save_model_dir(out_dir / "model", model, tokenizer)
-        summary = {**{k: round(v, 4) for k, v in result.eval_metrics.items()},
-                   "train_accuracy": result.metrics.get("accuracy"), "steps": result.step,
-                   "data": stats, "seconds": round(time.time() - t0, 1), "model_dir": str(out_dir / "model")}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    summary = {**round_metrics(result.eval_metrics), "train_accuracy": result.metrics.get("accuracy"),
+               "steps": result.step, "data": stats}
+    return finish_run(run, summary, model, tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------- scoring

@@ -17,7 +17,6 @@ import copy
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as td
@@ -193,16 +192,3 @@ def cleanup() -> None:
         if td.get_world_size() > 1:
             td.barrier()
         td.destroy_process_group()
-
-
-def start_run(cfg) -> tuple[DistInfo, Path]:
-    """What every training stage does first: join the process group (``cfg.train.device``), make ``cfg.out_dir``
-    and, on the main rank, write the resolved config there as config.yaml. Returns (DistInfo, out_dir)."""
-    from lmforge.config import save_config
-
-    dist = init_distributed(cfg.train.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
-    return dist, out_dir

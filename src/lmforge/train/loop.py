@@ -160,8 +160,8 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
     tokens_per_batch_fn(batch) -> this rank's tokens in a micro-batch (default: elements of ``input_ids`` or of
         the first tensor), summed over ranks for tokens/s; flops_per_token defaults to
         model.flops_per_token(seq_len of the first batch) for MFU.
-    on_log(step, metrics): every logged step, main rank. run_config: the stage's resolved config, written to
-        out_dir/config.yaml and into every checkpoint (default: cfg).
+    on_log(step, metrics): every logged step, main rank. run_config: the stage's resolved config, written into
+        every checkpoint (default: cfg); out_dir/config.yaml is the stage's (train/runs.py start_run).
 
     cfg.parallel=fsdp under torchrun trains a sharded copy of ``model`` while ``model`` waits on the CPU; it
     receives the whole weights for every checkpoint (so ``save_model`` works unchanged), every evaluation and
@@ -178,10 +178,6 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
     run_config = run_config if run_config is not None else cfg
-    if dist.is_main:
-        from lmforge.config import save_config
-
-        save_config(run_config, out_dir / "config.yaml")
 
     model.to(dist.device)
     step, tokens, skipped, notes = 0, 0, 0, []
