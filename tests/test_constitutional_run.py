@@ -10,7 +10,7 @@ from lmforge.constitutional.judges import Choice
 from lmforge.constitutional.run import check_disjoint, split_prompts, wilson_ci
 from lmforge.lora import LoraOptions
 from lmforge.stages.constitutional import EvalConfig, LabelConfig, ReviseConfig
-from lmforge.stages.constitutional_run import RUN_STEPS, RunConfig, run_constitutional
+from lmforge.apps.constitutional_run import RUN_STEPS, RunConfig, run_constitutional
 from lmforge.stages.dpo import DPOConfig
 from lmforge.stages.sft import SFTConfig
 from lmforge.train.loop import TrainConfig
@@ -146,7 +146,7 @@ def test_the_whole_loop_writes_every_step_and_a_three_row_table_and_a_rerun_skip
 
 
 def test_an_interrupted_run_resumes_from_the_unfinished_step(model_dir, data, tmp_path, monkeypatch):
-    import lmforge.stages.constitutional_run as stage
+    import lmforge.apps.constitutional_run as stage
 
     out = tmp_path / "run"
     real = stage.run_label
@@ -228,7 +228,7 @@ def test_wilson_interval_matches_hand_computed_values():
 @pytest.mark.parametrize("recipe", ["constitutional", "constitutional_smollm2"])
 def test_builtin_recipes_give_every_step_a_valid_config(recipe):
     from lmforge.config import load_config
-    from lmforge.stages.constitutional_run import step_configs
+    from lmforge.apps.constitutional_run import step_configs
 
     cfg = load_config(RunConfig, recipe, ["model=some/dir"], section="run")
     steps = step_configs(recipe, {"sft": ["train.lr=1e-4"]}, cfg.model, cfg.rl)

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 
 from lmforge.errors import DataError
-from lmforge.report import collect_stages, stage_table, write_report
+from lmforge.apps.report import collect_stages, stage_table, write_report
 
 
 def tiny_png(rgb=(200, 30, 30)) -> bytes:
@@ -156,7 +156,7 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
 def test_columns_that_no_stage_has_are_left_out():
     from pathlib import Path
 
-    from lmforge.report import Stage
+    from lmforge.apps.report import Stage
 
     stage = Stage("sft", Path("."), summary={"steps": 3, "accuracy": float("nan")}, metrics=[{"step": 1, "loss": 1.0}])
     headers, rows = stage_table([stage])
@@ -164,7 +164,7 @@ def test_columns_that_no_stage_has_are_left_out():
 
 
 def test_read_metrics_drops_rows_superseded_by_a_resume(tmp_path):
-    from lmforge.report import read_metrics
+    from lmforge.apps.report import read_metrics
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 1, "loss": 3}, {"step": 2, "loss": 2}, {"step": 3, "loss": 9}, {"step": 2, "event": "resume"},

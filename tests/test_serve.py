@@ -18,7 +18,7 @@ from lmforge.constitutional.judges import ChatParams, LocalModel, OpenAIEndpoint
 from lmforge.data.chat import encode_prompt
 from lmforge.generation import SamplingParams, generate
 from lmforge.modelio import load_model_and_tokenizer
-from lmforge.stages.serve import ServeConfig, make_server
+from lmforge.apps.serve import ServeConfig, make_server
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Response A or B?"}]
 
