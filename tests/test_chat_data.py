@@ -1,5 +1,6 @@
 """Chat data: reading SFT rows, clear errors on bad ones, and the assistant-token mask under several templates."""
 
+import copy
 import json
 
 import pytest
@@ -129,8 +130,6 @@ def test_malformed_rows_are_one_clear_error_with_file_line_and_field(tmp_path, r
 
 
 def test_template_that_rewrites_history_is_an_error(tok):
-    import copy
-
     t = copy.copy(tok)
     # drops every assistant turn but the last: earlier renders are not prefixes of the whole
     t.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"

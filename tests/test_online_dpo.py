@@ -11,9 +11,13 @@ from lmforge_cli import lmforge as run_lmforge
 from safetensors.torch import load_file
 from test_rollout import make_model_dir, write_rl_prompts
 
+import lmforge.stages.online_dpo as online
+from lmforge.data.preference import PreferenceDataConfig, load_preference_data
 from lmforge.generation import Completion
+from lmforge.modelio import load_tokenizer
 from lmforge.rewards import RewardSpec
 from lmforge.rollout import RLDataConfig, Samples
+from lmforge.stages.dpo import DPOConfig, run_dpo
 from lmforge.stages.online_dpo import OnlineDPOConfig, make_pairs, run_online_dpo, select_pairs
 from lmforge.train.loop import TrainConfig
 from lmforge.train.metrics import read_metrics
@@ -74,10 +78,6 @@ def micro_config(tmp_path: Path, out: str = "odpo", **kw) -> OnlineDPOConfig:
 
 
 def test_a_round_writes_pairs_that_lmforge_dpo_trains_on(tmp_path):
-    from lmforge.data.preference import PreferenceDataConfig, load_preference_data
-    from lmforge.modelio import load_tokenizer
-    from lmforge.stages.dpo import DPOConfig, run_dpo
-
     summary = run_online_dpo(micro_config(tmp_path, rounds=1))
     round1 = summary["rounds"][1]
     assert round1["pairs"] == 6 and round1["no_pair_prompts"] == 0 and round1["steps"] == 3
@@ -100,8 +100,6 @@ def weights(path: Path) -> dict:
 
 
 def test_crash_mid_round_resumes_exactly_and_finished_rounds_are_not_redone(tmp_path, monkeypatch):
-    import lmforge.stages.online_dpo as online
-
     full = run_online_dpo(micro_config(tmp_path, "full", save_every=1))
     real = online.dpo_loss_fn
     calls = {"n": 0}

@@ -14,11 +14,11 @@ import urllib.request
 
 import pytest
 
+from lmforge.apps.serve import ServeConfig, make_server
 from lmforge.constitutional.judges import ChatParams, LocalModel, OpenAIEndpoint
 from lmforge.data.chat import encode_prompt
 from lmforge.generation import SamplingParams, generate
 from lmforge.modelio import load_model_and_tokenizer
-from lmforge.apps.serve import ServeConfig, make_server
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Response A or B?"}]
 

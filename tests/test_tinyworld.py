@@ -1,5 +1,6 @@
 """The tiny arithmetic world: problems, worked answers, the data producers, builtin sources, the mix, the evaluator."""
 
+import random
 import re
 from collections import Counter
 
@@ -12,6 +13,7 @@ from lmforge.data.mix import MixSource, mix_documents, mix_name
 from lmforge.data.sources import FilterConfig, generated_rows, read_documents
 from lmforge.errors import DataError
 from lmforge.evaluation import evaluate_arithmetic
+from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import train_tokenizer
 
 QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
@@ -141,7 +143,6 @@ def test_mix_of_shakespeare_and_quiz_pages():
 
 def test_evaluate_arithmetic_scores_greedy_answers():
     tok = train_tokenizer(tw.quiz_pages(30), vocab_size=300)
-    from lmforge.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
@@ -169,9 +170,6 @@ def _questions(page: str) -> list[tw.Problem]:
 def test_wrong_answers_make_the_mistakes_small_models_make():
     """Rejected answers: misread operands (worked correctly for the wrong problem), forgotten carries, one
     column's slip; each is wrong for the asked problem and consistent with its own restated problem."""
-    import random
-    import re
-
     rng, misread, other = random.Random(0), 0, 0
     for p in tw.problems(300, "train"):
         text = tw.wrong_answer(p, rng)

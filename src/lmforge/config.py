@@ -8,6 +8,7 @@ file it came from. The resolved config is written beside every run as ``config.y
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import types
@@ -239,8 +240,6 @@ def parse_cli(argv: list[str], cls: type[T], *, prog: str, description: str,
 
     ``--help`` prints the verb's description and every config key with its default.
     """
-    import argparse
-
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="config keys (override with key=value):\n" + describe(cls))

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 import torch
+import torch.fx.experimental._config  # noqa: F401  (use_duck_shape, patched in compiled_step)
 
 from lmforge.cpu_decode import PackedDecodeStep, column_major_weights, packable, packed_head
 from lmforge.model import KVCache, Transformer
@@ -438,8 +439,6 @@ def compiled_step(model):
 
 @cache
 def _compiled_decode_step(cuda: bool):
-    import torch.fx.experimental._config  # noqa: F401  (use_duck_shape, patched in compiled_step)
-
     return torch.compile(Transformer.decode_step, mode="reduce-overhead" if cuda else None, dynamic=not cuda)
 
 

@@ -18,6 +18,9 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -243,12 +246,6 @@ def train_corpus_tokenizer(data: str, out_dir: str | Path, vocab_size: int = 204
 @functools.lru_cache(maxsize=16)
 def _compile_template(source: str):
     """A chat template compiled once (compiling costs milliseconds; SFT renders it several times per row)."""
-    try:
-        import jinja2
-        import jinja2.ext
-        import jinja2.sandbox
-    except ImportError as e:
-        raise ImportError("chat templates need jinja2: pip install jinja2") from e
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                        extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson

@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -293,8 +294,6 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away (a closed chat tab mid-stream): nothing to answer
         except Exception as e:  # a bug or a model failure: the client gets a 500, the log the traceback
-            import traceback
-
             traceback.print_exc()
             error = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
             if self.streaming:

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmforge.config import parse_cli
+from lmforge.errors import ConfigError
 from lmforge.evaluation import decode_speed, heldout_text, token_perplexity
 from lmforge.modelio import load_model_dir, load_tokenizer, resolve_model_dir, save_model_dir
 from lmforge.quant import QuantizedModelError, quantize_model
@@ -136,8 +137,6 @@ def main(argv: list[str]) -> int:
     try:
         summary = run_quantize(cfg)
     except (FileNotFoundError, ValueError) as e:
-        from lmforge.errors import ConfigError
-
         if isinstance(e, ConfigError):
             raise
         print(f"lmforge quantize: error: {e}", file=sys.stderr)

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as td
+from torch.nn.parallel import DistributedDataParallel
 
+from lmforge.errors import ConfigError
 from lmforge.model import unwrap  # noqa: F401  (train.dist.unwrap: the loop and stages take it from here)
 from lmforge.modelio import pick_device
 
@@ -79,7 +81,6 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """DistributedDataParallel around ``model`` in a multi-process run; the model itself otherwise."""
     if not info.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
@@ -153,8 +154,6 @@ def refuse_fsdp(train_cfg, stage: str) -> None:
     """Stages that use the model's weights outside its forward (a head applied to returned hidden states,
     generation during training) cannot run on sharded parameters: one clear error instead of a hang."""
     if getattr(train_cfg, "parallel", "ddp") == "fsdp":
-        from lmforge.errors import ConfigError
-
         raise ConfigError(f"train.parallel=fsdp: lmforge {stage} applies model weights outside the model's "
                           "forward (or generates while training), which FSDP's sharded parameters do not allow; "
                           "use train.parallel=ddp (pretrain, midtrain and sft support fsdp)")
