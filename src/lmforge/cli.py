@@ -12,7 +12,7 @@ import sys
 
 from lmforge import __version__
 from lmforge.apps.verbs import VERBS
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, ModelLoadError
 
 
 def usage() -> str:
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     except ConfigError as e:
         print(f"lmforge {verb}: config error: {e}", file=sys.stderr)
+        return 2
+    except ModelLoadError as e:
+        print(f"lmforge {verb}: model error: {e}", file=sys.stderr)
         return 2
     except DataError as e:
         print(f"lmforge {verb}: data error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmforge.atomic import replace_dir
@@ -153,23 +154,75 @@ def eos_ids(tokenizer) -> list[int] | int:
     return ids if len(ids) > 1 else ids[0]
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, or the shards named by model.safetensors.index.json; never pickle."""
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a missing, truncated or garbled one is a ModelLoadError naming it."""
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{file}: cannot read the weights ({e}): the file is damaged or truncated; save, "
+                             "copy or download it again") from None
+
+
+def weight_names(path: str | Path) -> list[str]:
+    """The tensor names of a model directory's weights, from the safetensors headers only (no tensor is read)."""
+    names = []
+    for file in weight_files(resolve_model_dir(path)):
+        try:
+            with safe_open(str(file), "pt") as f:
+                names += list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{file}: cannot read the weights ({e}): the file is damaged or truncated; save, "
+                                 "copy or download it again") from None
+    return names
+
+
+def check_model_dir(name_or_path: str | Path) -> Path:
+    """Fail fast: the directory resolves, its config.json is one lmforge loads and its weights' headers read (no
+    tensor is loaded), so a stage refuses a broken model before it spends minutes on data. Returns the dir."""
+    path = resolve_model_dir(name_or_path)
+    read_model_config(path)
+    weight_names(path)
+    return path
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor name -> shard file)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); expected "
+                             '{"weight_map": {tensor: shard file}}') from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelLoadError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    return weight_map
+
+
+def weight_files(path: Path) -> list[Path]:
+    """model.safetensors, or the shards model.safetensors.index.json names; never pickle. No weights, pickle
+    weights only, or a shard missing is a ModelLoadError naming the file."""
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.exists():
-        return load_file(str(single))
+        return [single]
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
+        shards = [path / shard for shard in sorted(set(_read_index(index).values()))]
         for shard in shards:
-            state.update(load_file(str(path / shard)))
-        return state
+            if not shard.exists():
+                raise ModelLoadError(f"{index}: names the shard {shard.name}, which is missing from {path}")
+        return shards
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise ValueError(f"{path}: only pickle weights (*.bin / *.pt) found; lmforge loads safetensors only because "
-                         "unpickling can run arbitrary code. Convert once with transformers: "
-                         "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        raise ModelLoadError(f"{path}: only pickle weights (*.bin / *.pt) found; lmforge loads safetensors only "
+                             "because unpickling can run arbitrary code. Convert once with transformers: "
+                             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+    raise ModelLoadError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a model directory (weight_files); a damaged file is a ModelLoadError naming it."""
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        state.update(read_safetensors(file))
+    return state
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
@@ -180,12 +233,39 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     if str(name_or_path).count("/") == 1 and not str(name_or_path).startswith((".", "/")):
         try:
             from huggingface_hub import snapshot_download
-        except ImportError as e:
-            raise FileNotFoundError(f"{name_or_path}: not a local directory, and huggingface_hub is not installed "
-                                    "to download it (pip install huggingface_hub)") from e
-        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.jinja",
-                                                                          "tokenizer*"]))
-    raise FileNotFoundError(f"{name_or_path}: no such model directory")
+        except ImportError:
+            raise ModelLoadError(f"{name_or_path}: not a local directory, and huggingface_hub is not installed "
+                                 "to download it (pip install huggingface_hub)") from None
+        try:
+            return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.jinja",
+                                                                              "tokenizer*"]))
+        except Exception as e:  # the hub client's errors have no common base below Exception
+            raise ModelLoadError(f"{name_or_path}: not a local directory, and the Hugging Face hub download "
+                                 f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if path.exists():
+        raise ModelLoadError(f"{name_or_path}: a file, not a model directory (config.json + model.safetensors)")
+    raise ModelLoadError(f"{name_or_path}: no such model directory")
+
+
+def read_model_config(path: Path) -> tuple[dict, ModelConfig]:
+    """(config.json as a dict, its ModelConfig); a missing, unparsable or unsupported one is a ModelLoadError."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"{path}: no config.json, so this is not a model directory")
+    try:
+        hf = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{config_file}: unreadable ({e})") from None
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{config_file}: expected a JSON object, got {type(hf).__name__}")
+    try:
+        return hf, config_from_hf(hf, str(config_file))
+    except KeyError as e:
+        raise ModelLoadError(f"{config_file}: field {e} missing") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ModelLoadError(e if str(e).startswith(str(config_file)) else f"{config_file}: {e}") from None
 
 
 def load_model_dir(name_or_path: str | Path, device: str | torch.device = "cpu",
@@ -195,11 +275,8 @@ def load_model_dir(name_or_path: str | Path, device: str | torch.device = "cpu",
     num_labels: add (or keep) a scalar head; a new head starts at zero init when the directory has none.
     """
     path = resolve_model_dir(name_or_path)
+    hf, cfg = read_model_config(path)
     config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{path}: no config.json, so this is not a model directory")
-    hf = json.loads(config_file.read_text())
-    cfg = config_from_hf(hf, str(config_file))
     if num_labels is not None:
         cfg.num_labels = num_labels
     with torch.device("meta"):
@@ -216,9 +293,13 @@ def load_model_dir(name_or_path: str | Path, device: str | torch.device = "cpu",
     expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict(state, strict=False, assign=True)
+        raise ModelLoadError(f"{path}: weights do not match config.json: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise ModelLoadError(f"{path}: weights do not match config.json: "
+                             f"{' '.join(str(e).split())[:300]}") from None
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope()  # the tables were made on the meta device
@@ -226,7 +307,14 @@ def load_model_dir(name_or_path: str | Path, device: str | torch.device = "cpu",
 
 
 def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
-    return Tokenizer.load(resolve_model_dir(name_or_path))
+    """The tokenizer of a model (or tokenizer) directory; a missing or damaged one is a ModelLoadError."""
+    path = resolve_model_dir(name_or_path)
+    try:
+        return Tokenizer.load(path)
+    except ModelLoadError:
+        raise
+    except (FileNotFoundError, ValueError) as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def pick_device(name: str | torch.device = "auto") -> torch.device:
@@ -246,13 +334,11 @@ def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "aut
 
     device: ``auto`` picks CUDA, then MPS, then CPU (pick_device); dtype: one of DTYPES; num_labels: add (or
     keep) a scalar head (reward models, critics). The tokenizer must be there too: it carries the chat template.
-    A missing directory or file is a ModelLoadError naming ``path`` (the CLI prints it, exit 2).
+    Anything that keeps the directory from loading (missing, no config.json, pickle-only or damaged weights, a
+    config or tokenizer that does not parse) is a ModelLoadError naming the file (the CLI prints it, exit 2).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    try:
-        model = load_model_dir(path, device=pick_device(device), dtype=getattr(torch, dtype), num_labels=num_labels)
-        tokenizer = load_tokenizer(path)
-    except FileNotFoundError as e:
-        raise ModelLoadError(f"model={path}: {e} (train one with `lmforge sft`, or import one)") from None
+    model = load_model_dir(path, device=pick_device(device), dtype=getattr(torch, dtype), num_labels=num_labels)
+    tokenizer = load_tokenizer(path)
     return model.eval(), tokenizer

@@ -172,7 +172,11 @@ class Tokenizer:
         d = Path(directory)
         if not (d / "tokenizer.json").exists():
             raise FileNotFoundError(f"{d}: no tokenizer.json (lmforge needs a 'fast' tokenizer file)")
-        tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+        try:
+            tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{d / 'tokenizer.json'}: not a readable tokenizer file ({e}); it is damaged or "
+                             "truncated") from None
         config = _read_json(d / "tokenizer_config.json")
         special = _read_json(d / "special_tokens_map.json")
 

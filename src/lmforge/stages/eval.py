@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from safetensors import safe_open
 
 from lmforge import evaluation as ev
 from lmforge.config import parse_cli, save_config
@@ -31,7 +30,7 @@ from lmforge.data.sources import read_documents
 from lmforge.data.tinyworld import is_formatted
 from lmforge.errors import DataError
 from lmforge.evaluation import TASKS
-from lmforge.modelio import DTYPES, load_model_and_tokenizer, load_model_dir, resolve_model_dir
+from lmforge.modelio import DTYPES, load_model_and_tokenizer, load_model_dir, weight_names
 from lmforge.scoring import reward_scores
 
 
@@ -89,15 +88,8 @@ class EvalConfig:
 
 
 def has_score_head(model_dir: str) -> bool:
-    """Does the checkpoint hold a ``score.weight`` (a reward model), judged from its safetensors keys only."""
-    path = resolve_model_dir(model_dir)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        return "score.weight" in json.loads(index.read_text())["weight_map"]
-    if not (path / "model.safetensors").exists():
-        return False
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        return "score.weight" in f.keys()
+    """Does the checkpoint hold a ``score.weight`` (a reward model), judged from its safetensors headers only."""
+    return "score.weight" in weight_names(model_dir)
 
 
 def run_eval(cfg: EvalConfig) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -20,8 +21,8 @@ from rich.table import Table
 from lmforge.config import parse_cli
 from lmforge.data.mix import MixSource, mix_documents
 from lmforge.data.shards import is_val_doc
-from lmforge.errors import ConfigError
-from lmforge.modelio import load_model_dir, load_tokenizer, resolve_model_dir, save_model_dir
+from lmforge.errors import ConfigError, ModelLoadError
+from lmforge.modelio import check_model_dir, load_model_dir, load_tokenizer, save_model_dir
 from lmforge.train.lm import DataConfig, PretrainConfig, pretrain
 from lmforge.train.loop import TrainConfig
 from lmforge.train.runs import finish_run, start_run
@@ -53,8 +54,10 @@ class MidtrainConfig:
 def run_midtrain(cfg: MidtrainConfig) -> dict:
     """Continue training ``cfg.model`` on ``cfg.data``; the pretrain summary plus val_loss_by_source before/after."""
     try:
-        base = str(resolve_model_dir(cfg.model))
-    except FileNotFoundError as e:
+        base = str(check_model_dir(cfg.model))  # before minutes of data work
+    except ModelLoadError as e:
+        if Path(cfg.model).exists():
+            raise  # there, but broken: the error names the file
         raise ConfigError(f"model: {e} (train one first: lmforge pretrain)") from None
     run = start_run(cfg)  # config.yaml: the midtrain config, not the pretrain one it runs through
     dist = run.dist

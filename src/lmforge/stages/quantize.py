@@ -28,7 +28,13 @@ from rich.table import Table
 from lmforge.config import parse_cli
 from lmforge.errors import ConfigError
 from lmforge.evaluation import decode_speed, heldout_text, token_perplexity
-from lmforge.modelio import load_model_dir, load_tokenizer, resolve_model_dir, save_model_dir
+from lmforge.modelio import (
+    load_model_dir,
+    load_tokenizer,
+    read_model_config,
+    resolve_model_dir,
+    save_model_dir,
+)
 from lmforge.quant import QuantizedModelError, quantize_model
 
 
@@ -81,7 +87,7 @@ def eval_ids(cfg: QuantizeConfig, tokenizer) -> list[int] | None:
 def run_quantize(cfg: QuantizeConfig) -> dict:
     """Quantize cfg.model into cfg.out and measure both; returns the summary written to out/quantize.json."""
     src = resolve_model_dir(cfg.model)
-    hf = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else {}
+    hf, _ = read_model_config(src)
     if hf.get("quantization_config"):
         raise QuantizedModelError(f"{src}: already quantized ({hf['quantization_config']}); quantize the float "
                                   "model it came from")

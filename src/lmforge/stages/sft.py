@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_model as save_weights
 
+from lmforge.atomic import replace_dir
 from lmforge.config import parse_cli
 from lmforge.data.chat import encode_chat_prompt, read_sft_rows, tokenize_conversation
 from lmforge.data.packing import Examples, PackingStats, SFTBatches, iter_rows, make_rows, prepare_examples
@@ -31,7 +30,7 @@ from lmforge.data.shards import is_val_doc
 from lmforge.errors import DataError
 from lmforge.generation import SamplingParams, generate
 from lmforge.lora import LoraOptions, apply_lora, merge_lora, save_adapter, trainable_parameters
-from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir, write_model_files
+from lmforge.modelio import check_model_dir, load_model_dir, load_tokenizer, save_model_dir, write_model_files
 from lmforge.tokenizer import CHATML_TEMPLATE
 from lmforge.train.dist import all_reduce_sum
 from lmforge.train.lm import sft_loss
@@ -192,13 +191,14 @@ def save_result(cfg: SFTConfig, model, tokenizer, out_dir: Path) -> tuple[Path |
     adapter_dir, tmp = out_dir / "adapter", out_dir / "adapter.tmp"
     save_adapter(model, tmp)
     tokenizer.save(tmp)
-    _replace(tmp, adapter_dir)
+    replace_dir(tmp, adapter_dir)
     model_dir = save_model_dir(out_dir / "model", merge_lora(model), tokenizer) if cfg.lora.merge else None
     return model_dir, adapter_dir
 
 
 def run_sft(cfg: SFTConfig) -> dict:
     """Fine-tune and return a summary: val_loss before/after (assistant tokens), packing counts, tokens/s."""
+    check_model_dir(cfg.model)  # a broken model is one error now, not after the data is tokenized
     run = start_run(cfg)
     dist = run.dist
     tokenizer = prepare_tokenizer(cfg)
@@ -258,12 +258,6 @@ def run_sft(cfg: SFTConfig) -> dict:
     if cfg.sample_prompt and model_dir is not None:
         summary["sample"] = sample_reply(model_dir, cfg.sample_prompt, train_cfg.seed)
     return finish_run(run, summary)
-
-
-def _replace(src: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(src, dst)
 
 
 def sample_reply(model_dir: Path, prompt: str, seed: int, max_new_tokens: int = 64) -> str:

@@ -24,7 +24,7 @@ from lmforge.data.shards import PackedBatches, TokenDataset, build_shards, iter_
 from lmforge.data.sources import FilterConfig, filter_documents, read_documents
 from lmforge.generation import SamplingParams, generate
 from lmforge.model import ModelConfig, Transformer
-from lmforge.modelio import load_model_dir, load_tokenizer, write_model_files
+from lmforge.modelio import check_model_dir, load_model_dir, load_tokenizer, write_model_files
 from lmforge.tokenizer import Tokenizer, train_corpus_tokenizer
 from lmforge.train.dist import DistInfo, all_reduce_mean, barrier
 from lmforge.train.loop import TrainConfig, train
@@ -105,6 +105,8 @@ def pretrain(cfg: PretrainConfig, dist: DistInfo) -> tuple[dict, Transformer, To
     val_loss, unigram_baseline, n_params, tokens, flops, steps, sample. Saving the model and the summary is the
     caller's (runs.finish_run)."""
     out_dir = Path(cfg.out_dir)
+    if cfg.init_from:
+        check_model_dir(cfg.init_from)  # a broken model is one error now, not after the shards are built
     tokenizer = prepare_tokenizer(cfg, out_dir, dist)
     meta = prepare_shards(cfg, tokenizer, out_dir / "data", dist)
     train_ds, val_ds = TokenDataset(out_dir / "data", "train"), TokenDataset(out_dir / "data", "val")
