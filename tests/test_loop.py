@@ -128,6 +128,52 @@ def test_sigint_saves_the_step_then_resume_matches(tmp_path):
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
+class KilledAt(Stream):
+    """A stream whose process "dies" (KeyboardInterrupt, no checkpoint) drawing the batch at ``index``."""
+
+    def __init__(self, index):
+        super().__init__()
+        self.kill_at = index
+
+    def __next__(self):
+        if self.index == self.kill_at:
+            raise KeyboardInterrupt
+        return super().__next__()
+
+
+def test_every_checkpoint_file_is_fsynced_before_its_directory_is_renamed(tmp_path, monkeypatch):
+    synced, unsynced_at_rename = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def replace(src, dst):
+        if Path(src).is_dir() and str(src).endswith(".tmp"):
+            files = [f for f in Path(src).rglob("*") if f.is_file()]
+            unsynced_at_rename.append(sorted(f.name for f in files if f.stat().st_ino not in synced))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run(tmp_path, max_steps=3, save_every=3)
+    assert unsynced_at_rename == [[]]  # one checkpoint, every file in it on disk before it got its name
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.safetensors", "trainer_state.json"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, damaged):
+    full, _ = run(tmp_path / "full", save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", data=KilledAt(5), save_every=2)  # checkpoints at steps 2 and 4
+    cut = tmp_path / "cut" / "checkpoints" / "step_0000004" / damaged
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a disk that filled up, a copy cut short
+    with pytest.warns(UserWarning, match=f"step_0000004 is damaged \\({damaged}"):
+        resumed, result = run(tmp_path / "cut", save_every=2)
+    assert result.resumed_from.name == "step_0000002" and result.step == 6
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
 def nan_on_call(n):
     """A loss function whose n-th call returns NaN (a bad batch in the middle of a run)."""
     calls = [0]

@@ -2,7 +2,8 @@
 
     write_atomic(path, text or bytes)   write ``path.tmp``, flush and fsync it, rename it over ``path``, fsync the dir
     atomic_open(path)                   the same as a context manager, for writers that want a file (csv, numpy)
-    replace_dir(src, dst)               rename a finished directory over an existing one (moved aside first)
+    replace_dir(src, dst)               fsync every file of a finished directory, then rename it over an existing
+                                        one (moved aside first): checkpoints and model directories
 
 The fsyncs make the rename durable: without them a power cut can leave the new name pointing at empty blocks.
 """
@@ -57,9 +58,27 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return Path(path)
 
 
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file under ``root`` and every directory in it (``root`` included), so that a rename of
+    ``root`` that follows publishes data already on disk."""
+    root = Path(root)
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(root)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``, moving an existing ``dst`` aside first (a directory cannot be replaced)."""
+    """Make ``src``'s files durable, then rename it to ``dst``, moving an existing ``dst`` aside first (a directory
+    cannot be replaced)."""
     src, dst = Path(src), Path(dst)
+    fsync_tree(src)
     if dst.exists():
         old = dst.with_name(dst.name + ".old")
         if old.exists():

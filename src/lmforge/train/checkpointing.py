@@ -8,9 +8,15 @@
                                                       optimizer structure, resolved config, lmforge version
     ckpt_root/latest          the name of the newest complete step directory
 
-A step directory is written as ``step_N.tmp`` and renamed when complete (trainer_state.json is its last file);
-``latest`` is replaced atomically after that, so it never names a partial directory. Everything is read back
-with ``safetensors.torch.load_file`` and ``json``: loading a checkpoint cannot run code, unlike torch.load.
+A step directory is written as ``step_N.tmp``, every file in it fsynced, and renamed when complete
+(trainer_state.json is its last file and records every other file's size); ``latest`` is replaced atomically
+after that, so it never names a partial directory. Everything is read back with ``safetensors.torch.load_file``
+and ``json``: loading a checkpoint cannot run code, unlike torch.load.
+
+Resuming takes the newest *intact* step directory (:func:`latest_checkpoint`): one whose trainer_state.json
+parses, whose files have the sizes it recorded and whose safetensors headers read. A damaged newest one (a
+disk that filled up, a copy cut short) is skipped with a warning naming it, and the run resumes from the one
+before. Bit flips inside tensor data are not detected (there are no checksums).
 
 Under FSDP (train.parallel=fsdp) the files are the same: every rank helps gather whole weights and whole AdamW
 moments, rank 0 writes them, and resuming hands each rank its shard again, so a checkpoint opens in a single
@@ -29,11 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as td
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save_model as save_weights
 
 import lmforge
 from lmforge.atomic import replace_dir, write_atomic
+from lmforge.errors import ModelLoadError
 from lmforge.model import unwrap
 from lmforge.train.dist import barrier, full_tensor, is_distributed, is_dtensor
 
@@ -78,9 +86,10 @@ def save_checkpoint(ckpt_root: str | Path, step: int, save_model, model: torch.n
         save_file({f"rank{r}.{k}": v.contiguous() for r, s in enumerate(ranks) for k, v in s["rng_tensors"].items()},
                   str(tmp / "rng.safetensors"))
         state = {"step": step, "lmforge_version": lmforge.__version__, "world_size": len(ranks), **train_state,
-                 "data": [s["data"] for s in ranks], "rng": [s["rng"] for s in ranks], "optimizer": structure}
+                 "data": [s["data"] for s in ranks], "rng": [s["rng"] for s in ranks], "optimizer": structure,
+                 "files": {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=_json_default) + "\n")
-        replace_dir(tmp, final)
+        replace_dir(tmp, final)  # every file fsynced, then the rename
         write_atomic(root / "latest", final.name + "\n")
         _prune(root, keep, step)
     barrier()
@@ -143,17 +152,51 @@ def _gather_sharded(sd: dict, keep: bool) -> dict:
     return {"state": state, "param_groups": sd["param_groups"]}
 
 
-def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The newest complete step directory: the one ``latest`` names, or, if that is missing or stale (a kill
-    between renaming a directory and updating the pointer), the highest-numbered complete one."""
+def latest_checkpoint(ckpt_root: str | Path, *, warn: bool = False) -> Path | None:
+    """The newest intact step directory: the one ``latest`` names or, if it is damaged, the newest intact one
+    before it; without a usable pointer (missing, or stale after a kill between renaming a directory and
+    updating it) the highest-numbered intact one. ``warn``: a warning for every damaged directory passed over."""
     root = Path(ckpt_root)
+    done = sorted(((_step_of(d), d) for d in root.glob("step_*") if _complete(d)), reverse=True)
     pointer = root / "latest"
-    if pointer.exists():
-        named = root / pointer.read_text().strip()
-        if _complete(named):
-            return named
-    done = sorted((_step_of(d), d) for d in root.glob("step_*") if _complete(d))
-    return done[-1][1] if done else None
+    named = root / pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    if named is not None and _complete(named):  # steps after it belong to an earlier run (resume=false)
+        done = [(n, d) for n, d in done if n <= _step_of(named)]
+    for _, d in done:
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return d
+        if warn:
+            warnings.warn(f"checkpoint {d} is damaged ({problem}); resuming from the newest intact one before it",
+                          stacklevel=2)
+    return None
+
+
+def checkpoint_problem(d: Path) -> str | None:
+    """Why a step directory cannot be resumed from (unparsable trainer_state.json, a file missing or of another
+    size than when it was written, a safetensors header that does not read), or None when it is intact."""
+    try:
+        state = json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json: {type(e).__name__}: {e}"
+    if not isinstance(state, dict) or not all(k in state for k in ("step", "data", "rng", "optimizer")):
+        return "trainer_state.json lacks step, data, rng or optimizer"
+    sizes = state.get("files") or {}  # written by lmforge >= this change; older checkpoints: headers only
+    for name, size in sizes.items():
+        if not (d / name).is_file():
+            return f"{name} is missing"
+        if (d / name).stat().st_size != size:
+            return f"{name} has {(d / name).stat().st_size} bytes, {size} when written"
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        if not (d / name).is_file():
+            return f"{name} is missing"
+    for f in sorted(d.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"{f.name}: {e}"
+    return None
 
 
 def _complete(d: Path) -> bool:
@@ -172,11 +215,14 @@ def _load_weights(file: Path, model: torch.nn.Module) -> None:
     missing = [k for k in expected if k not in weights and expected[k].data_ptr() not in loaded_storage]
     unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"{file} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ModelLoadError(f"{file} does not match the model: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}; the model changed since it was saved: use another out_dir, or "
+                             "train.resume=false to start over")
     try:
         model.load_state_dict(weights, strict=False)
     except RuntimeError as e:
-        raise ValueError(f"{file} does not match the model: {e}") from None
+        raise ModelLoadError(f"{file} does not match the model ({' '.join(str(e).split())[:300]}); use another "
+                             "out_dir, or train.resume=false to start over") from None
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -263,7 +263,7 @@ def _start(model, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, s
     ckpt_root = out_dir / "checkpoints"
     model.to(dist.device)
     step, tokens, skipped, notes = 0, 0, 0, []
-    resumed = latest_checkpoint(ckpt_root) if cfg.resume else None
+    resumed = latest_checkpoint(ckpt_root, warn=dist.is_main) if cfg.resume else None
     if resumed is not None:
         state = load_checkpoint(resumed, model)  # weights and RNG; the optimizer's state once it exists
         step, tokens, skipped = state["step"], state["tokens"], state["skipped_steps"]
