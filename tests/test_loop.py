@@ -13,6 +13,7 @@ import ddp_train
 import pytest
 import torch
 from ddp_train import Stream, TinyConfig, TinyLM, lm_loss, weights_saver
+from run_files import steady_rows
 from safetensors.torch import load_file
 
 from lmforge.train.checkpointing import latest_checkpoint
@@ -120,8 +121,10 @@ def test_sigint_saves_the_step_then_resume_matches(tmp_path):
         if calls[0] == 4:
             os.kill(os.getpid(), signal.SIGINT)
         return lm_loss(model, batch)
-    with pytest.raises(TrainingInterrupted, match="step 4"):
+    with pytest.raises(TrainingInterrupted, match="after step 4 of 6; saved .*step_0000004. Run the same command "
+                                                  "again to resume from there") as stopped:
         run(tmp_path / "cut", loss_fn=interrupted_at_step_4)
+    assert stopped.value.signum == signal.SIGINT
     assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step_0000004"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     run(tmp_path / "cut")
@@ -139,6 +142,26 @@ class KilledAt(Stream):
         if self.index == self.kill_at:
             raise KeyboardInterrupt
         return super().__next__()
+
+
+def test_metrics_after_kills_equal_an_unbroken_runs_row_for_row(tmp_path):
+    run(tmp_path / "full")
+    for index in (1, 4, 5):  # before the first checkpoint (step 1 logged), after step 3's, twice after it
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "cut", data=KilledAt(index))
+    run(tmp_path / "cut")
+    assert steady_rows(tmp_path / "cut") == steady_rows(tmp_path / "full")  # the file itself: no step twice
+    assert [r["step"] for r in steady_rows(tmp_path / "cut")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_tensorboard_hides_the_steps_a_killed_attempt_logged(tmp_path):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, data=KilledAt(5))  # logged steps 1-5, saved step 3
+    run(tmp_path)
+    events = accumulator.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_every_checkpoint_file_is_fsynced_before_its_directory_is_renamed(tmp_path, monkeypatch):
@@ -172,6 +195,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
     assert result.resumed_from.name == "step_0000002" and result.step == 6
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+    assert steady_rows(tmp_path / "cut") == steady_rows(tmp_path / "full")
 
 
 def nan_on_call(n):
@@ -186,8 +210,12 @@ def nan_on_call(n):
 
 
 def test_nan_stop_names_the_step(tmp_path):
-    with pytest.raises(NonFiniteLoss, match="at step 2: lower train.lr"):
+    with pytest.raises(NonFiniteLoss, match="at step 2; no checkpoint yet .*starts from step 0. Lower train.lr"):
         run(tmp_path, loss_fn=nan_on_call(2))
+    last_good = tmp_path / "later" / "checkpoints" / "step_0000003"
+    with pytest.raises(NonFiniteLoss, match=f"at step 5; the last good checkpoint is {last_good} \\(step 3\\), "
+                                            "which a rerun resumes from"):
+        run(tmp_path / "later", loss_fn=nan_on_call(5))
 
 
 def test_nan_skip_skips_and_continues(tmp_path):

@@ -12,7 +12,7 @@ import sys
 
 from lmforge import __version__
 from lmforge.apps.verbs import VERBS
-from lmforge.errors import ConfigError, DataError, ModelLoadError
+from lmforge.errors import ConfigError, DataError, ModelLoadError, RunError
 
 
 def usage() -> str:
@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb].module)  # only now: `lmforge --help` never loads torch
+    return _run(verb, module, rest)
+
+
+def _run(verb: str, module, rest: list[str]) -> int:
     try:
         rc = int(module.main(rest) or 0)
         if "torch.distributed" in sys.modules:  # under torchrun: leave the process group together (after success
@@ -52,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"lmforge {verb}: data error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nlmforge {verb}: interrupted", file=sys.stderr)
-        return 130
+    except RunError as e:
+        print(f"lmforge {verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # the loop's TrainingInterrupted says which step it saved
+        print(f"\nlmforge {verb}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The errors lmforge raises on purpose, in one place: every raiser and every catcher imports them from here.
 
-The CLI turns a ConfigError, DataError or ModelLoadError into one line naming the key, file or directory (exit 2,
-no traceback); a JudgeError (a critic or judge backend that cannot answer) into one line saying how to resume.
+The CLI turns a ConfigError, DataError, ModelLoadError or RunError into one line naming the key, file, directory
+or step (exit 2, no traceback); a JudgeError (a critic or judge backend that cannot answer) into one line saying
+how to resume.
 """
 
 from __future__ import annotations
@@ -21,3 +22,8 @@ class ModelLoadError(DataError):
 
 class JudgeError(RuntimeError):
     """A backend that cannot answer: unreachable, timing out, or speaking something other than the protocol."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on: the message names the step or the directory, and what to do (e.g. a non-finite
+    loss under nan_policy=stop, or an out_dir another live run is writing)."""

@@ -501,7 +501,7 @@ class RLRun:
     def log_start_eval(self) -> None:
         """The eval metrics at step 0 (the starting point of every curve), on a fresh run, on the main process."""
         if self.eval_fn is not None and self.dist.is_main and self.resume_dir() is None:
-            MetricsLogger(self.out_dir, tensorboard=False).log(0, self.eval_fn())
+            MetricsLogger(self.out_dir, tensorboard=False, start_step=0).log(0, self.eval_fn())
 
 
 def start_rl_run(cfg) -> RLRun:

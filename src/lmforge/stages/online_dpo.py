@@ -328,7 +328,7 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
     eval_fn = accuracy_eval(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens) if eval_rows \
         else (lambda _model=None: {})
     metrics = MetricsLogger(out_dir, enabled=dist.is_main, tensorboard=False,
-                            resume_step=done[-1]["step"] if done else None)
+                            start_step=done[-1]["step"] + 1 if done else 0)
     if not done:  # round 0: where the curve starts
         row = {"round": 0, "step": 0, **eval_fn(), "seconds": round(time.time() - t0, 1), "fingerprint": digest}
         finish_round(out_dir / "round_0", row, metrics, dist)

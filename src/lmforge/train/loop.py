@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from lmforge.errors import RunError
 from lmforge.model import unwrap
 from lmforge.scoring import to_device
 from lmforge.train.checkpointing import (
@@ -135,12 +136,18 @@ class TrainResult:
     resumed_from: Path | None = None
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss or gradient norm became NaN/inf (nan_policy=stop), or too many steps were skipped (skip)."""
+class NonFiniteLoss(RunError):
+    """The loss or gradient norm became NaN/inf (nan_policy=stop), or too many steps were skipped (skip); the
+    message names the step and the last good checkpoint (the CLI prints it, exit 2)."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM arrived: the step in flight was finished and checkpointed, then training stopped."""
+    """SIGINT/SIGTERM arrived: the step in flight was finished and checkpointed, then training stopped (a second
+    signal stops at once). The message names the step saved; ``signum`` is the signal (exit 128 + signum)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir: str | Path, *,
@@ -176,7 +183,14 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
     dist = dist or init_distributed(cfg.device)
     _configure_backends(cfg, dist)
     accum = cfg.accumulation(dist.world_size)
-    s, notes = _start(model, train_data, cfg, Path(out_dir), dist, save_model, eval_fn, on_eval, run_config,
+    return _train(model, loss_fn, train_data, cfg, Path(out_dir), dist, accum, save_model, eval_fn,
+                  tokens_per_batch_fn, on_eval, on_log, run_config, flops_per_token, description)
+
+
+def _train(model, loss_fn, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, accum: int, save_model,
+           eval_fn, tokens_per_batch_fn, on_eval, on_log, run_config, flops_per_token,
+           description: str) -> TrainResult:
+    s, notes = _start(model, train_data, cfg, out_dir, dist, save_model, eval_fn, on_eval, run_config,
                       flops_per_token)
     count_tokens = tokens_per_batch_fn or default_token_count
     peak = peak_flops(dist.device)
@@ -205,13 +219,20 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
                 progress.update(s.step)
                 if not bad and (_every(s.step, cfg.log_every) or s.step == cfg.max_steps):
                     log_step(s, step_loss, lr, norm, metric_sums, window, peak, progress, on_log)
-                after_step(s, window, progress, stop=totals[2] > 0)
-            s.result.eval_metrics = evaluate(s, progress)
-            if s.last_saved != s.step:
-                checkpoint(s)
+                after_step(s, window, progress, stop=totals[2] > 0, signum=signals.received)
+            if s.final_eval is None:  # resuming a finished run: its final evaluation is in the checkpoint
+                s.final_eval = evaluate(s, progress)
+                checkpoint(s)  # with the final evaluation, so a rerun neither evaluates nor logs it again
+            s.result.eval_metrics = s.final_eval
             if s.sharded:  # hand the caller back the whole, trained model on every rank
                 sync_model(s)
                 s.model.to(dist.device)
+    except KeyboardInterrupt as e:
+        if isinstance(e, TrainingInterrupted):
+            raise
+        raise TrainingInterrupted(  # a second signal: stopped at once, in the middle of a step
+            f"stopped at once during step {s.step + 1}; {_newest_saved(s)}", signals.received or signal.SIGINT
+        ) from None
     finally:
         s.logger.close()
     s.result.step, s.result.tokens, s.result.skipped_steps = s.step, s.tokens, s.skipped
@@ -244,6 +265,7 @@ class LoopState:
     tokens: int = 0
     skipped: int = 0
     last_saved: int | None = None  # the step of the newest checkpoint this run wrote (or resumed from)
+    final_eval: dict | None = None  # the evaluation after the last step, once done (saved in its checkpoint)
     synced: int | None = None  # fsdp: the step whose whole weights ``model`` holds
     flops_per_token: float | None = None
 
@@ -262,11 +284,13 @@ def _start(model, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, s
     model (ddp / fsdp), build the optimizer and the logger. Returns the state and the notes to print."""
     ckpt_root = out_dir / "checkpoints"
     model.to(dist.device)
-    step, tokens, skipped, notes = 0, 0, 0, []
+    step, tokens, skipped, notes, final_eval = 0, 0, 0, [], None
     resumed = latest_checkpoint(ckpt_root, warn=dist.is_main) if cfg.resume else None
     if resumed is not None:
         state = load_checkpoint(resumed, model)  # weights and RNG; the optimizer's state once it exists
         step, tokens, skipped = state["step"], state["tokens"], state["skipped_steps"]
+        if step >= cfg.max_steps:
+            final_eval = state.get("final_eval")
         train_data.load_state_dict(state["data"])
         notes.append(f"resuming from {resumed} (step {step}){_changes(state.get('train_config'), cfg)}")
     else:
@@ -285,12 +309,13 @@ def _start(model, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, s
         cfg=cfg, dist=dist, model=model, wrapped=wrapped, net=net,
         fwd_model=torch.compile(wrapped) if cfg.compile else wrapped, sharded=is_sharded(net),
         optimizer=optimizer, params=[p for p in net.parameters() if p.requires_grad], train_data=train_data,
-        logger=MetricsLogger(out_dir, enabled=dist.is_main, resume_step=step if resumed is not None else None),
+        logger=MetricsLogger(out_dir, enabled=dist.is_main, start_step=step + 1),  # what a kill left past the
+        # checkpoint (or, with none, past step 0) is logged again, so it goes: the file equals an unbroken run's
         ckpt_root=ckpt_root, run_config=run_config if run_config is not None else cfg, save_model=save_model,
         eval_fn=eval_fn, on_eval=on_eval,
         result=TrainResult(step=step, tokens=tokens, skipped_steps=skipped, resumed_from=resumed),
         step=step, tokens=tokens, skipped=skipped, last_saved=step if resumed is not None else None,
-        flops_per_token=flops_per_token)
+        final_eval=final_eval, flops_per_token=flops_per_token)
     return s, notes
 
 
@@ -339,9 +364,9 @@ def skip_step(s: LoopState, step_loss: float, norm: float, progress: ProgressDis
     s.optimizer.zero_grad(set_to_none=True)
     if cfg.nan_policy == "stop":
         raise NonFiniteLoss(
-            f"non-finite loss ({step_loss}) or gradient norm ({norm}) at step {s.step + 1}: lower "
-            f"train.lr (now {cfg.lr:g}) or lengthen warmup, check the data for broken batches, or "
-            f"set train.nan_policy=skip to skip such steps")
+            f"non-finite loss ({step_loss}) or gradient norm ({norm}) at step {s.step + 1}; {_newest_saved(s)}. "
+            f"Lower train.lr (now {cfg.lr:g}) or lengthen warmup, check the data for broken batches, or set "
+            "train.nan_policy=skip to skip such steps")
     s.skipped += 1
     s.logger.log(s.step + 1, {"skipped_steps": s.skipped, "loss": step_loss, "grad_norm": norm})
     progress.print(f"step {s.step + 1}: non-finite loss or gradient norm, update skipped "
@@ -349,7 +374,7 @@ def skip_step(s: LoopState, step_loss: float, norm: float, progress: ProgressDis
     if s.skipped > cfg.max_skipped_steps:
         raise NonFiniteLoss(f"{s.skipped} steps skipped for non-finite loss or gradients, more than "
                             f"train.max_skipped_steps={cfg.max_skipped_steps}; stopping at step "
-                            f"{s.step + 1}. Lower train.lr or check the data")
+                            f"{s.step + 1}; {_newest_saved(s)}. Lower train.lr or check the data")
 
 
 def log_step(s: LoopState, step_loss: float, lr: float, norm: float, metric_sums: dict, window: _Window,
@@ -381,7 +406,8 @@ def log_step(s: LoopState, step_loss: float, lr: float, norm: float, metric_sums
     window.reset()
 
 
-def after_step(s: LoopState, window: _Window, progress: ProgressDisplay, stop: bool) -> None:
+def after_step(s: LoopState, window: _Window, progress: ProgressDisplay, stop: bool,
+               signum: int | None = None) -> None:
     """Evaluate and checkpoint when their step comes (the final ones follow the last step); on a signal that
     reached any rank, checkpoint and stop everywhere."""
     cfg = s.cfg
@@ -393,8 +419,8 @@ def after_step(s: LoopState, window: _Window, progress: ProgressDisplay, stop: b
         window.reset()
     if stop:
         path = checkpoint(s) if s.last_saved != s.step else s.ckpt_root / step_dir_name(s.step)
-        raise TrainingInterrupted(f"stopped by a signal at step {s.step}; saved {path}. Run the same "
-                                  "command again to resume from there")
+        raise TrainingInterrupted(f"stopped by a signal after step {s.step} of {s.cfg.max_steps}; saved {path}. "
+                                  "Run the same command again to resume from there", signum or signal.SIGINT)
 
 
 def sync_model(s: LoopState) -> None:
@@ -429,11 +455,20 @@ def checkpoint(s: LoopState) -> Path:
     """A checkpoint of this step (model files, optimizer, RNG, data position, configs); every rank calls it."""
     sync_model(s)  # fsdp: the whole weights into model, for save_model
     train_state = {"tokens": s.tokens, "skipped_steps": s.skipped, "train_config": dataclasses.asdict(s.cfg),
-                   "config": _as_dict(s.run_config)}
+                   "config": _as_dict(s.run_config), "final_eval": s.final_eval}
     path = save_checkpoint(s.ckpt_root, s.step, s.save_model, s.model, s.optimizer, train_state,
                            s.train_data.state_dict(), keep=s.cfg.keep_checkpoints)
     s.last_saved = s.step
     return path
+
+
+def _newest_saved(s: LoopState) -> str:
+    """Where a rerun of the same command starts: the last good checkpoint, or step 0 when there is none yet."""
+    if s.last_saved is None:
+        return (f"no checkpoint yet (the first comes at step {s.cfg.save_every or s.cfg.max_steps}), so a rerun "
+                "starts from step 0")
+    return (f"the last good checkpoint is {s.ckpt_root / step_dir_name(s.last_saved)} (step {s.last_saved}), "
+            "which a rerun resumes from")
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:

@@ -1,8 +1,12 @@
 """Run metrics: one JSON object per line in metrics.jsonl, TensorBoard scalars beside it, and a progress display.
 
 metrics.jsonl is the source of truth (plots, tests and the scaling-law fits read it); TensorBoard is a view of
-it. A resumed run appends a ``{"event": "resume"}`` row and logs the steps after its checkpoint again;
-:func:`read_metrics` drops the superseded rows, so readers see the curve an uninterrupted run would have written.
+it. A run that starts again after a kill (from its last checkpoint, or from step 0 when there was none) logs the
+steps after that point again, so the logger first drops the rows an earlier attempt wrote for them (the file is
+rewritten atomically): after any number of kills metrics.jsonl holds exactly the rows of an uninterrupted run
+(their wall-clock ``time`` and speed fields aside). TensorBoard's event files are append-only, so there the
+writer records a purge step instead, and TensorBoard hides the earlier attempt's events from that step on.
+:func:`read_metrics` still honours the ``{"event": "resume"}`` rows older versions appended.
 """
 
 from __future__ import annotations
@@ -16,28 +20,33 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from lmforge.atomic import write_atomic
+
 _warned_no_tensorboard = False
 
 
 class MetricsLogger:
     """Appends ``{"step", "time", **metrics}`` rows to ``out_dir/metrics.jsonl`` and scalars to ``out_dir/tb``.
 
-    Only the main rank should write (``enabled=is_main``); a disabled logger does nothing. ``resume_step``
-    marks a restart from that step's checkpoint (see read_metrics) and purges later TensorBoard events.
+    Only the main rank should write (``enabled=is_main``); a disabled logger does nothing. ``start_step``: the
+    run (re)starts there, so rows an earlier attempt logged at steps >= start_step are dropped from the file and
+    TensorBoard purges its events from that step on; None appends to whatever is there.
     """
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None):
+                 start_step: int | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            self._write({"step": resume_step, "time": round(time.time(), 3), "event": "resume"})
+        if start_step is not None:
+            drop_rows_from(self.path, start_step)
         if tensorboard:
-            self.tb = _summary_writer(Path(out_dir) / "tb", None if resume_step is None else resume_step + 1)
+            tb_dir = Path(out_dir) / "tb"
+            earlier = start_step is not None and any(tb_dir.glob("events.out.tfevents.*"))
+            self.tb = _summary_writer(tb_dir, start_step if earlier else None)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -58,6 +67,29 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def drop_rows_from(path: Path, step: int) -> int:
+    """Rewrite metrics.jsonl (atomically) without its rows at steps >= ``step``, without a line torn by a crash,
+    and with older versions' resume markers applied; returns how many rows were dropped."""
+    if not path.exists():
+        return 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept: list[tuple[int, bytes]] = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a torn last line (power cut mid-write) or garbage: not a row of this run
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            continue
+        if row.get("event") == "resume":  # written by lmforge before this change
+            kept = [(n, raw) for n, raw in kept if n <= row["step"]]
+        elif row["step"] < step:
+            kept.append((row["step"], line if line.endswith(b"\n") else line + b"\n"))
+    if len(kept) != len(lines):
+        write_atomic(path, b"".join(raw for _, raw in kept))
+    return len(lines) - len(kept)
 
 
 def _summary_writer(log_dir: Path, purge_step: int | None):
