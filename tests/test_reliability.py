@@ -1,4 +1,4 @@
-"""Crash safety end to end: kill -9 at random points, SIGTERM, a non-finite loss.
+"""Crash safety end to end: kill -9 at random points, SIGTERM, a non-finite loss, two runs in one out_dir.
 
 The runs are a micro `lmforge pretrain` (28k parameters, 12 steps) through the CLI's own dispatch
 (lmforge.cli.main), each in a forked child of the test process: the same code path as `python -m lmforge`, a real
@@ -16,6 +16,8 @@ import pytest
 from run_files import steady_rows
 
 from lmforge import cli
+from lmforge.errors import OutDirInUse
+from lmforge.train.runlock import LOCK_FILE, lock_out_dir, unlock_out_dir
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not hasattr(os, "fork"), reason="forks and kills processes (POSIX)")]
@@ -121,6 +123,7 @@ def test_kill_9_at_random_points_then_resume_equals_an_unbroken_run(tmp_path, co
     assert model_bytes(cut) == model_bytes(full)  # the weights, bit for bit
     assert steady_rows(cut) == steady_rows(full)  # every metric row, once, bit for bit (wall-clock fields aside)
     assert [r["step"] for r in steady_rows(cut) if "loss" in r] == list(range(1, STEPS + 1))
+    assert not (cut / LOCK_FILE).exists()
 
 
 def test_sigterm_says_which_step_was_saved_and_that_the_same_command_resumes(tmp_path, corpus):
@@ -143,3 +146,56 @@ def test_a_non_finite_loss_under_nan_policy_stop_is_one_line_and_exit_2(tmp_path
     assert rc == 2, err
     assert err[-1].startswith("lmforge pretrain: error: non-finite loss") and "at step 2; no checkpoint yet" in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+def hold_lock(out: Path) -> int:
+    """A child process that takes out_dir's lock and sleeps until killed; returns its PID once it holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            lock_out_dir(out)
+            time.sleep(600)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while str(pid) not in ((out / LOCK_FILE).read_text() if (out / LOCK_FILE).exists() else ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return pid
+
+
+def test_a_second_run_in_a_live_runs_out_dir_is_refused_naming_its_pid(tmp_path, corpus, capsys):
+    holder = hold_lock(tmp_path)
+    try:
+        rc = cli.main(pretrain_args(tmp_path, corpus))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and f"is in use by another run: PID {holder}" in err[-1], err
+        assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.yaml").exists()
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+    lock_out_dir(tmp_path)  # the holder was killed -9: its lock file is stale, and taken over
+    assert f"left by PID {holder}" in capsys.readouterr().err
+    assert str(os.getpid()) in (tmp_path / LOCK_FILE).read_text()
+    unlock_out_dir(tmp_path)
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_the_lock_is_reentrant_within_a_process_and_exclusive_across(tmp_path):
+    lock_out_dir(tmp_path)
+    lock_out_dir(tmp_path)  # the stage's start_run, then the loop's train(): one holder
+    unlock_out_dir(tmp_path)
+    assert (tmp_path / LOCK_FILE).exists()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            lock_out_dir(tmp_path)
+            os._exit(1)  # took a lock another live process holds
+        except OutDirInUse as e:
+            os._exit(0 if f"PID {os.getppid()}" in str(e) else 2)
+        except BaseException:  # noqa: BLE001
+            os._exit(3)
+    assert wait(pid) == 0
+    unlock_out_dir(tmp_path)
+    assert not (tmp_path / LOCK_FILE).exists()

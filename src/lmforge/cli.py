@@ -13,6 +13,7 @@ import sys
 from lmforge import __version__
 from lmforge.apps.verbs import VERBS
 from lmforge.errors import ConfigError, DataError, ModelLoadError, RunError
+from lmforge.train.runlock import unlock_all
 
 
 def usage() -> str:
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb].module)  # only now: `lmforge --help` never loads torch
-    return _run(verb, module, rest)
+    try:
+        return _run(verb, module, rest)
+    finally:
+        unlock_all()  # the out_dir locks a failed stage still held (train/runlock.py)
 
 
 def _run(verb: str, module, rest: list[str]) -> int:

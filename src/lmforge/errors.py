@@ -27,3 +27,7 @@ class JudgeError(RuntimeError):
 class RunError(RuntimeError):
     """A run that cannot go on: the message names the step or the directory, and what to do (e.g. a non-finite
     loss under nan_policy=stop, or an out_dir another live run is writing)."""
+
+
+class OutDirInUse(RunError):
+    """Another live process holds the out_dir's lock file (train/runlock.py); the message names its PID."""

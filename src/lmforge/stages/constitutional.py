@@ -50,6 +50,7 @@ from lmforge.constitutional.prompts import read_prompts
 from lmforge.constitutional.revise import revise, sft_row
 from lmforge.errors import JudgeError
 from lmforge.train.metrics import MetricsLogger, ProgressDisplay
+from lmforge.train.runlock import lock_out_dir
 
 SUBCOMMANDS = ("revise", "label", "eval", "run")
 
@@ -213,6 +214,7 @@ def _open(cfg: CommonConfig):
     constitution = load_constitution(cfg.constitution)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock_out_dir(out_dir)  # two runs appending to the same traces would interleave them
     save_config(cfg, out_dir / "config.yaml")
     policy = LocalModel.load(cfg.model, cfg.device, cfg.dtype, cfg.batch_size)
     return prompts, constitution, policy, AnswerCache(out_dir / "cache.jsonl")

@@ -49,6 +49,7 @@ from lmforge.train.dist import (
 )
 from lmforge.train.metrics import MetricsLogger, ProgressDisplay
 from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.runlock import lock_out_dir, unlock_out_dir
 
 
 @dataclass
@@ -183,8 +184,14 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
     dist = dist or init_distributed(cfg.device)
     _configure_backends(cfg, dist)
     accum = cfg.accumulation(dist.world_size)
-    return _train(model, loss_fn, train_data, cfg, Path(out_dir), dist, accum, save_model, eval_fn,
-                  tokens_per_batch_fn, on_eval, on_log, run_config, flops_per_token, description)
+    if dist.is_main:
+        lock_out_dir(out_dir)  # one live run per out_dir (re-entrant: the stage's start_run took it already)
+    try:
+        return _train(model, loss_fn, train_data, cfg, Path(out_dir), dist, accum, save_model, eval_fn,
+                      tokens_per_batch_fn, on_eval, on_log, run_config, flops_per_token, description)
+    finally:
+        if dist.is_main:
+            unlock_out_dir(out_dir)
 
 
 def _train(model, loss_fn, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, accum: int, save_model,

@@ -1,11 +1,13 @@
 """The run skeleton every training stage is written with, as small functions (no base class).
 
-    run = start_run(cfg)        join torchrun's group (cfg.train.device), make cfg.out_dir, write the resolved
-                                config there ONCE (config.yaml, main rank), seed torch with cfg.train.seed
+    run = start_run(cfg)        join torchrun's group (cfg.train.device), make cfg.out_dir and take its lock
+                                (train/runlock.py: one live run per out_dir), write the resolved config there
+                                ONCE (config.yaml, main rank), seed torch with cfg.train.seed
     ... load the model and data, train(...) ...
     finish_run(run, summary, model, tokenizer)
                                 main rank: the model as out_dir/model (a Hugging Face directory), ``seconds``
-                                added, summary.json written atomically; returns the summary ({} on other ranks)
+                                added, summary.json written atomically, the lock given back; returns the
+                                summary ({} on other ranks)
 
     round_metrics(metrics)      the float metrics of a TrainResult, rounded to 4 digits, for a summary
     config_hash(cfg)            a short digest of a resolved config
@@ -31,6 +33,7 @@ from lmforge.atomic import write_atomic
 from lmforge.config import save_config, to_dict
 from lmforge.modelio import save_model_dir
 from lmforge.train.dist import DistInfo, init_distributed
+from lmforge.train.runlock import lock_out_dir, unlock_out_dir
 
 
 @dataclass
@@ -61,12 +64,15 @@ def write_config(cfg, out_dir: str | Path, dist: DistInfo | None = None) -> None
 
 
 def start_run(cfg, *, seed: bool = True) -> Run:
-    """What every training stage does first: join the process group (``cfg.train.device``), make ``cfg.out_dir``,
-    write the resolved config there once (main rank) and seed torch with ``cfg.train.seed``."""
+    """What every training stage does first: join the process group (``cfg.train.device``), make ``cfg.out_dir``
+    and lock it (main rank; another live run there is an OutDirInUse error naming its PID), write the resolved
+    config there once (main rank) and seed torch with ``cfg.train.seed``."""
     t0 = time.time()
     dist = init_distributed(cfg.train.device)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        lock_out_dir(out_dir)
     write_config(cfg, out_dir, dist)
     if seed:
         torch.manual_seed(cfg.train.seed)
@@ -88,6 +94,7 @@ def finish_run(run: Run, summary: dict, model=None, tokenizer=None) -> dict:
         summary["model_dir"] = str(save_model_dir(run.out_dir / "model", model, tokenizer))
     summary.setdefault("seconds", round(time.time() - run.t0, 1))
     write_atomic(run.out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    unlock_out_dir(run.out_dir)
     return summary
 
 
