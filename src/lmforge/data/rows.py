@@ -10,19 +10,21 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
 from lmforge.data.sources import (
     GENERATED,
+    binary_lines,
     decode,
     file_kind,
     generated_rows,
     hf_rows,
-    open_binary,
+    parquet_batches,
+    parse_json,
     parse_json_line,
+    read_bytes,
     source_files,
 )
 from lmforge.errors import DataError
@@ -68,33 +70,24 @@ def builtin_rows_path(name: str) -> Path:
 def json_rows(path: Path) -> Iterator[tuple[dict, str]]:
     """(row, where) of a JSON Lines file, streamed line by line, or of a .json file holding one array of objects."""
     if path.name.lower().removesuffix(".gz").endswith(".json"):
-        with open_binary(path) as f:
-            data = f.read()
+        data = read_bytes(path)
         if data.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[":
-            try:
-                rows = json.loads(decode(data, path).removeprefix("\ufeff"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            rows = parse_json(decode(data, path).removeprefix("\ufeff"), path)
             for i, row in enumerate(rows, 1):
                 if not isinstance(row, dict):
                     raise DataError(f"{path}: record {i}: expected a JSON object, got {type(row).__name__}")
                 yield row, f"{path}: record {i}"
             return
-    with open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                line = decode(raw, path, lineno).removeprefix("\ufeff")
-                yield parse_json_line(line, path, lineno), f"{path}:{lineno}"
+    for lineno, raw in binary_lines(path):
+        if raw.strip():
+            line = decode(raw, path, lineno).removeprefix("\ufeff")
+            yield parse_json_line(line, path, lineno), f"{path}:{lineno}"
 
 
 def parquet_rows(path: Path) -> Iterator[tuple[dict, str]]:
     """(row, "file: row N") of a parquet file, a row group at a time."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
     n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
+    for batch in parquet_batches(path):
+        for row in batch:
             n += 1
             yield row, f"{path}: row {n}"

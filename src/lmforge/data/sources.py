@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import unicodedata
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -115,9 +116,55 @@ def open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _read_bytes(path: Path) -> bytes:
-    with open_binary(path) as f:
-        return f.read()
+_UNREADABLE = (OSError, EOFError, zlib.error)  # gzip: BadGzipFile (an OSError), a cut stream, bad deflate data
+
+
+def unreadable(path: Path, e: Exception, lineno: int | None = None) -> DataError:
+    """The DataError for a file that cannot be read to its end (a damaged or truncated gzip stream, an I/O
+    error), naming the file and, when known, the line it got to."""
+    where = f"{path}:{lineno}" if lineno else str(path)
+    what = "gzip stream" if path.suffix == ".gz" else "file"
+    return DataError(f"{where}: cannot read the {what} ({type(e).__name__}: {e}); it is damaged or truncated")
+
+
+def read_bytes(path: Path) -> bytes:
+    """The whole (gunzipped) file; a damaged one is a DataError naming it."""
+    try:
+        with open_binary(path) as f:
+            return f.read()
+    except _UNREADABLE as e:
+        raise unreadable(path, e) from None
+
+
+def binary_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a (gzipped) file, streamed; a damaged stream is a DataError naming the line."""
+    lineno = 0
+    try:
+        with open_binary(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                yield lineno, raw
+    except _UNREADABLE as e:
+        raise unreadable(path, e, lineno + 1) from None
+
+
+def parquet_batches(path: Path, columns: list[str] | None = None) -> Iterator[list[dict]]:
+    """A parquet file's rows, a batch (row group slice) at a time, as dicts; ``columns``: only those (each must
+    exist). A file pyarrow cannot read (not parquet, truncated, a bad page) is a DataError naming it."""
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        for name in columns or []:
+            if name not in names:
+                raise DataError(f"{path}: no column {name!r} (columns: {', '.join(names)})")
+        for batch in pf.iter_batches(columns=columns, batch_size=4096):  # row groups stream; no full load
+            yield batch.to_pylist()
+    except (pyarrow.ArrowException, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
 
 
 def decode(data: bytes, path, lineno: int | None = None) -> str:
@@ -131,7 +178,7 @@ def decode(data: bytes, path, lineno: int | None = None) -> str:
 def _read_file(path: Path, text_field: str, split_blank: bool) -> Iterator[str]:
     kind = file_kind(path)
     if kind == "text":
-        text = decode(_read_bytes(path), path).removeprefix("\ufeff")
+        text = decode(read_bytes(path), path).removeprefix("\ufeff")
         if not split_blank:
             yield text
             return
@@ -147,52 +194,52 @@ def _read_file(path: Path, text_field: str, split_blank: bool) -> Iterator[str]:
 def _read_json(path: Path, text_field: str) -> Iterator[str]:
     """JSON Lines (one object per line), or a .json file holding one array of objects."""
     if path.name.lower().removesuffix(".gz").endswith(".json") and _first_byte(path) == b"[":
-        data = _read_bytes(path)
-        try:
-            rows = json.loads(decode(data, path).removeprefix("\ufeff"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        rows = parse_json(decode(read_bytes(path), path).removeprefix("\ufeff"), path)
         for i, row in enumerate(rows, 1):
             if not isinstance(row, dict):
                 raise DataError(f"{path}: record {i}: expected a JSON object, got {type(row).__name__}")
             yield field_of(row, text_field, path, f"record {i}")
         return
-    with open_binary(path) as f:  # streamed line by line: JSON Lines files can be larger than memory
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                line = decode(raw, path, lineno).removeprefix("\ufeff")
-                yield field_of(parse_json_line(line, path, lineno), text_field, path, lineno)
+    for lineno, raw in binary_lines(path):  # streamed: JSON Lines files can be larger than memory
+        if raw.strip():
+            line = decode(raw, path, lineno).removeprefix("\ufeff")
+            yield field_of(parse_json_line(line, path, lineno), text_field, path, lineno)
 
 
 def _first_byte(path: Path) -> bytes:
-    with open_binary(path) as f:
-        return f.read(4096).lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+    try:
+        with open_binary(path) as f:
+            return f.read(4096).lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+    except _UNREADABLE as e:
+        raise unreadable(path, e) from None
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
-    pf = pq.ParquetFile(path)
-    columns = pf.schema_arrow.names
-    if text_field not in columns:
-        raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(columns)})")
     row = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=4096):  # row groups stream; no full load
-        for value in batch.column(0).to_pylist():
+    for batch in parquet_batches(path, columns=[text_field]):
+        for value in (r[text_field] for r in batch):
             row += 1
             if not isinstance(value, str):
                 raise DataError(f"{path}: row {row}: field {text_field!r} must be a string, got {value!r:.40}")
             yield value
 
 
+def parse_json(text: str, path, lineno: int | None = None):
+    """json.loads where every failure is a DataError naming ``file:line``: invalid JSON, nesting deeper than
+    Python's recursion limit, an integer longer than Python converts (sys.get_int_max_str_digits)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno or e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}{f':{lineno}' if lineno else ''}: JSON nested too deeply to read") from None
+    except ValueError as e:  # the integer digit limit
+        raise DataError(f"{path}{f':{lineno}' if lineno else ''}: unreadable JSON value ({e})") from None
+
+
 def parse_json_line(line: str, path, lineno: int) -> dict:
     """One JSON Lines record; errors name ``file:line``."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    row = parse_json(line, path, lineno)
     if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
     return row
