@@ -17,6 +17,7 @@ from run_files import steady_rows
 
 from lmforge import cli
 from lmforge.errors import OutDirInUse
+from lmforge.stages import constitutional
 from lmforge.train.runlock import LOCK_FILE, lock_out_dir, unlock_out_dir
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -199,3 +200,10 @@ def test_the_lock_is_reentrant_within_a_process_and_exclusive_across(tmp_path):
     assert wait(pid) == 0
     unlock_out_dir(tmp_path)
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_constitutional_traces_appended_after_a_torn_line_keep_every_new_row(tmp_path):
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text('{"id": "a", "x": 1}\n{"id": "b", "x"')  # killed mid-write
+    constitutional._append(traces, [{"id": "c", "x": 3}])
+    assert sorted(constitutional.read_jsonl_by_id(traces)) == ["a", "c"]

@@ -188,8 +188,15 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 
 
 def _append(path: Path, rows: list[dict]) -> None:
+    """Append rows; after a line torn by a kill, on a new line (the torn one stays garbage read_jsonl_by_id skips,
+    instead of swallowing the first new row)."""
+    torn = False
+    if path.exists() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            torn = f.read(1) != b"\n"
     with path.open("a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.write("\n" * torn + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _chunked_run(cfg, prompts: list[dict], done: dict, out_path: Path, work, description: str) -> None:
