@@ -64,14 +64,24 @@ def fsync_tree(root: str | Path) -> None:
     root = Path(root)
     for path in sorted(root.rglob("*")):
         if path.is_file() and not path.is_symlink():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(path)
         elif path.is_dir():
             fsync_dir(path)
     fsync_dir(root)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to disk (read-only first: POSIX allows it; Windows needs a writable handle)."""
+    for flags in (os.O_RDONLY, os.O_RDWR):
+        fd = os.open(path, flags)
+        try:
+            os.fsync(fd)
+            return
+        except OSError:
+            if flags == os.O_RDWR:
+                raise
+        finally:
+            os.close(fd)
 
 
 def replace_dir(src: Path, dst: Path) -> None:
