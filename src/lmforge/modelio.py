@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge.config import ConfigError
 from lmforge.model import ModelConfig, Transformer, check_rope_scaling, rope_type
 
 # model_type -> (architecture class name written to config.json, key quirks)
@@ -121,6 +122,17 @@ def rope_from_hf(hf: dict, source: str) -> tuple[float, dict | None]:
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
     return theta, scaling
+
+
+def check_context(model, longest: int, key: str, value: int) -> None:
+    """Refuse a run whose longest row (``longest`` tokens, allowed by the setting ``key=value``) is longer than the
+    model's context: RoPE would go on to positions past max_position_embeddings that the model never trained on,
+    while the saved config still claims the shorter context. One ConfigError naming the key."""
+    context = model.config.max_position_embeddings
+    if longest > context:
+        says = "is longer than" if longest == value else f"lets rows reach {longest} tokens, more than"
+        raise ConfigError(f"{key}={value} {says} the model's context (max_position_embeddings={context}): set "
+                          f"{key}={context} or less")
 
 
 def save_model_dir(path: str | Path, model: Transformer, tokenizer=None, generation_config: dict | None = None,

@@ -170,6 +170,7 @@ def prepare(cfg: DPOConfig, dist):
     import torch
 
     from lmforge.data.preference import collate_pairs, load_preference_data, pair_length
+    from lmforge.modelio import check_context
     from lmforge.stages.reward import load_policy
     from lmforge.train.loop import autocast_context
 
@@ -177,6 +178,8 @@ def prepare(cfg: DPOConfig, dist):
     model, tokenizer = load_policy(cfg.model)
     model.to(dist.device)
     train_pairs, eval_pairs, stats = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+    check_context(model, max(map(pair_length, train_pairs + eval_pairs), default=0), "data.max_length",
+                  cfg.data.max_length)
     if cfg.loss_type not in REFERENCE_FREE and cfg.reference == "precompute":
         ref = model if not cfg.ref_model else load_policy(cfg.ref_model)[0].to(dist.device)
         t0 = time.time()

@@ -89,7 +89,7 @@ def run_kto(cfg: KTOConfig) -> dict:
         tokenize_unpaired,
     )
     from lmforge.data.sources import DataError
-    from lmforge.modelio import save_model_dir, write_model_files
+    from lmforge.modelio import check_context, save_model_dir, write_model_files
     from lmforge.stages.dpo import precompute_reference
     from lmforge.stages.reward import evaluate_pairs, load_policy
     from lmforge.train.dist import refuse_fsdp, start_run
@@ -110,6 +110,8 @@ def run_kto(cfg: KTOConfig) -> dict:
         held = tokenize_unpaired(read_unpaired(cfg.data.eval_source), tokenizer, cfg.data, cfg.train.seed)
     else:
         examples, held = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
+    check_context(model, max(map(example_length, examples + held), default=0), "data.max_length",
+                  cfg.data.max_length)
     stats = {**dict(counts), "train_examples": len(examples), "eval_examples": len(held),
              "desirable": sum(e.label for e in examples), "undesirable": sum(not e.label for e in examples)}
     pad = tokenizer.pad_id

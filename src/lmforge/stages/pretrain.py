@@ -89,10 +89,11 @@ def prepare_shards(cfg: PretrainConfig, tokenizer, data_dir: Path, dist) -> dict
 
 def build_model(cfg: PretrainConfig, tokenizer):
     from lmforge.model import Transformer
-    from lmforge.modelio import load_model_dir
+    from lmforge.modelio import check_context, load_model_dir
 
     if cfg.init_from:
         model = load_model_dir(cfg.init_from)
+        check_context(model, cfg.seq_len, "seq_len", cfg.seq_len)  # windows are always full
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"init_from {cfg.init_from}: vocab {model.config.vocab_size} is smaller than the "
                              f"tokenizer's {tokenizer.vocab_size}")

@@ -126,7 +126,7 @@ def run_reward(cfg: RewardConfig) -> dict:
     import torch
 
     from lmforge.data.preference import Batches, collate_pairs, load_preference_data, pair_length
-    from lmforge.modelio import save_model_dir, write_model_files
+    from lmforge.modelio import check_context, save_model_dir, write_model_files
     from lmforge.train.dist import refuse_fsdp, start_run
     from lmforge.train.loop import train
 
@@ -138,6 +138,8 @@ def run_reward(cfg: RewardConfig) -> dict:
     if model.score.weight.abs().sum() == 0:  # a fresh head: small random init (TRL: std 1/sqrt(d + 1))
         torch.nn.init.normal_(model.score.weight, std=1 / (model.config.hidden_size + 1) ** 0.5)
     train_pairs, eval_pairs, stats = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+    check_context(model, max(map(pair_length, train_pairs + eval_pairs), default=0), "data.max_length",
+                  cfg.data.max_length)
     pad = tokenizer.pad_id
 
     def collate(items):

@@ -140,7 +140,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     from lmforge.data.packing import SFTBatches, iter_rows, make_rows, prepare_examples
     from lmforge.data.sources import DataError
     from lmforge.lora import apply_lora, merge_lora, save_adapter, trainable_parameters
-    from lmforge.modelio import load_model_dir, save_model_dir, write_model_files
+    from lmforge.modelio import check_context, load_model_dir, save_model_dir, write_model_files
     from lmforge.train.dist import start_run
     from lmforge.train.loop import train
 
@@ -177,6 +177,8 @@ def run_sft(cfg: SFTConfig) -> dict:
 
     torch.manual_seed(train_cfg.seed)
     base = load_model_dir(cfg.model)
+    longest = max(int(e.lengths().max(initial=0)) for e in (train_ex, val_ex))  # positions restart per example
+    check_context(base, longest, "seq_len", cfg.seq_len)
     if base.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model {cfg.model}: vocab {base.config.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size}")
