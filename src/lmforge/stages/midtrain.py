@@ -140,8 +140,9 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str]) -> int:
     from lmforge.config import parse_cli
+    from lmforge.data.mix import source_overrides_mix
 
-    cfg = parse_cli(argv, MidtrainConfig, prog="lmforge midtrain", description=__doc__,
+    cfg = parse_cli(source_overrides_mix(argv), MidtrainConfig, prog="lmforge midtrain", description=__doc__,
                     default_recipe="tiny", section="midtrain")
     summary = run_midtrain(cfg)
     if summary:

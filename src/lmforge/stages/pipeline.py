@@ -90,9 +90,12 @@ def stage_config(stage: str, recipe: str, overrides: list[str]):
     import importlib
 
     from lmforge.config import load_config
+    from lmforge.data.mix import source_overrides_mix
 
     module, cls_name, _ = STAGES[stage]
     cls = getattr(importlib.import_module(module), cls_name)
+    if stage in ("pretrain", "midtrain"):  # pretrain.data.source=... on the command line is the data
+        overrides = source_overrides_mix(overrides)
     return load_config(cls, recipe, overrides, section=stage)
 
 

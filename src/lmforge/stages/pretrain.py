@@ -196,8 +196,9 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str]) -> int:
     from lmforge.config import parse_cli
+    from lmforge.data.mix import source_overrides_mix
 
-    cfg = parse_cli(argv, PretrainConfig, prog="lmforge pretrain", description=__doc__,
+    cfg = parse_cli(source_overrides_mix(argv), PretrainConfig, prog="lmforge pretrain", description=__doc__,
                     default_recipe="tiny", section="pretrain")
     summary = run_pretrain(cfg)
     if summary:
