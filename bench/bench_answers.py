@@ -11,6 +11,9 @@ gold boxed (almost always wrong), a hedge "The answer is gold or other.", and fo
 often each grader says right, how often they agree, and the disagreements each way; the first few disagreements
 are printed so that they can be judged.
 
+Pre-check. lmforge rejects two constants more than 0.01% apart before math-verify's (slow) verify; the bench checks
+on MATH-500 gold pairs that this never changes a verdict.
+
 Cost. Seconds per call of ``is_correct`` on the fast path (a tinyworld-style completion against a number), of
 lmforge's symbolic path (MATH-500 answers with its caches cleared before every call, so each call parses), and
 of math-verify's parse + parse + verify on the same inputs, all in this process, one after the other.
@@ -72,21 +75,47 @@ def math_verify_says(mv, completion: str, gold: str) -> bool:
 def agreement(sets, mv, examples: int) -> None:
     print("| data | style | n | lmforge right | math-verify right | agree | only lmforge | only math-verify |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    shown = []
-    for name, rows in sets.items():
-        for style, pairs in completions(rows).items():
-            ours = [is_correct(c, g) for c, g in pairs]
-            theirs = [math_verify_says(mv, c, g) for c, g in pairs]
-            only_ours = [p for p, a, b in zip(pairs, ours, theirs) if a and not b]
-            only_theirs = [p for p, a, b in zip(pairs, ours, theirs) if b and not a]
+    shown, totals = [], {}
+    for name, rows in [*sets.items(), ("all", None)]:
+        for style, pairs in (completions(rows).items() if rows is not None else totals.items()):
+            if rows is not None:
+                verdicts = [(is_correct(c, g), math_verify_says(mv, c, g)) for c, g in pairs]
+                totals.setdefault(style, []).extend(zip(pairs, verdicts))
+            else:
+                pairs, verdicts = [p for p, _ in pairs], [v for _, v in pairs]
+            only_ours = [p for p, (a, b) in zip(pairs, verdicts) if a and not b]
+            only_theirs = [p for p, (a, b) in zip(pairs, verdicts) if b and not a]
             n = len(pairs)
-            print(f"| {name} | {style} | {n} | {sum(ours) / n:.1%} | {sum(theirs) / n:.1%} | "
-                  f"{1 - (len(only_ours) + len(only_theirs)) / n:.1%} | {len(only_ours)} | {len(only_theirs)} |")
-            shown += [(name, style, "only lmforge", p) for p in only_ours[:examples]]
-            shown += [(name, style, "only math-verify", p) for p in only_theirs[:examples]]
+            print(f"| {name} | {style} | {n} | {sum(a for a, _ in verdicts) / n:.1%} | "
+                  f"{sum(b for _, b in verdicts) / n:.1%} | {1 - (len(only_ours) + len(only_theirs)) / n:.1%} | "
+                  f"{len(only_ours)} | {len(only_theirs)} |")
+            if rows is not None:
+                shown += [(name, style, "only lmforge", p) for p in only_ours[:examples]]
+                shown += [(name, style, "only math-verify", p) for p in only_theirs[:examples]]
     print("\nDisagreements (first few per row):")
     for name, style, who, (completion, gold) in shown:
         print(f"  {name}/{style} [{who} says right] gold={gold!r} completion={completion[-120:]!r}")
+
+
+def precheck(sets, mv, shifts: int = 4) -> None:
+    """math_verify_equal rejects two constants more than 0.01% apart before math-verify's verify runs: check on
+    MATH-500 gold pairs (each against the next few golds, and against itself written as a decimal when it is a
+    constant) that the verdicts are math-verify's."""
+    import sympy
+
+    golds = [g for g, _ in sets["math500"]]
+    pairs = [(g, golds[(i + k) % len(golds)]) for i, g in enumerate(golds) for k in range(1, shifts + 1)]
+    for g in golds:
+        parsed = answers._mv_parse(g)
+        if parsed and isinstance(parsed[0], sympy.Expr) and parsed[0].is_number:
+            pairs.append((g, f"{complex(parsed[0].evalf(20)).real:.6f}"))
+    same = early = 0
+    for gold, predicted in pairs:
+        full = bool(mv.verify(answers._mv_parse(gold), answers._mv_parse(predicted)))
+        early += answers._clearly_different(answers._mv_parse(gold), answers._mv_parse(predicted))
+        same += full == answers.math_verify_equal(gold, predicted)
+    print(f"\nPre-check: the same verdict as math-verify's verify on {same} of {len(pairs)} MATH-500 pairs "
+          f"({early} rejected before verify)")
 
 
 def per_call(fn, args_list, repeat_until: float = 1.0) -> float:
@@ -140,6 +169,7 @@ def main() -> None:
     answers._math_verify()  # imports and warms sympy up, as the first symbolic check would
     sets = gold_sets(Path(args.data), args.limit)
     agreement(sets, mv, args.examples)
+    precheck(sets, mv)
     costs(sets, mv, args.calls)
 
 

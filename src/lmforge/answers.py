@@ -117,13 +117,14 @@ def extract_answer(text: str) -> str | None:
 def _find_answer(text: str) -> str | None:
     """The raw answer, by the module docstring's rules 1-4."""
     if "####" in text:
-        return _phrase_answer(text.rsplit("####", 1)[1])
+        start = text.rindex("####") + 4
+        return _phrase_answer(text[start:start + MAX_ANSWER_CHARS])
     boxes = _final_boxes(text)
     if boxes is not None:
         return ", ".join(boxes) if all(boxes) else None
     said = _last_anchor(text)
     if said is not None:
-        return _phrase_answer(text[said:])
+        return _phrase_answer(text[said:said + MAX_ANSWER_CHARS])
     numbers = _NUMBER.findall(_frac_to_slash(text[-100_000:]))
     return numbers[-1] if numbers else None
 
@@ -191,7 +192,7 @@ def _final_boxes(text: str) -> list[str | None] | None:
 
 def _phrase_answer(rest: str) -> str | None:
     """The answer after a marker: the math that starts the line (module docstring, rule 3)."""
-    line = rest.split("\n", 1)[0][:1000].translate(_UNICODE)
+    line = rest.split("\n", 1)[0].translate(_UNICODE)
     s = line[_FILLER.match(line).end():]
     parts = []
     while True:
