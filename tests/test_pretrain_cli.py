@@ -6,6 +6,12 @@ import pytest
 import yaml
 from lmforge_cli import lmforge
 
+from lmforge.config import load_config
+from lmforge.data.mix import source_overrides_mix
+from lmforge.stages.midtrain import MidtrainConfig
+from lmforge.stages.pipeline import stage_config
+from lmforge.stages.pretrain import PretrainConfig
+
 MICRO = ["seq_len=32", "vocab_size=320", "model.hidden_size=32", "model.intermediate_size=64",
          "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.num_key_value_heads=1",
          "train.max_steps=60", "train.batch_size=8", "train.micro_batch_size=8", "train.warmup_steps=5",
@@ -65,12 +71,6 @@ def test_a_source_on_the_command_line_is_the_data_not_the_recipes_mix(tmp_path):
 
 
 def test_an_explicit_mix_still_wins_and_midtrain_and_pipeline_follow_the_same_rule():
-    from lmforge.config import load_config
-    from lmforge.data.mix import source_overrides_mix
-    from lmforge.stages.midtrain import MidtrainConfig
-    from lmforge.stages.pipeline import stage_config
-    from lmforge.stages.pretrain import PretrainConfig
-
     both = ["data.source=a.jsonl", "data.mix=[{source: b.jsonl, weight: 1}]"]
     assert [m.source for m in load_config(PretrainConfig, "tiny", source_overrides_mix(both),
                                           section="pretrain").data.mix] == ["b.jsonl"]

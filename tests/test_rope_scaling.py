@@ -12,7 +12,7 @@ from lmforge.model import KVCache, ModelConfig, Transformer, rope_frequencies
 from lmforge.modelio import config_from_hf, load_model_dir, save_model_dir
 
 transformers = pytest.importorskip("transformers")
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
+ROPE_INIT_FUNCTIONS = pytest.importorskip("transformers.modeling_rope_utils").ROPE_INIT_FUNCTIONS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

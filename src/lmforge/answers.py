@@ -414,15 +414,16 @@ def math_verify_equal(gold: str, predicted: str) -> bool:
 
 
 def _clearly_different(gold: list, predicted: list) -> bool:
-    """Are the first parses of both sides numeric constants more than 0.01% apart?"""
-    import sympy
-
+    """Are the first parses of both sides numeric constants (sympy's is_number) more than 0.01% apart?"""
     if not gold or not predicted:
         return False
     a, b = gold[0], predicted[0]
-    if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and a.is_number and b.is_number):
+    if getattr(a, "is_number", False) is not True or getattr(b, "is_number", False) is not True:
+        return False  # a symbol, set, interval, relation, matrix or string: for verify to judge
+    try:
+        x, y = complex(a.evalf(30)), complex(b.evalf(30))
+    except (TypeError, ValueError, OverflowError):
         return False
-    x, y = complex(a.evalf(30)), complex(b.evalf(30))
     if not all(math.isfinite(v) for v in (x.real, x.imag, y.real, y.imag)):
         return False
     return abs(x - y) > 1e-4 * max(1.0, abs(x), abs(y))
