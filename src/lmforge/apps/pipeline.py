@@ -33,6 +33,7 @@ from lmforge.apps.report import write_report
 from lmforge.apps.verbs import VERBS
 from lmforge.atomic import write_atomic
 from lmforge.config import describe, load_config
+from lmforge.data.mix import source_overrides_mix
 from lmforge.data.tinyworld import eval_rows
 from lmforge.evaluation import encode_prompt, generate_all
 from lmforge.generation import SamplingParams
@@ -105,6 +106,8 @@ def stage_entry(stage: str, name: str):
 
 
 def stage_config(stage: str, recipe: str, overrides: list[str]):
+    if stage in ("pretrain", "midtrain"):  # pretrain.data.source=... on the command line is the data
+        overrides = source_overrides_mix(overrides)
     return load_config(stage_entry(stage, "config"), recipe, overrides, section=stage)
 
 
