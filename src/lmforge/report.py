@@ -340,8 +340,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, title: 
     md, page = out_dir / "report.md", out_dir / "report.html"
     md.write_text(render_markdown(title, run_dir, stages, loss_png, out_dir), encoding="utf-8")
     page.write_text(render_html(title, run_dir, stages, loss_png), encoding="utf-8")
+    files = [md, page] + ([loss_png] if loss_png else []) + [p for s in stages for p in s.plots]
     return {"markdown": str(md), "html": str(page), "stages": [s.name for s in stages],
-            "loss_curves": str(loss_png) if loss_png else None}
+            "loss_curves": str(loss_png) if loss_png else None, "files": [str(f) for f in files]}
 
 
 @dataclass
@@ -350,6 +351,8 @@ class ReportConfig:
     out_dir: str = ""  # default: the run directory
     title: str = ""  # default: "lmforge run: NAME"
     plots: bool = True  # false: no loss curves or embedded PNGs (and no matplotlib needed)
+    report_to: list[str] = field(default_factory=list)  # wandb / mlflow: the report and its plots as artifacts
+    tracking_project: str = "lmforge"
 
     def validate(self) -> None:
         if not self.run_dir:
@@ -363,5 +366,9 @@ def main(argv: list[str]) -> int:
         argv = [f"run_dir={argv[0]}"] + argv[1:]
     cfg = parse_cli(argv, ReportConfig, prog="lmforge report", description=__doc__)
     out = write_report(cfg.run_dir, cfg.out_dir or None, cfg.title, cfg.plots)
+    if cfg.report_to:
+        from lmforge.train.tracking import log_report
+
+        log_report(cfg.report_to, Path(cfg.run_dir), [Path(f) for f in out["files"]], cfg.tracking_project)
     print(f"{len(out['stages'])} stages ({', '.join(out['stages'])}) -> {out['markdown']}, {out['html']}")
     return 0

@@ -63,8 +63,15 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
     report: bool = True
+    # trackers for every stage (each stage's train.report_to) and for the report's files: e.g. [jsonl,wandb]
+    report_to: list[str] = field(default_factory=list)
+    tracking_project: str = "lmforge"
 
     def validate(self) -> None:
+        if self.report_to:
+            from lmforge.train.tracking import check_report_to
+
+            check_report_to(self.report_to)
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
@@ -96,10 +103,17 @@ def stage_config(stage: str, recipe: str, overrides: list[str]):
     return load_config(cls, recipe, overrides, section=stage)
 
 
+TRACKING_KEYS = ("report_to", "run_name", "tracking_project")  # where metrics go, not what a stage computes
+
+
 def config_hash(cfg) -> str:
+    """A hash of what a stage computes: its config without the tracking keys (turning W&B on retrains nothing)."""
     from lmforge.config import to_dict
 
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    data = to_dict(cfg)
+    if isinstance(data.get("train"), dict):
+        data["train"] = {k: v for k, v in data["train"].items() if k not in TRACKING_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _done(marker: Path, digest: str) -> bool:
@@ -200,6 +214,9 @@ def run_pipeline(pcfg: PipelineConfig, recipe: str, stage_overrides: dict[str, l
     run_dir = Path(pcfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     configs = {s: stage_config(s, recipe, shared + stage_overrides[s]) for s in pcfg.stages}  # all errors first
+    for cfg in configs.values():
+        if pcfg.report_to and hasattr(cfg, "train"):
+            cfg.train.report_to, cfg.train.tracking_project = list(pcfg.report_to), pcfg.tracking_project
     t0, results, changed = time.time(), {}, False
     for i, stage in enumerate(pcfg.stages):
         done = int(30 * i / len(pcfg.stages))
@@ -222,6 +239,10 @@ def run_pipeline(pcfg: PipelineConfig, recipe: str, stage_overrides: dict[str, l
 
         written = write_report(run_dir)
         record["report"] = [written["markdown"], written["html"]]
+        if pcfg.report_to:
+            from lmforge.train.tracking import log_report
+
+            log_report(pcfg.report_to, run_dir, [Path(f) for f in written["files"]], pcfg.tracking_project)
     console.rule(f"[bold]pipeline done in {record['seconds']:.0f} s[/bold]")
     return record
 

@@ -46,6 +46,7 @@ from lmforge.train.dist import (
 )
 from lmforge.train.metrics import MetricsLogger, ProgressDisplay
 from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.tracking import DEFAULT_REPORT_TO, check_report_to
 
 
 @dataclass
@@ -78,6 +79,10 @@ class TrainConfig:
     resume: bool = True
     device: str = "auto"
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    # where metrics go besides metrics.jsonl (always written): tensorboard, wandb, mlflow (train/tracking.py)
+    report_to: list[str] = field(default_factory=lambda: list(DEFAULT_REPORT_TO))
+    run_name: str = ""  # the trackers' run name; empty: "<run dir>/<stage dir>", e.g. "tiny/sft"
+    tracking_project: str = "lmforge"  # W&B project / MLflow experiment
 
     def validate(self) -> None:
         checks = [
@@ -112,6 +117,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_report_to(self.report_to)
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step: batch_size = micro_batch_size x processes x accumulation."""
@@ -206,7 +212,9 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
         load_optimizer(resumed, optimizer, state["optimizer"])
     fwd_model = torch.compile(wrapped) if cfg.compile else wrapped
     params = [p for p in net.parameters() if p.requires_grad]
-    logger = MetricsLogger(out_dir, enabled=dist.is_main, resume_step=step if resumed is not None else None)
+    logger = MetricsLogger(out_dir, enabled=dist.is_main, resume_step=step if resumed is not None else None,
+                           report_to=cfg.report_to, run_name=cfg.run_name, project=cfg.tracking_project,
+                           config=_as_dict(run_config))
     count_tokens = tokens_per_batch_fn or default_token_count
     peak = peak_flops(dist.device)
     result = TrainResult(step=step, tokens=tokens, skipped_steps=skipped, resumed_from=resumed)
