@@ -34,6 +34,7 @@ VERBS: dict[str, tuple[str, str]] = {
                        "label (RLAIF soft preferences), eval"),
     "scaling": ("lmforge.stages.scaling", "scaling laws: sweep, fit L(N,D), compute-optimal N and D"),
     "eval": ("lmforge.stages.eval", "evaluate a checkpoint: task accuracy, preference accuracy, win rate, KL, ppl"),
+    "push": ("lmforge.stages.push", "upload a model directory to the Hugging Face Hub with a generated model card"),
     "report": ("lmforge.report", "Markdown + HTML report of a pipeline run: stage table, samples, curves, plots"),
 }
 
