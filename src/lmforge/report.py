@@ -211,6 +211,19 @@ def sample_grid(stages: list[Stage], max_prompts: int = MAX_PROMPTS) -> tuple[li
     return names, [[p] + [answers.get(n, MISSING) for n in names] for p, answers in prompts.items()]
 
 
+def harness_rows(stages: list[Stage]) -> list[list[str]]:
+    """[stage, task, metric, value ± stderr] for every lm-evaluation-harness result in the stages' eval.json."""
+    rows = []
+    for s in stages:
+        for task, metrics in (s.evaluation.get("harness") or s.summary.get("harness") or {}).items():
+            for metric, value in metrics.items():
+                if metric.endswith("_stderr") or _number(value) is None:
+                    continue
+                err = _number(metrics.get(f"{metric}_stderr"))
+                rows.append([s.name, task, metric, f"{value:.4f}" + (f" ± {err:.4f}" if err is not None else "")])
+    return rows
+
+
 def plot_loss_curves(stages: list[Stage], path: Path) -> Path | None:
     """One panel per stage with logged losses: loss and val_loss against step. None when nothing was logged."""
     curves = [(s, {k: [(r["step"], r[k]) for r in s.metrics if _number(r.get(k)) is not None]
@@ -273,6 +286,9 @@ def render_markdown(title: str, run_dir: Path, stages: list[Stage], loss_png: Pa
     if grid:
         lines += ["", "## Sample answers", "", "The same prompts, answered by each stage's model.", ""]
         lines += _md_table(["prompt"] + names, grid)
+    harness = harness_rows(stages)
+    if harness:
+        lines += ["", "## lm-evaluation-harness", ""] + _md_table(["stage", "task", "metric", "value"], harness)
     if loss_png is not None:
         lines += ["", "## Loss curves", "", f"![loss curves]({rel(loss_png)})"]
     plots = [(s, p) for s in stages for p in s.plots]
@@ -311,6 +327,9 @@ def render_html(title: str, run_dir: Path, stages: list[Stage], loss_png: Path |
     if grid:
         parts += ["<h2>Sample answers</h2>", "<p>The same prompts, answered by each stage's model.</p>",
                   _html_table(["prompt"] + names, grid, text_cells=True)]
+    harness = harness_rows(stages)
+    if harness:
+        parts += ["<h2>lm-evaluation-harness</h2>", _html_table(["stage", "task", "metric", "value"], harness)]
     if loss_png is not None:
         parts += ["<h2>Loss curves</h2>", _figure(loss_png, "loss and validation loss against step, per stage")]
     plots = [(s, p) for s in stages for p in s.plots]

@@ -55,6 +55,8 @@ class PipelineEvalConfig:
     sample_tokens: int = 64
     think_samples: int = 8  # after SFT: accuracy vs samples per problem (self-consistency), N = 1..this; 0 = off
     think_limit: int = 32  # problems in that sweep
+    harness: str = ""  # lm-evaluation-harness tasks for every stage's model (see `lmforge eval --help`)
+    harness_include: str = ""  # a directory of local task YAMLs
 
 
 @dataclass
@@ -158,12 +160,13 @@ def evaluate_stage(stage: str, model_dir: Path, pcfg: PipelineConfig, sft_dir: P
         chat=stage not in BASE_STAGES, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
         reference=str(sft_dir) if stage in TUNED_STAGES and sft_dir is not None else "",
         reward_model=str(model_dir) if is_reward else "", prefs=e.prefs if is_reward else "",
+        harness="" if is_reward else e.harness, harness_include="" if is_reward else e.harness_include,
         out_dir=str(model_dir.parent / "eval"), n_boot=200)
     out = Path(cfg.out_dir)
     digest = config_hash(cfg) + _model_stamp(model_dir) + hashlib.sha256(repr((e.samples, e.sample_tokens, e.think_samples, e.think_limit)).encode()).hexdigest()[:8]
     if _done(out / "pipeline_eval.json", digest) and (out / "eval.json").exists():
         return json.loads((out / "eval.json").read_text())
-    summary = run_eval(cfg) if cfg.task or cfg.prefs else {}
+    summary = run_eval(cfg) if cfg.task or cfg.prefs or cfg.harness else {}
     if e.samples and not is_reward:  # the same questions to every stage, side by side in the report
         summary["samples"] = demo_answers(model_dir, e.samples, chat=cfg.chat, max_new_tokens=e.sample_tokens)
         out.mkdir(parents=True, exist_ok=True)
