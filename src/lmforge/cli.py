@@ -13,6 +13,8 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "pipeline": ("lmforge.stages.pipeline", "the whole recipe: pretrain -> midtrain -> SFT -> RM -> DPO -> GRPO -> PPO "
                  "-> report (the built-in tiny one by default)"),
+    "data": ("lmforge.stages.data", "clean a corpus: quality filters, exact + MinHash near-dedup, language, shards, "
+             "report"),
     "tokenizer": ("lmforge.stages.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
     "pretrain": ("lmforge.stages.pretrain", "pre-train a decoder-only transformer (next-token prediction)"),
     "midtrain": ("lmforge.stages.midtrain", "continue pre-training a base model on a curated weighted data mix"),
