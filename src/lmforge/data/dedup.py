@@ -3,8 +3,8 @@
 A document is the set of its word n-grams (lower-cased, punctuation dropped; 5-grams by default, as FineWeb).
 MinHash (datasketch) estimates the Jaccard similarity of two such sets from ``num_perm`` hashes; LSH bands those
 hashes so that only pairs likely to be above ``threshold`` are compared. A candidate counts as a near duplicate
-when its estimated Jaccard similarity with an earlier kept document reaches ``threshold`` (the check removes most
-of LSH's false positives); the first copy is kept. Signatures can be computed anywhere (worker processes:
+when its estimated Jaccard similarity with an earlier kept document reaches ``threshold``; LSH's bands are
+chosen for recall (its false positives are removed by that check); the first copy is kept. Signatures can be computed anywhere (worker processes:
 :func:`signature`), the index lives in one process (:class:`NearDuplicateIndex`), so the result does not depend
 on the number of workers. Memory: about ``num_perm * 4`` bytes per kept document plus the LSH tables; beyond one
 machine's memory, see the README (datatrove's disk-based MinHash stages).
@@ -53,7 +53,9 @@ class NearDuplicateIndex:
             raise ValueError(f"minhash_threshold must be in (0, 1], got {threshold}")
         ds = _datasketch()
         self.threshold, self.num_perm, self.seed = threshold, num_perm, seed
-        self.lsh = ds.MinHashLSH(threshold=threshold, num_perm=num_perm)
+        # bands tuned for few false negatives (16 bands x 8 rows at 0.8 / 128): every candidate is checked
+        # against the threshold below, so the false positives LSH lets through cost time, not precision
+        self.lsh = ds.MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.05, 0.95))
         self.signatures: list[np.ndarray] = []
         self._minhash = ds.MinHash
 
