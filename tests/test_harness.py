@@ -9,12 +9,15 @@ import pytest
 import torch
 from lmforge_cli import lmforge
 
-lm_eval = pytest.importorskip("lm_eval")
-pytest.importorskip("transformers")
-from lm_eval.tasks import TaskManager  # noqa: E402
+from lmforge.apps.report import write_report
+from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir
+from lmforge.tokenizer import train_tokenizer
 
-from lmforge.harness import LmforgeLM  # noqa: E402
-from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir  # noqa: E402
+lm_eval = pytest.importorskip("lm_eval")
+TaskManager = pytest.importorskip("lm_eval.tasks").TaskManager
+LmforgeLM = pytest.importorskip("lmforge.harness").LmforgeLM  # imports lm_eval at its top
+pytest.importorskip("transformers")
 
 REPO = Path(__file__).parent.parent
 TASKS = ["lmforge_tiny_mc", "lmforge_tiny_gen", "lmforge_tiny_ppl"]
@@ -24,9 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A random 2-layer model whose context (64) is shorter than some texts, so rolling windows split."""
-    from lmforge.model import ModelConfig, Transformer
-    from lmforge.tokenizer import train_tokenizer
-
     text = "Question: What is 2 + 3?\nAnswer: 5\nThe assistant answers the user. Response A or B? I can help.\n"
     tok = train_tokenizer([text] * 20, vocab_size=300)
     torch.manual_seed(0)
@@ -102,8 +102,6 @@ def test_unknown_task_is_one_clear_error(model_dir, offline, tmp_path):
 
 
 def test_report_shows_the_harness_table(tmp_path):
-    from lmforge.report import write_report
-
     stage = tmp_path / "sft"
     (stage / "eval").mkdir(parents=True)
     (stage / "eval" / "eval.json").write_text(json.dumps(

@@ -12,9 +12,12 @@ import pytest
 import torch
 from ddp_train import Stream, TinyLM, lm_loss, weights_saver
 from lmforge_cli import lmforge
+from PIL import Image
 
+from lmforge.apps.pipeline import stage_config
 from lmforge.train.loop import TrainConfig, train
 from lmforge.train.metrics import read_metrics
+from lmforge.train.runs import config_hash
 from lmforge.train.tracking import log_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,8 +132,6 @@ def test_report_files_go_up_as_artifacts(tmp_path, offline):
 
 
 def test_wandb_report_artifact_lists_the_files(tmp_path, offline):
-    from PIL import Image
-
     run_dir = tmp_path / "tiny"
     run_dir.mkdir()
     Image.new("RGB", (4, 4)).save(run_dir / "loss_curves.png")
@@ -157,8 +158,6 @@ def test_trackers_are_imported_only_when_asked_for():
 
 
 def test_turning_a_tracker_on_retrains_no_pipeline_stage():
-    from lmforge.stages.pipeline import config_hash, stage_config
-
     plain = stage_config("sft", "tiny", [])
     tracked = stage_config("sft", "tiny", ["train.report_to=[jsonl,wandb]", "train.run_name=x"])
     assert config_hash(plain) == config_hash(tracked) != config_hash(stage_config("sft", "tiny", ["train.lr=1e-4"]))

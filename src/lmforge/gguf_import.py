@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import track
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import Tokenizer
@@ -190,9 +193,6 @@ def model_from_gguf(reader, meta: dict, source: str, dtype: torch.dtype = torch.
 
 def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     """tokenizer.ggml.* -> a byte-level BPE ``tokenizers`` tokenizer with the same ids, specials and template."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HFTokenizer
-
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise GGUFError(f"{source}: tokenizer.ggml.model {kind!r} is not supported (lmforge imports byte-level "
@@ -258,6 +258,5 @@ def _progress(items, label: str, total: int, show: bool):
     if not show:
         yield from items
         return
-    from rich.progress import track
 
     yield from track(items, description=label, total=total, transient=True)

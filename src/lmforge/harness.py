@@ -24,13 +24,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lm_eval import simple_evaluate
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
 from tqdm import tqdm
 
-from lmforge.config import ConfigError
+from lmforge.errors import ConfigError
 from lmforge.generation import SamplingParams, generate
 from lmforge.modelio import load_model_dir, load_tokenizer
 
@@ -187,10 +189,6 @@ def run_harness(model, tokenizer, tasks: list[str], *, include_path: str = "", l
     """lm-eval's simple_evaluate on an lmforge model -> {"results": {task: {metric: value}}, "table": lm-eval's
     printed table, "versions", "n-shot"}. Metric names are lm-eval's ("acc",
     "acc_norm", "exact_match", "word_perplexity", ...), with ",FILTER" kept when the filter is not "none"."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-    from lm_eval.utils import make_table
-
     if include_path and not Path(include_path).is_dir():
         raise ConfigError(f"harness_include={include_path}: no such directory of task YAMLs")
     lm = LmforgeLM(model=model, tokenizer=tokenizer, batch_size=batch_size, pretrained=pretrained)

@@ -24,10 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-from lmforge.config import ConfigError, parse_cli, save_config
+from lmforge.config import parse_cli, save_config
 from lmforge.data.shards import SHARD_TOKENS, StreamingShards, tokenizer_fingerprint
 from lmforge.data.sources import LINE_COUNTS, FilterConfig, iter_filtered, read_documents, source_signature
+from lmforge.errors import ConfigError
 from lmforge.modelio import load_tokenizer
 
 
@@ -212,9 +215,6 @@ def plot_histogram(report: dict, path: Path) -> Path | None:
 
 
 def print_report(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"lmforge data: {report['source']}" + (" (unchanged: skipped)" if report.get("skipped") else ""))
     for col in ("", "documents", "share"):
         table.add_column(col, justify="left" if not col else "right")

@@ -18,8 +18,10 @@ resume logs again overwrite rather than break the curve.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -90,8 +92,6 @@ class TensorBoardWriter:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             if not TensorBoardWriter._warned:
-                import warnings
-
                 warnings.warn("tensorboard is not installed, so metrics go to metrics.jsonl only "
                               "(pip install tensorboard to get them in TensorBoard too)", stacklevel=4)
                 TensorBoardWriter._warned = True
@@ -180,7 +180,6 @@ class MlflowWriter:
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise ImportError("train.report_to has mlflow: pip install mlflow-skinny") from None
-        import os
 
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:  # a local file store: works with mlflow-skinny (no database), which MLflow 3 asks to opt into
