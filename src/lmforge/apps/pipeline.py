@@ -64,7 +64,9 @@ class PipelineEvalConfig:
     max_new_tokens: int = 64
     prefs: str = ""  # held-out preference pairs for the reward model's accuracy
     batch_size: int = 64
-    samples: list[str] = field(default_factory=lambda: ["What is 347 + 289?", "What is 57 + 68?"])  # shown per stage
+    # extra prompts every stage answers in the report; the report's demo problems are chosen from the held-out
+    # answers by rule (apps/demos.py), so none are needed
+    samples: list[str] = field(default_factory=list)
     sample_tokens: int = 64
     think_samples: int = 8  # after SFT: accuracy vs samples per problem (self-consistency), N = 1..this; 0 = off
     think_limit: int = 32  # problems in that sweep
