@@ -56,3 +56,10 @@ def test_smoothing_and_groups():
     assert smooth([0.0, 10.0], 0.5) == pytest.approx([0.0, 10 * 0.5 / 0.75])
     grouped = [n for _, names in LOSS_GROUPS for n in names]
     assert len(grouped) == len(set(grouped)) and {"pretrain", "sft", "dpo", "grpo"} <= set(grouped)
+
+
+def test_stages_the_pipeline_did_not_run_keep_their_usual_place(run):
+    (run / "pipeline.json").write_text(json.dumps({"stages": {s: {} for s in ["sft", "dpo", "grpo", "ppo"]}}))
+    assert [s.name for s in collect_stages(run)] == ORDER  # pretrain (from an earlier run) first, ppo after grpo
+    (run / "pipeline.json").unlink()
+    assert [s.name for s in collect_stages(run)] == ["pretrain", "sft", "dpo", "ppo", "grpo"]  # the usual order

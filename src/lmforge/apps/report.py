@@ -165,9 +165,19 @@ def collect_stages(run_dir: str | Path) -> list[Stage]:
                                if s["prompt"] not in {o["prompt"] for o in own}]
         stage.plots = sorted(d.glob("*.png")) + sorted((d / "eval").glob("*.png"))
         stages.append(stage)
-    ran = _pipeline_order(run_dir)  # the order the pipeline ran them in, when it did
-    order = {name: i for i, name in enumerate(ran + [n for n in STAGE_ORDER if n not in ran])}
-    return sorted(stages, key=lambda s: (order.get(s.name, len(order)), s.name))
+    return sorted(stages, key=lambda s: (_stage_order(run_dir).get(s.name, len(STAGE_ORDER) + 1), s.name))
+
+
+def _stage_order(run_dir: Path) -> dict[str, int]:
+    """STAGE_ORDER, with the stages pipeline.json lists put in the order the pipeline ran them (in the places
+    those stages take in STAGE_ORDER), so stages from an earlier run keep their usual place."""
+    ran = _pipeline_order(run_dir)
+    names = list(STAGE_ORDER)
+    for i, name in enumerate(ran):  # a stage STAGE_ORDER does not know goes right after the one run before it
+        if name not in names:
+            names.insert(names.index(ran[i - 1]) + 1 if i else 0, name)
+    slots = iter(ran)
+    return {(next(slots) if name in ran else name): i for i, name in enumerate(names)}
 
 
 def _pipeline_order(run_dir: Path) -> list[str]:
