@@ -25,7 +25,8 @@ The report shows:
 2. what the stages changed: three held-out problems chosen by rule from every stage's graded answers
    (apps/demos.py: one SFT gets wrong and DPO / GRPO get right, one every stage gets right, one none does),
    one row per stage, one column per problem;
-3. sample answers side by side: every stage's ``samples: [{"prompt", "response"}]`` and those of its eval, or
+3. sample answers side by side: every stage's ``samples: [{"prompt", "response"}]`` and those of its eval (not
+   when the demo problems are shown), or
    its single ``sample`` string (the answer to its config's sample_prompt, which pretrain's sample starts with);
    one row per prompt, one column per stage;
 4. loss curves from each stage's metrics.jsonl: loss as logged (faint) and smoothed (TensorBoard's debiased
@@ -433,6 +434,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, title: 
             s.plots = []
     md, page = out_dir / "report.md", out_dir / "report.html"
     demos = choose_demos({s.name: s.path for s in stages})
+    if demos:  # the chosen problems replace the first held-out answers an eval keeps as its samples
+        for s in stages:
+            s.samples = _samples(s.summary, s.path)
     md.write_text(render_markdown(title, run_dir, stages, loss_png, out_dir, demos), encoding="utf-8")
     page.write_text(render_html(title, run_dir, stages, loss_png, demos), encoding="utf-8")
     files = [md, page] + ([loss_png] if loss_png else []) + [p for s in stages for p in s.plots]
