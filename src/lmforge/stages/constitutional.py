@@ -254,7 +254,7 @@ def run_revise(cfg: ReviseConfig, critic=None) -> dict:
                "mean_chars_final": _mean_len(t["final_response"] for t in traces),
                "asked": cached_policy.asked + cached_critic.asked,
                "traces": str(traces_path), "sft": str(out_dir / "sft.jsonl")}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -289,7 +289,7 @@ def run_label(cfg: LabelConfig, judge=None) -> dict:
                "judge_methods": {m: methods.count(m) for m in sorted(set(methods))},
                "asked_judge": cached_judge.asked, "judgments": str(judgments_path),
                "preference": str(out_dir / "preference.jsonl")}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
