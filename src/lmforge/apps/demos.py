@@ -59,8 +59,9 @@ def choose_demos(stage_dirs: dict[str, Path]) -> list[Demo]:
         best = max(wrong_at_sft, key=lambda p: sum(right[p][n] for n in aligned), default=None)
         if best is not None and any(right[best][n] for n in aligned):
             best = next(p for p in wrong_at_sft if sum(right[p][n] for n in aligned) == sum(right[best][n] for n in aligned))
+            fixed = [n for n in aligned if right[best][n]]
             demos.append(_demo("alignment fixed", f"the first held-out problem SFT gets wrong and "
-                               f"{' and '.join(n for n in aligned if right[best][n])} get right", best, records))
+                               f"{' and '.join(fixed)} {'get' if len(fixed) > 1 else 'gets'} right", best, records))
     every = next((p for p in prompts if all(right[p][n] for n in chat)), None)
     if every is not None:
         demos.append(_demo("every stage right", "the first held-out problem every stage from SFT on gets right",
