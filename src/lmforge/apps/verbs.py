@@ -21,6 +21,8 @@ class Verb:
 VERBS: dict[str, Verb] = {
     "pipeline": Verb("lmforge.apps.pipeline", "the whole recipe: pretrain -> midtrain -> SFT -> RM -> DPO -> GRPO -> "
                      "PPO -> report (the built-in tiny one by default)"),
+    "data": Verb("lmforge.stages.data", "clean a corpus: quality filters, exact + MinHash near-dedup, language, "
+                 "shards, report"),
     "tokenizer": Verb("lmforge.stages.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
     "pretrain": Verb("lmforge.stages.pretrain", "pre-train a decoder-only transformer (next-token prediction)",
                      "PretrainConfig", "run_pretrain"),
@@ -53,6 +55,8 @@ VERBS: dict[str, Verb] = {
     "scaling": Verb("lmforge.stages.scaling", "scaling laws: sweep, fit L(N,D), compute-optimal N and D"),
     "eval": Verb("lmforge.stages.eval", "evaluate a checkpoint: task accuracy, preference accuracy, win rate, KL, "
                  "ppl"),
+    "push": Verb("lmforge.stages.push", "upload a model directory to the Hugging Face Hub with a generated model "
+                 "card"),
     "report": Verb("lmforge.apps.report", "Markdown + HTML report of a pipeline run: stage table, samples, curves, "
                    "plots"),
 }
