@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sft": ("lmforge.stages.sft", "supervised fine-tuning on chat data (loss on assistant tokens; full or LoRA)"),
     "import": ("lmforge.stages.importer", "import a HF Llama-family dir, hub id, .gguf file, or smollm2 (PyPI)"),
     "quantize": ("lmforge.stages.quantize", "int8 / int4 weight-only quantisation of a model dir (size, ppl, speed)"),
+    "export": ("lmforge.stages.export", "write a model dir as one GGUF file (f32/f16/q8_0) for llama.cpp / ollama"),
     "chat": ("lmforge.stages.chat", "multi-turn chat with any checkpoint (REPL, message=..., or piped stdin)"),
     "serve": ("lmforge.stages.serve", "OpenAI-compatible chat server (/v1/chat/completions) with a web chat page"),
     "reward": ("lmforge.stages.reward", "train a reward model on preference pairs (Bradley-Terry); `reward score`"),
