@@ -37,6 +37,7 @@ from lmforge.gguf_import import (
     tracked,
 )
 from lmforge.model import Transformer
+from lmforge.quant import QuantLinear
 from lmforge.tokenizer import CHATML_TEMPLATE, Tokenizer
 
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -59,7 +60,7 @@ def float_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     left out (GGUF ties by omitting output.weight)."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
     for name, module in model.named_modules():
-        if hasattr(module, "dequantize") and hasattr(module, "weight_scale"):
+        if isinstance(module, QuantLinear):
             for key in ("weight", "weight_scale", "weight_min"):
                 state.pop(f"{name}.{key}", None)
             state[f"{name}.weight"] = module.dequantize(torch.float32).detach()
