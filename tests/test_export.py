@@ -158,5 +158,5 @@ def test_smollm2_round_trip(tmp_path):
     run_import(ImportConfig(source="smollm2", out_dir=str(tmp_path / "smollm2"), check=False))
     for outtype, top1, ppl_change in (("f16", 1.0, 1e-3), ("q8_0", 0.95, 1e-2)):
         c = run_export(ExportConfig(model=str(tmp_path / "smollm2"), outtype=outtype))["check"]
-        assert c["tokens"] == 256 and c["top1_agreement"] >= top1, c
+        assert c["tokens"] > 300 and c["top1_agreement"] >= top1, c  # the whole paragraph
         assert abs(np.log(c["perplexity"]["exported"] / c["perplexity"]["source"])) < ppl_change, c

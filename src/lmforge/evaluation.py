@@ -166,6 +166,14 @@ def reward_scores(reward_model, pairs: list[tuple[list[int], list[int]]], pad_id
 
 # ---- metrics ----
 
+def heldout_text() -> str:
+    """The English paragraph written for lmforge (``assets/heldout_english.txt``, so no pretraining corpus should
+    contain it) that ``import``, ``quantize`` and ``export`` measure perplexity on."""
+    from importlib import resources
+
+    return (resources.files("lmforge") / "assets" / "heldout_english.txt").read_text(encoding="utf-8")
+
+
 @torch.inference_mode()
 def token_perplexity(model, ids: list[int]) -> float:
     """exp(mean next-token loss) over the token list ``ids``, read in consecutive windows no longer than the

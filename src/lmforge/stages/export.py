@@ -19,19 +19,18 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from lmforge.config import ConfigError, parse_cli
+from lmforge.evaluation import heldout_text
 from lmforge.gguf_export import OUTTYPES, write_gguf
 from lmforge.gguf_import import load_gguf
 from lmforge.modelio import load_model_dir, load_tokenizer, resolve_model_dir
 
 FORMATS = ("gguf",)
-HELDOUT_TEXT = "heldout_english.txt"  # the paragraph `lmforge import` and `lmforge quantize` measure on
 
 
 @dataclass
@@ -43,7 +42,7 @@ class ExportConfig:
     name: str = ""  # general.name in the file; "" = the file's stem
     pre: str = ""  # tokenizer.ggml.pre (llama.cpp's pre-tokenizer); "" = recognised from tokenizer.json
     check: bool = True  # read the file back (lmforge's GGUF importer) and compare logits with the source
-    check_tokens: int = 256  # tokens of held-out English the check runs on
+    check_tokens: int = 2048  # at most this many tokens of held-out English for the check (capped by the context)
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -89,9 +88,8 @@ def run_export(cfg: ExportConfig) -> dict:
                "parameters": model.num_params(), "seconds": round(time.time() - t0, 2)}
     if cfg.check:
         exported, _, _ = load_gguf(out)
-        text = (resources.files("lmforge") / "assets" / HELDOUT_TEXT).read_text(encoding="utf-8")
-        ids = tokenizer.encode(text)[:min(cfg.check_tokens, model.config.max_position_embeddings)]
-        summary["check"] = {**compare(model, exported, ids), "text": f"lmforge/assets/{HELDOUT_TEXT}"}
+        ids = tokenizer.encode(heldout_text())[:min(cfg.check_tokens, model.config.max_position_embeddings)]
+        summary["check"] = {**compare(model, exported, ids), "text": "lmforge/assets/heldout_english.txt"}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

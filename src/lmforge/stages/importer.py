@@ -86,12 +86,6 @@ def load_source(source: str, dtype: str = "float32", progress: bool = True):
     return model, tokenizer, "hf"
 
 
-def heldout_text() -> str:
-    from importlib import resources
-
-    return (resources.files("lmforge") / "assets" / HELDOUT_TEXT).read_text(encoding="utf-8")
-
-
 def perplexity(model, tokenizer, text: str) -> tuple[float, int]:
     """exp(mean next-token loss) over ``text`` (every token after the first is predicted), and the token count."""
     from lmforge.evaluation import token_perplexity
@@ -135,6 +129,8 @@ def check_model_dir(path: Path, max_new_tokens: int = 32, device: str = "auto") 
 
     t0 = time.time()
     model, tokenizer = load_for_generation(str(path), device)
+    from lmforge.evaluation import heldout_text
+
     ppl, n_tokens = perplexity(model, tokenizer, heldout_text())
     answer = chat_check(model, tokenizer, CHECK_QUESTION, max_new_tokens)
     return {"question": CHECK_QUESTION, "answer": answer, "perplexity": round(ppl, 3),

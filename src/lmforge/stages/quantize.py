@@ -81,7 +81,7 @@ def eval_ids(cfg: QuantizeConfig, tokenizer) -> list[int] | None:
     if cfg.eval_text:
         text = Path(cfg.eval_text).read_text(encoding="utf-8")
     else:
-        from lmforge.stages.importer import heldout_text
+        from lmforge.evaluation import heldout_text
 
         text = heldout_text()
     return tokenizer.encode(text)[:cfg.eval_tokens]
