@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from lmforge_cli import lmforge
+from tokenizers import pre_tokenizers
 
 from lmforge.gguf_export import Q8_0_BLOCK, adds_bos, write_gguf
 from lmforge.gguf_import import GGUFError, load_gguf, metadata, read_gguf
@@ -126,8 +127,6 @@ def test_what_gguf_cannot_hold_is_one_clear_error(tok, tmp_path):
                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_labels=1))
     with pytest.raises(GGUFError, match="score head"):
         write_gguf(tmp_path / "r.gguf", reward, tok)
-    from tokenizers import pre_tokenizers
-
     tok.tok.pre_tokenizer = pre_tokenizers.Whitespace()
     try:
         with pytest.raises(GGUFError, match="pass pre=NAME"):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lmforge.stages.pipeline import split_overrides
+from lmforge.apps.pipeline import split_overrides
 
 MODEL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_hidden_layers=2",
          "model.num_attention_heads=4", "model.num_key_value_heads=2"]

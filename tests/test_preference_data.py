@@ -5,6 +5,7 @@ import re
 from collections import Counter
 
 import pytest
+import torch
 from preference_helpers import easy_pairs, micro_tokenizer, write_jsonl
 
 from lmforge.data.preference import (
@@ -20,7 +21,8 @@ from lmforge.data.preference import (
     tokenize_pairs,
     tokenize_unpaired,
 )
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
+from lmforge.objectives import dpo_loss
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -156,10 +158,6 @@ def test_parquet_and_tinyworld_sources(tmp_path):
 
 
 def test_soft_labels_reach_the_batch_and_become_cdpo_smoothing():
-    import torch
-
-    from lmforge.objectives import dpo_loss
-
     row = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5", "label_confidence": 0.8}
     pair = pair_from_row(row, "x.jsonl:1")
     assert pair.confidence == 0.8 and pair_from_row({**row, "label_confidence": 1}, "x").confidence == 1.0

@@ -3,7 +3,11 @@
 import json
 
 import pytest
+import torch
 from lmforge_cli import lmforge
+
+from lmforge.modelio import load_model_dir
+from lmforge.tokenizer import Tokenizer
 
 MICRO = ["seq_len=32", "vocab_size=320", "model.hidden_size=32", "model.intermediate_size=64",
          "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.num_key_value_heads=1",
@@ -30,9 +34,6 @@ def test_pretrain_cli_beats_unigram_and_writes_an_hf_checkpoint(tmp_path):
     assert any("val_loss" in r for r in rows) and any("loss" in r for r in rows)
 
     transformers = pytest.importorskip("transformers")
-    import torch
-
-    from lmforge.modelio import load_model_dir
 
     stock = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
     tok = transformers.AutoTokenizer.from_pretrained(out / "model")
@@ -57,7 +58,6 @@ def test_tokenizer_cli_trains_saves_and_reports(tmp_path):
     corpus.write_text("".join(f'{{"text": "line {i} of a small corpus about tokens"}}\n' for i in range(50)))
     proc = lmforge("tokenizer", f"data={corpus}", "vocab_size=300", f"out_dir={tmp_path / 'tok'}")
     assert "characters/token" in proc.stdout
-    from lmforge.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tmp_path / "tok")
     assert 260 < tok.vocab_size <= 300 and tok.decode(tok.encode("line 7 of")) == "line 7 of"

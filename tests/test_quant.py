@@ -2,14 +2,20 @@
 fallback against F.linear on the dequantized weight, save/load round trips, perplexity, the training guard, and
 `lmforge quantize` then `lmforge generate` end to end."""
 
+import copy
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from lmforge_cli import lmforge
+from safetensors.torch import save_file
 
+from lmforge.generation import SamplingParams, generate
+from lmforge.lora import LoraOptions, apply_lora
 from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import load_model_dir, save_model_dir
 from lmforge.quant import (
     QuantizedModelError,
     QuantLinear,
@@ -129,8 +135,6 @@ def tiny_model(std=0.02, qkv_bias=False):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_save_load_round_trip_gives_identical_outputs(bits, tmp_path):
-    from lmforge.modelio import load_model_dir, save_model_dir
-
     model = tiny_model(qkv_bias=True)
     stats = quantize_model(model, bits, group_size=32)
     assert stats["layers"] == 14 and 0 < stats["rel_error_mean"] <= stats["rel_error_max"] < 0.2
@@ -156,11 +160,6 @@ def test_save_load_round_trip_gives_identical_outputs(bits, tmp_path):
 
 
 def test_int8_perplexity_within_a_few_percent_of_float():
-    import copy
-    import math
-
-    from lmforge.generation import SamplingParams, generate
-
     model = tiny_model(std=0.15)  # a peaked distribution, so perplexity means something
     text = generate(model, [[1, 2, 3]], SamplingParams(max_new_tokens=96, temperature=0.7, seed=0))[0][0].token_ids
     ids = torch.tensor([[1, 2, 3, *text]])
@@ -193,15 +192,12 @@ def test_training_a_quantized_model_is_one_clear_error():
         quantize_model(model, 4)
     with pytest.raises(ValueError, match="group_size=48 must be even and divide"):
         quantize_model(tiny_model(), 4, group_size=48)
-    from lmforge.lora import LoraOptions, apply_lora
 
     with pytest.raises(QuantizedModelError, match="LoRA"):
         apply_lora(model, LoraOptions())
 
 
 def test_unknown_quantization_config_is_refused(tmp_path):
-    from lmforge.modelio import load_model_dir, save_model_dir
-
     save_model_dir(tmp_path / "m", tiny_model())
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
@@ -237,10 +233,6 @@ def test_pack_int8_matches_compressed_tensors():
 
 
 def test_int8_directory_in_lmforges_older_format_still_loads(tmp_path):
-    from safetensors.torch import save_file
-
-    from lmforge.modelio import load_model_dir, save_model_dir
-
     model = tiny_model()
     quantize_model(model, 8)
     save_model_dir(tmp_path / "old", model)
@@ -259,8 +251,6 @@ def test_transformers_opens_an_int8_directory_with_the_same_logits(tmp_path, qkv
     pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors (transformers reads "
                         "lmforge's int8 directories through it)")
     transformers = pytest.importorskip("transformers")
-    from lmforge.modelio import load_model_dir, save_model_dir
-
     model = tiny_model(qkv_bias=qkv_bias)
     quantize_model(model, 8)
     save_model_dir(tmp_path / "q8", model)

@@ -23,7 +23,10 @@ import os
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 
+from lmforge.atomic import fsync_dir
 from lmforge.gguf_import import (
     CONTROL,
     NORMAL,
@@ -96,9 +99,6 @@ def gguf_tensors(model: Transformer, outtype: str, progress: bool = False):
 
 def detect_pre(tokenizer: Tokenizer, source: str) -> str:
     """The ``tokenizer.ggml.pre`` name whose split (as lmforge's importer builds it) is this tokenizer's."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models
-
     def as_json(pre) -> dict:
         probe = HFTokenizer(models.BPE())
         probe.pre_tokenizer = pre
@@ -221,6 +221,7 @@ def write_gguf(path: str | Path, model: Transformer, tokenizer: Tokenizer, outty
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)

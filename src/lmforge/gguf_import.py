@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import track
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import Tokenizer
@@ -205,9 +208,6 @@ def model_from_gguf(reader, meta: dict, source: str, dtype: torch.dtype = torch.
 
 def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     """tokenizer.ggml.* -> a byte-level BPE ``tokenizers`` tokenizer with the same ids, specials and template."""
-    from tokenizers import AddedToken, decoders, models, processors
-    from tokenizers import Tokenizer as HFTokenizer
-
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise GGUFError(f"{source}: tokenizer.ggml.model {kind!r} is not supported (lmforge imports byte-level "
@@ -244,8 +244,6 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
 
 def pre_tokenizer(pre: str, source: str):
     """The split llama.cpp applies for ``tokenizer.ggml.pre`` before BPE, then bytes -> GPT-2's unicode alphabet."""
-    from tokenizers import Regex, pre_tokenizers
-
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("default", "gpt2", "gpt-2"):  # files without a 'pre' predate it and were split GPT-2's way
         return byte_level
@@ -278,6 +276,4 @@ def tracked(items, label: str, total: int, show: bool):
     if not show:
         yield from items
         return
-    from rich.progress import track
-
     yield from track(items, description=label, total=total, transient=True)

@@ -349,6 +349,13 @@ class Transformer(nn.Module):
         return 6 * matmul_weights + 12 * c.num_hidden_layers * c.num_attention_heads * c.resolved_head_dim * seq_len
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under torch.compile and DDP wrappers (what gets saved, what has ``.config``); an FSDP-sharded
+    module is its own (sharded) self."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
 def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
     """Position ids that restart at 0 where each packed document begins: [0,0,0,1,1] -> [0,1,2,0,1]."""
     B, T = document_ids.shape

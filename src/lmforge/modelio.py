@@ -4,12 +4,13 @@ A directory lmforge writes opens with ``transformers.AutoModelForCausalLM.from_p
 directory written by Hugging Face (Llama, Qwen2, Mistral, SmolLM) opens as an lmforge ``Transformer``.
 Weights are read from safetensors only: pickled ``pytorch_model.bin`` files can run code when loaded, so they
 are refused with a message saying how to convert them.
+
+:func:`load_model_and_tokenizer` is the one loader every stage, engine and app opens a model directory with.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -17,10 +18,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.model import ModelConfig, Transformer
+from lmforge.atomic import replace_dir
+from lmforge.errors import ModelLoadError
+from lmforge.model import ModelConfig, Transformer, unwrap
+from lmforge.quant import from_saved_state, quantize_skeleton, saved_quantization_config, to_saved_state
+from lmforge.tokenizer import Tokenizer
 
 # model_type -> (architecture class name written to config.json, key quirks)
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+DTYPES = ("float32", "bfloat16", "float16")  # what a config's ``dtype`` may name (load_model_and_tokenizer)
 
 
 def config_to_hf(cfg: ModelConfig, **token_ids) -> dict:
@@ -112,33 +118,17 @@ def save_model_dir(path: str | Path, model: Transformer, tokenizer=None, generat
     return path
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``, moving an existing ``dst`` aside first (a directory cannot be replaced)."""
-    if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(src, dst)
-
-
 def write_model_files(path: Path, model: Transformer, tokenizer=None, generation_config: dict | None = None,
                       extra_files: dict[str, str] | None = None) -> None:
     """The files of a model directory, written into an existing (usually temporary) directory."""
     path = Path(path)
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    model = getattr(model, "module", model)  # unwrap DDP
+    model = unwrap(model)  # torch.compile and DDP wrappers
     token_ids = {}
     if tokenizer is not None:
         token_ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     config = config_to_hf(model.config, **token_ids)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if getattr(model, "quantization_config", None):  # lmforge.quant: the layers are saved quantized
-        from lmforge.quant import saved_quantization_config, to_saved_state
-
         config["quantization_config"] = saved_quantization_config(model)
         state = to_saved_state(state, model)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -217,8 +207,6 @@ def load_model_dir(name_or_path: str | Path, device: str | torch.device = "cpu",
         model = Transformer(cfg)
     state = read_state_dict(path)
     if hf.get("quantization_config"):  # written by `lmforge quantize`: int8/int4 layers (lmforge.quant)
-        from lmforge.quant import from_saved_state, quantize_skeleton
-
         quantize_skeleton(model, hf["quantization_config"], str(config_file))
         state = from_saved_state(state, hf["quantization_config"])
     if cfg.tie_word_embeddings:
@@ -239,7 +227,34 @@ def load_model_dir(name_or_path: str | Path, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=dtype)
 
 
-def load_tokenizer(name_or_path: str | Path):
-    from lmforge.tokenizer import Tokenizer
-
+def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
     return Tokenizer.load(resolve_model_dir(name_or_path))
+
+
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto``: CUDA if present, else Apple MPS, else CPU; anything else is passed to torch.device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "auto", dtype: str = "float32",
+                             num_labels: int | None = None) -> tuple[Transformer, Tokenizer]:
+    """(model in eval mode, tokenizer) of a model directory (or hub id): the one loader of the package.
+
+    device: ``auto`` picks CUDA, then MPS, then CPU (pick_device); dtype: one of DTYPES; num_labels: add (or
+    keep) a scalar head (reward models, critics). The tokenizer must be there too: it carries the chat template.
+    A missing directory or file is a ModelLoadError naming ``path`` (the CLI prints it, exit 2).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        model = load_model_dir(path, device=pick_device(device), dtype=getattr(torch, dtype), num_labels=num_labels)
+        tokenizer = load_tokenizer(path)
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"model={path}: {e} (train one with `lmforge sft`, or import one)") from None
+    return model.eval(), tokenizer

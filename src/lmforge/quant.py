@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ConfigError
+from lmforge.errors import ConfigError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes _weight_int4pack_mm_for_cpu accepts

@@ -17,7 +17,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from lmforge.data.sources import DataError, FilterConfig, filter_documents, read_documents
+from lmforge.data.sources import FilterConfig, filter_documents, read_documents
+from lmforge.errors import DataError
 
 
 @dataclass

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lmforge.data.sources import DataError
+from lmforge.atomic import atomic_open, write_atomic
+from lmforge.errors import DataError
 
 SHARD_TOKENS = 100_000_000  # ~200 MB of uint16 per shard file
 _READ_TOKENS = 1 << 24  # tokens per block when a whole split is scanned (unigram counts)
@@ -109,9 +109,7 @@ def build_shards(docs: Iterable[str], tokenizer, out_dir: str | Path, val_fracti
     for split, writer in writers.items():
         meta[f"{split}_tokens"] = writer.close()
         meta[f"{split}_shards"] = writer.files
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path)  # meta.json appears last: its presence means the build is complete
+    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")  # last: its presence means the build is complete
     return meta
 
 
@@ -135,9 +133,8 @@ class _ShardWriter:
         if not self.buffered:
             return
         name = f"{self.split}_{len(self.files):03d}.bin"
-        tmp = self.out_dir / (name + ".tmp")
-        np.concatenate(self.buffer).tofile(tmp)
-        os.replace(tmp, self.out_dir / name)
+        with atomic_open(self.out_dir / name, "wb") as f:
+            np.concatenate(self.buffer).tofile(f)
         self.files.append(name)
         self.total += self.buffered
         self.buffer, self.buffered = [], 0

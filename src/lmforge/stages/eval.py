@@ -19,6 +19,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors import safe_open
+
+from lmforge import evaluation as ev
+from lmforge.config import parse_cli, save_config
+from lmforge.data.preference import read_pairs
+from lmforge.data.sources import read_documents
+from lmforge.data.tinyworld import is_formatted
+from lmforge.errors import DataError
+from lmforge.evaluation import TASKS
+from lmforge.modelio import DTYPES, load_model_and_tokenizer, load_model_dir, resolve_model_dir
+from lmforge.scoring import reward_scores
+
 
 @dataclass
 class EvalConfig:
@@ -45,9 +60,6 @@ class EvalConfig:
     dtype: str = "float32"
 
     def validate(self) -> None:
-        from lmforge.evaluation import TASKS
-        from lmforge.stages.generate import DTYPES
-
         if not self.model:
             raise ValueError("model=DIR is required")
         if self.task and self.task not in TASKS:
@@ -78,10 +90,6 @@ class EvalConfig:
 
 def has_score_head(model_dir: str) -> bool:
     """Does the checkpoint hold a ``score.weight`` (a reward model), judged from its safetensors keys only."""
-    from safetensors import safe_open
-
-    from lmforge.modelio import resolve_model_dir
-
     path = resolve_model_dir(model_dir)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -94,25 +102,16 @@ def has_score_head(model_dir: str) -> bool:
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate cfg.model; returns the summary written to eval.json."""
-    import torch
-
-    from lmforge import evaluation as ev
-    from lmforge.data.sources import DataError
-    from lmforge.modelio import load_model_dir
-    from lmforge.stages.generate import load_for_generation
-
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rows = ev.load_task(cfg.task, cfg.data, cfg.limit, cfg.seed) if cfg.task else []  # data errors before loading
     pairs = []
     if cfg.prefs:
-        from lmforge.data.preference import read_pairs
-
         pairs = read_pairs(cfg.prefs)[:cfg.limit or None]
     if cfg.reward_model and not has_score_head(cfg.reward_model):
         raise DataError(f"reward_model={cfg.reward_model}: the checkpoint has no score head (score.weight); "
                         "is it a reward model?")
-    model, tok = load_for_generation(cfg.model, cfg.device, cfg.dtype)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     load = lambda path, **kw: load_model_dir(path, device=device, dtype=dtype, **kw).eval()
     reference = load(cfg.reference) if cfg.reference else None
@@ -120,7 +119,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     common = dict(batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed)
     task_kw = {}
     if cfg.task == "tinyworld":  # its stricter format: one answer, stated last
-        from lmforge.tinyworld import is_formatted
 
         task_kw["format_check"] = is_formatted
     summary: dict = {"model": cfg.model}
@@ -151,7 +149,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             for name, result in (("reward", res), ("reference_reward", ref_res)):
                 if result is not None:
                     pairs_ids = [(p, c.token_ids) for p, row in zip(prompt_ids, result["completions"]) for c in row]
-                    summary[name] = ev.rate(ev.reward_scores(judge, pairs_ids, tok.pad_id, cfg.batch_size),
+                    summary[name] = ev.rate(reward_scores(judge, pairs_ids, tok.pad_id, cfg.batch_size),
                                             cfg.n_boot, cfg.seed)
 
     if pairs:
@@ -195,7 +193,6 @@ def run_eval(cfg: EvalConfig) -> dict:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     summary |= {"seconds": round(time.time() - t0, 1), "records": str(out_dir / "records.jsonl")}
     (out_dir / "eval.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    from lmforge.config import save_config
 
     save_config(cfg, out_dir / "config.yaml")
     return summary
@@ -203,8 +200,6 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 def _perplexity_data(spec: str):
     """A token-shards directory as is; anything else read as documents (data.sources)."""
-    from lmforge.data.sources import read_documents
-
     if (Path(spec) / "meta.json").exists():
         return spec
     return list(read_documents(spec))
@@ -226,9 +221,6 @@ ROWS = [  # (summary key, label, format); dict values {"value", "ci", "n"} get t
 
 
 def print_summary(summary: dict, out_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     title = f"lmforge eval: {summary['model']}" + (f" on {summary['task']}" if "task" in summary else "")
     table = Table(title=title)
     for column in ("metric", "value", "95% CI", "n"):
@@ -250,8 +242,6 @@ def print_summary(summary: dict, out_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, EvalConfig, prog="lmforge eval", description=__doc__)
     summary = run_eval(cfg)
     print_summary(summary, cfg.resolved_out_dir())

@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import ConfigError, parse_cli
+from lmforge.atomic import write_atomic
+from lmforge.config import parse_cli
+from lmforge.errors import ConfigError
 from lmforge.evaluation import heldout_text
 from lmforge.gguf_export import OUTTYPES, write_gguf
 from lmforge.gguf_import import load_gguf
-from lmforge.modelio import load_model_dir, load_tokenizer, resolve_model_dir
+from lmforge.modelio import load_model_and_tokenizer, resolve_model_dir
 
 FORMATS = ("gguf",)
 
@@ -78,10 +80,7 @@ def run_export(cfg: ExportConfig) -> dict:
     """Write cfg.model as a GGUF file; returns the summary (also written as <out>.json)."""
     t0 = time.time()
     src = resolve_model_dir(cfg.model)
-    if not (src / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{src}: no tokenizer.json; a GGUF file carries the tokenizer, so the model "
-                                "directory needs one")
-    model, tokenizer = load_model_dir(src).eval(), load_tokenizer(src)
+    model, tokenizer = load_model_and_tokenizer(src, device="cpu")  # a GGUF file carries the tokenizer too
     out = Path(cfg.out) if cfg.out else default_out(src, cfg.outtype)
     written = write_gguf(out, model, tokenizer, cfg.outtype, name=cfg.name, pre=cfg.pre, progress=True)
     summary = {"model": str(cfg.model), **written, "size_mb": round(written["bytes"] / 1e6, 3),
@@ -90,7 +89,7 @@ def run_export(cfg: ExportConfig) -> dict:
         exported, _, _ = load_gguf(out)
         ids = tokenizer.encode(heldout_text())[:min(cfg.check_tokens, model.config.max_position_embeddings)]
         summary["check"] = {**compare(model, exported, ids), "text": "lmforge/assets/heldout_english.txt"}
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
     return summary
 
 

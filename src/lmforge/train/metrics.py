@@ -14,6 +14,8 @@ import time
 import warnings
 from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 _warned_no_tensorboard = False
 
 
@@ -112,7 +114,6 @@ class ProgressDisplay:
         self.bar = None
         self.last_plain, self._plain_step = time.monotonic(), -1
         if enabled and sys.stdout.isatty():  # rich draws on stdout
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"))

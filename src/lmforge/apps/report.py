@@ -42,6 +42,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
+from lmforge.config import parse_cli
+from lmforge.errors import DataError
+
 STAGE_ORDER = ("tokenizer", "pretrain", "midtrain", "sft", "reward", "dpo", "ipo", "simpo", "orpo", "kto",
                "online_dpo", "constitutional", "ppo", "grpo", "rloo", "dpo_sweep", "reward_hacking", "eval", "think",
                "scaling")
@@ -85,8 +90,6 @@ class Stage:
 # ---- reading ----
 
 def _read_json(path: Path) -> dict:
-    from lmforge.data.sources import DataError
-
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -98,8 +101,6 @@ def _read_json(path: Path) -> dict:
 
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl rows; at a {"event": "resume"} row, earlier rows past the resumed step are dropped."""
-    from lmforge.data.sources import DataError
-
     rows: list[dict] = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -122,8 +123,6 @@ def _samples(summary: dict, stage_dir: Path) -> list[dict]:
     if not samples and isinstance(summary.get("sample"), str):  # one answer to the config's sample_prompt
         prompt = ""
         if (stage_dir / "config.yaml").exists():
-            import yaml
-
             config = yaml.safe_load((stage_dir / "config.yaml").read_text(encoding="utf-8"))
             prompt = str(config.get("sample_prompt") or "") if isinstance(config, dict) else ""
         text = summary["sample"]
@@ -137,8 +136,6 @@ def collect_stages(run_dir: str | Path) -> list[Stage]:
     pipeline order."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        from lmforge.data.sources import DataError
-
         raise DataError(f"{run_dir}: no such run directory")
     stages = []
     for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
@@ -328,8 +325,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, title: 
     out_dir = Path(out_dir) if out_dir else run_dir
     stages = collect_stages(run_dir)
     if not stages:
-        from lmforge.data.sources import DataError
-
         raise DataError(f"{run_dir}: no stage directories (none holds summary.json, metrics.jsonl or eval/eval.json)")
     title = title or f"lmforge run: {run_dir.resolve().name}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -357,8 +352,6 @@ class ReportConfig:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     if argv and "=" not in argv[0] and not argv[0].startswith("-"):  # `lmforge report runs/tiny`
         argv = [f"run_dir={argv[0]}"] + argv[1:]
     cfg = parse_cli(argv, ReportConfig, prog="lmforge report", description=__doc__)
