@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.atomic import replace_dir
 from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.model import ModelConfig, Transformer, check_rope_scaling, rope_type, unwrap
-from lmforge.quant import quantize_skeleton
+from lmforge.quant import from_saved_state, quantize_skeleton, saved_quantization_config, to_saved_state
 from lmforge.tokenizer import Tokenizer
 
 # model_type -> (architecture class name written to config.json, key quirks)
@@ -165,10 +165,11 @@ def write_model_files(path: Path, model: Transformer, tokenizer=None, generation
     if tokenizer is not None:
         token_ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     config = config_to_hf(model.config, **token_ids)
-    if getattr(model, "quantization_config", None):  # lmforge.quant: the layers are saved quantized
-        config["quantization_config"] = model.quantization_config
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if getattr(model, "quantization_config", None):  # lmforge.quant: the layers are saved quantized
+        config["quantization_config"] = saved_quantization_config(model)
+        state = to_saved_state(state, model)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # shared with the embedding; transformers re-ties it
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -242,9 +243,10 @@ def load_model_dir(name_or_path: str | Path, device: str | torch.device = "cpu",
         cfg.num_labels = num_labels
     with torch.device("meta"):
         model = Transformer(cfg)
+    state = read_state_dict(path)
     if hf.get("quantization_config"):  # written by `lmforge quantize`: int8/int4 layers (lmforge.quant)
         quantize_skeleton(model, hf["quantization_config"], str(config_file))
-    state = read_state_dict(path)
+        state = from_saved_state(state, hf["quantization_config"])
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     if cfg.num_labels and "score.weight" not in state:

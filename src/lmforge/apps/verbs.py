@@ -33,6 +33,8 @@ VERBS: dict[str, Verb] = {
     "import": Verb("lmforge.stages.importer", "import a HF Llama-family dir, hub id, .gguf file, or smollm2 (PyPI)"),
     "quantize": Verb("lmforge.stages.quantize", "int8 / int4 weight-only quantisation of a model dir (size, ppl, "
                      "speed)"),
+    "export": Verb("lmforge.stages.export", "write a model dir as one GGUF file (f32/f16/q8_0) for llama.cpp / "
+                   "ollama"),
     "chat": Verb("lmforge.stages.chat", "multi-turn chat with any checkpoint (REPL, message=..., or piped stdin)"),
     "serve": Verb("lmforge.apps.serve", "OpenAI-compatible chat server (/v1/chat/completions) with a web chat page"),
     "reward": Verb("lmforge.stages.reward", "train a reward model on preference pairs (Bradley-Terry); "
