@@ -83,11 +83,13 @@ def verb_args(verb, model, root, good, out):
         "quantize": ["quantize", f"model={model}", f"out={out / 'q'}"],
         "serve": ["serve", f"model={model}", "port=0"],
         "import": ["import", str(model), f"out_dir={out / 'imported'}"],
+        "export": ["export", "gguf", str(model), f"out={out / 'model.gguf'}"],
+        "push": ["push", f"model={model}", "repo_id=someone/tiny", "license=mit", "dry_run=true"],
     }[verb]
 
 
 MODEL_VERBS = ("chat", "sample", "generate", "think", "eval", "sft", "reward", "dpo", "kto", "grpo", "ppo",
-               "online-dpo", "midtrain", "pretrain", "quantize", "serve", "import")
+               "online-dpo", "midtrain", "pretrain", "quantize", "serve", "import", "export", "push")
 CASES = [(verb, kind) for verb in MODEL_VERBS for kind in ("truncated", "no_config")] + \
         [(verb, kind) for verb in ("sft", "eval", "chat", "serve", "quantize", "pretrain")
          for kind in ("pickle_only", "bad_config", "bad_tokenizer")]
@@ -95,7 +97,7 @@ CASES = [(verb, kind) for verb in MODEL_VERBS for kind in ("truncated", "no_conf
 
 def test_the_matrix_covers_every_verb_that_loads_a_model():
     assert set(MODEL_VERBS) <= set(VERBS)
-    assert set(VERBS) - set(MODEL_VERBS) == {"pipeline", "tokenizer", "constitutional", "scaling", "report"}
+    assert set(VERBS) - set(MODEL_VERBS) == {"pipeline", "tokenizer", "constitutional", "scaling", "report", "data"}
 
 
 @pytest.mark.parametrize(("verb", "kind"), CASES)

@@ -1,11 +1,13 @@
-"""Run metrics: one JSON object per line in metrics.jsonl, TensorBoard scalars beside it, and a progress display.
+"""Run metrics: one JSON object per line in metrics.jsonl, the trackers of train.report_to beside it (TensorBoard
+by default, W&B and MLflow when asked: lmforge.train.tracking), and a progress display.
 
 metrics.jsonl is the source of truth (plots, tests and the scaling-law fits read it); TensorBoard is a view of
 it. A run that starts again after a kill (from its last checkpoint, or from step 0 when there was none) logs the
 steps after that point again, so the logger first drops the rows an earlier attempt wrote for them (the file is
 rewritten atomically): after any number of kills metrics.jsonl holds exactly the rows of an uninterrupted run
-(their wall-clock ``time`` and speed fields aside). TensorBoard's event files are append-only, so there the
-writer records a purge step instead, and TensorBoard hides the earlier attempt's events from that step on.
+(their wall-clock ``time`` and speed fields aside). The trackers cannot take rows back: TensorBoard's event files
+are append-only, so its writer records a purge step and TensorBoard hides the earlier attempt's events from that
+step on; W&B and MLflow reopen the earlier attempt's run and get the steps after the restart point again.
 :func:`read_metrics` still honours the ``{"event": "resume"}`` rows older versions appended.
 """
 
@@ -15,38 +17,40 @@ import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lmforge.atomic import write_atomic
-
-_warned_no_tensorboard = False
+from lmforge.train.tracking import DEFAULT_REPORT_TO, RunInfo, open_writers
 
 
 class MetricsLogger:
-    """Appends ``{"step", "time", **metrics}`` rows to ``out_dir/metrics.jsonl`` and scalars to ``out_dir/tb``.
+    """Appends ``{"step", "time", **metrics}`` rows to ``out_dir/metrics.jsonl`` and hands them to the other
+    writers of ``report_to`` (TensorBoard by default; W&B, MLflow: lmforge.train.tracking).
 
     Only the main rank should write (``enabled=is_main``); a disabled logger does nothing. ``start_step``: the
-    run (re)starts there, so rows an earlier attempt logged at steps >= start_step are dropped from the file and
-    TensorBoard purges its events from that step on; None appends to whatever is there.
+    run (re)starts there, so rows an earlier attempt logged at steps >= start_step are dropped from the file, and
+    the trackers resume the earlier attempt's run (TensorBoard purging from start_step); None appends to whatever
+    is there. ``tensorboard=False`` drops TensorBoard from the default writers (small side logs).
     """
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
-                 start_step: int | None = None):
+                 start_step: int | None = None, report_to=None, run_name: str = "", project: str = "lmforge",
+                 config: dict | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.tb = None
+        self.writers: list = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if start_step is not None:
+        restart = None  # the step an earlier attempt's rows are kept up to: the trackers resume its run
+        if start_step is not None and self.path.exists():
             drop_rows_from(self.path, start_step)
-        if tensorboard:
-            tb_dir = Path(out_dir) / "tb"
-            earlier = start_step is not None and any(tb_dir.glob("events.out.tfevents.*"))
-            self.tb = _summary_writer(tb_dir, start_step if earlier else None)
+            restart = start_step - 1
+        if report_to is None:
+            report_to = [r for r in DEFAULT_REPORT_TO if tensorboard or r != "tensorboard"]
+        self.writers = open_writers(report_to, RunInfo(Path(out_dir), run_name, project, config or {}, restart))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -54,19 +58,22 @@ class MetricsLogger:
         row = {"step": step, "time": round(time.time(), 3)}
         row.update({k: _plain(v) for k, v in metrics.items()})
         self._write(row)
-        if self.tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, step)
+        for w in self.writers:
+            w.log(step, row)
+
+    def log_files(self, name: str, paths) -> None:
+        """Files (plots, a report) as artifacts of the trackers' run; a no-op for jsonl and TensorBoard."""
+        for w in self.writers:
+            w.log_files(name, [Path(p) for p in paths])
 
     def _write(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:  # one complete line per write: a kill never tears one
             f.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        for w in self.writers:
+            w.close()
+        self.writers = []
 
 
 def drop_rows_from(path: Path, step: int) -> int:
@@ -90,19 +97,6 @@ def drop_rows_from(path: Path, step: int) -> int:
     if len(kept) != len(lines):
         write_atomic(path, b"".join(raw for _, raw in kept))
     return len(lines) - len(kept)
-
-
-def _summary_writer(log_dir: Path, purge_step: int | None):
-    global _warned_no_tensorboard
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        if not _warned_no_tensorboard:
-            warnings.warn("tensorboard is not installed, so metrics go to metrics.jsonl only "
-                          "(pip install tensorboard to get them in TensorBoard too)", stacklevel=3)
-            _warned_no_tensorboard = True
-        return None
-    return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 
 def _plain(v):
