@@ -38,10 +38,19 @@ from lmforge.generation import SamplingParams, generate
 from lmforge.model import unwrap
 from lmforge.modelio import load_model_and_tokenizer
 from lmforge.objectives.lm import chunked_token_logprobs
-from lmforge.objectives.rl import grpo_advantages, grpo_loss, kl_estimate, masked_mean, rloo_advantages
+from lmforge.objectives.rl import (
+    grpo_advantages,
+    grpo_loss,
+    informative_groups,
+    kl_estimate,
+    masked_mean,
+    overlong_penalty,
+    rloo_advantages,
+)
 from lmforge.rewards import RewardInput, build_reward
 from lmforge.scoring import to_device
 from lmforge.train.checkpointing import latest_checkpoint
+from lmforge.train.dist import all_reduce_mean
 from lmforge.train.loop import autocast_context
 from lmforge.train.metrics import MetricsLogger, read_metrics
 from lmforge.train.runs import Run, log, start_run
@@ -220,48 +229,57 @@ class RolloutStream:
 
     make_rollout(iteration, plan) -> (buffer, stats): the stage's rollout (generate, score, old/ref log-probs,
     advantages); ``plan(n)`` gives the first epoch's micro-batches of an n-row buffer, to score it in exactly
-    those. Each buffer is trained on for ``epochs``
-    shuffled passes of ``micro_batch_size`` rows. Every micro-batch carries the rollout's stats (a dict of
-    floats) under "stats" so the loss function can report them with the step.
+    those. Each buffer is trained on for ``epochs`` shuffled passes of ``micro_batch_size`` rows. Every
+    micro-batch carries the rollout's stats (a dict of floats) under "stats" so the loss function can report
+    them with the step, and "loss_tokens": the response tokens of its whole optimizer step (its
+    ``accumulation`` micro-batches on every process) divided by the number of micro-batches averaged into that
+    step, so a token-mean loss divided by it weighs every token of the step alike (objectives.rl.aggregate_loss).
 
     State (JSON): iteration, epoch, position, stats; the buffer itself is written by :meth:`save_buffer` into
     the checkpoint directory and read back from ``resume_dir()`` by :meth:`load_state_dict`.
     """
 
     def __init__(self, make_rollout, *, epochs: int, micro_batch_size: int, seed: int,
-                 resume_dir: Callable[[], Path | None] = lambda: None, on_rollout=None):
+                 resume_dir: Callable[[], Path | None] = lambda: None, on_rollout=None, accumulation: int = 1):
         self.make_rollout, self.epochs, self.micro_batch_size, self.seed = make_rollout, epochs, micro_batch_size, seed
-        self.resume_dir, self.on_rollout = resume_dir, on_rollout
+        self.resume_dir, self.on_rollout, self.accumulation = resume_dir, on_rollout, accumulation
         self.iteration, self.epoch, self.position = 0, 0, 0  # iteration = rollouts made so far
         self.buffer: dict | None = None
         self.stats: dict = {}
         self._batches: list[torch.Tensor] = []
+        self._step_tokens: list[float] = []
 
     def __iter__(self):
         return self
 
-    def _plan(self, iteration: int, epoch: int) -> list[torch.Tensor]:
+    def _plan(self, iteration: int, epoch: int) -> None:
         n = self.buffer["labels"].shape[0] if self.buffer is not None else 0
-        return epoch_micro_batches(n, self.micro_batch_size, self.seed, iteration, epoch)
+        self._batches = epoch_micro_batches(n, self.micro_batch_size, self.seed, iteration, epoch)
+        self._step_tokens = step_token_counts(self.buffer["response_mask"], self._batches, self.accumulation)
+
+    def next_buffer(self) -> None:
+        """Roll out buffer number ``iteration`` (the stage's make_rollout) and plan its first epoch."""
+        iteration = self.iteration
+        self.buffer, self.stats = self.make_rollout(iteration, lambda n: epoch_micro_batches(
+            n, self.micro_batch_size, self.seed, iteration, 0))
+        if self.on_rollout is not None:
+            self.on_rollout(self.iteration, self.stats)
+        self.iteration += 1
+        self.epoch, self.position = 0, 0
+        self._plan(self.iteration - 1, 0)
 
     def __next__(self) -> dict:
         if self.buffer is None or self.epoch >= self.epochs:
-            iteration = self.iteration
-            self.buffer, self.stats = self.make_rollout(iteration, lambda n: epoch_micro_batches(
-                n, self.micro_batch_size, self.seed, iteration, 0))
-            if self.on_rollout is not None:
-                self.on_rollout(self.iteration, self.stats)
-            self.iteration += 1
-            self.epoch, self.position = 0, 0
-            self._batches = self._plan(self.iteration - 1, 0)
+            self.next_buffer()
         idx = self._batches[self.position]
         batch = micro_batch(self.buffer, idx)
         batch["stats"] = {k: torch.tensor(float(v)) for k, v in self.stats.items()}
+        batch["loss_tokens"] = torch.tensor(self._step_tokens[self.position // self.accumulation])
         self.position += 1
         if self.position == len(self._batches):
             self.epoch, self.position = self.epoch + 1, 0
             if self.epoch < self.epochs:
-                self._batches = self._plan(self.iteration - 1, self.epoch)
+                self._plan(self.iteration - 1, self.epoch)
         return batch
 
     def state_dict(self) -> dict:
@@ -283,26 +301,38 @@ class RolloutStream:
                                         f"({directory}), and it is missing")
             self.buffer = load_file(str(Path(directory) / BUFFER_FILE))
             if self.epoch < self.epochs:
-                self._batches = self._plan(self.iteration - 1, self.epoch)
+                self._plan(self.iteration - 1, self.epoch)
+
+
+def step_token_counts(response_mask: torch.Tensor, batches: list[torch.Tensor], accumulation: int) -> list[float]:
+    """Per optimizer step of an epoch's micro-batches (``accumulation`` consecutive ones each): the step's
+    response tokens over every process, divided by accumulation x processes (the micro-batches the loop
+    averages). One all-reduce per epoch; every process plans its epochs at the same points, so they meet."""
+    local = [float(response_mask[idx].sum()) for idx in batches]
+    steps = torch.tensor([sum(local[i:i + accumulation]) for i in range(0, len(local), accumulation)],
+                         dtype=torch.float64)
+    return (all_reduce_mean(steps) / accumulation).tolist() if len(steps) else []
 
 
 # ---- sampling and scoring ----
 
 class Samples:
-    """N = prompts x n completions (a prompt's n contiguous) with their rewards."""
+    """N = prompts x n completions (a prompt's n contiguous) with their rewards (and, when the engine returned
+    them, the sampler's own log-probs of each token)."""
 
     def __init__(self, rows, prompt_ids, completions, rewards, parts):
         self.rows, self.prompt_ids = rows, prompt_ids
         self.completion_ids = [c.token_ids for c in completions]
         self.texts = [c.text if c.text is not None else " ".join(map(str, c.token_ids)) for c in completions]
         self.finish_reasons = [c.finish_reason for c in completions]
+        self.logprobs = [c.logprobs for c in completions] if completions and completions[0].logprobs is not None \
+            else None
         self.rewards, self.parts = rewards, parts
 
     def stats(self, group_size: int) -> dict[str, float]:
         """TRL's rollout metrics: reward (mean), reward_std, frac_reward_zero_std, completions/*, rewards/NAME/mean."""
         lengths = torch.tensor([float(len(c)) for c in self.completion_ids])
-        groups = self.rewards.reshape(-1, group_size)
-        zero_std = (groups.max(1).values - groups.min(1).values).abs() < 1e-8
+        zero_std = ~informative_groups(self.rewards, group_size)
         out = {"reward": self.rewards.mean().item(),
                "reward_std": self.rewards.std().item() if len(self.rewards) > 1 else 0.0,
                "frac_reward_zero_std": zero_std.float().mean().item(),
@@ -311,6 +341,28 @@ class Samples:
                "completions/clipped_ratio": sum(f == "length" for f in self.finish_reasons) / len(lengths)}
         out.update({f"rewards/{name}/mean": v.mean().item() for name, v in self.parts.items()})
         return out
+
+    def take(self, rows: list[int]) -> Samples:
+        """The samples at ``rows`` (in that order), as a new Samples."""
+        out = Samples.__new__(Samples)
+        for name in ("rows", "prompt_ids", "completion_ids", "texts", "finish_reasons"):
+            setattr(out, name, [getattr(self, name)[i] for i in rows])
+        out.logprobs = None if self.logprobs is None else [self.logprobs[i] for i in rows]
+        index = torch.tensor(rows, dtype=torch.long)
+        out.rewards, out.parts = self.rewards[index], {k: v[index] for k, v in self.parts.items()}
+        return out
+
+    def extend(self, other: Samples) -> Samples:
+        """Append ``other``'s samples (same reward parts) in place; returns self."""
+        for name in ("rows", "prompt_ids", "completion_ids", "texts", "finish_reasons"):
+            getattr(self, name).extend(getattr(other, name))
+        if self.logprobs is not None and other.logprobs is not None:
+            self.logprobs.extend(other.logprobs)
+        else:
+            self.logprobs = None
+        self.rewards = torch.cat([self.rewards, other.rewards])
+        self.parts = {k: torch.cat([v, other.parts[k]]) for k, v in self.parts.items()}
+        return self
 
 
 def sample_and_score(policy, tokenizer, rows: list[dict], prompt_ids: list[list[int]], params, reward) -> Samples:
@@ -404,16 +456,109 @@ def print_rl_summary(summary: dict) -> None:
         console.print(f"plot: {summary['plot']}")
 
 
-# ---- GRPO / RLOO ----
+# ---- GRPO / RLOO: the objective a config selects ----
+
+# loss_type -> (clip_eps, clip_eps_high) when the config leaves them None. GSPO's ratio is a per-token geometric
+# mean, hence its tiny range (Zheng et al. 2025); CISPO clips a weight, with no lower bound (MiniMax-M1).
+OBJECTIVE_CLIPS = {"grpo": (0.2, None), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "cispo": (1.0, 4.0)}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The GRPO family's objective as a config resolves it (:func:`resolve_objective`)."""
+    loss_type: str  # grpo | dapo | gspo | cispo: the policy term (objectives.rl.grpo_loss)
+    clip_low: float
+    clip_high: float | None
+    dynamic_sampling: bool  # drop groups whose rewards are all equal and sample more prompts (DAPO)
+    max_refill_rounds: int
+    overlong_buffer: int  # DAPO's soft overlong punishment over the last this-many tokens; 0 = off
+    overlong_penalty: float
+    tis_cap: float  # truncated importance sampling against the engine's log-probs; 0 = off
+
+
+def resolve_objective(cfg) -> Objective:
+    """The objective of a stages.grpo.GRPOConfig: its loss_type's defaults where the config says None
+    (``loss_type=dapo`` is the whole of DAPO: clip-higher, dynamic sampling and overlong shaping)."""
+    low, high = OBJECTIVE_CLIPS[cfg.loss_type]
+    dapo = cfg.loss_type == "dapo"
+    return Objective(
+        cfg.loss_type, low if cfg.clip_eps is None else cfg.clip_eps,
+        high if cfg.clip_eps_high is None else cfg.clip_eps_high,
+        dapo if cfg.dynamic_sampling is None else cfg.dynamic_sampling, cfg.max_refill_rounds,
+        (cfg.max_new_tokens // 4 if dapo else 0) if cfg.overlong_buffer is None else cfg.overlong_buffer,
+        cfg.overlong_penalty, cfg.tis_cap)
+
+
+def shape_rewards(samples: Samples, objective: Objective, max_new_tokens: int) -> Samples:
+    """DAPO's overlong punishment added to the rewards (as the part "overlong"), when the objective has one."""
+    if objective.overlong_buffer > 0:
+        lengths = torch.tensor([len(c) for c in samples.completion_ids])
+        penalty = overlong_penalty(lengths, max_new_tokens, objective.overlong_buffer)
+        samples.parts = {**samples.parts, "overlong": penalty}
+        samples.rewards = samples.rewards + objective.overlong_penalty * penalty
+    return samples
+
+
+def group_advantages(cfg, rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO's leave-one-out or GRPO's group-normalised advantages of a rollout's rewards (one per sample)."""
+    if cfg.algorithm == "rloo":
+        return rloo_advantages(rewards, cfg.num_generations)
+    return grpo_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
+
+
+# ---- GRPO / RLOO: sampling groups (DAPO's dynamic sampling) ----
+
+def sample_groups(cfg, objective: Objective, policy, tokenizer, rows: list[dict], prompt_ids: list[list[int]],
+                  reward, iteration: int, rank: int = 0, world_size: int = 1) -> tuple[Samples, dict]:
+    """The rollout's prompts_per_rollout groups of num_generations samples, scored and shaped, and their stats.
+
+    With dynamic sampling (DAPO), groups whose rewards are all equal (zero advantage) are dropped and fresh
+    prompts are drawn, up to ``max_refill_rounds`` more generate calls, until the batch is full; a batch still
+    short is topped up with dropped groups (counted in dynamic_sampling/flat_groups). Every draw is a pure
+    function of (seed, iteration, round, rank), so a resumed run draws the same. The stats (reward, ...) are the
+    first round's, an unbiased sample of the policy; num_gen_batches counts the generate calls (verl's name).
+    """
+    G, P = cfg.num_generations, cfg.prompts_per_rollout
+    rounds = objective.max_refill_rounds + 1 if objective.dynamic_sampling else 1
+    kept, flat, stats = None, [], {}
+    for r in range(rounds):
+        idx = prompt_indices(len(rows), iteration, P, cfg.train.seed if r == 0 else f"{cfg.train.seed}/refill/{r}",
+                             rank, world_size)
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=G,
+                                seed=hash_seed(cfg.train.seed, iteration, rank, *(("refill", r) if r else ())),
+                                compile=cfg.compile_generation, return_logprobs=objective.tis_cap > 0,
+                                logprobs_temperature=cfg.temperature)
+        samples = shape_rewards(sample_and_score(policy, tokenizer, [rows[i] for i in idx],
+                                                 [prompt_ids[i] for i in idx], params, reward), objective,
+                                cfg.max_new_tokens)
+        if r == 0:
+            stats = samples.stats(G)
+        if not objective.dynamic_sampling:
+            return samples, stats
+        good = informative_groups(samples.rewards, G).tolist()
+        chosen = samples.take([g * G + j for g, ok in enumerate(good) if ok for j in range(G)])
+        kept = chosen if kept is None else kept.extend(chosen)
+        flat += [(samples, g) for g, ok in enumerate(good) if not ok]
+        if len(kept.rewards) >= P * G:
+            break
+    short = P - len(kept.rewards) // G
+    for samples, g in flat[:max(short, 0)]:
+        kept.extend(samples.take(list(range(g * G, (g + 1) * G))))
+    stats.update({"num_gen_batches": float(r + 1), "dynamic_sampling/flat_groups": float(max(short, 0))})
+    return kept.take(list(range(P * G))), stats
+
+
+# ---- GRPO / RLOO: the rollout and the loss ----
 
 def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list[list[int]], reward,
                  device, rank: int = 0, world_size: int = 1):
     """GRPO's / RLOO's ``make_rollout(iteration, plan) -> (buffer, stats)`` for a RolloutStream (``cfg``: a
-    stages.grpo.GRPOConfig): sample, score, old and reference log-probs, group-relative advantages.
+    stages.grpo.GRPOConfig): sample (sample_groups), old and reference log-probs, group-relative advantages.
 
     ``reward`` is a rewards.CombinedReward or any callable RewardInput -> (total, {name: part}); ``tokenizer``
     may be None (completions are then scored as space-joined token ids, prompts padded with 0).
     """
+    objective = resolve_objective(cfg)
     G, T = cfg.num_generations, cfg.temperature
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
     # One optimizer step per rollout, one pass: every micro-batch is scored before any update, so the old
@@ -421,12 +566,11 @@ def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list
     one_update = cfg.epochs == 1 and cfg.train.batch_size == cfg.prompts_per_rollout * G * world_size
 
     def make_rollout(iteration: int, plan):
-        idx = prompt_indices(len(rows), iteration, cfg.prompts_per_rollout, cfg.train.seed, rank, world_size)
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=T, n=G,
-                                seed=hash_seed(cfg.train.seed, iteration, rank), compile=cfg.compile_generation)
-        samples = sample_and_score(policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx],
-                                   params, reward)
+        samples, stats = sample_groups(cfg, objective, policy, tokenizer, rows, prompt_ids, reward, iteration,
+                                       rank, world_size)
         buffer = pack_rollout(samples.prompt_ids, samples.completion_ids, pad_id)
+        if samples.logprobs is not None:
+            buffer["rollout_logprobs"] = padded_rows(samples.logprobs, buffer["labels"].shape[1])
         batches = plan(len(samples.completion_ids))
         autocast = autocast_context(cfg.train, device)
         with torch.no_grad():
@@ -434,34 +578,48 @@ def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list
                 scored = score_buffer(policy_scores(policy, T, entropy=True), buffer, batches, device, autocast)
                 buffer["old_logprobs"], entropy = scored["logprobs"], scored["entropy"]
             buffer["ref_logprobs"] = score_buffer(policy_scores(ref, T), buffer, batches, device, autocast)["logprobs"]
-        if cfg.algorithm == "rloo":
-            buffer["advantages"] = rloo_advantages(samples.rewards, G)
-        else:
-            buffer["advantages"] = grpo_advantages(samples.rewards, G, cfg.scale_rewards)
+        buffer["advantages"] = group_advantages(cfg, samples.rewards)
         mask = buffer["response_mask"]
-        stats = samples.stats(G)
         if not one_update:
             stats["entropy"] = masked_mean(entropy, mask).item()
             stats["kl_k1"] = masked_mean(kl_estimate(buffer["old_logprobs"], buffer["ref_logprobs"], "k1"), mask).item()
         stats["rollout"] = iteration + 1
-        flat_batch_warning(iteration, stats, len(idx))
+        flat_batch_warning(iteration, stats, cfg.prompts_per_rollout)
         kl_anomaly_check(iteration, stats)
         return buffer, stats
     return make_rollout
 
 
+def padded_rows(values: list[list[float]], width: int) -> torch.Tensor:
+    """(N, width) float tensor of ragged rows, zero-padded."""
+    out = torch.zeros(len(values), width)
+    for i, v in enumerate(values):
+        if v:
+            out[i, :len(v)] = torch.tensor(v)
+    return out
+
+
 def grpo_loss_fn(cfg):
-    """loss_fn(model, micro-batch) -> (loss, metrics) for the loop: objectives/rl.py grpo_loss on the buffer."""
+    """loss_fn(model, micro-batch) -> (loss, metrics) for the loop: objectives/rl.py grpo_loss on the buffer, with
+    the config's objective (loss_type, clip range, truncated IS) and the step's token count ("loss_tokens")."""
+    objective = resolve_objective(cfg)
+
     def loss_fn(model, batch):
         old = batch.get("old_logprobs")
         if old is None:  # the rollout skipped the policy forward: entropy and k1 come from this one
             logp, entropy = policy_logprobs(model, batch, cfg.temperature, entropy=True)
         else:
             logp = policy_logprobs(model, batch, cfg.temperature)
+        rollout = batch.get("rollout_logprobs") if objective.tis_cap > 0 else None
         loss, m = grpo_loss(logp, old, batch["ref_logprobs"], batch["advantages"], batch["response_mask"],
-                            cfg.clip_eps, cfg.clip_eps_high, cfg.beta, cfg.loss_agg, max_len=cfg.max_new_tokens)
-        metrics = {**batch["stats"], "kl": m["kl"], "clip_ratio": m["clipfrac"], "approx_kl": m["approx_kl"],
-                   "ratio_mean": m["ratio_mean"]}
+                            objective.clip_low, objective.clip_high, cfg.beta, cfg.loss_agg,
+                            max_len=cfg.max_new_tokens, loss_type=objective.loss_type,
+                            num_tokens=batch.get("loss_tokens"), rollout_logprobs=rollout, tis_cap=objective.tis_cap)
+        metrics = {**batch["stats"], "kl": m["kl"], "clip_ratio": m["clipfrac"],
+                   "clip_ratio/low_mean": m["clipfrac_low"], "clip_ratio/high_mean": m["clipfrac_high"],
+                   "approx_kl": m["approx_kl"], "ratio_mean": m["ratio_mean"]}
+        if "tis_weight" in m:
+            metrics["tis_weight"] = m["tis_weight"]
         if old is None:
             mask = batch["response_mask"]
             metrics["entropy"] = masked_mean(entropy, mask)

@@ -54,11 +54,23 @@ class GRPOConfig:
     epochs: int = 1  # passes over each rollout buffer (TRL's num_iterations); > 1 makes the clipping matter
     max_new_tokens: int = 64
     temperature: float = 1.0
-    beta: float = 0.04  # KL(pi || pi_ref) coefficient (k3 estimator, in the loss); 0 = no KL anchor
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None  # DAPO clip-higher; None = clip_eps
+    beta: float = 0.04  # KL(pi || pi_ref) coefficient (k3 estimator, in the loss); 0 = no KL anchor (DAPO has none)
+    # the policy term: grpo (token clip) | dapo (clip-higher + dynamic sampling + overlong shaping) | gspo (one
+    # length-normalised ratio per sequence) | cispo (clipped stop-gradient IS weights); objectives/rl.py grpo_loss
+    loss_type: Literal["grpo", "dapo", "gspo", "cispo"] = "grpo"
+    clip_eps: float | None = None  # lower clip; None = the loss type's (grpo/dapo 0.2, gspo 3e-4, cispo 1 = none)
+    clip_eps_high: float | None = None  # upper clip; None = the loss type's (grpo clip_eps, dapo 0.28, gspo 4e-4,
+    #                                     cispo 4)
+    dynamic_sampling: bool | None = None  # drop zero-variance groups, sample more prompts; None = on for dapo
+    max_refill_rounds: int = 3  # dynamic sampling: extra generate calls per rollout, at most
+    overlong_buffer: int | None = None  # DAPO soft overlong punishment over the last N tokens; None = dapo:
+    #                                     max_new_tokens // 4, else 0 (off)
+    overlong_penalty: float = 1.0  # its weight (the penalty reaches -overlong_penalty at max_new_tokens)
+    tis_cap: float = 0.0  # > 0: truncated importance sampling against the engine's own log-probs, capped here
     scale_rewards: Literal["group", "batch", "none"] = "group"  # "none" = Dr. GRPO
-    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "dr_grpo"] = "token-mean"
+    # token-mean: every token of an optimizer step weighs the same, across micro-batches and processes (DAPO);
+    # bnpo: each micro-batch's token mean (TRL's bnpo); seq-mean-token-mean: original GRPO; dr_grpo
+    loss_agg: Literal["token-mean", "bnpo", "seq-mean-token-sum", "seq-mean-token-mean", "dr_grpo"] = "token-mean"
     compare_beta: list[float] = field(default_factory=list)  # run once per beta and plot length + accuracy
     compile_generation: bool = False  # torch.compile the rollouts' decode step: 10-40 s of warm-up on 2 cores
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, schedule="constant",
@@ -72,6 +84,10 @@ class GRPOConfig:
                   (self.prompts_per_rollout >= 1 and self.epochs >= 1, "prompts_per_rollout and epochs must be >= 1"),
                   (self.max_new_tokens >= 1 and self.temperature > 0, "max_new_tokens must be >= 1, temperature > 0"),
                   (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
+                  (self.max_refill_rounds >= 0 and self.overlong_penalty >= 0 and self.tis_cap >= 0,
+                   "max_refill_rounds, overlong_penalty and tis_cap must be >= 0"),
+                  (self.overlong_buffer is None or 0 <= self.overlong_buffer < self.max_new_tokens,
+                   f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens})"),
                   (rows % self.train.batch_size == 0,
                    f"train.batch_size ({self.train.batch_size}) must divide prompts_per_rollout x num_generations "
                    f"= {rows} (every optimizer step uses rows of one rollout)")]
@@ -91,7 +107,7 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     stream = RolloutStream(grpo_rollout(cfg, policy, rl.ref, tokenizer, rl.rows, rl.prompt_ids, rl.reward,
                                         dist.device, dist.rank, dist.world_size),
                            epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                           resume_dir=rl.resume_dir)
+                           resume_dir=rl.resume_dir, accumulation=cfg.train.accumulation(dist.world_size))
 
     def save_model(path: Path):
         write_model_files(path, policy, tokenizer)

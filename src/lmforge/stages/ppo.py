@@ -222,8 +222,10 @@ def ppo_loss_fn(cfg: PPOConfig):
     def loss_fn(model, batch):
         logp, values = logprobs_and_values(model, batch, cfg.temperature)
         mask = batch["response_mask"]
-        pg_loss, pm = ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg.clip_eps)
-        vf_loss, vm = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.clip_value)
+        tokens = batch.get("loss_tokens")  # the step's token count: token-mean over the whole batch
+        pg_loss, pm = ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg.clip_eps,
+                                      num_tokens=tokens)
+        vf_loss, vm = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.clip_value, tokens)
         stats = {k: v for k, v in batch["stats"].items() if k != "kl_coef_next"}
         return pg_loss + cfg.vf_coef * vf_loss, {
             **stats, "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
@@ -241,7 +243,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     make_rollout = ppo_rollout(cfg, model, rl.ref, tokenizer, rl.rows, rl.prompt_ids, rl.reward, dist,
                                kl_coef=lambda: stream.stats.get("kl_coef_next", cfg.kl_coef))
     stream = RolloutStream(make_rollout, epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size,
-                           seed=cfg.train.seed, resume_dir=rl.resume_dir)
+                           seed=cfg.train.seed, resume_dir=rl.resume_dir,
+                           accumulation=cfg.train.accumulation(dist.world_size))
 
     def save_model(path: Path):
         save_weights(model, str(path / "model.safetensors"))
