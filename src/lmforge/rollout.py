@@ -32,6 +32,7 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 
 from lmforge.answers import is_correct
+from lmforge.data.packing import best_fit_pack
 from lmforge.data.prompts import read_rl_prompts, render_prompt
 from lmforge.errors import DataError
 from lmforge.generation import SamplingParams, generate
@@ -108,12 +109,15 @@ def pack_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], p
             "response_len": torch.tensor([len(c) for c in completion_ids])}
 
 
-def micro_batch(buffer: dict, idx: torch.Tensor) -> dict:
-    """Rows ``idx`` of the buffer, trimmed to their longest prompt and response (less padding, same numbers).
+def micro_batch(buffer: dict, idx: torch.Tensor, packed: bool = False) -> dict:
+    """Rows ``idx`` of the buffer, trimmed to their longest prompt and response (less padding, same numbers);
+    with ``packed``, their sequences packed into rows instead (:func:`packed_micro_batch`).
 
     Sequence tensors keep columns [P - longest prompt, P + longest response); per-token tensors (N, R) keep
     their first longest-response columns; per-row tensors (N,) are just indexed.
     """
+    if packed:
+        return packed_micro_batch(buffer, idx)
     P = buffer["input_ids"].shape[1] - buffer["labels"].shape[1]
     p = int(buffer["prompt_len"][idx].max())
     r = max(1, int(buffer["response_len"][idx].max()))
@@ -126,6 +130,60 @@ def micro_batch(buffer: dict, idx: torch.Tensor) -> dict:
         else:
             out[k] = v[idx]
     return out
+
+
+# ---- packed rollouts ----
+
+def packed_micro_batch(buffer: dict, idx: torch.Tensor) -> dict:
+    """Rows ``idx`` of the buffer with their sequences packed instead of padded: the same per-token and per-row
+    tensors as :func:`micro_batch` ((n, r) labels, masks, log-probs, advantages, ...), but the model reads
+
+        input_ids, position_ids, document_ids  (rows, width): each sequence's real prompt + response tokens, best-fit
+                                               decreasing into rows as wide as the longest sequence; positions
+                                               restart at 0 in each; document_ids keep attention inside a sequence
+                                               (-1 on a row's padding tail); no attention_mask
+        response_index                         (n, r): the flat (row * width + column) position whose output
+                                               predicts each response token (:func:`response_columns` gathers it)
+
+    A sequence's outputs are exactly its outputs alone (model.build_attention_mask), so the log-probs equal the
+    padded path's up to float rounding; a micro-batch whose lengths differ costs fewer rows.
+    """
+    P = buffer["input_ids"].shape[1] - buffer["labels"].shape[1]
+    plen, rlen = buffer["prompt_len"][idx].tolist(), buffer["response_len"][idx].tolist()
+    lengths = [p + q for p, q in zip(plen, rlen)]
+    width, r = max(lengths), max(1, max(rlen))
+    bins = best_fit_pack(lengths, width)
+    input_ids = torch.zeros((len(bins), width), dtype=torch.long)
+    documents = torch.full((len(bins), width), -1, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    index = torch.zeros((len(idx), r), dtype=torch.long)
+    for b, members in enumerate(bins):
+        offset = 0
+        for d, i in enumerate(members):
+            row, p, q = int(idx[i]), plen[i], rlen[i]
+            input_ids[b, offset:offset + p + q] = buffer["input_ids"][row, P - p:P + q]
+            documents[b, offset:offset + p + q] = d
+            positions[b, offset:offset + p + q] = torch.arange(p + q)
+            index[i, :q] = b * width + offset + p - 1 + torch.arange(q)
+            offset += p + q
+    out = {k: (v[idx, :r] if v.dim() == 2 else v[idx]) for k, v in buffer.items() if k not in SEQUENCE_KEYS}
+    out.update(input_ids=input_ids, position_ids=positions, document_ids=documents, response_index=index)
+    return out
+
+
+def row_inputs(batch: dict) -> dict:
+    """The keyword arguments a micro-batch's forward takes besides input_ids: a padded batch's attention mask and
+    positions, or a packed batch's positions and document ids."""
+    if "document_ids" in batch:
+        return {"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]}
+    return {"attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"]}
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens a micro-batch's forward reads, padded or packed (for tokens/s)."""
+    if "document_ids" in batch:
+        return int((batch["document_ids"] >= 0).sum())
+    return int(batch["attention_mask"].sum())
 
 
 def epoch_order(n: int, seed: int, iteration: int, epoch: int) -> torch.Tensor:
@@ -144,7 +202,10 @@ def epoch_micro_batches(n: int, micro_batch_size: int, seed: int, iteration: int
 # ---- the one log-prob function ----
 
 def response_columns(x: torch.Tensor, batch: dict) -> torch.Tensor:
-    """The columns of per-position outputs (hidden states, values) that predict the response tokens: P-1 ... P+R-2."""
+    """(B, R, ...) per-position outputs (hidden states, values) at the positions that predict the response tokens:
+    columns P-1 ... P+R-2 of a padded batch, the ``response_index`` positions of a packed one."""
+    if "response_index" in batch:
+        return x.reshape(-1, *x.shape[2:])[batch["response_index"]]
     R = batch["labels"].shape[1]
     return x[:, -R - 1:-1]
 
@@ -170,21 +231,21 @@ def response_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, batch: di
 def policy_logprobs(model, batch: dict, temperature: float = 1.0, entropy: bool = False):
     """``response_logprobs`` of ``model`` (an lmforge Transformer, possibly DDP-wrapped) on a micro-batch: the one
     forward the rollout and the training step share (padding masked out, positions counting real tokens)."""
-    hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                   return_hidden=True)
+    hidden = model(batch["input_ids"], **row_inputs(batch), return_hidden=True)
     return response_logprobs(hidden, unwrap(model).lm_head.weight, batch, temperature, entropy)
 
 
 @torch.no_grad()
 def score_buffer(fn: Callable[[dict], dict[str, torch.Tensor]], buffer: dict, batches: list[torch.Tensor],
-                 device, autocast=None) -> dict[str, torch.Tensor]:
-    """Run ``fn(micro_batch) -> {name: (b, r) or (b,) tensor}`` over ``batches`` of buffer rows and scatter the
-    results back into (N, R) / (N,) CPU tensors (per-token ones zero-padded past each micro-batch's width)."""
+                 device, autocast=None, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Run ``fn(micro_batch) -> {name: (b, r) or (b,) tensor}`` over ``batches`` of buffer rows (padded, or
+    ``packed``) and scatter the results back into (N, R) / (N,) CPU tensors (per-token ones zero-padded past each
+    micro-batch's width)."""
     n, R = buffer["labels"].shape
     out: dict[str, torch.Tensor] = {}
     for idx in batches:
         with autocast if autocast is not None else nullcontext():
-            results = fn(to_device(micro_batch(buffer, idx), device))
+            results = fn(to_device(micro_batch(buffer, idx, packed), device))
         for k, v in results.items():
             v = v.detach().float().cpu()
             if k not in out:
@@ -234,15 +295,18 @@ class RolloutStream:
     them with the step, and "loss_tokens": the response tokens of its whole optimizer step (its
     ``accumulation`` micro-batches on every process) divided by the number of micro-batches averaged into that
     step, so a token-mean loss divided by it weighs every token of the step alike (objectives.rl.aggregate_loss).
+    ``packed``: micro-batches of packed sequences (:func:`packed_micro_batch`) instead of padded rows.
 
     State (JSON): iteration, epoch, position, stats; the buffer itself is written by :meth:`save_buffer` into
     the checkpoint directory and read back from ``resume_dir()`` by :meth:`load_state_dict`.
     """
 
     def __init__(self, make_rollout, *, epochs: int, micro_batch_size: int, seed: int,
-                 resume_dir: Callable[[], Path | None] = lambda: None, on_rollout=None, accumulation: int = 1):
+                 resume_dir: Callable[[], Path | None] = lambda: None, on_rollout=None, accumulation: int = 1,
+                 packed: bool = False):
         self.make_rollout, self.epochs, self.micro_batch_size, self.seed = make_rollout, epochs, micro_batch_size, seed
         self.resume_dir, self.on_rollout, self.accumulation = resume_dir, on_rollout, accumulation
+        self.packed = packed
         self.iteration, self.epoch, self.position = 0, 0, 0  # iteration = rollouts made so far
         self.buffer: dict | None = None
         self.stats: dict = {}
@@ -272,7 +336,7 @@ class RolloutStream:
         if self.buffer is None or self.epoch >= self.epochs:
             self.next_buffer()
         idx = self._batches[self.position]
-        batch = micro_batch(self.buffer, idx)
+        batch = micro_batch(self.buffer, idx, self.packed)
         batch["stats"] = {k: torch.tensor(float(v)) for k, v in self.stats.items()}
         batch["loss_tokens"] = torch.tensor(self._step_tokens[self.position // self.accumulation])
         self.position += 1
@@ -575,9 +639,11 @@ def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list
         autocast = autocast_context(cfg.train, device)
         with torch.no_grad():
             if not one_update:  # else pi_old = pi exactly: the loss uses logp.detach() and skips this forward
-                scored = score_buffer(policy_scores(policy, T, entropy=True), buffer, batches, device, autocast)
+                scored = score_buffer(policy_scores(policy, T, entropy=True), buffer, batches, device, autocast,
+                                      cfg.pack)
                 buffer["old_logprobs"], entropy = scored["logprobs"], scored["entropy"]
-            buffer["ref_logprobs"] = score_buffer(policy_scores(ref, T), buffer, batches, device, autocast)["logprobs"]
+            buffer["ref_logprobs"] = score_buffer(policy_scores(ref, T), buffer, batches, device, autocast,
+                                                  cfg.pack)["logprobs"]
         buffer["advantages"] = group_advantages(cfg, samples.rewards)
         mask = buffer["response_mask"]
         if not one_update:

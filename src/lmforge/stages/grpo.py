@@ -29,6 +29,7 @@ from lmforge.rewards import RewardSpec
 from lmforge.rollout import (
     RLDataConfig,
     RolloutStream,
+    batch_tokens,
     grpo_loss_fn,
     grpo_rollout,
     print_rl_summary,
@@ -72,6 +73,7 @@ class GRPOConfig:
     # bnpo: each micro-batch's token mean (TRL's bnpo); seq-mean-token-mean: original GRPO; dr_grpo
     loss_agg: Literal["token-mean", "bnpo", "seq-mean-token-sum", "seq-mean-token-mean", "dr_grpo"] = "token-mean"
     compare_beta: list[float] = field(default_factory=list)  # run once per beta and plot length + accuracy
+    pack: bool = True  # packed rollouts (document masks) instead of padded rows in the policy/reference forwards
     compile_generation: bool = False  # torch.compile the rollouts' decode step: 10-40 s of warm-up on 2 cores
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, schedule="constant",
                                                                    max_steps=100, batch_size=64,
@@ -107,7 +109,8 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     stream = RolloutStream(grpo_rollout(cfg, policy, rl.ref, tokenizer, rl.rows, rl.prompt_ids, rl.reward,
                                         dist.device, dist.rank, dist.world_size),
                            epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                           resume_dir=rl.resume_dir, accumulation=cfg.train.accumulation(dist.world_size))
+                           resume_dir=rl.resume_dir, accumulation=cfg.train.accumulation(dist.world_size),
+                           packed=cfg.pack)
 
     def save_model(path: Path):
         write_model_files(path, policy, tokenizer)
@@ -115,7 +118,7 @@ def run_grpo(cfg: GRPOConfig) -> dict:
 
     rl.log_start_eval()
     result = train(policy, grpo_loss_fn(cfg), stream, cfg.train, out_dir, save_model=save_model,
-                   eval_fn=rl.eval_fn, dist=dist, tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()),
+                   eval_fn=rl.eval_fn, dist=dist, tokens_per_batch_fn=batch_tokens,
                    run_config=cfg, description=cfg.algorithm)
     summary = rl_summary(out_dir, result, cfg.algorithm) if dist.is_main else {}
     return finish_run(rl.run, summary, policy, tokenizer)
