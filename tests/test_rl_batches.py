@@ -113,3 +113,10 @@ def test_packed_stream_trains_with_a_first_ratio_of_exactly_one():
         batch = next(stream)
         assert "document_ids" in batch and batch["input_ids"].shape[0] < 4  # fewer rows than sequences
         assert torch.equal(policy_logprobs(model, batch).detach(), batch["old_logprobs"])
+
+
+def test_packing_that_saves_nothing_falls_back_to_padded_rows():
+    buffer = pack_rollout([[1, 2], [3, 4]], [[5, 6, 7], [8, 9]], pad_id=0)  # lengths 5, 4: no two fit in a row
+    packed, padded = (micro_batch(buffer, torch.tensor([0, 1]), packed=p) for p in (True, False))
+    assert packed.keys() == padded.keys() and "document_ids" not in packed
+    assert all(torch.equal(packed[k], padded[k]) for k in padded)

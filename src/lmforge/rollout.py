@@ -146,13 +146,17 @@ def packed_micro_batch(buffer: dict, idx: torch.Tensor) -> dict:
                                                predicts each response token (:func:`response_columns` gathers it)
 
     A sequence's outputs are exactly its outputs alone (model.build_attention_mask), so the log-probs equal the
-    padded path's up to float rounding; a micro-batch whose lengths differ costs fewer rows.
+    padded path's up to float rounding; a micro-batch whose lengths differ costs fewer rows. One whose packed
+    rows would compute no fewer tokens than the padded ones (even lengths) is returned padded instead: the
+    document mask costs a little more than the padding mask (bench/bench_rl_pack.py).
     """
     P = buffer["input_ids"].shape[1] - buffer["labels"].shape[1]
     plen, rlen = buffer["prompt_len"][idx].tolist(), buffer["response_len"][idx].tolist()
     lengths = [p + q for p, q in zip(plen, rlen)]
     width, r = max(lengths), max(1, max(rlen))
     bins = best_fit_pack(lengths, width)
+    if len(bins) * width >= len(idx) * (max(plen) + r):
+        return micro_batch(buffer, idx)
     input_ids = torch.zeros((len(bins), width), dtype=torch.long)
     documents = torch.full((len(bins), width), -1, dtype=torch.long)
     positions = torch.zeros((len(bins), width), dtype=torch.long)
