@@ -1,11 +1,13 @@
 """The GRPO family's objectives in the rollout and the loop: each loss_type learns the toy task, DAPO's dynamic
-sampling refills the batch with groups that teach something, overlong shaping, truncated importance sampling."""
+sampling refills the batch with groups that teach something, overlong shaping, truncated importance sampling;
+`lmforge grpo loss_type=dapo` (with a reference that follows the policy) end to end."""
 
 from copy import deepcopy
 
 import pytest
 import torch
-from test_grpo import count_fives, run_toy, toy_config
+from lmforge_cli import lmforge
+from test_grpo import count_fives, micro, run_toy, toy_config
 from test_rollout import tiny_model
 
 from lmforge.rollout import grpo_rollout, resolve_objective
@@ -71,3 +73,17 @@ def test_truncated_importance_sampling_weights_are_one_when_engine_and_trainer_a
     run_toy(tmp_path, toy_config(max_steps=2, tis_cap=2.0, epochs=1, batch_size=16))
     rows = read_metrics(tmp_path)
     assert all(abs(r["tis_weight"] - 1.0) < 1e-4 for r in rows)  # the KV-cache decode vs the training forward
+
+
+@pytest.mark.slow
+def test_cli_dapo_with_a_following_reference(tmp_path):
+    out = tmp_path / "dapo"
+    lmforge("grpo", f"out_dir={out}", "loss_type=dapo", "sync_ref_model=true", "ref_model_sync_steps=2",
+            *micro(tmp_path))
+    rows = [r for r in read_metrics(out) if "rollout" in r]
+    assert len(rows) == 4
+    for key in ("num_gen_batches", "dynamic_sampling/flat_groups", "rewards/overlong/mean", "clip_ratio/high_mean"):
+        assert key in rows[0], key
+    assert (out / "checkpoints" / "step_0000004" / "reference.safetensors").exists()
+    resolved = (out / "config.yaml").read_text()
+    assert "loss_type: dapo" in resolved and "sync_ref_model: true" in resolved

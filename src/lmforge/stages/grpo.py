@@ -11,6 +11,10 @@ then optimise the clipped-ratio objective with an optional k3 KL penalty to the 
 rewards are all equal has zero advantage and teaches nothing: the share of such groups is logged every step
 (frac_reward_zero_std) and a rollout where every group is flat prints a warning.
 
+``sync_ref_model: true`` moves the reference towards the policy every ``ref_model_sync_steps`` optimizer steps,
+theta_ref <- alpha * theta + (1 - alpha) * theta_ref with alpha = ``ref_model_mixup_alpha`` (1: a copy; TR-DPO,
+train/reference.py); a rollout's reference log-probs are the reference's at that rollout.
+
 ``compare_beta: [0.0, 0.1]`` runs the whole stage once per beta (into out_dir/beta_<b>) and plots completion
 length and accuracy against step for each: the reward-hacking experiment of recipes/reward_hacking.yaml.
 """
@@ -39,6 +43,7 @@ from lmforge.rollout import (
 from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, train
 from lmforge.train.metrics import read_metrics
+from lmforge.train.reference import ReferenceSync, check_sync_options
 from lmforge.train.runs import finish_run, log
 
 
@@ -73,6 +78,9 @@ class GRPOConfig:
     # bnpo: each micro-batch's token mean (TRL's bnpo); seq-mean-token-mean: original GRPO; dr_grpo
     loss_agg: Literal["token-mean", "bnpo", "seq-mean-token-sum", "seq-mean-token-mean", "dr_grpo"] = "token-mean"
     compare_beta: list[float] = field(default_factory=list)  # run once per beta and plot length + accuracy
+    sync_ref_model: bool = False  # the reference follows the policy (TR-DPO; TRL's names): every
+    ref_model_sync_steps: int = 64  # this many optimizer steps,
+    ref_model_mixup_alpha: float = 0.6  # theta_ref <- alpha * theta + (1 - alpha) * theta_ref (1 = a hard copy)
     pack: bool = True  # packed rollouts (document masks) instead of padded rows in the policy/reference forwards
     compile_generation: bool = False  # torch.compile the rollouts' decode step: 10-40 s of warm-up on 2 cores
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, schedule="constant",
@@ -96,6 +104,7 @@ class GRPOConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_sync_options(self)
 
 
 def run_grpo(cfg: GRPOConfig) -> dict:
@@ -111,13 +120,19 @@ def run_grpo(cfg: GRPOConfig) -> dict:
                            epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
                            resume_dir=rl.resume_dir, accumulation=cfg.train.accumulation(dist.world_size),
                            packed=cfg.pack)
+    data = stream
+    if cfg.sync_ref_model:
+        data = ReferenceSync(stream, rl.ref, policy, every=cfg.ref_model_sync_steps, alpha=cfg.ref_model_mixup_alpha,
+                             accumulation=cfg.train.accumulation(dist.world_size), resume_dir=rl.resume_dir)
 
     def save_model(path: Path):
         write_model_files(path, policy, tokenizer)
         stream.save_buffer(path)
+        if data is not stream:
+            data.save(path)
 
     rl.log_start_eval()
-    result = train(policy, grpo_loss_fn(cfg), stream, cfg.train, out_dir, save_model=save_model,
+    result = train(policy, grpo_loss_fn(cfg), data, cfg.train, out_dir, save_model=save_model,
                    eval_fn=rl.eval_fn, dist=dist, tokens_per_batch_fn=batch_tokens,
                    run_config=cfg, description=cfg.algorithm)
     summary = rl_summary(out_dir, result, cfg.algorithm) if dist.is_main else {}
