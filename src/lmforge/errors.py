@@ -1,6 +1,6 @@
 """The errors lmforge raises on purpose, in one place: every raiser and every catcher imports them from here.
 
-The CLI turns a ConfigError, DataError or ModelLoadError into one line naming the key, file or directory (exit 2,
+The CLI turns a ConfigError, DataError, ModelLoadError or EnvError into one line naming the key, file or directory (exit 2,
 no traceback); a JudgeError (a critic or judge backend that cannot answer) into one line saying how to resume.
 """
 
@@ -21,3 +21,8 @@ class ModelLoadError(DataError):
 
 class JudgeError(RuntimeError):
     """A backend that cannot answer: unreachable, timing out, or speaking something other than the protocol."""
+
+
+class EnvError(DataError):
+    """An RL environment that misbehaves (raises, returns the wrong types, never finishes); the message names the
+    environment, the prompt and the step."""

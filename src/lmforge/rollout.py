@@ -23,7 +23,7 @@ import math
 import random
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,8 +34,9 @@ from safetensors.torch import load_file, save_file
 from lmforge.answers import is_correct
 from lmforge.data.packing import best_fit_pack
 from lmforge.data.prompts import read_rl_prompts, render_prompt
+from lmforge.environments import Episode, load_environment
 from lmforge.errors import DataError
-from lmforge.generation import SamplingParams, generate
+from lmforge.generation import Completion, SamplingParams, generate
 from lmforge.model import unwrap
 from lmforge.modelio import load_model_and_tokenizer
 from lmforge.objectives.lm import chunked_token_logprobs
@@ -83,12 +84,15 @@ def prompt_indices(n_rows: int, iteration: int, per_rollout: int, seed: int, ran
 
 # ---- the buffer ----
 
-def pack_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> dict:
+def pack_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+                 masks: list[list[int]] | None = None) -> dict:
     """Rows [left-padded prompt | right-padded response] with masks and positions, on the CPU.
 
     Returns input_ids / attention_mask / position_ids (N, P + R), labels (N, R) (the response, -100 at
     padding), response_mask (N, R) float, prompt_len and response_len (N,). Positions count real tokens only,
-    as in generation.left_pad, so a row's numbers do not depend on how much padding surrounds it.
+    as in generation.left_pad, so a row's numbers do not depend on how much padding surrounds it. ``masks``
+    (trajectories): per response token 1 for the model's, 0 for an environment's; those get label -100 and
+    response_mask 0, so no loss, KL or log-prob is ever taken of text the model did not write.
     """
     n = len(prompt_ids)
     P = max(len(p) for p in prompt_ids)
@@ -102,6 +106,8 @@ def pack_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], p
         if c:
             input_ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
             labels[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+            if masks is not None:
+                labels[i, :len(c)][torch.tensor(masks[i], dtype=torch.bool).logical_not()] = -100
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
             "labels": labels, "response_mask": (labels != -100).float(),
@@ -396,6 +402,7 @@ class Samples:
         self.logprobs = [c.logprobs for c in completions] if completions and completions[0].logprobs is not None \
             else None
         self.rewards, self.parts = rewards, parts
+        self.masks: list[list[int]] | None = None  # trajectories: 1 = the model's token, 0 = the environment's
 
     def stats(self, group_size: int) -> dict[str, float]:
         """TRL's rollout metrics: reward (mean), reward_std, frac_reward_zero_std, completions/*, rewards/NAME/mean."""
@@ -416,6 +423,7 @@ class Samples:
         for name in ("rows", "prompt_ids", "completion_ids", "texts", "finish_reasons"):
             setattr(out, name, [getattr(self, name)[i] for i in rows])
         out.logprobs = None if self.logprobs is None else [self.logprobs[i] for i in rows]
+        out.masks = None if self.masks is None else [self.masks[i] for i in rows]
         index = torch.tensor(rows, dtype=torch.long)
         out.rewards, out.parts = self.rewards[index], {k: v[index] for k, v in self.parts.items()}
         return out
@@ -428,6 +436,8 @@ class Samples:
             self.logprobs.extend(other.logprobs)
         else:
             self.logprobs = None
+        if self.masks is not None:
+            self.masks.extend(other.masks)
         self.rewards = torch.cat([self.rewards, other.rewards])
         self.parts = {k: torch.cat([v, other.parts[k]]) for k, v in self.parts.items()}
         return self
@@ -455,6 +465,61 @@ def sample_and_score(policy, tokenizer, rows: list[dict], prompt_ids: list[list[
         if bad:
             raise ValueError(f"reward {name!r} gave {bad} non-finite values (NaN/inf) out of {len(v)}")
     samples.rewards, samples.parts = total.float(), parts
+    return samples
+
+
+def sample_trajectories(policy, tokenizer, rows: list[dict], prompt_ids: list[list[int]], params: SamplingParams,
+                        env_cls, env_name: str, max_env_steps: int = 16) -> Samples:
+    """``params.n`` episodes per prompt, a fresh ``env_cls`` each (environments.py): the model takes a turn (until
+    end-of-turn, EOS or one of the environment's stop strings), the environment answers it, and so on until it
+    says done or the episode's ``params.max_new_tokens`` (the model's and the environment's tokens together) run
+    out ("length": the reward is what the steps gave so far). The completion is the whole trajectory after the
+    prompt; ``masks`` marks the model's tokens (1) and the environment's (0: never trained on); the reward is
+    the sum of the episode's step rewards (the part "env"). Each turn is one batched generate call over the
+    episodes still running, seeded from (params.seed, turn)."""
+    N, budget_total = len(rows) * params.n, params.max_new_tokens
+    reps = [(i, row, ids) for i, (row, ids) in enumerate(zip(rows, prompt_ids)) for _ in range(params.n)]
+    episodes = [Episode(env_cls, env_name, row, i, max_env_steps) for i, row, _ in reps]
+    encode = (lambda t: tokenizer.encode(t)) if tokenizer is not None else (lambda t: [])  # noqa: E731
+    completion = [encode(e.first)[:budget_total] for e in episodes]
+    masks = [[0] * len(c) for c in completion]
+    logprobs = [[0.0] * len(c) for c in completion]
+    rewards, finish = [0.0] * N, ["length"] * N
+    active, turn = list(range(N)), 0
+    while active := [j for j in active if len(completion[j]) < budget_total]:
+        budget = {j: budget_total - len(completion[j]) for j in active}
+        seed = None if params.seed is None else hash_seed(params.seed, "turn", turn)
+        turn_params = replace(params, n=1, max_new_tokens=max(budget.values()), seed=seed,
+                              stop_strings=episodes[0].stop_strings)
+        with eval_mode(policy):
+            outs = generate(policy, [reps[j][2] + completion[j] for j in active], turn_params, tokenizer=tokenizer,
+                            pad_id=tokenizer.pad_id if tokenizer is not None else 0)
+        still = []
+        for j, (out,) in zip(active, outs):
+            ids = out.token_ids[:budget[j]]
+            completion[j] += ids
+            masks[j] += [1] * len(ids)
+            logprobs[j] += (out.logprobs or [0.0] * len(ids))[:len(ids)]
+            if out.finish_reason == "length" or len(out.token_ids) > budget[j]:
+                continue  # out of tokens mid-turn: the episode is cut where it is
+            text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
+            observation, reward, done = episodes[j].step(text)
+            rewards[j] += reward
+            if done:
+                finish[j] = "stop"
+                continue
+            seen = encode(observation)[:budget_total - len(completion[j])]
+            completion[j] += seen
+            masks[j] += [0] * len(seen)
+            logprobs[j] += [0.0] * len(seen)
+            still.append(j)
+        active, turn = still, turn + 1
+    flat = [Completion(c, f, tokenizer.decode(c, skip_special_tokens=True) if tokenizer is not None else None, lp)
+            for c, f, lp in zip(completion, finish, logprobs)]
+    samples = Samples([r for _, r, _ in reps], [ids for _, _, ids in reps], flat, None, None)
+    samples.logprobs = logprobs if params.return_logprobs else None
+    total = torch.tensor(rewards)
+    samples.rewards, samples.parts, samples.masks = total, {"env": total}, masks
     return samples
 
 
@@ -577,8 +642,10 @@ def group_advantages(cfg, rewards: torch.Tensor) -> torch.Tensor:
 # ---- GRPO / RLOO: sampling groups (DAPO's dynamic sampling) ----
 
 def sample_groups(cfg, objective: Objective, policy, tokenizer, rows: list[dict], prompt_ids: list[list[int]],
-                  reward, iteration: int, rank: int = 0, world_size: int = 1) -> tuple[Samples, dict]:
-    """The rollout's prompts_per_rollout groups of num_generations samples, scored and shaped, and their stats.
+                  reward, iteration: int, rank: int = 0, world_size: int = 1,
+                  env_cls=None) -> tuple[Samples, dict]:
+    """The rollout's prompts_per_rollout groups of num_generations samples, scored and shaped, and their stats
+    (with ``env_cls``, whole trajectories in cfg.environment: :func:`sample_trajectories`).
 
     With dynamic sampling (DAPO), groups whose rewards are all equal (zero advantage) are dropped and fresh
     prompts are drawn, up to ``max_refill_rounds`` more generate calls, until the batch is full; a batch still
@@ -596,9 +663,13 @@ def sample_groups(cfg, objective: Objective, policy, tokenizer, rows: list[dict]
                                 seed=hash_seed(cfg.train.seed, iteration, rank, *(("refill", r) if r else ())),
                                 compile=cfg.compile_generation, return_logprobs=objective.tis_cap > 0,
                                 logprobs_temperature=cfg.temperature)
-        samples = shape_rewards(sample_and_score(policy, tokenizer, [rows[i] for i in idx],
-                                                 [prompt_ids[i] for i in idx], params, reward), objective,
-                                cfg.max_new_tokens)
+        if env_cls is None:
+            drawn = sample_and_score(policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx], params,
+                                     reward)
+        else:
+            drawn = sample_trajectories(policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx],
+                                        params, env_cls, cfg.environment, cfg.max_env_steps)
+        samples = shape_rewards(drawn, objective, cfg.max_new_tokens)
         if r == 0:
             stats = samples.stats(G)
         if not objective.dynamic_sampling:
@@ -627,6 +698,7 @@ def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list
     may be None (completions are then scored as space-joined token ids, prompts padded with 0).
     """
     objective = resolve_objective(cfg)
+    env_cls = load_environment(cfg.environment) if cfg.environment else None
     G, T = cfg.num_generations, cfg.temperature
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
     # One optimizer step per rollout, one pass: every micro-batch is scored before any update, so the old
@@ -635,8 +707,8 @@ def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list
 
     def make_rollout(iteration: int, plan):
         samples, stats = sample_groups(cfg, objective, policy, tokenizer, rows, prompt_ids, reward, iteration,
-                                       rank, world_size)
-        buffer = pack_rollout(samples.prompt_ids, samples.completion_ids, pad_id)
+                                       rank, world_size, env_cls)
+        buffer = pack_rollout(samples.prompt_ids, samples.completion_ids, pad_id, samples.masks)
         if samples.logprobs is not None:
             buffer["rollout_logprobs"] = padded_rows(samples.logprobs, buffer["labels"].shape[1])
         batches = plan(len(samples.completion_ids))
@@ -746,8 +818,10 @@ def start_rl_run(cfg) -> RLRun:
     rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
     check_answers(rows + eval_rows, cfg.rewards)
     reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
+    environment = getattr(cfg, "environment", "")  # grpo's; ppo has none
+    env = (load_environment(environment), environment, cfg.max_env_steps) if environment else None
     eval_fn = make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens,
-                           compile=cfg.compile_generation) if eval_rows else None
+                           compile=cfg.compile_generation, env=env) if eval_rows else None
     return RLRun(run, policy, ref, tokenizer, rows, prompt_ids, eval_rows, eval_ids, reward, eval_fn)
 
 
@@ -777,17 +851,19 @@ def check_answers(rows: list[dict], rewards) -> None:
 
 
 def make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, max_new_tokens: int, batch_size: int = 64,
-                 compile: bool = False):
+                 compile: bool = False, env=None):
     """eval/accuracy (when rows have answers), eval/mean_length and eval/reward of greedy completions
-    (``compile``: with the torch.compile'd decode step, generation.SamplingParams.compile)."""
+    (``compile``: with the torch.compile'd decode step, generation.SamplingParams.compile); with ``env``
+    (class, name, step limit), of greedy trajectories in that environment, eval/reward being its reward."""
     def eval_fn(_model=None) -> dict:
         if not eval_rows:
             return {}
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, compile=compile)
         samples = []
         for s in range(0, len(eval_rows), batch_size):
-            samples.append(sample_and_score(policy, tokenizer, eval_rows[s:s + batch_size],
-                                            eval_ids[s:s + batch_size], params, reward))
+            rows, ids = eval_rows[s:s + batch_size], eval_ids[s:s + batch_size]
+            samples.append(sample_and_score(policy, tokenizer, rows, ids, params, reward) if env is None
+                           else sample_trajectories(policy, tokenizer, rows, ids, params, *env))
         texts = [t for x in samples for t in x.texts]
         lengths = [len(c) for x in samples for c in x.completion_ids]
         out = {"eval/mean_length": sum(lengths) / len(lengths),

@@ -15,6 +15,10 @@ rewards are all equal has zero advantage and teaches nothing: the share of such 
 theta_ref <- alpha * theta + (1 - alpha) * theta_ref with alpha = ``ref_model_mixup_alpha`` (1: a copy; TR-DPO,
 train/reference.py); a rollout's reference log-probs are the reference's at that rollout.
 
+``environment: calculator`` (or feedback, or a user's ``module:Class``; environments.py) runs GRPO over whole
+multi-turn trajectories: the environment answers each model turn (a tool result, feedback), its text is masked
+out of the loss, and its reward is the episode's.
+
 ``compare_beta: [0.0, 0.1]`` runs the whole stage once per beta (into out_dir/beta_<b>) and plots completion
 length and accuracy against step for each: the reward-hacking experiment of recipes/reward_hacking.yaml.
 """
@@ -81,6 +85,11 @@ class GRPOConfig:
     sync_ref_model: bool = False  # the reference follows the policy (TR-DPO; TRL's names): every
     ref_model_sync_steps: int = 64  # this many optimizer steps,
     ref_model_mixup_alpha: float = 0.6  # theta_ref <- alpha * theta + (1 - alpha) * theta_ref (1 = a hard copy)
+    # a multi-turn / tool environment (environments.py): calculator | feedback | package.module:Class |
+    # file.py:Class; empty = single-turn completions scored by `rewards`. Its reward replaces `rewards`; its
+    # observations are masked out of the loss; eval runs greedy episodes in it
+    environment: str = ""
+    max_env_steps: int = 16  # an episode not done after this many environment steps is an error
     pack: bool = True  # packed rollouts (document masks) instead of padded rows in the policy/reference forwards
     compile_generation: bool = False  # torch.compile the rollouts' decode step: 10-40 s of warm-up on 2 cores
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, schedule="constant",
@@ -96,6 +105,7 @@ class GRPOConfig:
                   (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
                   (self.max_refill_rounds >= 0 and self.overlong_penalty >= 0 and self.tis_cap >= 0,
                    "max_refill_rounds, overlong_penalty and tis_cap must be >= 0"),
+                  (self.max_env_steps >= 1, f"max_env_steps must be >= 1, got {self.max_env_steps}"),
                   (self.overlong_buffer is None or 0 <= self.overlong_buffer < self.max_new_tokens,
                    f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens})"),
                   (rows % self.train.batch_size == 0,
