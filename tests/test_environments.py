@@ -10,6 +10,8 @@ from lmforge_cli import lmforge
 from test_grpo import micro
 from test_rollout import make_model_dir
 
+from lmforge.answers import extract_answer
+from lmforge.data.tinyworld import source_rows
 from lmforge.environments import Calculator, Episode, Feedback, calculate, load_environment
 from lmforge.errors import EnvError
 from lmforge.generation import SamplingParams
@@ -156,3 +158,16 @@ def test_cli_grpo_in_the_calculator_and_a_bad_environment_keeps_the_last_checkpo
     ckpt = latest_checkpoint(out / "checkpoints")
     assert ckpt is not None and ckpt.name == "step_0000002" and (ckpt / "model.safetensors").exists()
     load_model_and_tokenizer(ckpt, "cpu")  # still a whole model
+
+
+def test_the_tool_demonstrations_are_what_the_calculator_answers():
+    for row in source_rows("sft_tool")[:200]:
+        question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        call, rest = answer.split("</calc>")
+        env = Calculator()
+        env.reset({"answer": extract_answer(rest)})
+        observation, reward, done = env.step(call + "</calc>")
+        assert rest.startswith(observation) and not done  # the demonstration shows the tool's own output
+        assert env.step(rest[len(observation):]) == ("", 1.0, True)
+        assert calculate(question.removeprefix("What is ").removesuffix("?")) == extract_answer(rest)
+    assert max(len(r["question"].split()[2]) for r in source_rows("eval_hard")) == 3
