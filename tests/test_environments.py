@@ -11,12 +11,15 @@ from test_grpo import micro
 from test_rollout import make_model_dir
 
 from lmforge.answers import extract_answer
+from lmforge.config import load_config
 from lmforge.data.tinyworld import source_rows
 from lmforge.environments import Calculator, Episode, Feedback, calculate, load_environment
 from lmforge.errors import EnvError
 from lmforge.generation import SamplingParams
 from lmforge.modelio import load_model_and_tokenizer
 from lmforge.rollout import pack_rollout, sample_trajectories
+from lmforge.stages.grpo import GRPOConfig
+from lmforge.stages.sft import SFTConfig
 from lmforge.train.checkpointing import latest_checkpoint
 
 
@@ -171,3 +174,10 @@ def test_the_tool_demonstrations_are_what_the_calculator_answers():
         assert env.step(rest[len(observation):]) == ("", 1.0, True)
         assert calculate(question.removeprefix("What is ").removesuffix("?")) == extract_answer(rest)
     assert max(len(r["question"].split()[2]) for r in source_rows("eval_hard")) == 3
+
+
+def test_the_tool_use_recipe_parses():
+    grpo = load_config(GRPOConfig, "tool_use", section="grpo")
+    sft = load_config(SFTConfig, "tool_use", section="sft")
+    assert grpo.environment == "calculator" and grpo.model == sft.out_dir + "/model"
+    assert sft.data == "builtin:tinyworld/sft_tool" and grpo.data.source == "builtin:tinyworld/rl_hard"
