@@ -53,9 +53,10 @@ def main() -> None:
     curve = overoptimisation(proxy, gold, ns)
     print(f"best-of-N, {len(rows)} held-out problems x {args.max_n} samples (temperature 1)")
     print(f"{'N':>4} {'sqrt KL':>8} {'proxy (RM score)':>28} {'gold (accuracy)':>28}")
+    def cell(x):
+        return f"{x['value']:7.3f} [{x['ci'][0]:6.3f}, {x['ci'][1]:6.3f}]"
     for r in curve:
-        print(f"{r['n']:>4} {r['sqrt_kl']:>8.3f} {r['proxy']['value']:>10.3f} {str(r['proxy']['ci']):>17} "
-              f"{r['gold']['value']:>10.3f} {str(r['gold']['ci']):>17}")
+        print(f"{r['n']:>4} {r['sqrt_kl']:>8.3f} {cell(r['proxy']):>28} {cell(r['gold']):>28}")
     if args.plot:
         import matplotlib
 
@@ -70,8 +71,8 @@ def main() -> None:
         ax.set_xlabel("sqrt KL(best-of-N || policy)")
         ax.set_ylabel("gold")
         ax2.set_ylabel("proxy")
-        fig.legend(loc="lower right")
-        fig.tight_layout()
+        fig.legend(loc="upper center", ncol=2)
+        fig.tight_layout(rect=(0, 0, 1, 0.9))
         fig.savefig(args.plot, dpi=110)
 
 
