@@ -76,6 +76,17 @@ def test_score_fields_drop_ties_and_give_margins(tmp_path):
     assert [p.margin for p in pairs] == [1.5] and stats == Counter(kept=1, tie=1)
 
 
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), -float("inf"), 10 ** 400])
+def test_non_finite_scores_are_one_error_naming_file_line_and_field(tmp_path, score):
+    """JSON's NaN and Infinity (and an integer past float range) are numbers to Python, not scores: a NaN margin
+    would train the reward model on NaN."""
+    rows = [{**easy_pairs(1)[0], "score_chosen": 2.0, "score_rejected": 1.0},
+            {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": score, "score_rejected": 1}]
+    cfg = PreferenceDataConfig(chosen_score="score_chosen", rejected_score="score_rejected")
+    with pytest.raises(DataError, match=re.escape("s.jsonl:2: field 'score_chosen' must be a finite number")):
+        read_pairs(str(write_jsonl(tmp_path / "s.jsonl", rows)), cfg)
+
+
 @pytest.mark.parametrize("row,field", [
     ({"prompt": "q", "chosen": "a"}, "'rejected' missing"),
     ({"prompt": "q", "chosen": 3, "rejected": "b"}, "'chosen' must be a string or a list of messages"),

@@ -147,7 +147,7 @@ HELDOUT_TEXT = "heldout_english.txt"  # lmforge/assets: a paragraph no built-in 
 
 
 def heldout_text() -> str:
-    """The held-out English paragraph that ships with lmforge: import and quantize measure perplexity on it."""
+    """The held-out English paragraph that ships with lmforge: import, quantize and export measure perplexity on it."""
     return (resources.files("lmforge") / "assets" / HELDOUT_TEXT).read_text(encoding="utf-8")
 
 

@@ -33,6 +33,7 @@ from lmforge.apps.report import write_report
 from lmforge.apps.verbs import VERBS
 from lmforge.atomic import write_atomic
 from lmforge.config import describe, load_config
+from lmforge.data.mix import source_overrides_mix
 from lmforge.data.tinyworld import eval_rows
 from lmforge.evaluation import encode_prompt, generate_all
 from lmforge.generation import SamplingParams
@@ -40,6 +41,7 @@ from lmforge.modelio import load_model_and_tokenizer
 from lmforge.stages.eval import EvalConfig, run_eval
 from lmforge.stages.think import ThinkConfig, run_think
 from lmforge.train.runs import config_hash, is_finished, mark_finished
+from lmforge.train.tracking import check_report_to, log_report
 
 # pipeline stage (its section of the recipe) -> the verb that runs it (apps/verbs.py: module, config, run function);
 # the order is the pipeline's
@@ -63,10 +65,14 @@ class PipelineEvalConfig:
     max_new_tokens: int = 64
     prefs: str = ""  # held-out preference pairs for the reward model's accuracy
     batch_size: int = 64
-    samples: list[str] = field(default_factory=lambda: ["What is 347 + 289?", "What is 57 + 68?"])  # shown per stage
+    # extra prompts every stage answers in the report; the report's demo problems are chosen from the held-out
+    # answers by rule (apps/demos.py), so none are needed
+    samples: list[str] = field(default_factory=list)
     sample_tokens: int = 64
     think_samples: int = 8  # after SFT: accuracy vs samples per problem (self-consistency), N = 1..this; 0 = off
     think_limit: int = 32  # problems in that sweep
+    harness: str = ""  # lm-evaluation-harness tasks for every stage's model (see `lmforge eval --help`)
+    harness_include: str = ""  # a directory of local task YAMLs
 
 
 @dataclass
@@ -75,8 +81,13 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
     report: bool = True
+    # trackers for every stage (each stage's train.report_to) and for the report's files: e.g. [jsonl,wandb]
+    report_to: list[str] = field(default_factory=list)
+    tracking_project: str = "lmforge"
 
     def validate(self) -> None:
+        if self.report_to:
+            check_report_to(self.report_to)
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
@@ -105,6 +116,8 @@ def stage_entry(stage: str, name: str):
 
 
 def stage_config(stage: str, recipe: str, overrides: list[str]):
+    if stage in ("pretrain", "midtrain"):  # pretrain.data.source=... on the command line is the data
+        overrides = source_overrides_mix(overrides)
     return load_config(stage_entry(stage, "config"), recipe, overrides, section=stage)
 
 
@@ -137,12 +150,13 @@ def evaluate_stage(stage: str, model_dir: Path, pcfg: PipelineConfig, sft_dir: P
         chat=stage not in BASE_STAGES, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
         reference=str(sft_dir) if stage in TUNED_STAGES and sft_dir is not None else "",
         reward_model=str(model_dir) if is_reward else "", prefs=e.prefs if is_reward else "",
+        harness="" if is_reward else e.harness, harness_include="" if is_reward else e.harness_include,
         out_dir=str(model_dir.parent / "eval"), n_boot=200)
     out = Path(cfg.out_dir)
     digest = config_hash(cfg) + _model_stamp(model_dir) + hashlib.sha256(repr((e.samples, e.sample_tokens, e.think_samples, e.think_limit)).encode()).hexdigest()[:8]
     if is_finished(out / "pipeline_eval.json", digest) and (out / "eval.json").exists():
         return json.loads((out / "eval.json").read_text())
-    summary = run_eval(cfg) if cfg.task or cfg.prefs else {}
+    summary = run_eval(cfg) if cfg.task or cfg.prefs or cfg.harness else {}
     if e.samples and not is_reward:  # the same questions to every stage, side by side in the report
         summary["samples"] = demo_answers(model_dir, e.samples, chat=cfg.chat, max_new_tokens=e.sample_tokens)
         out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +197,9 @@ def run_pipeline(pcfg: PipelineConfig, recipe: str, stage_overrides: dict[str, l
     run_dir = Path(pcfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     configs = {s: stage_config(s, recipe, shared + stage_overrides[s]) for s in pcfg.stages}  # all errors first
+    for cfg in configs.values():
+        if pcfg.report_to and hasattr(cfg, "train"):
+            cfg.train.report_to, cfg.train.tracking_project = list(pcfg.report_to), pcfg.tracking_project
     t0, results, changed = time.time(), {}, False
     for i, stage in enumerate(pcfg.stages):
         done = int(30 * i / len(pcfg.stages))
@@ -203,6 +220,8 @@ def run_pipeline(pcfg: PipelineConfig, recipe: str, stage_overrides: dict[str, l
     if pcfg.report:
         written = write_report(run_dir)
         record["report"] = [written["markdown"], written["html"]]
+        if pcfg.report_to:
+            log_report(pcfg.report_to, run_dir, [Path(f) for f in written["files"]], pcfg.tracking_project)
     console.rule(f"[bold]pipeline done in {record['seconds']:.0f} s[/bold]")
     return record
 

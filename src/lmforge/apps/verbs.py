@@ -21,6 +21,8 @@ class Verb:
 VERBS: dict[str, Verb] = {
     "pipeline": Verb("lmforge.apps.pipeline", "the whole recipe: pretrain -> midtrain -> SFT -> RM -> DPO -> GRPO -> "
                      "PPO -> report (the built-in tiny one by default)"),
+    "data": Verb("lmforge.stages.data", "clean a corpus: quality filters, exact + MinHash near-dedup, language, "
+                 "shards, report"),
     "tokenizer": Verb("lmforge.stages.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
     "pretrain": Verb("lmforge.stages.pretrain", "pre-train a decoder-only transformer (next-token prediction)",
                      "PretrainConfig", "run_pretrain"),
@@ -31,6 +33,8 @@ VERBS: dict[str, Verb] = {
     "import": Verb("lmforge.stages.importer", "import a HF Llama-family dir, hub id, .gguf file, or smollm2 (PyPI)"),
     "quantize": Verb("lmforge.stages.quantize", "int8 / int4 weight-only quantisation of a model dir (size, ppl, "
                      "speed)"),
+    "export": Verb("lmforge.stages.export", "write a model dir as one GGUF file (f32/f16/q8_0) for llama.cpp / "
+                   "ollama"),
     "chat": Verb("lmforge.stages.chat", "multi-turn chat with any checkpoint (REPL, message=..., or piped stdin)"),
     "serve": Verb("lmforge.apps.serve", "OpenAI-compatible chat server (/v1/chat/completions) with a web chat page"),
     "reward": Verb("lmforge.stages.reward", "train a reward model on preference pairs (Bradley-Terry); "
@@ -53,6 +57,8 @@ VERBS: dict[str, Verb] = {
     "scaling": Verb("lmforge.stages.scaling", "scaling laws: sweep, fit L(N,D), compute-optimal N and D"),
     "eval": Verb("lmforge.stages.eval", "evaluate a checkpoint: task accuracy, preference accuracy, win rate, KL, "
                  "ppl"),
+    "push": Verb("lmforge.stages.push", "upload a model directory to the Hugging Face Hub with a generated model "
+                 "card"),
     "report": Verb("lmforge.apps.report", "Markdown + HTML report of a pipeline run: stage table, samples, curves, "
                    "plots"),
 }

@@ -32,6 +32,18 @@ class MixSource:
             raise ValueError(f"weight must be positive, got {self.weight}")
 
 
+def source_overrides_mix(overrides: list[str]) -> list[str]:
+    """Command-line overrides with ``data.mix=[]`` appended when they set ``data.source`` but not ``data.mix``.
+
+    A recipe's ``data.mix`` decides the training documents (``data.source`` then only trains the tokenizer), so
+    ``lmforge pretrain data.source=my.jsonl`` under the built-in recipe would train on its mix and say nothing:
+    a source named on the command line is the data, unless the command line gives a mix too."""
+    keys = {o.split("=", 1)[0].strip() for o in overrides if "=" in o and not o.startswith("-")}
+    if "data.source" in keys and not any(k == "data.mix" or k.startswith("data.mix.") for k in keys):
+        return [*overrides, "data.mix=[]"]
+    return list(overrides)
+
+
 def mix_name(mix: list[MixSource]) -> str:
     """``builtin:tinyshakespeare=0.7+builtin:tinyworld/quiz=0.3``: one string naming a mixture (meta.json)."""
     return "+".join(f"{m.source}={m.weight:g}" for m in mix)

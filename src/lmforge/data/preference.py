@@ -23,6 +23,7 @@ completions run through the end-of-turn marker, exactly what the generation engi
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter
@@ -104,7 +105,10 @@ def _dotted(row: dict, path: str, where: str) -> float:
         node = node[part]
     if isinstance(node, bool) or not isinstance(node, (int, float)):
         raise DataError(f"{where}: field {path!r} must be a number, got {node!r:.40}")
-    return float(node)
+    value = float(node) if not isinstance(node, int) or abs(node) < 2 ** 1023 else math.inf
+    if not math.isfinite(value):  # JSON's NaN and Infinity parse as floats; a NaN margin trains on NaN
+        raise DataError(f"{where}: field {path!r} must be a finite number, got {str(node):.40}")
+    return value
 
 
 def _check_answer(value, where: str, name: str):

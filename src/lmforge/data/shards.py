@@ -113,6 +113,50 @@ def build_shards(docs: Iterable[str], tokenizer, out_dir: str | Path, val_fracti
     return meta
 
 
+class StreamingShards:
+    """Token shards written as documents stream in, for corpora that do not fit in memory (``lmforge data``).
+
+    ``add(docs)`` tokenizes a batch (the tokenizers library runs it on all cores) and routes each document to
+    train or val by its hash (is_val_doc), returning the token counts; ``close()`` writes meta.json last, as
+    build_shards does, so a killed build never looks finished. Unlike build_shards it cannot move a document
+    across the split afterwards: a tiny corpus may end with an empty val split (meta.json says so).
+    """
+
+    def __init__(self, tokenizer, out_dir: str | Path, val_fraction: float = 0.05, seed: int = 0,
+                 shard_tokens: int = SHARD_TOKENS):
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.tokenizer, self.out_dir, self.val_fraction, self.seed = tokenizer, Path(out_dir), val_fraction, seed
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for old in [*self.out_dir.glob("*.bin"), *self.out_dir.glob("*.tmp"), self.out_dir / "meta.json"]:
+            old.unlink(missing_ok=True)
+        self.dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+        self.writers = {split: _ShardWriter(self.out_dir, split, self.dtype, shard_tokens) for split in ("train", "val")}
+        self.docs = {"train": 0, "val": 0}
+
+    def add(self, docs: list[str]) -> list[int]:
+        lengths = []
+        for doc, ids in zip(docs, self.tokenizer.encode_batch(docs, add_bos=True)):
+            split = "val" if self.val_fraction > 0 and is_val_doc(doc, self.val_fraction, self.seed) else "train"
+            self.writers[split].add(ids)
+            self.docs[split] += 1
+            lengths.append(len(ids))
+        return lengths
+
+    def close(self, source: str = "", fingerprint: str = "", filter_stats: dict | None = None) -> dict:
+        meta = {"source": source, "fingerprint": fingerprint,
+                "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
+                "vocab_size": self.tokenizer.vocab_size, "dtype": np.dtype(self.dtype).name,
+                "bos_id": self.tokenizer.doc_start_id, "val_fraction": self.val_fraction, "seed": self.seed,
+                "n_docs": sum(self.docs.values()), "train_docs": self.docs["train"], "val_docs": self.docs["val"],
+                "filter_stats": dict(filter_stats or {})}
+        for split, writer in self.writers.items():
+            meta[f"{split}_tokens"] = writer.close()
+            meta[f"{split}_shards"] = writer.files
+        write_atomic(self.out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: the build is complete
+        return meta
+
+
 class _ShardWriter:
     """Buffers a split's documents and writes a shard file each time ``shard_tokens`` have gathered."""
 

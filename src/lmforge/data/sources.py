@@ -13,14 +13,23 @@ import glob
 import gzip
 import hashlib
 import json
+import multiprocessing
+import os
 import re
+import sys
+import time
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from lmforge.data import quality
+from lmforge.data.dedup import NearDuplicateIndex, signature
 from lmforge.data.tinyworld import SOURCES, source_rows
 from lmforge.errors import DataError
 
@@ -249,46 +258,140 @@ def clean_text(text: str) -> str:
 
 @dataclass
 class FilterConfig:
-    """Heuristic quality filters (all off by default except dropping empty documents and exact duplicates)."""
+    """Cleaning, quality filters and deduplication. Off by default except dropping empty documents and exact
+    duplicates; each heuristic family (lmforge.data.quality) and near-dedup (lmforge.data.dedup) is one switch."""
 
     min_chars: int = 1
     max_chars: int = 1_000_000
     min_alpha_ratio: float = 0.0  # share of letters among non-space characters (drops tables of numbers, markup)
     max_duplicate_line_fraction: float = 1.0  # share of non-blank lines that repeat an earlier line (spam)
     dedup: bool = True  # exact duplicates after cleaning
+    gopher_quality: bool = False  # Gopher's word count, word length, symbol, bullet, alpha and stop-word rules
+    gopher_repetition: bool = False  # Gopher's duplicate line / paragraph / n-gram rules
+    c4: bool = False  # C4's line filters (terminal punctuation, >= 3 words, no javascript) and page rules
+    fineweb: bool = False  # FineWeb's line-punctuation, duplicated-line and short-line rules
+    languages: list[str] = field(default_factory=list)  # keep only these (ISO 639-1, py3langid), e.g. [en]
+    min_language_score: float = 0.65  # the language's probability must reach this
+    near_dedup: bool = False  # MinHash LSH near-duplicate removal (datasketch)
+    minhash_threshold: float = 0.8  # estimated Jaccard similarity of word n-gram sets that counts as a duplicate
+    minhash_num_perm: int = 128
+    minhash_ngram: int = 5
+    workers: int = 1  # processes for cleaning, filters and MinHash signatures; 0 = one per CPU core
 
     def validate(self) -> None:
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
-        for name in ("min_alpha_ratio", "max_duplicate_line_fraction"):
+        for name in ("min_alpha_ratio", "max_duplicate_line_fraction", "min_language_score"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if not 0.0 < self.minhash_threshold <= 1.0:
+            raise ValueError(f"minhash_threshold must be in (0, 1], got {self.minhash_threshold}")
+        if self.minhash_num_perm < 16 or self.minhash_ngram < 1 or self.workers < 0:
+            raise ValueError("minhash_num_perm must be >= 16, minhash_ngram >= 1 and workers >= 0")
 
 
-def filter_documents(docs: Iterable[str], cfg: FilterConfig) -> tuple[list[str], Counter]:
+LINE_COUNTS = ("c4_lines_removed",)  # stats keys that count lines, not documents
+
+
+def filter_documents(docs: Iterable[str], cfg: FilterConfig, progress: bool = True) -> tuple[list[str], Counter]:
     """Clean every document and keep the ones that pass; stats count 'kept' and each drop reason.
 
-    Reasons: empty, too_short, too_long, low_alpha, repetitive, duplicate (same text after cleaning as an
-    earlier kept document; the first copy is kept).
+    Reasons: empty, too_short, too_long, low_alpha, repetitive, the quality families' reasons (gopher_*, c4_*,
+    fineweb_*), language, duplicate (same text after cleaning as an earlier kept document; the first copy is
+    kept) and near_duplicate. ``c4_lines_removed`` counts lines C4's line filter took out of kept documents.
     """
     stats: Counter = Counter()
+    return list(iter_filtered(docs, cfg, stats, progress=progress)), stats
+
+
+def iter_filtered(docs: Iterable[str], cfg: FilterConfig, stats: Counter, progress: bool = True) -> Iterator[str]:
+    """The streaming form of filter_documents: kept documents one by one, ``stats`` updated as they go.
+
+    Cleaning, filters and MinHash signatures run in ``cfg.workers`` processes (in order, in chunks); exact and
+    near-duplicate checks run here, in reading order, so the result is the same for any number of workers.
+    """
+    workers = cfg.workers or os.cpu_count() or 1
     seen: set[bytes] = set()
-    kept = []
-    for raw in docs:
-        doc = clean_text(raw)
-        reason = drop_reason(doc, cfg)
-        if reason is None and cfg.dedup:
-            digest = hashlib.blake2b(doc.encode(), digest_size=16).digest()
-            reason = "duplicate" if digest in seen else None
-            seen.add(digest)
-        stats[reason or "kept"] += 1
-        if reason is None:
-            kept.append(doc)
-    return kept, stats
+    near = None
+    if cfg.near_dedup:
+        near = NearDuplicateIndex(cfg.minhash_threshold, cfg.minhash_num_perm)
+    check = partial(check_document, cfg=cfg)
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    bar = _progress(progress)
+    try:
+        results = pool.imap(check, docs, chunksize=64) if pool else map(check, docs)
+        for doc, reason, sig, lines_removed in results:
+            if reason is None and cfg.dedup:
+                digest = hashlib.blake2b(doc.encode(), digest_size=16).digest()
+                reason = "duplicate" if digest in seen else None
+                seen.add(digest)
+            if reason is None and near is not None and near.is_duplicate(sig):
+                reason = "near_duplicate"
+            stats[reason or "kept"] += 1
+            if lines_removed and reason is None:
+                stats["c4_lines_removed"] += lines_removed
+            bar.advance(stats)
+            if reason is None:
+                yield doc
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+
+
+def check_document(raw: str, cfg: FilterConfig) -> tuple[str, str | None, object, int]:
+    """(cleaned text, drop reason or None, MinHash signature when near-dedup is on, lines C4 removed): the part
+    of filtering that needs no other document, so it runs in worker processes."""
+    doc, lines_removed = clean_text(raw), 0
+    reason = None
+    if cfg.c4 and doc:
+        doc, reason, lines_removed = quality.c4_clean(doc)
+    reason = reason or drop_reason(doc, cfg) or quality_reason(doc, cfg)
+    sig = None
+    if reason is None and cfg.near_dedup:
+        sig = signature(doc, cfg.minhash_num_perm, cfg.minhash_ngram)
+    return doc, reason, sig, lines_removed
+
+
+def quality_reason(doc: str, cfg: FilterConfig) -> str | None:
+    """The heuristic families and the language filter (lmforge.data.quality), in that order."""
+    if cfg.gopher_quality and (r := quality.gopher_quality_reason(doc)):
+        return r
+    if cfg.gopher_repetition and (r := quality.gopher_repetition_reason(doc)):
+        return r
+    if cfg.fineweb and (r := quality.fineweb_reason(doc)):
+        return r
+    if cfg.languages:
+        lang, prob = quality.language_of(doc)
+        if lang not in cfg.languages or prob < cfg.min_language_score:
+            return "language"
+    return None
+
+
+class _progress:
+    """A rich line on a terminal: documents read and kept, documents/s. Nothing in logs or when off."""
+
+    def __init__(self, enabled: bool):
+        self.bar, self.n, self.t0 = None, 0, time.monotonic()
+        if enabled and sys.stdout.isatty():
+            self.bar = Progress(SpinnerColumn(), TextColumn("[bold]clean[/bold] {task.fields[info]}"),
+                                TimeElapsedColumn(), transient=True)
+            self.task = self.bar.add_task("clean", total=None, info="")
+            self.bar.start()
+
+    def advance(self, stats: Counter) -> None:
+        self.n += 1
+        if self.bar is not None and self.n % 256 == 0:
+            rate = self.n / max(time.monotonic() - self.t0, 1e-9)
+            self.bar.update(self.task, info=f"{self.n:,} documents, {stats['kept']:,} kept, {rate:,.0f} docs/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def drop_reason(doc: str, cfg: FilterConfig) -> str | None:
-    """Why a cleaned document fails the filters, or None when it passes."""
+    """Why a cleaned document fails the basic filters (length, letters, repeated lines), or None."""
     if not doc:
         return "empty"
     if len(doc) < cfg.min_chars:

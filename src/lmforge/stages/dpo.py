@@ -41,7 +41,7 @@ from lmforge.data.preference import (
     pair_length,
 )
 from lmforge.errors import DataError
-from lmforge.modelio import load_model_and_tokenizer, save_model_dir, write_model_files
+from lmforge.modelio import check_context, load_model_and_tokenizer, save_model_dir, write_model_files
 from lmforge.scoring import (
     evaluate_pairs,
     precompute_reference,
@@ -98,6 +98,8 @@ def prepare(cfg: DPOConfig, dist):
     """(policy, tokenizer, train pairs, eval pairs, data stats), reference log-probs precomputed when needed."""
     model, tokenizer = load_model_and_tokenizer(cfg.model, dist.device)
     train_pairs, eval_pairs, stats = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+    check_context(model, max(map(pair_length, train_pairs + eval_pairs), default=0), "data.max_length",
+                  cfg.data.max_length)
     if cfg.loss_type not in REFERENCE_FREE and cfg.reference == "precompute" and not cfg.sync_ref_model:
         ref = model if not cfg.ref_model else load_model_and_tokenizer(cfg.ref_model, dist.device)[0]
         t0 = time.time()

@@ -6,6 +6,8 @@
     reward_model=DIR   mean reward of the answers; with prefs=FILE its preference accuracy; the judge for compare
     compare=DIR        win rate of model against compare, judged by reward_model
     perplexity=SPEC    validation loss on texts (file, dir, glob, builtin:NAME) or a token-shards directory
+    harness=TASK[,TASK]  EleutherAI lm-evaluation-harness tasks on lmforge's engine (lmforge.harness);
+                       harness_include=DIR adds a directory of local task YAMLs; limit=N docs per task
 
 Every rate comes with a 95% bootstrap interval. Writes eval.json (the summary) and records.jsonl (one row per
 answer / pair / comparison, for reading what the model actually said) into out_dir (default: next to the
@@ -29,7 +31,7 @@ from lmforge.config import parse_cli, save_config
 from lmforge.data.preference import read_pairs
 from lmforge.data.sources import read_documents
 from lmforge.data.tinyworld import is_formatted
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.evaluation import TASKS
 from lmforge.modelio import DTYPES, load_model_and_tokenizer, load_model_dir, resolve_model_dir
 from lmforge.scoring import reward_scores
@@ -52,6 +54,10 @@ class EvalConfig:
     seq_len: int = 256  # perplexity window
     perplexity_batches: int = 50  # at most this many batches of batch_size // 4 windows (0 = all the text)
     kl_samples: int = 1  # policy samples per prompt for the KL estimate
+    harness: str = ""  # lm-evaluation-harness tasks, comma-separated (pip install lm-eval)
+    harness_include: str = ""  # a directory of extra task YAMLs (local tasks, local data)
+    harness_fewshot: int = -1  # -1: each task's own default
+    harness_chat: bool = False  # render harness prompts with the chat template (lm-eval's apply_chat_template)
     batch_size: int = 32
     out_dir: str = ""  # default: <model dir>/../eval
     seed: int = 0
@@ -72,8 +78,11 @@ class EvalConfig:
             raise ValueError("prefs=... and compare=... need reward_model=DIR (the judge)")
         if (self.compare or self.reference) and not (self.task or self.prefs or self.perplexity):
             raise ValueError("compare / reference need prompts: give task=... or prefs=... (or perplexity=...)")
-        if not (self.task or self.prefs or self.perplexity):
-            raise ValueError("nothing to evaluate: give task=..., prefs=... (with reward_model) or perplexity=...")
+        if not (self.task or self.prefs or self.perplexity or self.harness):
+            raise ValueError("nothing to evaluate: give task=..., prefs=... (with reward_model), perplexity=... "
+                             "or harness=...")
+        if self.harness_include and not self.harness:
+            raise ValueError("harness_include=... needs harness=TASK[,TASK]")
         if self.limit < 0 or self.perplexity_batches < 0 or self.n < 1 or self.kl_samples < 1 or self.max_new_tokens < 1:
             raise ValueError("limit and perplexity_batches must be >= 0; n, kl_samples and max_new_tokens >= 1")
         if self.dtype not in DTYPES:
@@ -188,6 +197,8 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     out_dir = cfg.resolved_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.harness:
+        summary |= harness_summary(cfg, model, tok, out_dir)
     with (out_dir / "records.jsonl").open("w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -196,6 +207,20 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     save_config(cfg, out_dir / "config.yaml")
     return summary
+
+
+def harness_summary(cfg: EvalConfig, model, tok, out_dir: Path) -> dict:
+    """lm-evaluation-harness results for eval.json (and lm-eval's own table in harness.md)."""
+    try:
+        from lmforge.harness import run_harness
+    except ImportError as e:
+        raise ConfigError(f"harness=... needs lm-evaluation-harness: pip install lm-eval ({e})") from None
+    tasks = [t.strip() for t in cfg.harness.split(",") if t.strip()]
+    out = run_harness(model, tok, tasks, include_path=cfg.harness_include, limit=cfg.limit,
+                      num_fewshot=None if cfg.harness_fewshot < 0 else cfg.harness_fewshot,
+                      batch_size=cfg.batch_size, chat=cfg.harness_chat, seed=cfg.seed, pretrained=cfg.model)
+    (out_dir / "harness.md").write_text(out["table"], encoding="utf-8")
+    return {"harness": out["results"], "harness_versions": out["versions"], "harness_n_shot": out["n-shot"]}
 
 
 def _perplexity_data(spec: str):
@@ -237,7 +262,10 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     if "wins" in summary:
         table.add_row("wins / ties / losses", f"{summary['wins']} / {summary['ties']} / {summary['losses']}", "", "")
     console = Console()
-    console.print(table)
+    if len(table.rows):
+        console.print(table)
+    if summary.get("harness"):
+        print((out_dir / "harness.md").read_text(encoding="utf-8"))
     console.print(f"{out_dir / 'eval.json'}  ({summary['seconds']} s)")
 
 

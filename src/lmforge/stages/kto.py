@@ -32,7 +32,7 @@ from lmforge.data.preference import (
     tokenize_unpaired,
 )
 from lmforge.errors import DataError
-from lmforge.modelio import load_model_and_tokenizer, write_model_files
+from lmforge.modelio import check_context, load_model_and_tokenizer, write_model_files
 from lmforge.objectives import kto_loss
 from lmforge.scoring import completion_logps, evaluate_pairs, precompute_reference
 from lmforge.train.dist import refuse_fsdp
@@ -102,6 +102,8 @@ def run_kto(cfg: KTOConfig) -> dict:
         held = tokenize_unpaired(read_unpaired(cfg.data.eval_source), tokenizer, cfg.data, cfg.train.seed)
     else:
         examples, held = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
+    check_context(model, max(map(example_length, examples + held), default=0), "data.max_length",
+                  cfg.data.max_length)
     stats = {**dict(counts), "train_examples": len(examples), "eval_examples": len(held),
              "desirable": sum(e.label for e in examples), "undesirable": sum(not e.label for e in examples)}
     pad = tokenizer.pad_id

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmforge.config import parse_cli
-from lmforge.data.mix import MixSource, mix_documents
+from lmforge.data.mix import MixSource, mix_documents, source_overrides_mix
 from lmforge.data.shards import is_val_doc
 from lmforge.errors import ConfigError
 from lmforge.modelio import load_model_dir, load_tokenizer, resolve_model_dir, save_model_dir
@@ -132,7 +132,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    cfg = parse_cli(argv, MidtrainConfig, prog="lmforge midtrain", description=__doc__,
+    cfg = parse_cli(source_overrides_mix(argv), MidtrainConfig, prog="lmforge midtrain", description=__doc__,
                     default_recipe="tiny", section="midtrain")
     summary = run_midtrain(cfg)
     if summary:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmforge.config import parse_cli
+from lmforge.data.mix import source_overrides_mix
 from lmforge.train.lm import DataConfig, PretrainConfig, run_pretraining
 
 __all__ = ["DataConfig", "PretrainConfig", "run_pretrain", "main"]  # the configs live in train/lm.py
@@ -38,7 +39,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    cfg = parse_cli(argv, PretrainConfig, prog="lmforge pretrain", description=__doc__,
+    cfg = parse_cli(source_overrides_mix(argv), PretrainConfig, prog="lmforge pretrain", description=__doc__,
                     default_recipe="tiny", section="pretrain")
     summary = run_pretrain(cfg)
     if summary:

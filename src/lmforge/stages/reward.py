@@ -33,7 +33,7 @@ from lmforge.data.preference import (
 )
 from lmforge.data.rows import read_rows
 from lmforge.errors import DataError
-from lmforge.modelio import load_model_and_tokenizer, write_model_files
+from lmforge.modelio import check_context, load_model_and_tokenizer, write_model_files
 from lmforge.objectives import bradley_terry_loss
 from lmforge.scoring import evaluate_pairs, reward_scores, sequence_rewards
 from lmforge.train.dist import refuse_fsdp
@@ -80,6 +80,8 @@ def run_reward(cfg: RewardConfig) -> dict:
     if model.score.weight.abs().sum() == 0:  # a fresh head: small random init (TRL: std 1/sqrt(d + 1))
         torch.nn.init.normal_(model.score.weight, std=1 / (model.config.hidden_size + 1) ** 0.5)
     train_pairs, eval_pairs, stats = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+    check_context(model, max(map(pair_length, train_pairs + eval_pairs), default=0), "data.max_length",
+                  cfg.data.max_length)
     pad = tokenizer.pad_id
 
     def collate(items):

@@ -31,7 +31,7 @@ from lmforge.data.shards import is_val_doc
 from lmforge.errors import DataError
 from lmforge.generation import SamplingParams, generate
 from lmforge.lora import LoraOptions, apply_lora, merge_lora, save_adapter, trainable_parameters
-from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir, write_model_files
+from lmforge.modelio import check_context, load_model_dir, load_tokenizer, save_model_dir, write_model_files
 from lmforge.tokenizer import CHATML_TEMPLATE
 from lmforge.train.dist import all_reduce_sum
 from lmforge.train.lm import sft_loss
@@ -173,9 +173,12 @@ def steps_config(cfg: SFTConfig, data: SFTData, verbose: bool) -> TrainConfig:
     return replace(cfg.train, max_steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps))
 
 
-def build_model(cfg: SFTConfig, tokenizer, device):
-    """The model to fine-tune: the checkpoint itself, or LoRA adapters around it (lora.enabled)."""
+def build_model(cfg: SFTConfig, tokenizer, device, data: SFTData):
+    """The model to fine-tune: the checkpoint itself, or LoRA adapters around it (lora.enabled). Its context must
+    hold the longest example (packed positions restart per example)."""
     base = load_model_dir(cfg.model)
+    longest = max(int(e.lengths().max(initial=0)) for e in (data.train, data.val))
+    check_context(base, longest, "seq_len", cfg.seq_len)
     if base.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model {cfg.model}: vocab {base.config.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size}")
@@ -207,7 +210,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     batches = SFTBatches(data.train, data.train_rows, micro_rows, pad_id=tokenizer.pad_id, packed=cfg.packing,
                          seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
     train_cfg = steps_config(cfg, data, dist.is_main)
-    model = build_model(cfg, tokenizer, dist.device)
+    model = build_model(cfg, tokenizer, dist.device, data)
     n_trainable, n_total = trainable_parameters(model)
 
     def eval_fn(m):

@@ -24,7 +24,7 @@ from lmforge.data.shards import PackedBatches, TokenDataset, build_shards, iter_
 from lmforge.data.sources import FilterConfig, filter_documents, read_documents
 from lmforge.generation import SamplingParams, generate
 from lmforge.model import ModelConfig, Transformer
-from lmforge.modelio import load_model_dir, load_tokenizer, write_model_files
+from lmforge.modelio import check_context, load_model_dir, load_tokenizer, write_model_files
 from lmforge.tokenizer import Tokenizer, train_corpus_tokenizer
 from lmforge.train.dist import DistInfo, all_reduce_mean, barrier
 from lmforge.train.loop import TrainConfig, train
@@ -91,6 +91,7 @@ def build_model(cfg: PretrainConfig, tokenizer) -> Transformer:
     """A random init sized by cfg.model (vocabulary from the tokenizer), or the ``init_from`` directory's model."""
     if cfg.init_from:
         model = load_model_dir(cfg.init_from)
+        check_context(model, cfg.seq_len, "seq_len", cfg.seq_len)  # windows are always full
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"init_from {cfg.init_from}: vocab {model.config.vocab_size} is smaller than the "
                              f"tokenizer's {tokenizer.vocab_size}")

@@ -48,6 +48,7 @@ from lmforge.train.dist import (
 )
 from lmforge.train.metrics import MetricsLogger, ProgressDisplay
 from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.tracking import DEFAULT_REPORT_TO, check_report_to
 
 
 @dataclass
@@ -80,6 +81,10 @@ class TrainConfig:
     resume: bool = True
     device: str = "auto"
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    # where metrics go besides metrics.jsonl (always written): tensorboard, wandb, mlflow (train/tracking.py)
+    report_to: list[str] = field(default_factory=lambda: list(DEFAULT_REPORT_TO))
+    run_name: str = ""  # the trackers' run name; empty: "<run dir>/<stage dir>", e.g. "tiny/sft"
+    tracking_project: str = "lmforge"  # W&B project / MLflow experiment
 
     def validate(self) -> None:
         checks = [
@@ -114,6 +119,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_report_to(self.report_to)
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step: batch_size = micro_batch_size x processes x accumulation."""
@@ -285,7 +291,9 @@ def _start(model, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, s
         cfg=cfg, dist=dist, model=model, wrapped=wrapped, net=net,
         fwd_model=torch.compile(wrapped) if cfg.compile else wrapped, sharded=is_sharded(net),
         optimizer=optimizer, params=[p for p in net.parameters() if p.requires_grad], train_data=train_data,
-        logger=MetricsLogger(out_dir, enabled=dist.is_main, resume_step=step if resumed is not None else None),
+        logger=MetricsLogger(out_dir, enabled=dist.is_main, resume_step=step if resumed is not None else None,
+                             report_to=cfg.report_to, run_name=cfg.run_name, project=cfg.tracking_project,
+                             config=_as_dict(run_config if run_config is not None else cfg)),
         ckpt_root=ckpt_root, run_config=run_config if run_config is not None else cfg, save_model=save_model,
         eval_fn=eval_fn, on_eval=on_eval,
         result=TrainResult(step=step, tokens=tokens, skipped_steps=skipped, resumed_from=resumed),

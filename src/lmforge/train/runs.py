@@ -94,9 +94,15 @@ def finish_run(run: Run, summary: dict, model=None, tokenizer=None) -> dict:
 # ---------------------------------------------------------------------------------------------- skip what is done
 
 
+TRACKING_KEYS = ("report_to", "run_name", "tracking_project")  # where metrics go, not what a stage computes
+
+
 def config_hash(cfg) -> str:
-    """16 hex digits of the resolved config (a dataclass or a dict)."""
-    data = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    """16 hex digits of the resolved config (a dataclass or a dict), without train's tracking keys: turning W&B
+    on retrains nothing."""
+    data = dict(cfg) if isinstance(cfg, dict) else to_dict(cfg)
+    if isinstance(data.get("train"), dict):
+        data["train"] = {k: v for k, v in data["train"].items() if k not in TRACKING_KEYS}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
