@@ -46,8 +46,11 @@ def answers(model_dir: str, rows: list[dict], tool: bool, max_new_tokens: int) -
 
 def show(name: str, correct: list[bool], hard: list[bool]) -> None:
     overall, on_hard = rate([float(c) for c in correct]), rate([float(c) for c, h in zip(correct, hard) if h])
-    print(f"  {name:50s} all {overall['value']:.3f} {overall['ci']}   3-digit {on_hard['value']:.3f} "
-          f"{on_hard['ci']} (n={on_hard['n']})")
+    print(f"  {name:50s} all {interval(overall)}   3-digit {interval(on_hard)} (n={on_hard['n']})")
+
+
+def interval(x: dict) -> str:
+    return f"{x['value']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]"
 
 
 def main() -> None:
@@ -72,7 +75,7 @@ def main() -> None:
         for n in args.no_tool:
             a, b = results[(True, t)], results[(False, n)]
             gain = rate([float(x) - float(y) for x, y, h in zip(a, b, hard) if h])
-            print(f"  3-digit gain, {t} (tool) - {n} (no tool): {gain['value']:+.3f} {gain['ci']} paired")
+            print(f"  3-digit gain, {t} (tool) - {n} (no tool): {interval(gain)} paired")
 
 
 if __name__ == "__main__":
