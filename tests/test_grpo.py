@@ -66,7 +66,8 @@ def run_toy(out, cfg: GRPOConfig, reward=count_fives, loss_fn=None):
     rows = [{"prompt": "p", "answer": None}] * 4
     stream = RolloutStream(grpo_rollout(cfg, policy, ref, None, rows, [[1, 2], [3], [4, 6, 7], [8]], reward, torch.device("cpu")),
                            epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                           resume_dir=lambda: latest_checkpoint(out / "checkpoints"))
+                           resume_dir=lambda: latest_checkpoint(out / "checkpoints"),
+                           accumulation=cfg.train.accumulation(1))
 
     def save_model(path):
         save_weights(policy, str(path / "model.safetensors"))

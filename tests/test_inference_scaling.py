@@ -1,6 +1,7 @@
 """Best-of-N, majority votes, adaptive budgets and the sweep, on a tiny random model with scripted answers."""
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -15,6 +16,7 @@ from lmforge.inference_scaling import (
     best_of_n,
     dpo_reward_scorer,
     majority,
+    overoptimisation,
     plot_accuracy,
     reward_model_scorer,
     self_consistency,
@@ -151,3 +153,13 @@ def test_think_cli_sweep_and_methods(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1 + 2 ="}\n')
     assert main(["think", *base[1:2], f"input={tmp_path / 'bad.jsonl'}", *base[3:]]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_overoptimisation_picks_by_the_proxy_and_reports_the_gold_of_the_pick():
+    proxy = torch.tensor([[0.1, 0.9, 0.5, 0.2], [0.3, 0.2, 0.1, 0.8]])
+    gold = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    rows = overoptimisation(proxy, gold, [1, 2, 4])
+    assert [r["n"] for r in rows] == [1, 2, 4]
+    assert [r["proxy"]["value"] for r in rows] == pytest.approx([0.2, 0.6, 0.85])  # picks 0,0 / 1,0 / 1,3
+    assert [r["gold"]["value"] for r in rows] == [0.5, 0.0, 0.5]  # the proxy rises, the gold dips
+    assert rows[0]["sqrt_kl"] == 0.0 and rows[2]["sqrt_kl"] == pytest.approx(math.sqrt(math.log(4) - 0.75))

@@ -160,6 +160,18 @@ def test_reference_is_the_round_start_or_the_initial_model(tmp_path, reference):
 
 
 
+def test_ema_reference_mixes_each_rounds_start_into_the_last_reference(tmp_path):
+    summary = run_online_dpo(micro_config(tmp_path, reference="ema", ref_model_mixup_alpha=0.25))
+    out = tmp_path / "odpo"
+    start, first = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "policy", out / "round_1" / "model"))
+    ref1, ref2 = (load_file(str(out / f"round_{k}" / "reference" / "model.safetensors")) for k in (1, 2))
+    assert summary["rounds"][2]["reference"] == str(out / "round_2" / "reference")
+    for name, w in start.items():
+        assert torch.equal(ref1[name], w)  # round 1 starts from the start model: the mix is that model
+        torch.testing.assert_close(ref2[name], 0.25 * first[name] + 0.75 * w, rtol=0, atol=1e-6)
+    assert any(not torch.equal(first[n], w) for n, w in start.items())  # round 1 did move the policy
+
+
 def lmforge(*args, check=True):
     return run_lmforge(*args, check=check, threads=1)
 

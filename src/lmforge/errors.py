@@ -1,8 +1,8 @@
 """The errors lmforge raises on purpose, in one place: every raiser and every catcher imports them from here.
 
-The CLI turns a ConfigError, DataError, ModelLoadError or RunError into one line naming the key, file, directory
-or step (exit 2, no traceback); a JudgeError (a critic or judge backend that cannot answer) into one line saying
-how to resume.
+The CLI turns a ConfigError, DataError, ModelLoadError, EnvError or RunError into one line naming the key, file,
+directory, environment or step (exit 2, no traceback); a JudgeError (a critic or judge backend that cannot
+answer) into one line saying how to resume.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ class ModelLoadError(DataError):
 
 class JudgeError(RuntimeError):
     """A backend that cannot answer: unreachable, timing out, or speaking something other than the protocol."""
+
+
+class EnvError(DataError):
+    """An RL environment that misbehaves (raises, returns the wrong types, never finishes); the message names the
+    environment, the prompt and the step."""
 
 
 class RunError(RuntimeError):

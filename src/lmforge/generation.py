@@ -3,8 +3,8 @@
     prompts (any lengths) -> left-pad into one batch -> one prefill -> fan out to n samples per prompt
     -> decode one token per step for every live row -> rows that finish leave the batch (and the cache)
 
-Log-probabilities (``return_logprobs``) are those of the raw model: log-softmax of the logits at temperature 1,
-before any penalty or filter. That is pi(a|s) as RL needs it, whatever the sampling settings were.
+Log-probabilities (``return_logprobs``) are those of the raw model: log-softmax of the logits at temperature 1
+(or at ``logprobs_temperature``: RL's rollout log-probs at the sampling temperature), before any penalty or filter.
 
 Sampling is done by inverse CDF with one uniform number per row and step, drawn from the row's own random
 stream, keyed by (seed, prompt tokens, occurrence of that prompt, sample index). So with a seed a completion
@@ -57,6 +57,7 @@ class SamplingParams:
     stop_strings: list[str] = field(default_factory=list)  # need a tokenizer; the text ends before them
     seed: int | None = None  # None: drawn from torch's global generator (so torch.manual_seed still works)
     return_logprobs: bool = False  # raw model log p of each generated token (costs a logsumexp per step)
+    logprobs_temperature: float = 1.0  # the log-probs are of softmax(logits / this): RL uses its sampling temperature
     compile: bool = False  # torch.compile'd fixed-shape decode step: 10-40 s of warm-up on a 2-core CPU, once
     static_cache: bool | None = None  # fixed-shape decode uncompiled; None = the growing cache (faster on CPU)
 
@@ -68,6 +69,7 @@ class SamplingParams:
                   (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
                   (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
                   (self.n >= 1, "n must be >= 1"),
+                  (self.logprobs_temperature > 0, "logprobs_temperature must be > 0"),
                   (all(s for s in self.stop_strings), "stop_strings may not contain an empty string")]
         for ok, message in checks:
             if not ok:
@@ -373,7 +375,8 @@ def _decode(model, prompts, params: SamplingParams, tokenizer, eos_token_ids, pa
         picked = sample_tokens(apply_repetition_penalty(logits, seen, params.repetition_penalty)
                                if seen is not None else logits, params, draw)
         if params.return_logprobs:
-            lps = (logits.gather(-1, picked[:, None]).squeeze(-1) - logits.logsumexp(-1)).tolist()
+            scaled = logits / params.logprobs_temperature if params.logprobs_temperature != 1.0 else logits
+            lps = (scaled.gather(-1, picked[:, None]).squeeze(-1) - scaled.logsumexp(-1)).tolist()
         keep = []
         for j, tok in enumerate(picked.tolist()):
             r = live[j]

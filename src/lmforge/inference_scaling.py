@@ -4,6 +4,7 @@
     self_consistency  sample n, majority vote over their final answers (Wang et al. 2022)
     adaptive_budget   sample in rounds; stop a problem once its top answer holds threshold of the votes
     accuracy_vs_samples   the sweep: accuracy and tokens spent for N = 1, 2, 4, ... (+ a plot)
+    overoptimisation  best-of-N's proxy and gold rewards against sqrt(KL) (Gao et al. 2022)
 
 Answers come from ``extract(text)`` (default ``answers.extract_answer``). Without a tokenizer a completion's
 text is its token ids joined by spaces, which lets tests script answers on tiny random models.
@@ -13,6 +14,7 @@ to score many at once (the model-based scorers here do).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lmforge.answers import answers_match, extract_answer
+from lmforge.evaluation import rate
 from lmforge.generation import Completion, SamplingParams, generate
 from lmforge.scoring import reward_scores, sequence_logprobs
 
@@ -240,3 +243,17 @@ def dpo_reward_scorer(policy, reference, beta: float = 0.1, pad_id: int = 0, bat
 
     scorer.score_batch = score_batch
     return scorer
+
+
+def overoptimisation(proxy: torch.Tensor, gold: torch.Tensor, ns: list[int]) -> list[dict]:
+    """Best-of-N against a proxy reward, judged by a gold one (Gao et al. 2022, "Scaling Laws for Reward Model
+    Overoptimization"). ``proxy``, ``gold``: (prompts, max N) rewards of the same samples. Per N: the pick among
+    each prompt's first N samples that the proxy scores highest; its mean proxy and gold rewards (with 95%
+    bootstrap intervals, evaluation.rate) and sqrt(KL), KL(best-of-N || policy) = log N - (N - 1) / N."""
+    rows = []
+    for n in ns:
+        pick = proxy[:, :n].argmax(1, keepdim=True)
+        rows.append({"n": n, "sqrt_kl": math.sqrt(math.log(n) - (n - 1) / n),
+                     "proxy": rate(proxy.gather(1, pick)[:, 0].tolist()),
+                     "gold": rate(gold.gather(1, pick)[:, 0].tolist())})
+    return rows

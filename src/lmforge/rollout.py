@@ -23,7 +23,7 @@ import math
 import random
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,16 +32,27 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 
 from lmforge.answers import is_correct
+from lmforge.data.packing import best_fit_pack
 from lmforge.data.prompts import read_rl_prompts, render_prompt
+from lmforge.environments import Episode, load_environment
 from lmforge.errors import DataError
-from lmforge.generation import SamplingParams, generate
+from lmforge.generation import Completion, SamplingParams, generate
 from lmforge.model import unwrap
 from lmforge.modelio import load_model_and_tokenizer
 from lmforge.objectives.lm import chunked_token_logprobs
-from lmforge.objectives.rl import grpo_advantages, grpo_loss, kl_estimate, masked_mean, rloo_advantages
+from lmforge.objectives.rl import (
+    grpo_advantages,
+    grpo_loss,
+    informative_groups,
+    kl_estimate,
+    masked_mean,
+    overlong_penalty,
+    rloo_advantages,
+)
 from lmforge.rewards import RewardInput, build_reward
 from lmforge.scoring import to_device
 from lmforge.train.checkpointing import latest_checkpoint
+from lmforge.train.dist import all_reduce_mean
 from lmforge.train.loop import autocast_context
 from lmforge.train.metrics import MetricsLogger, read_metrics
 from lmforge.train.runs import Run, log, start_run
@@ -73,12 +84,15 @@ def prompt_indices(n_rows: int, iteration: int, per_rollout: int, seed: int, ran
 
 # ---- the buffer ----
 
-def pack_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> dict:
+def pack_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+                 masks: list[list[int]] | None = None) -> dict:
     """Rows [left-padded prompt | right-padded response] with masks and positions, on the CPU.
 
     Returns input_ids / attention_mask / position_ids (N, P + R), labels (N, R) (the response, -100 at
     padding), response_mask (N, R) float, prompt_len and response_len (N,). Positions count real tokens only,
-    as in generation.left_pad, so a row's numbers do not depend on how much padding surrounds it.
+    as in generation.left_pad, so a row's numbers do not depend on how much padding surrounds it. ``masks``
+    (trajectories): per response token 1 for the model's, 0 for an environment's; those get label -100 and
+    response_mask 0, so no loss, KL or log-prob is ever taken of text the model did not write.
     """
     n = len(prompt_ids)
     P = max(len(p) for p in prompt_ids)
@@ -92,6 +106,8 @@ def pack_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], p
         if c:
             input_ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
             labels[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+            if masks is not None:
+                labels[i, :len(c)][torch.tensor(masks[i], dtype=torch.bool).logical_not()] = -100
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
             "labels": labels, "response_mask": (labels != -100).float(),
@@ -99,12 +115,15 @@ def pack_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], p
             "response_len": torch.tensor([len(c) for c in completion_ids])}
 
 
-def micro_batch(buffer: dict, idx: torch.Tensor) -> dict:
-    """Rows ``idx`` of the buffer, trimmed to their longest prompt and response (less padding, same numbers).
+def micro_batch(buffer: dict, idx: torch.Tensor, packed: bool = False) -> dict:
+    """Rows ``idx`` of the buffer, trimmed to their longest prompt and response (less padding, same numbers);
+    with ``packed``, their sequences packed into rows instead (:func:`packed_micro_batch`).
 
     Sequence tensors keep columns [P - longest prompt, P + longest response); per-token tensors (N, R) keep
     their first longest-response columns; per-row tensors (N,) are just indexed.
     """
+    if packed:
+        return packed_micro_batch(buffer, idx)
     P = buffer["input_ids"].shape[1] - buffer["labels"].shape[1]
     p = int(buffer["prompt_len"][idx].max())
     r = max(1, int(buffer["response_len"][idx].max()))
@@ -117,6 +136,64 @@ def micro_batch(buffer: dict, idx: torch.Tensor) -> dict:
         else:
             out[k] = v[idx]
     return out
+
+
+# ---- packed rollouts ----
+
+def packed_micro_batch(buffer: dict, idx: torch.Tensor) -> dict:
+    """Rows ``idx`` of the buffer with their sequences packed instead of padded: the same per-token and per-row
+    tensors as :func:`micro_batch` ((n, r) labels, masks, log-probs, advantages, ...), but the model reads
+
+        input_ids, position_ids, document_ids  (rows, width): each sequence's real prompt + response tokens, best-fit
+                                               decreasing into rows as wide as the longest sequence; positions
+                                               restart at 0 in each; document_ids keep attention inside a sequence
+                                               (-1 on a row's padding tail); no attention_mask
+        response_index                         (n, r): the flat (row * width + column) position whose output
+                                               predicts each response token (:func:`response_columns` gathers it)
+
+    A sequence's outputs are exactly its outputs alone (model.build_attention_mask), so the log-probs equal the
+    padded path's up to float rounding; a micro-batch whose lengths differ costs fewer rows. One whose packed
+    rows would compute no fewer tokens than the padded ones (even lengths) is returned padded instead: the
+    document mask costs a little more than the padding mask (bench/bench_rl_pack.py).
+    """
+    P = buffer["input_ids"].shape[1] - buffer["labels"].shape[1]
+    plen, rlen = buffer["prompt_len"][idx].tolist(), buffer["response_len"][idx].tolist()
+    lengths = [p + q for p, q in zip(plen, rlen)]
+    width, r = max(lengths), max(1, max(rlen))
+    bins = best_fit_pack(lengths, width)
+    if len(bins) * width >= len(idx) * (max(plen) + r):
+        return micro_batch(buffer, idx)
+    input_ids = torch.zeros((len(bins), width), dtype=torch.long)
+    documents = torch.full((len(bins), width), -1, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    index = torch.zeros((len(idx), r), dtype=torch.long)
+    for b, members in enumerate(bins):
+        offset = 0
+        for d, i in enumerate(members):
+            row, p, q = int(idx[i]), plen[i], rlen[i]
+            input_ids[b, offset:offset + p + q] = buffer["input_ids"][row, P - p:P + q]
+            documents[b, offset:offset + p + q] = d
+            positions[b, offset:offset + p + q] = torch.arange(p + q)
+            index[i, :q] = b * width + offset + p - 1 + torch.arange(q)
+            offset += p + q
+    out = {k: (v[idx, :r] if v.dim() == 2 else v[idx]) for k, v in buffer.items() if k not in SEQUENCE_KEYS}
+    out.update(input_ids=input_ids, position_ids=positions, document_ids=documents, response_index=index)
+    return out
+
+
+def row_inputs(batch: dict) -> dict:
+    """The keyword arguments a micro-batch's forward takes besides input_ids: a padded batch's attention mask and
+    positions, or a packed batch's positions and document ids."""
+    if "document_ids" in batch:
+        return {"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]}
+    return {"attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"]}
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens a micro-batch's forward reads, padded or packed (for tokens/s)."""
+    if "document_ids" in batch:
+        return int((batch["document_ids"] >= 0).sum())
+    return int(batch["attention_mask"].sum())
 
 
 def epoch_order(n: int, seed: int, iteration: int, epoch: int) -> torch.Tensor:
@@ -135,7 +212,10 @@ def epoch_micro_batches(n: int, micro_batch_size: int, seed: int, iteration: int
 # ---- the one log-prob function ----
 
 def response_columns(x: torch.Tensor, batch: dict) -> torch.Tensor:
-    """The columns of per-position outputs (hidden states, values) that predict the response tokens: P-1 ... P+R-2."""
+    """(B, R, ...) per-position outputs (hidden states, values) at the positions that predict the response tokens:
+    columns P-1 ... P+R-2 of a padded batch, the ``response_index`` positions of a packed one."""
+    if "response_index" in batch:
+        return x.reshape(-1, *x.shape[2:])[batch["response_index"]]
     R = batch["labels"].shape[1]
     return x[:, -R - 1:-1]
 
@@ -161,21 +241,21 @@ def response_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, batch: di
 def policy_logprobs(model, batch: dict, temperature: float = 1.0, entropy: bool = False):
     """``response_logprobs`` of ``model`` (an lmforge Transformer, possibly DDP-wrapped) on a micro-batch: the one
     forward the rollout and the training step share (padding masked out, positions counting real tokens)."""
-    hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                   return_hidden=True)
+    hidden = model(batch["input_ids"], **row_inputs(batch), return_hidden=True)
     return response_logprobs(hidden, unwrap(model).lm_head.weight, batch, temperature, entropy)
 
 
 @torch.no_grad()
 def score_buffer(fn: Callable[[dict], dict[str, torch.Tensor]], buffer: dict, batches: list[torch.Tensor],
-                 device, autocast=None) -> dict[str, torch.Tensor]:
-    """Run ``fn(micro_batch) -> {name: (b, r) or (b,) tensor}`` over ``batches`` of buffer rows and scatter the
-    results back into (N, R) / (N,) CPU tensors (per-token ones zero-padded past each micro-batch's width)."""
+                 device, autocast=None, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Run ``fn(micro_batch) -> {name: (b, r) or (b,) tensor}`` over ``batches`` of buffer rows (padded, or
+    ``packed``) and scatter the results back into (N, R) / (N,) CPU tensors (per-token ones zero-padded past each
+    micro-batch's width)."""
     n, R = buffer["labels"].shape
     out: dict[str, torch.Tensor] = {}
     for idx in batches:
         with autocast if autocast is not None else nullcontext():
-            results = fn(to_device(micro_batch(buffer, idx), device))
+            results = fn(to_device(micro_batch(buffer, idx, packed), device))
         for k, v in results.items():
             v = v.detach().float().cpu()
             if k not in out:
@@ -220,48 +300,60 @@ class RolloutStream:
 
     make_rollout(iteration, plan) -> (buffer, stats): the stage's rollout (generate, score, old/ref log-probs,
     advantages); ``plan(n)`` gives the first epoch's micro-batches of an n-row buffer, to score it in exactly
-    those. Each buffer is trained on for ``epochs``
-    shuffled passes of ``micro_batch_size`` rows. Every micro-batch carries the rollout's stats (a dict of
-    floats) under "stats" so the loss function can report them with the step.
+    those. Each buffer is trained on for ``epochs`` shuffled passes of ``micro_batch_size`` rows. Every
+    micro-batch carries the rollout's stats (a dict of floats) under "stats" so the loss function can report
+    them with the step, and "loss_tokens": the response tokens of its whole optimizer step (its
+    ``accumulation`` micro-batches on every process) divided by the number of micro-batches averaged into that
+    step, so a token-mean loss divided by it weighs every token of the step alike (objectives.rl.aggregate_loss).
+    ``packed``: micro-batches of packed sequences (:func:`packed_micro_batch`) instead of padded rows.
 
     State (JSON): iteration, epoch, position, stats; the buffer itself is written by :meth:`save_buffer` into
     the checkpoint directory and read back from ``resume_dir()`` by :meth:`load_state_dict`.
     """
 
     def __init__(self, make_rollout, *, epochs: int, micro_batch_size: int, seed: int,
-                 resume_dir: Callable[[], Path | None] = lambda: None, on_rollout=None):
+                 resume_dir: Callable[[], Path | None] = lambda: None, on_rollout=None, accumulation: int = 1,
+                 packed: bool = False):
         self.make_rollout, self.epochs, self.micro_batch_size, self.seed = make_rollout, epochs, micro_batch_size, seed
-        self.resume_dir, self.on_rollout = resume_dir, on_rollout
+        self.resume_dir, self.on_rollout, self.accumulation = resume_dir, on_rollout, accumulation
+        self.packed = packed
         self.iteration, self.epoch, self.position = 0, 0, 0  # iteration = rollouts made so far
         self.buffer: dict | None = None
         self.stats: dict = {}
         self._batches: list[torch.Tensor] = []
+        self._step_tokens: list[float] = []
 
     def __iter__(self):
         return self
 
-    def _plan(self, iteration: int, epoch: int) -> list[torch.Tensor]:
+    def _plan(self, iteration: int, epoch: int) -> None:
         n = self.buffer["labels"].shape[0] if self.buffer is not None else 0
-        return epoch_micro_batches(n, self.micro_batch_size, self.seed, iteration, epoch)
+        self._batches = epoch_micro_batches(n, self.micro_batch_size, self.seed, iteration, epoch)
+        self._step_tokens = step_token_counts(self.buffer["response_mask"], self._batches, self.accumulation)
+
+    def next_buffer(self) -> None:
+        """Roll out buffer number ``iteration`` (the stage's make_rollout) and plan its first epoch."""
+        iteration = self.iteration
+        self.buffer, self.stats = self.make_rollout(iteration, lambda n: epoch_micro_batches(
+            n, self.micro_batch_size, self.seed, iteration, 0))
+        if self.on_rollout is not None:
+            self.on_rollout(self.iteration, self.stats)
+        self.iteration += 1
+        self.epoch, self.position = 0, 0
+        self._plan(self.iteration - 1, 0)
 
     def __next__(self) -> dict:
         if self.buffer is None or self.epoch >= self.epochs:
-            iteration = self.iteration
-            self.buffer, self.stats = self.make_rollout(iteration, lambda n: epoch_micro_batches(
-                n, self.micro_batch_size, self.seed, iteration, 0))
-            if self.on_rollout is not None:
-                self.on_rollout(self.iteration, self.stats)
-            self.iteration += 1
-            self.epoch, self.position = 0, 0
-            self._batches = self._plan(self.iteration - 1, 0)
+            self.next_buffer()
         idx = self._batches[self.position]
-        batch = micro_batch(self.buffer, idx)
+        batch = micro_batch(self.buffer, idx, self.packed)
         batch["stats"] = {k: torch.tensor(float(v)) for k, v in self.stats.items()}
+        batch["loss_tokens"] = torch.tensor(self._step_tokens[self.position // self.accumulation])
         self.position += 1
         if self.position == len(self._batches):
             self.epoch, self.position = self.epoch + 1, 0
             if self.epoch < self.epochs:
-                self._batches = self._plan(self.iteration - 1, self.epoch)
+                self._plan(self.iteration - 1, self.epoch)
         return batch
 
     def state_dict(self) -> dict:
@@ -283,26 +375,39 @@ class RolloutStream:
                                         f"({directory}), and it is missing")
             self.buffer = load_file(str(Path(directory) / BUFFER_FILE))
             if self.epoch < self.epochs:
-                self._batches = self._plan(self.iteration - 1, self.epoch)
+                self._plan(self.iteration - 1, self.epoch)
+
+
+def step_token_counts(response_mask: torch.Tensor, batches: list[torch.Tensor], accumulation: int) -> list[float]:
+    """Per optimizer step of an epoch's micro-batches (``accumulation`` consecutive ones each): the step's
+    response tokens over every process, divided by accumulation x processes (the micro-batches the loop
+    averages). One all-reduce per epoch; every process plans its epochs at the same points, so they meet."""
+    local = [float(response_mask[idx].sum()) for idx in batches]
+    steps = torch.tensor([sum(local[i:i + accumulation]) for i in range(0, len(local), accumulation)],
+                         dtype=torch.float64)
+    return (all_reduce_mean(steps) / accumulation).tolist() if len(steps) else []
 
 
 # ---- sampling and scoring ----
 
 class Samples:
-    """N = prompts x n completions (a prompt's n contiguous) with their rewards."""
+    """N = prompts x n completions (a prompt's n contiguous) with their rewards (and, when the engine returned
+    them, the sampler's own log-probs of each token)."""
 
     def __init__(self, rows, prompt_ids, completions, rewards, parts):
         self.rows, self.prompt_ids = rows, prompt_ids
         self.completion_ids = [c.token_ids for c in completions]
         self.texts = [c.text if c.text is not None else " ".join(map(str, c.token_ids)) for c in completions]
         self.finish_reasons = [c.finish_reason for c in completions]
+        self.logprobs = [c.logprobs for c in completions] if completions and completions[0].logprobs is not None \
+            else None
         self.rewards, self.parts = rewards, parts
+        self.masks: list[list[int]] | None = None  # trajectories: 1 = the model's token, 0 = the environment's
 
     def stats(self, group_size: int) -> dict[str, float]:
         """TRL's rollout metrics: reward (mean), reward_std, frac_reward_zero_std, completions/*, rewards/NAME/mean."""
         lengths = torch.tensor([float(len(c)) for c in self.completion_ids])
-        groups = self.rewards.reshape(-1, group_size)
-        zero_std = (groups.max(1).values - groups.min(1).values).abs() < 1e-8
+        zero_std = ~informative_groups(self.rewards, group_size)
         out = {"reward": self.rewards.mean().item(),
                "reward_std": self.rewards.std().item() if len(self.rewards) > 1 else 0.0,
                "frac_reward_zero_std": zero_std.float().mean().item(),
@@ -311,6 +416,31 @@ class Samples:
                "completions/clipped_ratio": sum(f == "length" for f in self.finish_reasons) / len(lengths)}
         out.update({f"rewards/{name}/mean": v.mean().item() for name, v in self.parts.items()})
         return out
+
+    def take(self, rows: list[int]) -> Samples:
+        """The samples at ``rows`` (in that order), as a new Samples."""
+        out = Samples.__new__(Samples)
+        for name in ("rows", "prompt_ids", "completion_ids", "texts", "finish_reasons"):
+            setattr(out, name, [getattr(self, name)[i] for i in rows])
+        out.logprobs = None if self.logprobs is None else [self.logprobs[i] for i in rows]
+        out.masks = None if self.masks is None else [self.masks[i] for i in rows]
+        index = torch.tensor(rows, dtype=torch.long)
+        out.rewards, out.parts = self.rewards[index], {k: v[index] for k, v in self.parts.items()}
+        return out
+
+    def extend(self, other: Samples) -> Samples:
+        """Append ``other``'s samples (same reward parts) in place; returns self."""
+        for name in ("rows", "prompt_ids", "completion_ids", "texts", "finish_reasons"):
+            getattr(self, name).extend(getattr(other, name))
+        if self.logprobs is not None and other.logprobs is not None:
+            self.logprobs.extend(other.logprobs)
+        else:
+            self.logprobs = None
+        if self.masks is not None:
+            self.masks.extend(other.masks)
+        self.rewards = torch.cat([self.rewards, other.rewards])
+        self.parts = {k: torch.cat([v, other.parts[k]]) for k, v in self.parts.items()}
+        return self
 
 
 def sample_and_score(policy, tokenizer, rows: list[dict], prompt_ids: list[list[int]], params, reward) -> Samples:
@@ -335,6 +465,61 @@ def sample_and_score(policy, tokenizer, rows: list[dict], prompt_ids: list[list[
         if bad:
             raise ValueError(f"reward {name!r} gave {bad} non-finite values (NaN/inf) out of {len(v)}")
     samples.rewards, samples.parts = total.float(), parts
+    return samples
+
+
+def sample_trajectories(policy, tokenizer, rows: list[dict], prompt_ids: list[list[int]], params: SamplingParams,
+                        env_cls, env_name: str, max_env_steps: int = 16) -> Samples:
+    """``params.n`` episodes per prompt, a fresh ``env_cls`` each (environments.py): the model takes a turn (until
+    end-of-turn, EOS or one of the environment's stop strings), the environment answers it, and so on until it
+    says done or the episode's ``params.max_new_tokens`` (the model's and the environment's tokens together) run
+    out ("length": the reward is what the steps gave so far). The completion is the whole trajectory after the
+    prompt; ``masks`` marks the model's tokens (1) and the environment's (0: never trained on); the reward is
+    the sum of the episode's step rewards (the part "env"). Each turn is one batched generate call over the
+    episodes still running, seeded from (params.seed, turn)."""
+    N, budget_total = len(rows) * params.n, params.max_new_tokens
+    reps = [(i, row, ids) for i, (row, ids) in enumerate(zip(rows, prompt_ids)) for _ in range(params.n)]
+    episodes = [Episode(env_cls, env_name, row, i, max_env_steps) for i, row, _ in reps]
+    encode = (lambda t: tokenizer.encode(t)) if tokenizer is not None else (lambda t: [])  # noqa: E731
+    completion = [encode(e.first)[:budget_total] for e in episodes]
+    masks = [[0] * len(c) for c in completion]
+    logprobs = [[0.0] * len(c) for c in completion]
+    rewards, finish = [0.0] * N, ["length"] * N
+    active, turn = list(range(N)), 0
+    while active := [j for j in active if len(completion[j]) < budget_total]:
+        budget = {j: budget_total - len(completion[j]) for j in active}
+        seed = None if params.seed is None else hash_seed(params.seed, "turn", turn)
+        turn_params = replace(params, n=1, max_new_tokens=max(budget.values()), seed=seed,
+                              stop_strings=episodes[0].stop_strings)
+        with eval_mode(policy):
+            outs = generate(policy, [reps[j][2] + completion[j] for j in active], turn_params, tokenizer=tokenizer,
+                            pad_id=tokenizer.pad_id if tokenizer is not None else 0)
+        still = []
+        for j, (out,) in zip(active, outs):
+            ids = out.token_ids[:budget[j]]
+            completion[j] += ids
+            masks[j] += [1] * len(ids)
+            logprobs[j] += (out.logprobs or [0.0] * len(ids))[:len(ids)]
+            if out.finish_reason == "length" or len(out.token_ids) > budget[j]:
+                continue  # out of tokens mid-turn: the episode is cut where it is
+            text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
+            observation, reward, done = episodes[j].step(text)
+            rewards[j] += reward
+            if done:
+                finish[j] = "stop"
+                continue
+            seen = encode(observation)[:budget_total - len(completion[j])]
+            completion[j] += seen
+            masks[j] += [0] * len(seen)
+            logprobs[j] += [0.0] * len(seen)
+            still.append(j)
+        active, turn = still, turn + 1
+    flat = [Completion(c, f, tokenizer.decode(c, skip_special_tokens=True) if tokenizer is not None else None, lp)
+            for c, f, lp in zip(completion, finish, logprobs)]
+    samples = Samples([r for _, r, _ in reps], [ids for _, _, ids in reps], flat, None, None)
+    samples.logprobs = logprobs if params.return_logprobs else None
+    total = torch.tensor(rewards)
+    samples.rewards, samples.parts, samples.masks = total, {"env": total}, masks
     return samples
 
 
@@ -404,16 +589,116 @@ def print_rl_summary(summary: dict) -> None:
         console.print(f"plot: {summary['plot']}")
 
 
-# ---- GRPO / RLOO ----
+# ---- GRPO / RLOO: the objective a config selects ----
+
+# loss_type -> (clip_eps, clip_eps_high) when the config leaves them None. GSPO's ratio is a per-token geometric
+# mean, hence its tiny range (Zheng et al. 2025); CISPO clips a weight, with no lower bound (MiniMax-M1).
+OBJECTIVE_CLIPS = {"grpo": (0.2, None), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "cispo": (1.0, 4.0)}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The GRPO family's objective as a config resolves it (:func:`resolve_objective`)."""
+    loss_type: str  # grpo | dapo | gspo | cispo: the policy term (objectives.rl.grpo_loss)
+    clip_low: float
+    clip_high: float | None
+    dynamic_sampling: bool  # drop groups whose rewards are all equal and sample more prompts (DAPO)
+    max_refill_rounds: int
+    overlong_buffer: int  # DAPO's soft overlong punishment over the last this-many tokens; 0 = off
+    overlong_penalty: float
+    tis_cap: float  # truncated importance sampling against the engine's log-probs; 0 = off
+
+
+def resolve_objective(cfg) -> Objective:
+    """The objective of a stages.grpo.GRPOConfig: its loss_type's defaults where the config says None
+    (``loss_type=dapo`` is the whole of DAPO: clip-higher, dynamic sampling and overlong shaping)."""
+    low, high = OBJECTIVE_CLIPS[cfg.loss_type]
+    dapo = cfg.loss_type == "dapo"
+    return Objective(
+        cfg.loss_type, low if cfg.clip_eps is None else cfg.clip_eps,
+        high if cfg.clip_eps_high is None else cfg.clip_eps_high,
+        dapo if cfg.dynamic_sampling is None else cfg.dynamic_sampling, cfg.max_refill_rounds,
+        (cfg.max_new_tokens // 4 if dapo else 0) if cfg.overlong_buffer is None else cfg.overlong_buffer,
+        cfg.overlong_penalty, cfg.tis_cap)
+
+
+def shape_rewards(samples: Samples, objective: Objective, max_new_tokens: int) -> Samples:
+    """DAPO's overlong punishment added to the rewards (as the part "overlong"), when the objective has one."""
+    if objective.overlong_buffer > 0:
+        lengths = torch.tensor([len(c) for c in samples.completion_ids])
+        penalty = overlong_penalty(lengths, max_new_tokens, objective.overlong_buffer)
+        samples.parts = {**samples.parts, "overlong": penalty}
+        samples.rewards = samples.rewards + objective.overlong_penalty * penalty
+    return samples
+
+
+def group_advantages(cfg, rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO's leave-one-out or GRPO's group-normalised advantages of a rollout's rewards (one per sample)."""
+    if cfg.algorithm == "rloo":
+        return rloo_advantages(rewards, cfg.num_generations)
+    return grpo_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
+
+
+# ---- GRPO / RLOO: sampling groups (DAPO's dynamic sampling) ----
+
+def sample_groups(cfg, objective: Objective, policy, tokenizer, rows: list[dict], prompt_ids: list[list[int]],
+                  reward, iteration: int, rank: int = 0, world_size: int = 1,
+                  env_cls=None) -> tuple[Samples, dict]:
+    """The rollout's prompts_per_rollout groups of num_generations samples, scored and shaped, and their stats
+    (with ``env_cls``, whole trajectories in cfg.environment: :func:`sample_trajectories`).
+
+    With dynamic sampling (DAPO), groups whose rewards are all equal (zero advantage) are dropped and fresh
+    prompts are drawn, up to ``max_refill_rounds`` more generate calls, until the batch is full; a batch still
+    short is topped up with dropped groups (counted in dynamic_sampling/flat_groups). Every draw is a pure
+    function of (seed, iteration, round, rank), so a resumed run draws the same. The stats (reward, ...) are the
+    first round's, an unbiased sample of the policy; num_gen_batches counts the generate calls (verl's name).
+    """
+    G, P = cfg.num_generations, cfg.prompts_per_rollout
+    rounds = objective.max_refill_rounds + 1 if objective.dynamic_sampling else 1
+    kept, flat, stats = None, [], {}
+    for r in range(rounds):
+        idx = prompt_indices(len(rows), iteration, P, cfg.train.seed if r == 0 else f"{cfg.train.seed}/refill/{r}",
+                             rank, world_size)
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=G,
+                                seed=hash_seed(cfg.train.seed, iteration, rank, *(("refill", r) if r else ())),
+                                compile=cfg.compile_generation, return_logprobs=objective.tis_cap > 0,
+                                logprobs_temperature=cfg.temperature)
+        if env_cls is None:
+            drawn = sample_and_score(policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx], params,
+                                     reward)
+        else:
+            drawn = sample_trajectories(policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx],
+                                        params, env_cls, cfg.environment, cfg.max_env_steps)
+        samples = shape_rewards(drawn, objective, cfg.max_new_tokens)
+        if r == 0:
+            stats = samples.stats(G)
+        if not objective.dynamic_sampling:
+            return samples, stats
+        good = informative_groups(samples.rewards, G).tolist()
+        chosen = samples.take([g * G + j for g, ok in enumerate(good) if ok for j in range(G)])
+        kept = chosen if kept is None else kept.extend(chosen)
+        flat += [(samples, g) for g, ok in enumerate(good) if not ok]
+        if len(kept.rewards) >= P * G:
+            break
+    short = P - len(kept.rewards) // G
+    for samples, g in flat[:max(short, 0)]:
+        kept.extend(samples.take(list(range(g * G, (g + 1) * G))))
+    stats.update({"num_gen_batches": float(r + 1), "dynamic_sampling/flat_groups": float(max(short, 0))})
+    return kept.take(list(range(P * G))), stats
+
+
+# ---- GRPO / RLOO: the rollout and the loss ----
 
 def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list[list[int]], reward,
                  device, rank: int = 0, world_size: int = 1):
     """GRPO's / RLOO's ``make_rollout(iteration, plan) -> (buffer, stats)`` for a RolloutStream (``cfg``: a
-    stages.grpo.GRPOConfig): sample, score, old and reference log-probs, group-relative advantages.
+    stages.grpo.GRPOConfig): sample (sample_groups), old and reference log-probs, group-relative advantages.
 
     ``reward`` is a rewards.CombinedReward or any callable RewardInput -> (total, {name: part}); ``tokenizer``
     may be None (completions are then scored as space-joined token ids, prompts padded with 0).
     """
+    objective = resolve_objective(cfg)
+    env_cls = load_environment(cfg.environment) if cfg.environment else None
     G, T = cfg.num_generations, cfg.temperature
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
     # One optimizer step per rollout, one pass: every micro-batch is scored before any update, so the old
@@ -421,47 +706,62 @@ def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list
     one_update = cfg.epochs == 1 and cfg.train.batch_size == cfg.prompts_per_rollout * G * world_size
 
     def make_rollout(iteration: int, plan):
-        idx = prompt_indices(len(rows), iteration, cfg.prompts_per_rollout, cfg.train.seed, rank, world_size)
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=T, n=G,
-                                seed=hash_seed(cfg.train.seed, iteration, rank), compile=cfg.compile_generation)
-        samples = sample_and_score(policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx],
-                                   params, reward)
-        buffer = pack_rollout(samples.prompt_ids, samples.completion_ids, pad_id)
+        samples, stats = sample_groups(cfg, objective, policy, tokenizer, rows, prompt_ids, reward, iteration,
+                                       rank, world_size, env_cls)
+        buffer = pack_rollout(samples.prompt_ids, samples.completion_ids, pad_id, samples.masks)
+        if samples.logprobs is not None:
+            buffer["rollout_logprobs"] = padded_rows(samples.logprobs, buffer["labels"].shape[1])
         batches = plan(len(samples.completion_ids))
         autocast = autocast_context(cfg.train, device)
         with torch.no_grad():
             if not one_update:  # else pi_old = pi exactly: the loss uses logp.detach() and skips this forward
-                scored = score_buffer(policy_scores(policy, T, entropy=True), buffer, batches, device, autocast)
+                scored = score_buffer(policy_scores(policy, T, entropy=True), buffer, batches, device, autocast,
+                                      cfg.pack)
                 buffer["old_logprobs"], entropy = scored["logprobs"], scored["entropy"]
-            buffer["ref_logprobs"] = score_buffer(policy_scores(ref, T), buffer, batches, device, autocast)["logprobs"]
-        if cfg.algorithm == "rloo":
-            buffer["advantages"] = rloo_advantages(samples.rewards, G)
-        else:
-            buffer["advantages"] = grpo_advantages(samples.rewards, G, cfg.scale_rewards)
+            buffer["ref_logprobs"] = score_buffer(policy_scores(ref, T), buffer, batches, device, autocast,
+                                                  cfg.pack)["logprobs"]
+        buffer["advantages"] = group_advantages(cfg, samples.rewards)
         mask = buffer["response_mask"]
-        stats = samples.stats(G)
         if not one_update:
             stats["entropy"] = masked_mean(entropy, mask).item()
             stats["kl_k1"] = masked_mean(kl_estimate(buffer["old_logprobs"], buffer["ref_logprobs"], "k1"), mask).item()
         stats["rollout"] = iteration + 1
-        flat_batch_warning(iteration, stats, len(idx))
+        flat_batch_warning(iteration, stats, cfg.prompts_per_rollout)
         kl_anomaly_check(iteration, stats)
         return buffer, stats
     return make_rollout
 
 
+def padded_rows(values: list[list[float]], width: int) -> torch.Tensor:
+    """(N, width) float tensor of ragged rows, zero-padded."""
+    out = torch.zeros(len(values), width)
+    for i, v in enumerate(values):
+        if v:
+            out[i, :len(v)] = torch.tensor(v)
+    return out
+
+
 def grpo_loss_fn(cfg):
-    """loss_fn(model, micro-batch) -> (loss, metrics) for the loop: objectives/rl.py grpo_loss on the buffer."""
+    """loss_fn(model, micro-batch) -> (loss, metrics) for the loop: objectives/rl.py grpo_loss on the buffer, with
+    the config's objective (loss_type, clip range, truncated IS) and the step's token count ("loss_tokens")."""
+    objective = resolve_objective(cfg)
+
     def loss_fn(model, batch):
         old = batch.get("old_logprobs")
         if old is None:  # the rollout skipped the policy forward: entropy and k1 come from this one
             logp, entropy = policy_logprobs(model, batch, cfg.temperature, entropy=True)
         else:
             logp = policy_logprobs(model, batch, cfg.temperature)
+        rollout = batch.get("rollout_logprobs") if objective.tis_cap > 0 else None
         loss, m = grpo_loss(logp, old, batch["ref_logprobs"], batch["advantages"], batch["response_mask"],
-                            cfg.clip_eps, cfg.clip_eps_high, cfg.beta, cfg.loss_agg, max_len=cfg.max_new_tokens)
-        metrics = {**batch["stats"], "kl": m["kl"], "clip_ratio": m["clipfrac"], "approx_kl": m["approx_kl"],
-                   "ratio_mean": m["ratio_mean"]}
+                            objective.clip_low, objective.clip_high, cfg.beta, cfg.loss_agg,
+                            max_len=cfg.max_new_tokens, loss_type=objective.loss_type,
+                            num_tokens=batch.get("loss_tokens"), rollout_logprobs=rollout, tis_cap=objective.tis_cap)
+        metrics = {**batch["stats"], "kl": m["kl"], "clip_ratio": m["clipfrac"],
+                   "clip_ratio/low_mean": m["clipfrac_low"], "clip_ratio/high_mean": m["clipfrac_high"],
+                   "approx_kl": m["approx_kl"], "ratio_mean": m["ratio_mean"]}
+        if "tis_weight" in m:
+            metrics["tis_weight"] = m["tis_weight"]
         if old is None:
             mask = batch["response_mask"]
             metrics["entropy"] = masked_mean(entropy, mask)
@@ -518,8 +818,10 @@ def start_rl_run(cfg) -> RLRun:
     rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
     check_answers(rows + eval_rows, cfg.rewards)
     reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
+    environment = getattr(cfg, "environment", "")  # grpo's; ppo has none
+    env = (load_environment(environment), environment, cfg.max_env_steps) if environment else None
     eval_fn = make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens,
-                           compile=cfg.compile_generation) if eval_rows else None
+                           compile=cfg.compile_generation, env=env) if eval_rows else None
     return RLRun(run, policy, ref, tokenizer, rows, prompt_ids, eval_rows, eval_ids, reward, eval_fn)
 
 
@@ -549,17 +851,19 @@ def check_answers(rows: list[dict], rewards) -> None:
 
 
 def make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, max_new_tokens: int, batch_size: int = 64,
-                 compile: bool = False):
+                 compile: bool = False, env=None):
     """eval/accuracy (when rows have answers), eval/mean_length and eval/reward of greedy completions
-    (``compile``: with the torch.compile'd decode step, generation.SamplingParams.compile)."""
+    (``compile``: with the torch.compile'd decode step, generation.SamplingParams.compile); with ``env``
+    (class, name, step limit), of greedy trajectories in that environment, eval/reward being its reward."""
     def eval_fn(_model=None) -> dict:
         if not eval_rows:
             return {}
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, compile=compile)
         samples = []
         for s in range(0, len(eval_rows), batch_size):
-            samples.append(sample_and_score(policy, tokenizer, eval_rows[s:s + batch_size],
-                                            eval_ids[s:s + batch_size], params, reward))
+            rows, ids = eval_rows[s:s + batch_size], eval_ids[s:s + batch_size]
+            samples.append(sample_and_score(policy, tokenizer, rows, ids, params, reward) if env is None
+                           else sample_trajectories(policy, tokenizer, rows, ids, params, *env))
         texts = [t for x in samples for t in x.texts]
         lengths = [len(c) for x in samples for c in x.completion_ids]
         out = {"eval/mean_length": sum(lengths) / len(lengths),

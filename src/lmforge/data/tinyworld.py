@@ -237,16 +237,24 @@ def preference_rows(n: int = 2000, seed: int = 0) -> list[dict]:
              "rejected": _assistant(wrong_answer(p, rng))} for p in problems(n, "train", seed + 2)]
 
 
+def tool_sft_rows(n: int = 2000, seed: int = 0, max_digits: int = 3) -> list[dict]:
+    """SFT rows that use the calculator tool (environments.Calculator) instead of working the columns:
+    ``<calc>347 + 289</calc> = 636. The answer is 636.`` for operands of up to ``max_digits`` digits."""
+    return [{"messages": _user(p.question) + _assistant(f"<calc>{p.a} {p.op} {p.b}</calc> = {p.answer}. "
+                                                        f"{format_answer(p.answer)}")}
+            for p in problems(n, "train", seed + 5, max_digits=max_digits)]
+
+
 def rl_rows(n: int = 2000, seed: int = 0) -> list[dict]:
     """Verifiable-reward prompts: {"prompt": [user], "answer": "636"} (plus the bare "question")."""
     return [{"prompt": _user(p.question), "answer": str(p.answer), "question": p.question}
             for p in problems(n, "train", seed + 3)]
 
 
-def eval_rows(n: int = 200, seed: int = 0) -> list[dict]:
+def eval_rows(n: int = 200, seed: int = 0, max_digits: int | None = None) -> list[dict]:
     """Held-out problems (test split, distinct): {"prompt": [user], "answer", "question"}."""
     return [{"prompt": _user(p.question), "answer": str(p.answer), "question": p.question}
-            for p in problems(n, "test", seed, unique=True)]
+            for p in problems(n, "test", seed, max_digits=max_digits, unique=True)]
 
 
 SOURCES = {  # builtin:tinyworld/NAME -> the rows it serves
@@ -256,6 +264,10 @@ SOURCES = {  # builtin:tinyworld/NAME -> the rows it serves
     "preference": preference_rows,
     "rl": rl_rows,
     "eval": eval_rows,
+    "sft_tool": tool_sft_rows,  # the calculator tool's demonstrations, up to 3 digits
+    "rl_hard": lambda: [{"prompt": _user(p.question), "answer": str(p.answer), "question": p.question}
+                        for p in problems(2000, "train", 7, max_digits=3)],
+    "eval_hard": lambda: eval_rows(200, max_digits=3),  # held-out, up to 3 digits (beyond the model unaided)
 }
 
 

@@ -7,7 +7,10 @@ How a step runs: chosen and rejected rows go through ONE forward (2B rows, right
 length-grouped batch, so the fast causal kernel runs and padding is minimal); per-token log-probs are taken only
 at completion positions, from the hidden states and the lm_head a chunk at a time (never the full logits).
 The reference log-probs are PRECOMPUTED in one pass before training (the initial policy is the reference, so
-only one model is ever in memory); ``reference=live`` keeps a frozen copy instead. Metrics have TRL's names:
+only one model is ever in memory); ``reference=live`` keeps a frozen copy instead. ``sync_ref_model=true``
+keeps a live copy that follows the policy every ``ref_model_sync_steps`` steps, theta_ref <- alpha * theta +
+(1 - alpha) * theta_ref with alpha = ``ref_model_mixup_alpha`` (TR-DPO, Gorbatovski et al. 2024; TRL's names;
+train/reference.py). Metrics have TRL's names:
 rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected (eval_*
 on held-out pairs). The result is a Hugging Face directory with the tokenizer and its chat template.
 
@@ -46,9 +49,11 @@ from lmforge.scoring import (
     to_device,
     token_kl,
 )
+from lmforge.train.checkpointing import latest_checkpoint
 from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, autocast_context, train
 from lmforge.train.preference import REFERENCE_FREE, check_loss_options, dpo_loss_fn
+from lmforge.train.reference import ReferenceSync, check_sync_options
 from lmforge.train.runs import finish_run, round_metrics, start_run, write_config
 
 
@@ -65,6 +70,9 @@ class DPOConfig:
     rpo_alpha: float = 0.0  # > 0: + alpha * NLL of the chosen answer per token (RPO, Pang et al. 2024; TRL's
     #                         rpo_alpha): keeps DPO from pushing the chosen answer's likelihood down with the rejected
     reference: str = "precompute"  # precompute (one pass, then only the policy in memory) | live
+    sync_ref_model: bool = False  # TR-DPO: a live reference that follows the policy (implies reference=live): every
+    ref_model_sync_steps: int = 64  # this many optimizer steps,
+    ref_model_mixup_alpha: float = 0.6  # theta_ref <- alpha * theta + (1 - alpha) * theta_ref (1 = a hard copy)
     betas: list[float] = field(default_factory=list)  # non-empty: run a beta sweep (same as `lmforge dpo sweep`)
     logprob_chunk_size: int = 1024  # completion tokens per lm_head chunk
     group_by_length: bool = True  # batch pairs of similar length: minimal padding
@@ -79,6 +87,9 @@ class DPOConfig:
             raise ValueError(f"reference must be precompute or live, got {self.reference!r}")
         if any(b <= 0 for b in self.betas):
             raise ValueError(f"every value in betas must be positive, got {self.betas}")
+        check_sync_options(self)
+        if self.sync_ref_model and self.loss_type in REFERENCE_FREE:
+            raise ValueError(f"sync_ref_model: loss_type={self.loss_type} has no reference to follow the policy")
 
 
 # ----------------------------------------------------------------------------------------------------- the stage
@@ -89,7 +100,7 @@ def prepare(cfg: DPOConfig, dist):
     train_pairs, eval_pairs, stats = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
     check_context(model, max(map(pair_length, train_pairs + eval_pairs), default=0), "data.max_length",
                   cfg.data.max_length)
-    if cfg.loss_type not in REFERENCE_FREE and cfg.reference == "precompute":
+    if cfg.loss_type not in REFERENCE_FREE and cfg.reference == "precompute" and not cfg.sync_ref_model:
         ref = model if not cfg.ref_model else load_model_and_tokenizer(cfg.ref_model, dist.device)[0]
         t0 = time.time()
         collate, autocast = (lambda b: collate_pairs(b, tokenizer.pad_id)), autocast_context(cfg.train, dist.device)
@@ -103,8 +114,8 @@ def prepare(cfg: DPOConfig, dist):
 
 
 def live_reference(cfg: DPOConfig, model, device):
-    """A frozen reference model for reference=live (None when not needed)."""
-    if cfg.loss_type in REFERENCE_FREE or cfg.reference != "live":
+    """A frozen reference model for reference=live or sync_ref_model (None when not needed)."""
+    if cfg.loss_type in REFERENCE_FREE or (cfg.reference != "live" and not cfg.sync_ref_model):
         return None
     ref = load_model_and_tokenizer(cfg.ref_model)[0] if cfg.ref_model else copy.deepcopy(model)
     return ref.to(device).eval().requires_grad_(False)
@@ -125,6 +136,16 @@ def train_policy(cfg: DPOConfig, model, tokenizer, train_pairs, eval_pairs, dist
     loss_fn = dpo_loss_fn(cfg, beta, ref_model)
     batches = Batches(train_pairs, cfg.train.micro_batch_size, collate, cfg.train.seed, dist.rank,
                       dist.world_size, length=pair_length, group_by_length=cfg.group_by_length)
+    data = batches
+    if cfg.sync_ref_model:
+        data = ReferenceSync(batches, ref_model, model, every=cfg.ref_model_sync_steps,
+                             alpha=cfg.ref_model_mixup_alpha, accumulation=cfg.train.accumulation(dist.world_size),
+                             resume_dir=lambda: latest_checkpoint(out_dir / "checkpoints"))
+
+    def save_model(path: Path):
+        write_model_files(path, model, tokenizer)
+        if data is not batches:
+            data.save(path)
 
     def eval_fn(m):
         return evaluate_pairs(m, loss_fn, eval_pairs, collate, cfg.train.micro_batch_size, dist.device,
@@ -136,8 +157,8 @@ def train_policy(cfg: DPOConfig, model, tokenizer, train_pairs, eval_pairs, dist
     model.train()
     run_cfg = replace(cfg, beta=beta if beta is not None else cfg.beta)
     t0 = time.time()
-    result = train(model, loss_fn, batches, cfg.train, out_dir, dist=dist, eval_fn=eval_fn,
-                   save_model=lambda path: write_model_files(path, model, tokenizer), run_config=run_cfg,
+    result = train(model, loss_fn, data, cfg.train, out_dir, dist=dist, eval_fn=eval_fn,
+                   save_model=save_model, run_config=run_cfg,
                    tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), description=f"dpo ({cfg.loss_type})")
     seconds = time.time() - t0
     if not dist.is_main:

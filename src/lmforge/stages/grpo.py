@@ -11,6 +11,14 @@ then optimise the clipped-ratio objective with an optional k3 KL penalty to the 
 rewards are all equal has zero advantage and teaches nothing: the share of such groups is logged every step
 (frac_reward_zero_std) and a rollout where every group is flat prints a warning.
 
+``sync_ref_model: true`` moves the reference towards the policy every ``ref_model_sync_steps`` optimizer steps,
+theta_ref <- alpha * theta + (1 - alpha) * theta_ref with alpha = ``ref_model_mixup_alpha`` (1: a copy; TR-DPO,
+train/reference.py); a rollout's reference log-probs are the reference's at that rollout.
+
+``environment: calculator`` (or feedback, or a user's ``module:Class``; environments.py) runs GRPO over whole
+multi-turn trajectories: the environment answers each model turn (a tool result, feedback), its text is masked
+out of the loss, and its reward is the episode's.
+
 ``compare_beta: [0.0, 0.1]`` runs the whole stage once per beta (into out_dir/beta_<b>) and plots completion
 length and accuracy against step for each: the reward-hacking experiment of recipes/reward_hacking.yaml.
 """
@@ -29,6 +37,7 @@ from lmforge.rewards import RewardSpec
 from lmforge.rollout import (
     RLDataConfig,
     RolloutStream,
+    batch_tokens,
     grpo_loss_fn,
     grpo_rollout,
     print_rl_summary,
@@ -38,6 +47,7 @@ from lmforge.rollout import (
 from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, train
 from lmforge.train.metrics import read_metrics
+from lmforge.train.reference import ReferenceSync, check_sync_options
 from lmforge.train.runs import finish_run, log
 
 
@@ -54,12 +64,33 @@ class GRPOConfig:
     epochs: int = 1  # passes over each rollout buffer (TRL's num_iterations); > 1 makes the clipping matter
     max_new_tokens: int = 64
     temperature: float = 1.0
-    beta: float = 0.04  # KL(pi || pi_ref) coefficient (k3 estimator, in the loss); 0 = no KL anchor
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None  # DAPO clip-higher; None = clip_eps
+    beta: float = 0.04  # KL(pi || pi_ref) coefficient (k3 estimator, in the loss); 0 = no KL anchor (DAPO has none)
+    # the policy term: grpo (token clip) | dapo (clip-higher + dynamic sampling + overlong shaping) | gspo (one
+    # length-normalised ratio per sequence) | cispo (clipped stop-gradient IS weights); objectives/rl.py grpo_loss
+    loss_type: Literal["grpo", "dapo", "gspo", "cispo"] = "grpo"
+    clip_eps: float | None = None  # lower clip; None = the loss type's (grpo/dapo 0.2, gspo 3e-4, cispo 1 = none)
+    clip_eps_high: float | None = None  # upper clip; None = the loss type's (grpo clip_eps, dapo 0.28, gspo 4e-4,
+    #                                     cispo 4)
+    dynamic_sampling: bool | None = None  # drop zero-variance groups, sample more prompts; None = on for dapo
+    max_refill_rounds: int = 3  # dynamic sampling: extra generate calls per rollout, at most
+    overlong_buffer: int | None = None  # DAPO soft overlong punishment over the last N tokens; None = dapo:
+    #                                     max_new_tokens // 4, else 0 (off)
+    overlong_penalty: float = 1.0  # its weight (the penalty reaches -overlong_penalty at max_new_tokens)
+    tis_cap: float = 0.0  # > 0: truncated importance sampling against the engine's own log-probs, capped here
     scale_rewards: Literal["group", "batch", "none"] = "group"  # "none" = Dr. GRPO
-    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "dr_grpo"] = "token-mean"
+    # token-mean: every token of an optimizer step weighs the same, across micro-batches and processes (DAPO);
+    # bnpo: each micro-batch's token mean (TRL's bnpo); seq-mean-token-mean: original GRPO; dr_grpo
+    loss_agg: Literal["token-mean", "bnpo", "seq-mean-token-sum", "seq-mean-token-mean", "dr_grpo"] = "token-mean"
     compare_beta: list[float] = field(default_factory=list)  # run once per beta and plot length + accuracy
+    sync_ref_model: bool = False  # the reference follows the policy (TR-DPO; TRL's names): every
+    ref_model_sync_steps: int = 64  # this many optimizer steps,
+    ref_model_mixup_alpha: float = 0.6  # theta_ref <- alpha * theta + (1 - alpha) * theta_ref (1 = a hard copy)
+    # a multi-turn / tool environment (environments.py): calculator | feedback | package.module:Class |
+    # file.py:Class; empty = single-turn completions scored by `rewards`. Its reward replaces `rewards`; its
+    # observations are masked out of the loss; eval runs greedy episodes in it
+    environment: str = ""
+    max_env_steps: int = 16  # an episode not done after this many environment steps is an error
+    pack: bool = True  # packed rollouts (document masks) instead of padded rows in the policy/reference forwards
     compile_generation: bool = False  # torch.compile the rollouts' decode step: 10-40 s of warm-up on 2 cores
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, schedule="constant",
                                                                    max_steps=100, batch_size=64,
@@ -72,12 +103,18 @@ class GRPOConfig:
                   (self.prompts_per_rollout >= 1 and self.epochs >= 1, "prompts_per_rollout and epochs must be >= 1"),
                   (self.max_new_tokens >= 1 and self.temperature > 0, "max_new_tokens must be >= 1, temperature > 0"),
                   (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
+                  (self.max_refill_rounds >= 0 and self.overlong_penalty >= 0 and self.tis_cap >= 0,
+                   "max_refill_rounds, overlong_penalty and tis_cap must be >= 0"),
+                  (self.max_env_steps >= 1, f"max_env_steps must be >= 1, got {self.max_env_steps}"),
+                  (self.overlong_buffer is None or 0 <= self.overlong_buffer < self.max_new_tokens,
+                   f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens})"),
                   (rows % self.train.batch_size == 0,
                    f"train.batch_size ({self.train.batch_size}) must divide prompts_per_rollout x num_generations "
                    f"= {rows} (every optimizer step uses rows of one rollout)")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_sync_options(self)
 
 
 def run_grpo(cfg: GRPOConfig) -> dict:
@@ -91,15 +128,22 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     stream = RolloutStream(grpo_rollout(cfg, policy, rl.ref, tokenizer, rl.rows, rl.prompt_ids, rl.reward,
                                         dist.device, dist.rank, dist.world_size),
                            epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                           resume_dir=rl.resume_dir)
+                           resume_dir=rl.resume_dir, accumulation=cfg.train.accumulation(dist.world_size),
+                           packed=cfg.pack)
+    data = stream
+    if cfg.sync_ref_model:
+        data = ReferenceSync(stream, rl.ref, policy, every=cfg.ref_model_sync_steps, alpha=cfg.ref_model_mixup_alpha,
+                             accumulation=cfg.train.accumulation(dist.world_size), resume_dir=rl.resume_dir)
 
     def save_model(path: Path):
         write_model_files(path, policy, tokenizer)
         stream.save_buffer(path)
+        if data is not stream:
+            data.save(path)
 
     rl.log_start_eval()
-    result = train(policy, grpo_loss_fn(cfg), stream, cfg.train, out_dir, save_model=save_model,
-                   eval_fn=rl.eval_fn, dist=dist, tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()),
+    result = train(policy, grpo_loss_fn(cfg), data, cfg.train, out_dir, save_model=save_model,
+                   eval_fn=rl.eval_fn, dist=dist, tokens_per_batch_fn=batch_tokens,
                    run_config=cfg, description=cfg.algorithm)
     summary = rl_summary(out_dir, result, cfg.algorithm) if dist.is_main else {}
     return finish_run(rl.run, summary, policy, tokenizer)

@@ -11,8 +11,10 @@ verifier, the prompts the policy always or never solves). ``max_pairs_per_prompt
 with the 2nd worst, and so on, while the chosen answer still scores strictly higher (identical samples count
 once). The reference is the round's starting policy (``reference: round``: iterative DPO, Xu et al. 2023 "Some
 things are more CRINGE than others", Yuan et al. 2024 "Self-rewarding language models") or the model round 1
-started from (``reference: initial``); its log-probs are precomputed, so only the policy is in memory while
-training. The loss is any of `lmforge dpo`'s (loss_type, beta, rpo_alpha, label_smoothing), computed on exactly
+started from (``reference: initial``) or their TR-DPO mix (``reference: ema``: round k's reference is
+ref_model_mixup_alpha x round k's starting policy + (1 - alpha) x round k-1's reference, round 1's the start
+model, each kept in round_k/reference/; alpha 1 is ``round``); its log-probs are precomputed, so only the policy
+is in memory while training. The loss is any of `lmforge dpo`'s (loss_type, beta, rpo_alpha, label_smoothing), computed on exactly
 the token ids that were sampled.
 
     out_dir/round_k/pairs.jsonl   the round's pairs in TRL's format, with score_chosen / score_rejected
@@ -68,6 +70,7 @@ from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, autocast_context, train
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.preference import REFERENCE_FREE, check_loss_options, dpo_loss_fn
+from lmforge.train.reference import mix_into
 from lmforge.train.runs import finish_run, log, start_run
 
 ROUND_FILE, ROLLOUT_FILE, PAIRS_FILE = "round.json", "rollout.json", "pairs.jsonl"
@@ -85,7 +88,9 @@ class OnlineDPOConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     max_pairs_per_prompt: int = 1  # 1: best vs worst; k: also 2nd best vs 2nd worst, ... (strictly better only)
-    reference: Literal["round", "initial"] = "round"  # round: the round's starting policy; initial: `model`
+    reference: Literal["round", "initial", "ema"] = "round"  # round: the round's starting policy; initial: `model`;
+    #                                                          ema: the TR-DPO mix of the two below
+    ref_model_mixup_alpha: float = 0.6  # reference=ema: ref_k = alpha * policy_k + (1 - alpha) * ref_{k-1}
     loss_type: str = "sigmoid"  # any of `lmforge dpo`'s
     beta: float = 0.1
     label_smoothing: float = 0.0
@@ -105,8 +110,9 @@ class OnlineDPOConfig:
                   (self.num_generations >= 2, "num_generations must be >= 2 (a pair needs two samples)"),
                   (self.max_new_tokens >= 1 and self.temperature > 0, "max_new_tokens must be >= 1, temperature > 0"),
                   (self.max_pairs_per_prompt >= 1, "max_pairs_per_prompt must be >= 1"),
-                  (self.reference in ("round", "initial"), f"reference must be round or initial, got "
-                                                           f"{self.reference!r}"),
+                  (self.reference in ("round", "initial", "ema"), f"reference must be round, initial or ema, "
+                                                                  f"got {self.reference!r}"),
+                  (0 < self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha must be in (0, 1]"),
                   (self.epochs >= 0 and self.generation_batch_size >= 1,
                    "epochs must be >= 0 and generation_batch_size >= 1")]
         for ok, message in checks:
@@ -222,9 +228,7 @@ def train_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, pairs: list, ev
 
     ref_dir = None
     if cfg.loss_type not in REFERENCE_FREE:
-        ref_dir = start_dir(cfg, k) if cfg.reference == "round" else cfg.model
-        # reference=round: the policy right now IS the round's start (train() loads a checkpoint only later)
-        ref = policy if cfg.reference == "round" else load_model_and_tokenizer(cfg.model, dist.device)[0]
+        ref, ref_dir = round_reference(cfg, k, policy, dist)
         precompute_reference(ref, pairs, collate, store_pair_logps, pair_length, micro * 2, dist.device,
                              cfg.logprob_chunk_size, autocast_context(cfg.train, dist.device),
                              f"round {k}: reference log-probs")
@@ -245,6 +249,28 @@ def train_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, pairs: list, ev
                    eval_fn=round_eval, dist=dist, run_config=cfg, description=f"online dpo round {k}/{cfg.rounds}",
                    tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()))
     return result, ref_dir
+
+
+def round_reference(cfg: OnlineDPOConfig, k: int, policy, dist) -> tuple[torch.nn.Module, str]:
+    """Round k's reference model and the directory it is (or is saved to). Called before train() loads a
+    checkpoint, so ``policy`` is the round's starting policy. reference=ema mixes it into the previous reference
+    (the newest round_j/reference/, else the start model) and saves the mix into round_k/reference/ first, so a
+    killed round reruns with the same one."""
+    if cfg.reference == "round":
+        return policy, start_dir(cfg, k)
+    if cfg.reference == "initial":
+        return load_model_and_tokenizer(cfg.model, dist.device)[0], cfg.model
+    mine = Path(cfg.out_dir) / f"round_{k}" / "reference"
+    if (mine / "model.safetensors").exists():
+        return load_model_and_tokenizer(str(mine), dist.device)[0], str(mine)
+    previous = next((d for j in range(k - 1, 0, -1)
+                     if ((d := Path(cfg.out_dir) / f"round_{j}" / "reference") / "model.safetensors").exists()),
+                    cfg.model)
+    ref, tokenizer = load_model_and_tokenizer(str(previous), dist.device)
+    mix_into(ref, policy, cfg.ref_model_mixup_alpha)
+    if dist.is_main:
+        save_model_dir(mine, ref, tokenizer)
+    return ref, str(mine)
 
 
 def start_dir(cfg: OnlineDPOConfig, k: int) -> str:

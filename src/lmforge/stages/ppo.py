@@ -41,6 +41,7 @@ from lmforge.rewards import RewardSpec
 from lmforge.rollout import (
     RLDataConfig,
     RolloutStream,
+    batch_tokens,
     hash_seed,
     kl_anomaly_check,
     pack_rollout,
@@ -50,6 +51,7 @@ from lmforge.rollout import (
     response_columns,
     response_logprobs,
     rl_summary,
+    row_inputs,
     sample_and_score,
     score_buffer,
     start_rl_run,
@@ -83,6 +85,7 @@ class PPOConfig:
     clip_value: float = 0.2
     vf_coef: float = 0.1
     whiten_rewards: bool = False
+    pack: bool = True  # packed rollouts (document masks) instead of padded rows in the policy/critic/reference forwards
     compile_generation: bool = False  # torch.compile the rollouts' decode step: 10-40 s of warm-up on 2 cores
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-6, warmup_steps=0, schedule="constant",
                                                                    max_steps=100, batch_size=16,
@@ -113,16 +116,17 @@ class PolicyAndValue(nn.Module):
         if critic.lm_head.weight is not critic.model.embed_tokens.weight:
             critic.lm_head.requires_grad_(False)  # an untied output head plays no part in the values
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        hidden = self.policy(input_ids, attention_mask=attention_mask, position_ids=position_ids, return_hidden=True)
-        critic = self.critic(input_ids, attention_mask=attention_mask, position_ids=position_ids, return_hidden=True)
+    def forward(self, input_ids, **rows):
+        """``rows``: attention_mask and position_ids (padded rows) or position_ids and document_ids (packed)."""
+        hidden = self.policy(input_ids, **rows, return_hidden=True)
+        critic = self.critic(input_ids, **rows, return_hidden=True)
         return hidden, self.critic.score(critic).squeeze(-1).float()
 
 
 def logprobs_and_values(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, R) log pi of the response tokens and (B, R) values V(s_t) read at the same columns, from a
     PolicyAndValue (called through its DDP wrapper, if any, so that gradients are synchronised)."""
-    hidden, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    hidden, values = model(batch["input_ids"], **row_inputs(batch))
     head = unwrap(model).policy.lm_head.weight
     return response_logprobs(hidden, head, batch, temperature), response_values(values, batch)
 
@@ -163,7 +167,7 @@ def ppo_rollout(cfg: PPOConfig, model: PolicyAndValue, ref, tokenizer, rows: lis
                                    params, reward)
         buffer = pack_rollout(samples.prompt_ids, samples.completion_ids, tokenizer.pad_id)
         logprobs, values, ref_logprobs = score_rollout(model, ref, buffer, plan(len(samples.completion_ids)), T,
-                                                       dist.device, autocast_context(cfg.train, dist.device))
+                                                       dist.device, autocast_context(cfg.train, dist.device), cfg.pack)
         mask = buffer["response_mask"]
         kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * mask
         rewards = shaped_rewards(samples.rewards, kl, mask, beta)
@@ -178,7 +182,8 @@ def ppo_rollout(cfg: PPOConfig, model: PolicyAndValue, ref, tokenizer, rows: lis
     return make_rollout
 
 
-def score_rollout(model: PolicyAndValue, ref, buffer: dict, batches, temperature: float, device, autocast):
+def score_rollout(model: PolicyAndValue, ref, buffer: dict, batches, temperature: float, device, autocast,
+                  packed: bool = False):
     """(log-probs, values, reference log-probs) of the buffer's responses, in eval mode without gradients,
     scored in exactly the micro-batches the first epoch trains on."""
     def both(batch):
@@ -191,8 +196,8 @@ def score_rollout(model: PolicyAndValue, ref, buffer: dict, batches, temperature
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        scored = score_buffer(both, buffer, batches, device, autocast)
-        ref_logprobs = score_buffer(reference, buffer, batches, device, autocast)["logprobs"]
+        scored = score_buffer(both, buffer, batches, device, autocast, packed)
+        ref_logprobs = score_buffer(reference, buffer, batches, device, autocast, packed)["logprobs"]
     model.train(was_training)
     return scored["logprobs"], scored["values"], ref_logprobs
 
@@ -222,8 +227,10 @@ def ppo_loss_fn(cfg: PPOConfig):
     def loss_fn(model, batch):
         logp, values = logprobs_and_values(model, batch, cfg.temperature)
         mask = batch["response_mask"]
-        pg_loss, pm = ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg.clip_eps)
-        vf_loss, vm = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.clip_value)
+        tokens = batch.get("loss_tokens")  # the step's token count: token-mean over the whole batch
+        pg_loss, pm = ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg.clip_eps,
+                                      num_tokens=tokens)
+        vf_loss, vm = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.clip_value, tokens)
         stats = {k: v for k, v in batch["stats"].items() if k != "kl_coef_next"}
         return pg_loss + cfg.vf_coef * vf_loss, {
             **stats, "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
@@ -241,7 +248,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     make_rollout = ppo_rollout(cfg, model, rl.ref, tokenizer, rl.rows, rl.prompt_ids, rl.reward, dist,
                                kl_coef=lambda: stream.stats.get("kl_coef_next", cfg.kl_coef))
     stream = RolloutStream(make_rollout, epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size,
-                           seed=cfg.train.seed, resume_dir=rl.resume_dir)
+                           seed=cfg.train.seed, resume_dir=rl.resume_dir,
+                           accumulation=cfg.train.accumulation(dist.world_size), packed=cfg.pack)
 
     def save_model(path: Path):
         save_weights(model, str(path / "model.safetensors"))
@@ -250,7 +258,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
 
     rl.log_start_eval()
     result = train(model, ppo_loss_fn(cfg), stream, cfg.train, out_dir, save_model=save_model, eval_fn=rl.eval_fn,
-                   dist=dist, tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), run_config=cfg,
+                   dist=dist, tokens_per_batch_fn=batch_tokens, run_config=cfg,
                    description="ppo")
     summary = {}
     if dist.is_main:
