@@ -11,6 +11,9 @@
   density  capability density (Xiao et al. 2024, the Densing Law): the effective parameter count N_eff a
            reference L(N, D) needs for a model's measured loss (or task score) at its training tokens, and
            N_eff / N, with intervals from the fit's bootstrap; ``--project``: the published trend's projection
+  density-study  train the same tiny sizes on raw text, on cleaned + deduplicated text and with the quiz
+           upweighted; fit the reference law on the raw runs; every model's density with intervals
+           (``--config density_tiny``) -> study.csv, study.json, report.md, density.png
 
 The formulas and their sources are in ``lmforge.scaling.laws``; the sweep's FLOP accounting in
 ``lmforge.scaling.sweep``.
@@ -24,7 +27,7 @@ import math
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("sweep", "fit", "optimal", "predict", "density")
+SUBCOMMANDS = ("sweep", "fit", "optimal", "predict", "density", "density-study")
 
 
 def main(argv: list[str]) -> int:
@@ -36,34 +39,36 @@ def main(argv: list[str]) -> int:
         print(f"lmforge scaling: unknown subcommand {sub!r} (one of {', '.join(SUBCOMMANDS)})", file=sys.stderr)
         return 2
     return {"sweep": cmd_sweep, "fit": cmd_fit, "optimal": cmd_optimal, "predict": cmd_predict,
-            "density": cmd_density}[sub](rest)
+            "density": cmd_density, "density-study": cmd_density_study}[sub](rest)
 
 
 # ---------------------------------------------------------------------------------------------- configs
 
 
-def load_configs(recipe: str, overrides: list[str]):
-    """(ScalingConfig, PretrainConfig) from a two-section recipe; ``pretrain.x=…`` overrides the base run."""
+def load_configs(recipe: str, overrides: list[str], section: str = "scaling", cls=None):
+    """(``cls`` from the ``section``, PretrainConfig) from a two-section recipe (ScalingConfig from ``scaling``
+    by default); ``pretrain.x=…`` overrides the base run, any other key the section."""
     from lmforge.config import from_dict, parse_override, read_yaml, recipe_path, set_dotted
     from lmforge.scaling.sweep import ScalingConfig
     from lmforge.stages.pretrain import PretrainConfig
 
+    cls = cls or ScalingConfig
     path = recipe_path(recipe)
     data = read_yaml(path)
-    unknown = [k for k in data if k not in ("scaling", "pretrain")]
+    unknown = [k for k in data if k not in (section, "pretrain")]
     if unknown:
         from lmforge.config import ConfigError
 
-        raise ConfigError(f"{path}: unknown section {unknown[0]!r} (a scaling recipe has 'scaling' and 'pretrain')")
-    scaling, pretrain = dict(data.get("scaling") or {}), dict(data.get("pretrain") or {})
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r} (this recipe has {section!r} and 'pretrain')")
+    own, pretrain = dict(data.get(section) or {}), dict(data.get("pretrain") or {})
     for text in overrides:
         key, value = parse_override(text)
         if key.startswith("pretrain."):
             set_dotted(pretrain, key.removeprefix("pretrain."), value)
         else:
-            set_dotted(scaling, key.removeprefix("scaling."), value)
+            set_dotted(own, key.removeprefix(f"{section}."), value)
     source = f"{path} + overrides" if overrides else str(path)
-    return from_dict(ScalingConfig, scaling, source), from_dict(PretrainConfig, pretrain, source)
+    return from_dict(cls, own, source), from_dict(PretrainConfig, pretrain, source)
 
 
 def _recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -108,6 +113,31 @@ def cmd_predict(argv: list[str]) -> int:
     result = run_predict(scfg, base)
     Console().print(Markdown(Path(result["report"]).read_text()))
     print(f"report: {result['report']}")
+    return 0
+
+
+def cmd_density_study(argv: list[str]) -> int:
+    from lmforge.config import describe
+    from lmforge.scaling.density_study import DensityStudyConfig
+
+    parser = argparse.ArgumentParser(
+        prog="lmforge scaling density-study", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="What cleaner data is worth in parameters: the same tiny sizes trained on raw, cleaned and "
+                    "quiz-upweighted text, densities against the law fitted to the raw runs.",
+        epilog="config keys (override with key=value; the base pretrain run with pretrain.KEY=value):\n"
+               + describe(DensityStudyConfig))
+    parser.add_argument("--config", "-c", default="density_tiny", help="recipe file or built-in name")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    cfg, base = load_configs(args.config, args.overrides, section="study", cls=DensityStudyConfig)
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from lmforge.scaling.density_study import run_density_study, study_markdown
+
+    result = run_density_study(cfg, base)
+    Console(width=max(130, Console().width)).print(Markdown(study_markdown(result, per_run=False)))
+    print(f"report: {Path(cfg.out_dir) / 'report.md'} (with every run), plot: {result['plot']}")
     return 0
 
 
