@@ -102,9 +102,12 @@ def test_density_study_cli_micro_grid(tmp_path, capsys):
     assert all(len(t) == 1 for t in pairs.values())
     corpus = study["corpus"]
     assert corpus["chars"]["text_raw"] > 1.5 * corpus["chars"]["text_clean"]
-    held = set((out / "corpus" / "heldout_text.jsonl").read_text().splitlines())
-    trained = set((out / "corpus" / "train_raw.jsonl").read_text().splitlines())
-    assert held and not held & trained
+    def texts(name):
+        return {json.loads(line)["text"] for line in (out / "corpus" / f"{name}.jsonl").read_text().splitlines()}
+
+    held, quiz_pool = texts("heldout_text"), texts("quiz_train")
+    assert held and not held & (texts("train_raw") | texts("train_clean"))
+    assert quiz_pool <= texts("train_raw") and quiz_pool <= texts("train_clean")  # the same quiz pages both sides
     for name in ("text", "quiz"):
         a = study["analysis"][name]
         assert a["n_ref_runs"] == 6 and set(a["summary"]) == {"raw", "clean"}
@@ -113,3 +116,5 @@ def test_density_study_cli_micro_grid(tmp_path, capsys):
     assert "density (geometric mean)" in capsys.readouterr().out
     assert main(args) == 0  # a rerun trains nothing
     assert "done already" in capsys.readouterr().out
+    assert main([*args, "noise.markup=0.3"]) == 2  # other data under the same runs: an error, not a silent reuse
+    assert "holds runs trained on another version" in capsys.readouterr().err

@@ -5,7 +5,8 @@
 density against a reference law fitted to one of them (Xiao et al. 2024, "Densing Law of LLMs"):
 
     raw         the corpus as a crawl delivers it: the text plus boilerplate pages, markup, fragments, exact and
-                near duplicates (``lmforge.data.noisy``), mixed with the arithmetic quiz pages
+                near duplicates (``lmforge.data.noisy``), mixed with the arithmetic quiz pages (every variant's
+                mixture holds each training quiz page once; see ``variant_corpus``)
     clean       the same raw text through lmforge's cleaning, quality filters and exact dedup (``filter_documents``,
                 as pretraining runs them), with the same quiz share
     clean_quiz  the clean text with the quiz upweighted (as mid-training does)
@@ -142,25 +143,45 @@ def build_corpora(cfg: DensityStudyConfig) -> dict:
     return meta
 
 
-def variant_corpus(variant: StudyVariant, corpus: dict, tokenizer, seed: int) -> str:
+def variant_corpus(variant: StudyVariant, corpus: dict, tokenizer, seed: int) -> tuple[str, dict]:
     """The variant's training set, mixed once by token share (``mix_documents``: the raw or clean text, and the
-    quiz pages at ``quiz_weight``) and written as one file that every run of the variant reads as it is."""
+    quiz pages at ``quiz_weight``) and written as one file that every run of the variant reads as it is; returns
+    (its path, the stamp that identifies its contents).
+
+    Sized so the mixture holds every training quiz page exactly once (total = quiz tokens / quiz_weight) and the
+    text fills the rest, repeated as often as that takes: every variant sees the same quiz pages, so a difference
+    on the held-out quiz comes from the shares and the text, not from one side seeing fewer distinct pages."""
     text = corpus["files"]["text_raw" if variant.text == "raw" else "text_clean"]
-    mix = [MixSource(text, 1 - variant.quiz_weight)]
+    mix, total = [MixSource(text, 1 - variant.quiz_weight)], 0
     if variant.quiz_weight > 0:
-        mix.append(MixSource(corpus["files"]["quiz_train"], variant.quiz_weight))
+        quiz = corpus["files"]["quiz_train"]
+        mix.append(MixSource(quiz, variant.quiz_weight))
+        pages = [json.loads(line)["text"] for line in Path(quiz).read_text(encoding="utf-8").splitlines()]
+        total = round(sum(len(ids) + 1 for ids in tokenizer.encode_batch(pages)) / variant.quiz_weight)
     path = Path(corpus["files"]["text_raw"]).parent / f"train_{variant.name}.jsonl"
     meta = path.with_suffix(".json")
-    stamp = {"variant": variant.__dict__, "corpus": corpus["settings"], "seed": seed,
+    stamp = {"variant": variant.__dict__, "corpus": corpus["settings"], "seed": seed, "total_tokens": total,
              "tokenizer": tokenizer_fingerprint(tokenizer)}
     if path.exists() and meta.exists() and json.loads(meta.read_text()).get("stamp") == stamp:
-        return str(path)
+        return str(path), stamp
     no_filters = FilterConfig(dedup=False)  # raw keeps its duplicates; the clean side was filtered already
-    docs, _, report = mix_documents(mix, tokenizer, no_filters, seed)
+    docs, _, report = mix_documents(mix, tokenizer, no_filters, seed, total)
     _write_jsonl(path, [{"text": d} for d in docs])
     meta.write_text(json.dumps({"stamp": stamp, "sources": {k: {x: y for x, y in v.items() if x != "documents"}
                                                              for k, v in report.items()}}, indent=2) + "\n")
-    return str(path)
+    return str(path), stamp
+
+
+def check_runs_match(folder: Path, stamp: dict) -> None:
+    """A variant's folder keeps the stamp of the data its runs trained on; other data is an error, not a reuse."""
+    from lmforge.config import ConfigError
+
+    record = folder / "data_stamp.json"
+    if record.exists() and json.loads(record.read_text()) != json.loads(json.dumps(stamp)):
+        raise ConfigError(f"{folder} holds runs trained on another version of this variant's data (the corpus, "
+                          "noise, cleaning or mix changed); delete it or use another study.out_dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(stamp, indent=2) + "\n")
 
 
 def variant_base(base, source: str, tok_dir: Path):
@@ -205,8 +226,9 @@ def run_density_study(cfg: DensityStudyConfig, base) -> dict:
     tokenizer = load_tokenizer(tok_dir)
     rows, total = [], len(cfg.variants) * len(cfg.models) * len(cfg.budgets)
     for variant in cfg.variants:
-        source = variant_corpus(variant, corpus, tokenizer, cfg.seed)
+        source, stamp = variant_corpus(variant, corpus, tokenizer, cfg.seed)
         vbase, scfg = variant_base(base, source, tok_dir), cfg.sweep(variant.name)
+        check_runs_match(Path(scfg.out_dir), stamp)
         for budget in cfg.budgets:
             for size in cfg.models:
                 print(f"[density] run {len(rows) + 1}/{total}: {variant.name}", flush=True)
