@@ -28,6 +28,9 @@ def test_the_page_is_linked_from_the_readme_and_names_every_command():
 def test_exercise_1_dpo_vs_sft_prints_the_paired_comparison(tmp_path):
     run = tmp_path / "run"
     args = [o for o in micro_overrides(run) if not o.startswith("stages=")]
+    args += ["pretrain.train.max_steps=20", "midtrain.train.max_steps=4", "sft.train.max_steps=8",
+             "dpo.train.max_steps=4", "eval.limit=8", "eval.max_new_tokens=24", "eval.think_samples=0",
+             "eval.sample_tokens=8"]  # the plumbing of the comparison, not its size: later overrides win
     proc = lmforge("pipeline", "stages=[pretrain,midtrain,sft,dpo]", *args, threads=1)
     record = json.loads((run / "pipeline.json").read_text())
     assert list(record["stages"]) == ["pretrain", "midtrain", "sft", "dpo"]
@@ -35,7 +38,7 @@ def test_exercise_1_dpo_vs_sft_prints_the_paired_comparison(tmp_path):
     assert dpo["accuracy_gain_low"] <= dpo["accuracy_gain"] <= dpo["accuracy_gain_high"]
     assert dpo["accuracy"] - dpo["reference_accuracy"] == pytest.approx(dpo["accuracy_gain"], abs=1e-9)
     assert "vs SFT (paired, 95%)" in proc.stdout
-    row = next(line for line in proc.stdout.splitlines() if line.strip("│ ").startswith("dpo"))
+    row = next(line for line in proc.stdout.splitlines() if re.match(r"│\s*dpo\s*│", line))  # the table's row
     assert re.search(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", row), row  # the gain in points, with its CI
 
 

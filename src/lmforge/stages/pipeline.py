@@ -257,7 +257,7 @@ def print_table(record: dict) -> None:
                       fmt(e.get("format_rate"), "{:.1%}"),
                       fmt(e.get("preference_accuracy", s.get("eval_accuracy")), "{:.1%}"), fmt(e.get("kl"), "{:.4f}"),
                       fmt(e.get("mean_response_tokens"), "{:.1f}"), fmt(s.get("seconds"), "{:.0f} s"))
-    Console().print(table)
+    Console(width=max(130, Console().width)).print(table)  # 9 columns: not squeezed into a pipe's 80
     for path in record.get("report", []):
         print(f"report: {path}")
 
