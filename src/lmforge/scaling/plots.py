@@ -134,6 +134,8 @@ def plot_density(path: Path, study: dict) -> Path:
         ax.axhline(1.0, color="k", lw=0.6)
         ax.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="density N_eff / N",
                title=f"held-out {held}: reference law = {study['reference']} runs")
+        sizes = sorted({p["N"] for p in a["runs"]})  # the sizes trained: a sweep of tiny models spans no decade
+        ax.set_xticks(sizes, [f"{n / 1e3:.0f}k" if n < 1e6 else f"{n / 1e6:.1f}M" for n in sizes])
         ax.legend(fontsize=7, title="geometric mean", title_fontsize=7)
         ax.grid(alpha=0.3, which="both")
     return _save(plt, fig, path)
