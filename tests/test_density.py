@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from lmforge.cli import main
 from lmforge.scaling.laws import (
+    CHINCHILLA,
     BelowFloorError,
     ChinchillaLaw,
     ScoreCurve,
@@ -82,8 +84,6 @@ def write_fit(path, law, boot):
 
 
 def test_density_cli_reads_a_fit_prints_intervals_and_refuses_a_loss_below_the_floor(tmp_path, capsys):
-    from lmforge.cli import main
-
     boot = [ChinchillaLaw(2.0, a, 1000.0, 0.5, 0.5) for a in (80.0, 90.0, 100.0, 110.0, 120.0)]
     write_fit(tmp_path / "fit.json", LAW, boot)
     args = ["scaling", "density", "--law", str(tmp_path / "fit.json"), "--params", "2.5e5", "--tokens", "1e6"]
@@ -113,11 +113,7 @@ def test_density_cli_reads_a_fit_prints_intervals_and_refuses_a_loss_below_the_f
 
 
 def test_density_cli_published_law_and_projection(capsys):
-    from lmforge.cli import main
-
     # the published Chinchilla law at its own prediction for 70B params, 1.4T tokens: density 1, no interval
-    from lmforge.scaling.laws import CHINCHILLA
-
     loss = float(CHINCHILLA.loss(70e9, 1.4e12))
     assert main(["scaling", "density", "--loss", str(loss), "--params", "7e10", "--tokens", "1.4e12",
                  "--json"]) == 0

@@ -6,10 +6,12 @@ import json
 import numpy as np
 import pytest
 
+from lmforge.cli import main
 from lmforge.data.noisy import KINDS, NoiseConfig, clean_report, make_noisy
 from lmforge.data.sources import FilterConfig, filter_documents, read_documents
-from lmforge.scaling.density_study import DensityStudyConfig, StudyVariant, analyse
+from lmforge.data.tinyworld import quiz_pages
 from lmforge.scaling.laws import ChinchillaLaw
+from lmforge.train.density_study import DensityStudyConfig, StudyVariant, analyse
 
 CLEANING = FilterConfig(min_chars=16, min_alpha_ratio=0.7, max_duplicate_line_fraction=0.3)
 
@@ -76,9 +78,6 @@ def test_analysis_finds_the_parameter_multiple_a_better_training_set_is_worth():
 
 @pytest.mark.slow
 def test_density_study_cli_micro_grid(tmp_path, capsys):
-    from lmforge.cli import main
-    from lmforge.tinyworld import quiz_pages
-
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(shakespeare(30_000)))
     quiz = tmp_path / "quiz.jsonl"

@@ -12,6 +12,8 @@ import pytest
 from lmforge_cli import lmforge
 from test_pipeline import micro_overrides
 
+from lmforge.constitutional.constitution import load_constitution
+
 DOC = Path(__file__).parent.parent / "docs" / "exercises.md"
 
 
@@ -59,8 +61,6 @@ def test_exercise_2_customer_service_constitution_runs_the_whole_loop(tiny_model
     assert [r["name"] for r in result["models"]] == ["before", "SL-CAI", "RL-CAI"]
     assert "RL-CAI" in proc.stdout
     principles = {t["rounds"][0]["principle"] for t in map(json.loads, (out / "revise" / "traces.jsonl").open())}
-    from lmforge.constitutional.constitution import load_constitution
-
     assert principles <= {p.name for p in load_constitution("customer_service").principles}
     shipped = {json.loads(line)["prompt"] for line in
                (Path(__file__).parent.parent / "src/lmforge/assets/constitutional/customer_service_risky.jsonl").open()}

@@ -5,8 +5,11 @@ import pytest
 import torch
 from test_rollout import make_model_dir
 
-from lmforge.config import ConfigError, from_dict
+from lmforge.config import from_dict
+from lmforge.errors import ConfigError
+from lmforge.modelio import load_model_dir
 from lmforge.rewards import RewardInput, RewardSpec, build_reward, format_reward, length_reward, math_reward
+from lmforge.stages.grpo import GRPOConfig
 
 
 def inputs(completions, answers=None, finish=None, ids=None):
@@ -45,8 +48,6 @@ def test_reward_model_reads_the_last_token(tmp_path):
     inp = inputs(["a", "b"], ids=[[5, 6], [7, 8, 9]])
     total, parts = reward(inp)
 
-    from lmforge.modelio import load_model_dir
-
     rm = load_model_dir(rm_dir, num_labels=1).eval()
     with torch.no_grad():  # each row alone, no padding: the score head at its last token
         by_hand = [rm.score(rm(torch.tensor([[1, 2] + c]), return_hidden=True)[0, -1]).item()
@@ -59,8 +60,6 @@ def test_reward_model_reads_the_last_token(tmp_path):
 
 
 def test_rewards_from_yaml_and_bad_kinds():
-    from lmforge.stages.grpo import GRPOConfig
-
     cfg = from_dict(GRPOConfig, {"rewards": [{"kind": "math", "weight": 1.0}, {"kind": "length", "weight": -0.01}]})
     assert [(r.kind, r.weight) for r in cfg.rewards] == [("math", 1.0), ("length", -0.01)]
     with pytest.raises(ConfigError, match=r"rewards\[0\].kind: 'maths' is not one of"):

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from lmforge.data.sources import filter_documents
+from lmforge.data.sources import check_document
 
 KINDS = ("boilerplate", "markup", "fragment", "exact_dup", "near_dup")
 
@@ -126,21 +126,21 @@ def make_noisy(docs: list[str], cfg: NoiseConfig) -> list[tuple[str, str]]:
 
 
 def clean_report(noisy: list[tuple[str, str]], filters) -> tuple[list[str], dict]:
-    """Run the dirty corpus through lmforge's cleaning, filters and exact dedup (``filter_documents``, as
-    pretraining does) and count, for each kind, documents and characters kept and dropped by reason.
+    """Run the dirty corpus through lmforge's cleaning, filters and exact dedup (``check_document``, as
+    pretraining's ``filter_documents`` does) and count, for each kind, documents and characters kept and dropped by reason.
     Returns (kept documents, {kind: {reason: {"docs", "chars"}}})."""
     report: dict = {}
     kept_all = []
     seen: set[bytes] = set()
     for kind, text in noisy:
-        kept, stats = filter_documents([text], replace(filters, dedup=False))
-        reason = next(r for r in stats if stats[r])
-        if kept and filters.dedup:
-            digest = hashlib.blake2b(kept[0].encode(), digest_size=16).digest()
+        doc, reason, _, _ = check_document(text, filters)  # one document at a time: no progress bar per call
+        reason = reason or "kept"
+        if reason == "kept" and filters.dedup:
+            digest = hashlib.blake2b(doc.encode(), digest_size=16).digest()
             reason = "duplicate" if digest in seen else reason
             seen.add(digest)
         if reason == "kept":
-            kept_all.append(kept[0])
+            kept_all.append(doc)
         cell = report.setdefault(kind, {}).setdefault(reason, {"docs": 0, "chars": 0})
         cell["docs"] += 1
         cell["chars"] += len(text)

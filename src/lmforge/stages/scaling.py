@@ -16,7 +16,7 @@
            (``--config density_tiny``) -> study.csv, study.json, report.md, density.png
 
 The formulas and their sources are in ``lmforge.scaling.laws``; the sweep's FLOP accounting in
-``lmforge.scaling.sweep``.
+``lmforge.train.sweep``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,33 @@ import json
 import math
 import sys
 from pathlib import Path
+
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.table import Table
+
+from lmforge.config import describe, from_dict, parse_override, read_yaml, recipe_path, set_dotted
+from lmforge.errors import ConfigError
+from lmforge.scaling import plots
+from lmforge.scaling.laws import (
+    CHINCHILLA,
+    DENSING_DOUBLING_MONTHS,
+    BelowFloorError,
+    ChinchillaLaw,
+    ScoreCurve,
+    analyze,
+    effective_params,
+    effective_params_samples,
+    fit_score_curve,
+    interval_with_inf,
+    laws_from_samples,
+    loss_floor,
+    project_params,
+    tokens_per_param_rule,
+)
+from lmforge.train.density_study import DensityStudyConfig, run_density_study, study_markdown
+from lmforge.train.lm import PretrainConfig
+from lmforge.train.sweep import ScalingConfig, read_table, run_predict, run_sweep, table_arrays
 
 SUBCOMMANDS = ("sweep", "fit", "optimal", "predict", "density", "density-study")
 
@@ -45,20 +72,13 @@ def main(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------- configs
 
 
-def load_configs(recipe: str, overrides: list[str], section: str = "scaling", cls=None):
+def load_configs(recipe: str, overrides: list[str], section: str = "scaling", cls=ScalingConfig):
     """(``cls`` from the ``section``, PretrainConfig) from a two-section recipe (ScalingConfig from ``scaling``
     by default); ``pretrain.x=…`` overrides the base run, any other key the section."""
-    from lmforge.config import from_dict, parse_override, read_yaml, recipe_path, set_dotted
-    from lmforge.scaling.sweep import ScalingConfig
-    from lmforge.stages.pretrain import PretrainConfig
-
-    cls = cls or ScalingConfig
     path = recipe_path(recipe)
     data = read_yaml(path)
     unknown = [k for k in data if k not in (section, "pretrain")]
     if unknown:
-        from lmforge.config import ConfigError
-
         raise ConfigError(f"{path}: unknown section {unknown[0]!r} (this recipe has {section!r} and 'pretrain')")
     own, pretrain = dict(data.get(section) or {}), dict(data.get("pretrain") or {})
     for text in overrides:
@@ -72,9 +92,6 @@ def load_configs(recipe: str, overrides: list[str], section: str = "scaling", cl
 
 
 def _recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    from lmforge.config import describe
-    from lmforge.scaling.sweep import ScalingConfig
-
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (override with key=value; the base pretrain run with pretrain.KEY=value, "
@@ -90,7 +107,6 @@ def _recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def cmd_sweep(argv: list[str]) -> int:
     args = _recipe_parser("lmforge scaling sweep", "Train the IsoFLOP grid, then fit it.").parse_args(argv)
     scfg, base = load_configs(args.config, args.overrides)
-    from lmforge.scaling.sweep import run_sweep
 
     rows = run_sweep(scfg, base)
     table = Path(scfg.out_dir) / "sweep.csv"
@@ -105,10 +121,6 @@ def cmd_predict(argv: list[str]) -> int:
     args = _recipe_parser("lmforge scaling predict",
                           "Fit the sweep, predict a larger model's loss, train it, compare.").parse_args(argv)
     scfg, base = load_configs(args.config, args.overrides)
-    from rich.console import Console
-    from rich.markdown import Markdown
-
-    from lmforge.scaling.sweep import run_predict
 
     result = run_predict(scfg, base)
     Console().print(Markdown(Path(result["report"]).read_text()))
@@ -117,9 +129,6 @@ def cmd_predict(argv: list[str]) -> int:
 
 
 def cmd_density_study(argv: list[str]) -> int:
-    from lmforge.config import describe
-    from lmforge.scaling.density_study import DensityStudyConfig
-
     parser = argparse.ArgumentParser(
         prog="lmforge scaling density-study", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="What cleaner data is worth in parameters: the same tiny sizes trained on raw, cleaned and "
@@ -130,11 +139,6 @@ def cmd_density_study(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cfg, base = load_configs(args.config, args.overrides, section="study", cls=DensityStudyConfig)
-    from rich.console import Console
-    from rich.markdown import Markdown
-
-    from lmforge.scaling.density_study import run_density_study, study_markdown
-
     result = run_density_study(cfg, base)
     Console(width=max(130, Console().width)).print(Markdown(study_markdown(result, per_run=False)))
     print(f"report: {Path(cfg.out_dir) / 'report.md'} (with every run), plot: {result['plot']}")
@@ -155,10 +159,6 @@ def cmd_fit(argv: list[str]) -> int:
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
 
-    from lmforge.config import ConfigError
-    from lmforge.scaling.laws import analyze
-    from lmforge.scaling.sweep import read_table, table_arrays
-
     if not 0 < args.level < 1 or args.n_boot < 0:
         raise ConfigError("--level must be in (0, 1) and --n-boot >= 0")
     rows = read_table(args.table, required=("tokens", "val_loss", args.n_column))
@@ -174,8 +174,6 @@ def cmd_fit(argv: list[str]) -> int:
         summary["plots"] = [str(p) for p in make_plots(out, N, D, budget, L, analysis)]
     (out / "fit.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "fit.md").write_text(fit_markdown(summary))
-    from rich.console import Console
-    from rich.markdown import Markdown
 
     Console().print(Markdown(fit_markdown(summary)))
     print(f"wrote {out / 'fit.json'}, {out / 'fit.md'}" + (f" and {len(summary['plots'])} plots" if summary["plots"]
@@ -184,8 +182,6 @@ def cmd_fit(argv: list[str]) -> int:
 
 
 def make_plots(out: Path, N, D, budget, L, analysis) -> list[Path]:
-    from lmforge.scaling import plots
-
     paths = []
     if analysis.chinchilla is not None:
         paths.append(plots.plot_fit(out / "fit.png", N, D, L, analysis.chinchilla.law))
@@ -257,8 +253,6 @@ def cmd_optimal(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
-    from lmforge.config import ConfigError
-
     if any(c <= 0 for c in args.flops) or args.throughput_flops <= 0 or not 0 < args.mfu <= 1 or args.gpus < 1:
         raise ConfigError("--flops and --throughput-flops must be positive, --mfu in (0, 1], --gpus >= 1")
     rows = [dict(row, flops=c, hours=c / (args.throughput_flops * args.mfu * args.gpus) / 3600)
@@ -266,8 +260,6 @@ def cmd_optimal(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=f"compute-optimal allocation (C = 6ND; time at {args.gpus} x "
                         f"{args.throughput_flops:.3g} FLOP/s x {args.mfu:.0%} MFU)")
@@ -283,9 +275,6 @@ def cmd_optimal(argv: list[str]) -> int:
 
 def resolve_laws(spec: str) -> list[tuple[str, object]]:
     """(label, law) pairs: the requested law first, then the published references it is compared with."""
-    from lmforge.config import ConfigError
-    from lmforge.scaling.laws import CHINCHILLA, ChinchillaLaw
-
     chin = ("Chinchilla approach 3 (published)", CHINCHILLA)
     rule = ("tokens/param rule", None)
     if spec == "chinchilla":
@@ -314,8 +303,6 @@ def resolve_laws(spec: str) -> list[tuple[str, object]]:
 
 
 def allocations(C: float, laws, ratio: float) -> list[dict]:
-    from lmforge.scaling.laws import ChinchillaLaw, tokens_per_param_rule
-
     rows = []
     for label, law in laws:
         loss = None
@@ -391,17 +378,12 @@ def density_parser() -> argparse.ArgumentParser:
 
 def cmd_density(argv: list[str]) -> int:
     args = density_parser().parse_args(argv)
-    from lmforge.config import ConfigError
-    from lmforge.scaling.laws import BelowFloorError
-
     if args.project:
         return print_projection(args)
     if not 0 < args.level < 1:
         raise ConfigError("--level must be in (0, 1)")
     law, boot, label = resolve_reference(args.law)
     if args.table:
-        from lmforge.scaling.sweep import read_table
-
         rows = read_table(args.table, required=("n_params", "tokens", "val_loss"))
         cases = [(str(r.get("name", i)), r["val_loss"], r["n_params"], r["tokens"]) for i, r in enumerate(rows, 1)]
     else:
@@ -423,9 +405,6 @@ def cmd_density(argv: list[str]) -> int:
 
 def resolve_reference(spec: str):
     """(law, bootstrap laws, label) for --law: the published Chinchilla fit or a `scaling fit` fit.json."""
-    from lmforge.config import ConfigError
-    from lmforge.scaling.laws import CHINCHILLA, ChinchillaLaw, laws_from_samples
-
     if spec == "chinchilla":
         return CHINCHILLA, [], "Chinchilla approach 3 (published; no bootstrap, so no interval)"
     path = Path(spec)
@@ -442,8 +421,6 @@ def resolve_reference(spec: str):
 
 def density_row(law, boot, loss: float, n: float, d: float, level: float) -> dict:
     """N_eff and density with percentile intervals over the bootstrap's laws (inf: loss below a law's floor)."""
-    from lmforge.scaling.laws import effective_params, effective_params_samples, interval_with_inf, loss_floor
-
     n_eff = effective_params(law, loss, d)
     row = {"loss": loss, "N": n, "D": d, "floor": loss_floor(law, d), "N_eff": n_eff, "density": n_eff / n,
            "N_eff_ci": None, "density_ci": None, "boot_below_floor": 0}
@@ -456,9 +433,6 @@ def density_row(law, boot, loss: float, n: float, d: float, level: float) -> dic
 
 
 def score_to_loss(score: float, curve_spec: str | None) -> float:
-    from lmforge.config import ConfigError
-    from lmforge.scaling.laws import ScoreCurve, fit_score_curve
-
     if not curve_spec:
         raise ConfigError("--score needs --score-curve (the fitted S(L) of the reference models)")
     path = Path(curve_spec)
@@ -469,8 +443,6 @@ def score_to_loss(score: float, curve_spec: str | None) -> float:
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"--score-curve {path}: expected JSON with c, gamma, l0, d ({e})") from None
     else:
-        from lmforge.scaling.sweep import read_table
-
         rows = read_table(path, required=("loss", "score"))
         try:
             curve = fit_score_curve([r["loss"] for r in rows], [r["score"] for r in rows])
@@ -483,9 +455,6 @@ def score_to_loss(score: float, curve_spec: str | None) -> float:
 
 
 def print_density(results: list[dict], label: str, level: float, has_ci: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"capability density against {label}")
     for col in ("model", "N", "D", "loss", "floor E+B/D^β", "N_eff", "density N_eff/N"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -506,9 +475,6 @@ def print_density(results: list[dict], label: str, level: float, has_ci: bool) -
 
 
 def print_projection(args) -> int:
-    from lmforge.config import ConfigError
-    from lmforge.scaling.laws import DENSING_DOUBLING_MONTHS, project_params
-
     doubling = args.doubling_months or DENSING_DOUBLING_MONTHS
     if args.model:
         if args.model.lower() not in PROJECT_EXAMPLES:
@@ -528,9 +494,6 @@ def print_projection(args) -> int:
         print(json.dumps({"model": name, "N": n, "released": released, "doubling_months": doubling,
                           "rows": rows, "label": "published trend (projection), not a measurement"}, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"The Densing Law's PUBLISHED TREND, projected (not a measurement): {name}, "
                         f"{_si(n)} parameters{', released ' + released if released else ''}; density doubling "
                         f"every {doubling:g} months")
@@ -546,8 +509,6 @@ def print_projection(args) -> int:
 
 
 def _add_months(released: str, months: float) -> str:
-    from lmforge.config import ConfigError
-
     if not released:
         return ""
     try:

@@ -18,6 +18,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lmforge import inference_scaling as scaling
+from lmforge.answers import answers_match, extract_answer
+from lmforge.config import parse_cli
+from lmforge.data.prompts import encode_prompt_row, read_prompt_rows
+from lmforge.errors import DataError
+from lmforge.generation import sampling_params_from
+from lmforge.modelio import DTYPES, load_model_and_tokenizer, load_model_dir
+
 METHODS = ("sweep", "self_consistency", "best_of_n", "adaptive")
 
 
@@ -44,8 +56,6 @@ class ThinkConfig:
     dtype: str = "float32"
 
     def validate(self) -> None:
-        from lmforge.stages.generate import DTYPES
-
         for key in ("model", "input"):
             if not getattr(self, key):
                 raise ValueError(f"{key}=... is required")
@@ -62,9 +72,6 @@ class ThinkConfig:
 
 
 def read_problems(path: str, limit: int = 0) -> list[dict]:
-    from lmforge.data.sources import DataError
-    from lmforge.stages.generate import read_prompt_rows
-
     rows = read_prompt_rows(path)
     for where, row in rows:
         if "answer" not in row:
@@ -74,16 +81,9 @@ def read_problems(path: str, limit: int = 0) -> list[dict]:
 
 
 def run_think(cfg: ThinkConfig) -> dict:
-    import torch
-
-    from lmforge import inference_scaling as scaling
-    from lmforge.answers import answers_match, extract_answer
-    from lmforge.modelio import load_model_dir
-    from lmforge.stages.generate import encode_prompt, load_for_generation, sampling_params_from
-
     problems = read_problems(cfg.input, cfg.limit)
-    model, tok = load_for_generation(cfg.model, cfg.device, cfg.dtype)
-    prompts = [encode_prompt(tok, row, cfg.add_bos) for row in problems]
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
+    prompts = [encode_prompt_row(tok, row, cfg.add_bos) for row in problems]
     golds = [str(row["answer"]) for row in problems]
     params = sampling_params_from(cfg, n=1)  # cfg.n is the budget: each method asks for its own n
     scorer = None
@@ -129,9 +129,6 @@ def run_think(cfg: ThinkConfig) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"lmforge think: {summary['method']} on {summary['problems']} problems")
     for column in ("method", "N", "accuracy", "samples / problem", "tokens / problem"):
         table.add_column(column, justify="left" if column == "method" else "right")
@@ -144,8 +141,6 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, ThinkConfig, prog="lmforge think", description=__doc__)
     print_summary(run_think(cfg))
     return 0

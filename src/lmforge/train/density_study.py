@@ -29,11 +29,27 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
+from lmforge.config import save_config, to_dict
 from lmforge.data.mix import MixSource, mix_documents
 from lmforge.data.noisy import KINDS, NoiseConfig, clean_report, make_noisy
 from lmforge.data.shards import is_val_doc, tokenizer_fingerprint
 from lmforge.data.sources import FilterConfig, clean_text, read_documents
-from lmforge.scaling.sweep import (
+from lmforge.errors import ConfigError
+from lmforge.evaluation import perplexity
+from lmforge.modelio import load_model_and_tokenizer, load_tokenizer
+from lmforge.scaling.laws import (
+    BelowFloorError,
+    bootstrap_chinchilla,
+    effective_params,
+    effective_params_samples,
+    fit_chinchilla,
+    interval_with_inf,
+    laws_from_samples,
+)
+from lmforge.scaling.plots import plot_density
+from lmforge.train.sweep import (
     ScalingConfig,
     SweepModel,
     plan_run,
@@ -113,8 +129,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def build_corpora(cfg: DensityStudyConfig) -> dict:
     """Held-out sets first, then raw and clean text and the training quiz pages, as files under out_dir/corpus;
     returns corpus.json (paths, sizes, and what cleaning kept of each kind of noise). Built once per config."""
-    from lmforge.config import to_dict
-
     folder = Path(cfg.out_dir) / "corpus"
     meta_path = folder / "corpus.json"
     settings = {k: to_dict(cfg)[k] for k in ("text_source", "quiz_source", "heldout_fraction", "noise",
@@ -174,8 +188,6 @@ def variant_corpus(variant: StudyVariant, corpus: dict, tokenizer, seed: int) ->
 
 def check_runs_match(folder: Path, stamp: dict) -> None:
     """A variant's folder keeps the stamp of the data its runs trained on; other data is an error, not a reuse."""
-    from lmforge.config import ConfigError
-
     record = folder / "data_stamp.json"
     if record.exists() and json.loads(record.read_text()) != json.loads(json.dumps(stamp)):
         raise ConfigError(f"{folder} holds runs trained on another version of this variant's data (the corpus, "
@@ -198,10 +210,7 @@ def heldout_losses(run_dir: Path, corpus: dict, seq_len: int) -> dict:
     cache = run_dir / "heldout.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    from lmforge.evaluation import perplexity
-    from lmforge.modelio import load_model_dir, load_tokenizer
-
-    model, tok = load_model_dir(run_dir / "model").eval(), load_tokenizer(run_dir / "model")
+    model, tok = load_model_and_tokenizer(run_dir / "model", device="cpu")
     out = {}
     for name in ("text", "quiz"):
         docs = [json.loads(line)["text"] for line in Path(corpus["files"][f"heldout_{name}"]).read_text().splitlines()]
@@ -213,9 +222,6 @@ def heldout_losses(run_dir: Path, corpus: dict, seq_len: int) -> dict:
 def run_density_study(cfg: DensityStudyConfig, base) -> dict:
     """Build the corpora, train every (variant, size, budget) run not done yet, score it on the held-out sets,
     then fit, measure and report. Returns study.json's content."""
-    from lmforge.config import save_config
-    from lmforge.modelio import load_tokenizer
-
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "study.yaml")
@@ -243,8 +249,6 @@ def run_density_study(cfg: DensityStudyConfig, base) -> dict:
               "variants": [v.__dict__ for v in cfg.variants], "rows": rows,
               "analysis": {name: analyse(rows, cfg, f"heldout_{name}") for name in ("text", "quiz")}}
     (out / "study.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-    from lmforge.scaling.plots import plot_density
-
     result["plot"] = str(plot_density(out / "density.png", result))
     (out / "report.md").write_text(study_markdown(result))
     return result
@@ -264,18 +268,6 @@ def _json_default(x):
 def analyse(rows: list[dict], cfg: DensityStudyConfig, column: str) -> dict:
     """The reference law on ``column`` (fitted to the reference variant's runs, with bootstrap refits), every
     run's N_eff and density with intervals, and each variant's geometric-mean density with its interval."""
-    import numpy as np
-
-    from lmforge.scaling.laws import (
-        BelowFloorError,
-        bootstrap_chinchilla,
-        effective_params,
-        effective_params_samples,
-        fit_chinchilla,
-        interval_with_inf,
-        laws_from_samples,
-    )
-
     ref = [r for r in rows if r["variant"] == cfg.reference]
     N, D, L = (np.array([r[k] for r in ref], dtype=float) for k in (cfg.n_column, "tokens", column))
     fit = fit_chinchilla(N, D, L)
