@@ -2,6 +2,7 @@
 a known law, and `lmforge scaling density-study` end to end on a micro grid."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -46,6 +47,11 @@ def test_noise_comes_in_the_configured_shares_and_cleaning_removes_what_its_filt
     assert share("fragment", "kept") < 0.05
     assert share("near_dup", "kept") > 0.9  # exact dedup cannot see them: the cleaned side still has these
     assert share("clean", "kept") > 0.98  # and the filters cost the real text almost nothing
+
+    near = replace(CLEANING, near_dedup=True)  # MinHash near-dedup sees what exact dedup cannot
+    kept, report = clean_report(noisy, near)
+    assert kept == filter_documents([t for _, t in noisy], near, progress=False)[0]
+    assert share("near_dup", "near_duplicate") > 0.5 and share("clean", "kept") > 0.98
 
 
 LAW = ChinchillaLaw(E=1.5, A=40.0, B=300.0, alpha=0.35, beta=0.3)

@@ -22,6 +22,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+from lmforge.data.dedup import NearDuplicateIndex
 from lmforge.data.sources import check_document
 
 KINDS = ("boilerplate", "markup", "fragment", "exact_dup", "near_dup")
@@ -126,19 +127,22 @@ def make_noisy(docs: list[str], cfg: NoiseConfig) -> list[tuple[str, str]]:
 
 
 def clean_report(noisy: list[tuple[str, str]], filters) -> tuple[list[str], dict]:
-    """Run the dirty corpus through lmforge's cleaning, filters and exact dedup (``check_document``, as
+    """Run the dirty corpus through lmforge's cleaning, filters, exact dedup and (``near_dedup``) MinHash dedup (``check_document``, as
     pretraining's ``filter_documents`` does) and count, for each kind, documents and characters kept and dropped by reason.
     Returns (kept documents, {kind: {reason: {"docs", "chars"}}})."""
     report: dict = {}
     kept_all = []
     seen: set[bytes] = set()
+    near = NearDuplicateIndex(filters.minhash_threshold, filters.minhash_num_perm) if filters.near_dedup else None
     for kind, text in noisy:
-        doc, reason, _, _ = check_document(text, filters)  # one document at a time: no progress bar per call
+        doc, reason, sig, _ = check_document(text, filters)  # one document at a time: no progress bar per call
         reason = reason or "kept"
         if reason == "kept" and filters.dedup:
             digest = hashlib.blake2b(doc.encode(), digest_size=16).digest()
             reason = "duplicate" if digest in seen else reason
             seen.add(digest)
+        if reason == "kept" and near is not None and near.is_duplicate(sig):
+            reason = "near_duplicate"
         if reason == "kept":
             kept_all.append(doc)
         cell = report.setdefault(kind, {}).setdefault(reason, {"docs": 0, "chars": 0})
