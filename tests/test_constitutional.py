@@ -98,6 +98,31 @@ def test_builtin_constitutions_parse_and_cover_their_topics():
     assert default.examples and default.examples[0].principle in default.principles
 
 
+def test_customer_service_constitution_has_ten_principles_covering_helpfulness_safety_and_brand_voice():
+    """Exercise 2 of the chapter: at least 10 principles covering helpfulness, safety and brand voice. Coverage
+    is read from each principle's `category` field in the YAML, never guessed from its wording."""
+    cs = load_constitution("customer_service")
+    assert len(cs.principles) >= 10
+    assert all(p.critique_request and p.revision_request and p.choice_prompt and p.category for p in cs.principles)
+    by_category = cs.categories()
+    assert {"helpfulness", "safety", "brand_voice"} <= set(by_category)
+    assert all(len(by_category[c]) >= 2 for c in ("helpfulness", "safety", "brand_voice"))
+    assert {"harm", "dangerous-requests", "self-harm-signals", "fraud"} <= set(by_category["safety"])
+    assert {e.principle.category for e in cs.examples} >= {"brand_voice", "safety"}
+    risky = read_prompts("builtin:customer_service_risky", label="unsafe")
+    safe = read_prompts("builtin:customer_service_safe", label="safe")
+    ordinary = read_prompts("builtin:customer_service")
+    assert len(risky) >= 12 and len(safe) >= 10 and len(ordinary) >= 16
+    assert not {p["id"] for p in risky} & {p["id"] for p in safe + ordinary}
+
+
+def test_a_principle_category_must_be_text(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("principles:\n  - {name: x, critique_request: a, revision_request: b, category: [1]}\n")
+    with pytest.raises(ConfigError, match=r"principles\[0\]: field 'category' must be a non-empty string"):
+        load_constitution(str(bad))
+
+
 def test_bad_constitution_names_file_and_field(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("principles:\n  - name: x\n    critique_request: ok\n")

@@ -224,7 +224,7 @@ def test_wilson_interval_matches_hand_computed_values():
     assert wilson_ci(10, 10)[1] == pytest.approx(1.0) and wilson_ci(3, 40)[0] > 0
 
 
-@pytest.mark.parametrize("recipe", ["constitutional", "constitutional_smollm2"])
+@pytest.mark.parametrize("recipe", ["constitutional", "constitutional_smollm2", "constitutional_customer_service"])
 def test_builtin_recipes_give_every_step_a_valid_config(recipe):
     cfg = load_config(RunConfig, recipe, ["model=some/dir"], section="run")
     steps = step_configs(recipe, {"sft": ["train.lr=1e-4"]}, cfg.model, cfg.rl)
@@ -232,3 +232,6 @@ def test_builtin_recipes_give_every_step_a_valid_config(recipe):
     assert steps["dpo"].loss_type == "cdpo" and steps["sft"].lora.enabled
     if recipe == "constitutional_smollm2":
         assert cfg.red_team[0].endswith("hh-rlhf-harmless-base/test.jsonl.gz") and cfg.eval_prompts == 40
+    if recipe == "constitutional_customer_service":
+        assert steps["revise"].constitution == steps["label"].constitution == "customer_service"
+        assert cfg.red_team == ["builtin:customer_service_risky"] and cfg.safe == ["builtin:customer_service_safe"]

@@ -132,6 +132,7 @@ def test_fit_cli_writes_summary_plots_and_a_law_optimal_reads(tmp_path, capsys):
     assert abs(summary["law"]["alpha"] - TRUE.alpha) < 0.05 and abs(summary["law"]["beta"] - TRUE.beta) < 0.05
     assert len(summary["isoflop"]["profiles"]) == 4 and summary["compute_law"]["alpha_C"] > 0
     assert set(summary["law_ci"]) >= {"E", "A", "B", "alpha", "beta"}
+    assert 0 < len(summary["law_boot"]) <= 4 and all(len(b) == 5 for b in summary["law_boot"])  # for density
     for name in ("fit.png", "isoflop.png", "frontier.png", "fit.md"):
         assert (out / name).stat().st_size > 1000, name
     assert "approach 3" in (out / "fit.md").read_text()

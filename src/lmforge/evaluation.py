@@ -181,6 +181,7 @@ def token_perplexity(model, ids: list[int]) -> float:
     return math.exp(total / count)
 
 
+@torch.inference_mode()
 def perplexity(model, tokenizer, data, seq_len: int = 256, batch_size: int = 8, max_batches: int = 0,
                split: str = "val") -> dict:
     """Mean next-token cross-entropy (nats/token) and perplexity exp(loss) = exp(-1/N sum_i log p(x_i | x_<i)).

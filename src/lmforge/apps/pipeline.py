@@ -231,6 +231,8 @@ def _scalars(d: dict) -> dict:
     out = {}
     for k, v in (d or {}).items():
         if isinstance(v, dict) and "value" in v:
+            if isinstance(v.get("ci"), list) and len(v["ci"]) == 2:  # keep a rate's interval beside it
+                out[f"{k}_low"], out[f"{k}_high"] = v["ci"]
             v = v["value"]
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = v
@@ -239,7 +241,7 @@ def _scalars(d: dict) -> dict:
 
 def print_table(record: dict) -> None:
     table = Table(title=f"lmforge pipeline: {record['run_dir']}")
-    for col in ("stage", "loss", "accuracy", "format", "pref. acc.", "KL", "length", "time"):
+    for col in ("stage", "loss", "accuracy", "vs SFT (paired, 95%)", "format", "pref. acc.", "KL", "length", "time"):
         table.add_column(col, justify="left" if col == "stage" else "right")
 
     def fmt(value, spec):
@@ -248,12 +250,23 @@ def print_table(record: dict) -> None:
     for stage, r in record["stages"].items():
         s, e = r["summary"], r["eval"]
         loss = next((s[k] for k in ("val_loss", "eval_loss", "eval/loss") if k in s), None)
-        table.add_row(stage, fmt(loss, "{:.3f}"), fmt(e.get("accuracy"), "{:.1%}"), fmt(e.get("format_rate"), "{:.1%}"),
+        table.add_row(stage, fmt(loss, "{:.3f}"), fmt(e.get("accuracy"), "{:.1%}"), gain_cell(e),
+                      fmt(e.get("format_rate"), "{:.1%}"),
                       fmt(e.get("preference_accuracy", s.get("eval_accuracy")), "{:.1%}"), fmt(e.get("kl"), "{:.4f}"),
                       fmt(e.get("mean_response_tokens"), "{:.1f}"), fmt(s.get("seconds"), "{:.0f} s"))
-    Console().print(table)
+    Console(width=max(130, Console().width)).print(table)  # 9 columns: not squeezed into a pipe's 80
     for path in record.get("report", []):
         print(f"report: {path}")
+
+
+def gain_cell(e: dict) -> str:
+    """Accuracy minus the SFT model's on the same held-out problems, in points, with its bootstrap interval."""
+    if "accuracy_gain" not in e:
+        return "—"
+    cell = f"{100 * e['accuracy_gain']:+.1f}"
+    if "accuracy_gain_low" in e:
+        cell += f" [{100 * e['accuracy_gain_low']:+.1f}, {100 * e['accuracy_gain_high']:+.1f}]"
+    return cell
 
 
 def main(argv: list[str]) -> int:

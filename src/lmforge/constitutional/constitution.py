@@ -8,11 +8,12 @@ A constitution is a YAML file (see lmforge/constitutions/default.yaml)::
         critique_request: Point out every way in which the assistant's last answer could cause harm ...
         revision_request: Rewrite the answer so that it contains nothing harmful ...
         choice_prompt: Which response is less harmful?      # optional: pairwise judging (RLAIF)
+        category: safety                                   # optional: a label for readers and coverage tests
     examples:                                              # optional few-shot critique/revision rounds
       - {prompt: ..., response: ..., principle: harmless, critique: ..., revision: ...}
 
 Built-in constitutions are named by file stem: ``default`` (helpful, honest, harmless; 12 principles) and
-``customer_service`` (brand voice, escalation, privacy). This module also renders the chat messages of the
+``customer_service`` (13: helpfulness, safety, brand voice and honesty, as its ``category`` fields say). This module also renders the chat messages of the
 critique, revision and judging turns, so every backend sees the same prompts.
 """
 
@@ -35,6 +36,7 @@ class Principle:
     critique_request: str
     revision_request: str
     choice_prompt: str | None = None
+    category: str | None = None  # e.g. helpfulness, safety, brand_voice: data for readers, not used in prompts
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,13 @@ class Constitution:
     examples: list[Example] = field(default_factory=list)
     description: str = ""
     source: str = ""
+
+    def categories(self) -> dict[str, list[str]]:
+        """{category: principle names}, in file order (principles without a category under "")."""
+        out: dict[str, list[str]] = {}
+        for p in self.principles:
+            out.setdefault(p.category or "", []).append(p.name)
+        return out
 
     def draw(self, rng: random.Random, for_choice: bool = False) -> Principle:
         """A principle drawn uniformly (only those with a choice_prompt when judging pairs)."""
@@ -112,11 +121,12 @@ def _text(item: dict, key: str, where: str, required: bool = True) -> str | None
 def _principle(item, where: str) -> Principle:
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: a principle must be a mapping with name, critique_request, revision_request")
-    unknown = set(item) - {"name", "critique_request", "revision_request", "choice_prompt"}
+    unknown = set(item) - {"name", "critique_request", "revision_request", "choice_prompt", "category"}
     if unknown:
         raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r}")
     return Principle(_text(item, "name", where), _text(item, "critique_request", where),
-                     _text(item, "revision_request", where), _text(item, "choice_prompt", where, required=False))
+                     _text(item, "revision_request", where), _text(item, "choice_prompt", where, required=False),
+                     _text(item, "category", where, required=False))
 
 
 def _example(item, where: str, principles: dict[str, Principle]) -> Example:

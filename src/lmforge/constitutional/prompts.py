@@ -9,7 +9,8 @@ Each prompt becomes ``{"id", "messages", "source"[, "label"]}``; ``messages`` en
 - ``.csv`` with a ``goal`` column (AdvBench harmful_behaviors.csv) or a ``prompt`` column (XSTest; its
   ``label`` column, ``safe`` or ``unsafe``, is kept so evaluation can take the safe or the unsafe half);
 - ``builtin:NAME``: small prompt sets written for lmforge, shipped in lmforge/assets/constitutional/
-  (``red_team``, ``borderline_safe``, ``helpful``).
+  (``red_team``, ``borderline_safe``, ``helpful``; for a shop's assistant ``customer_service``,
+  ``customer_service_risky`` and ``customer_service_safe``).
 
 ``id`` is a hash of the messages, so runs can be resumed and prompts deduplicated across files.
 """

@@ -20,6 +20,16 @@ all with training compute C ≈ 6·N·D (Kaplan et al. 2020, §2.1: 2N FLOPs per
 * **Kaplan-style** compute law (Kaplan et al. 2020, eq. 1.3): L(C) = (C_c / C)^α_C on the compute-optimal
   frontier, or L(C) = E + (C_c / C)^α_C with an irreducible term.
 
+* **Capability density** (Xiao et al. 2024/2025, "Densing Law of LLMs", arXiv:2412.04315): a model's effective
+  parameter count N_eff is the size a *reference* scaling law needs to reach the model's measured capability,
+  here the loss L at the model's own training tokens D, so L(N_eff, D) = L:
+
+      N_eff = (A / (L − E − B/D^β))^(1/α),   density ρ = N_eff / N,
+
+  defined only above the law's floor at D, E + B/D^β (no size reaches a loss at or below it). The paper measures
+  capability by task scores mapped to a loss through a fitted sigmoid S(L), and finds the best open models'
+  density doubling about every 3.5 months (Feb 2023 to Apr 2025): the trend behind ``project_params``.
+
 Uncertainty comes from the bootstrap: resample runs with replacement, refit, take percentile intervals.
 Everything here is numpy + scipy on arrays; nothing trains.
 """
@@ -410,9 +420,12 @@ class Analysis:
         def ci(d):
             return {k: list(v) for k, v in d.items() if k != "samples"}
 
+        samples = self.chinchilla_ci.get("samples", {})
+        boot = [list(row) for row in zip(*(samples[k] for k in ("E", "A", "B", "alpha", "beta")))] if samples else []
         return {
             "law": {"form": "chinchilla", **self.chinchilla.to_dict()} if self.chinchilla else None,
             "law_ci": ci(self.chinchilla_ci),
+            "law_boot": boot,  # each bootstrap refit's [E, A, B, alpha, beta]: intervals for anything derived
             "isoflop": self.isoflop.to_dict() if self.isoflop else None,
             "isoflop_ci": ci(self.isoflop_ci),
             "compute_law": {**self.compute_law.to_dict(), "points": self.compute_points} if self.compute_law else None,
@@ -453,3 +466,131 @@ def analyze(N, D, budget, L, *, n_boot: int = 50, seed: int = 0, level: float = 
         except ValueError as e2:
             out.errors["compute_law"] = str(e2)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- density
+
+
+class BelowFloorError(ValueError):
+    """A loss at or below what L(N, D) reaches with infinitely many parameters at this D: no finite N_eff."""
+
+
+def loss_floor(law: ChinchillaLaw, D) -> float:
+    """E + B/D^β: the loss L(N, D) approaches as N → ∞ at D training tokens (the irreducible term E plus what
+    D tokens cannot teach)."""
+    return float(law.E + law.B / np.asarray(D, dtype=float) ** law.beta)
+
+
+def effective_params(law: ChinchillaLaw, loss: float, D: float) -> float:
+    """N_eff with L(N_eff, D) = loss: the reference law's size for this loss at D tokens (Xiao et al. 2024,
+    "Densing Law of LLMs", §2: the effective parameter size, here on loss rather than on a task score).
+
+        loss = E + A/N_eff^α + B/D^β   ⇒   N_eff = (A / (loss − E − B/D^β))^(1/α)
+
+    Raises BelowFloorError when loss ≤ E + B/D^β (a size the law cannot name, not an infinite one).
+    """
+    if law.alpha <= 0 or law.A <= 0:
+        raise ValueError(f"the law cannot be inverted in N: A={law.A:.3g}, α={law.alpha:.3g} must be > 0")
+    if not (np.isfinite(loss) and D > 0):
+        raise ValueError(f"loss must be finite and D positive, got loss={loss}, D={D}")
+    floor = loss_floor(law, D)
+    gap = loss - floor
+    if gap <= 0:
+        raise BelowFloorError(
+            f"loss {loss:.4f} is at or below the law's floor at D = {D:.3g} tokens, E + B/D^β = {law.E:.4f} + "
+            f"{floor - law.E:.4f} = {floor:.4f}: no parameter count reaches it under this law (a better model "
+            "than the law can describe, or a loss measured on other text or with another tokenizer)")
+    return float((law.A / gap) ** (1 / law.alpha))
+
+
+def density(law: ChinchillaLaw, loss: float, N: float, D: float) -> float:
+    """Capability density ρ = N_eff / N (Xiao et al. 2024): > 1 when the model does better than the
+    reference law predicts for its size and data, < 1 when worse."""
+    return effective_params(law, loss, D) / N
+
+
+def effective_params_samples(laws, loss: float, D: float) -> np.ndarray:
+    """N_eff under each law of a bootstrap sample; +inf where the loss is below that law's floor."""
+    out = []
+    for law in laws:
+        try:
+            out.append(effective_params(law, loss, D))
+        except BelowFloorError:
+            out.append(math.inf)
+    return np.array(out, dtype=float)
+
+
+def interval_with_inf(samples, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of samples that may hold +inf (a resample's law whose floor is above the loss):
+    order statistics, so an upper end past the finite samples is inf rather than NaN or a dropped tail."""
+    s = np.sort(np.asarray(samples, dtype=float))
+    s = s[~np.isnan(s)]
+    if not len(s):
+        return math.nan, math.nan
+    lo, hi = np.quantile(s, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
+    return float(lo), float(hi)
+
+
+def laws_from_samples(samples: dict) -> list[ChinchillaLaw]:
+    """The bootstrap's refitted laws from ``bootstrap_chinchilla``'s samples (or fit.json's ``law_boot``)."""
+    if isinstance(samples, list):  # fit.json: [[E, A, B, alpha, beta], ...]
+        return [ChinchillaLaw(*map(float, row)) for row in samples]
+    return [ChinchillaLaw(E, A, B, alpha, beta) for E, A, B, alpha, beta in
+            zip(samples["E"], samples["A"], samples["B"], samples["alpha"], samples["beta"])]
+
+
+# The Densing Law's trend (Xiao et al., Nature Machine Intelligence 2025): the highest capability density among
+# open models doubled about every 3.5 months from February 2023 to April 2025 (the 2024 preprint: about 3).
+DENSING_DOUBLING_MONTHS = 3.5
+
+
+def project_params(n_params: float, months: float, doubling_months: float = DENSING_DOUBLING_MONTHS) -> float:
+    """Parameters a model released ``months`` later needs to match one of ``n_params`` today, if density keeps
+    doubling every ``doubling_months``: N(t) = N · 2^(−t / T). A projection of the published trend, not a
+    measurement (Xiao et al. 2025)."""
+    if n_params <= 0 or doubling_months <= 0:
+        raise ValueError("n_params and doubling_months must be positive")
+    return float(n_params * 2.0 ** (-months / doubling_months))
+
+
+# ---------------------------------------------------------------------------------------------- score vs loss
+
+
+@dataclass(frozen=True)
+class ScoreCurve:
+    """Task score against loss, S(L) = d + c / (1 + exp(γ (L − l0))), the sigmoid Xiao et al. 2024 fit to map a
+    reference model's loss to its downstream score (γ > 0: the score falls from d + c at low loss to d at high
+    loss, steepest at L = l0)."""
+
+    c: float
+    gamma: float
+    l0: float  # the paper's l
+    d: float
+
+    def score(self, L):
+        return self.d + self.c / (1 + np.exp(self.gamma * (np.asarray(L, dtype=float) - self.l0)))
+
+    def loss(self, S: float) -> float:
+        """The inverse: L = l0 + ln(c / (S − d) − 1) / γ, for S strictly between d and d + c."""
+        lo, hi = sorted((self.d, self.d + self.c))
+        if not lo < S < hi:
+            raise ValueError(f"score {S:g} is outside the curve's open range ({lo:.4g}, {hi:.4g}): it maps to no "
+                             "finite loss")
+        return float(self.l0 + math.log(self.c / (S - self.d) - 1) / self.gamma)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_score_curve(L, S) -> ScoreCurve:
+    """Least-squares S(L) through (loss, score) pairs of reference models (at least 4, for 4 parameters)."""
+    from scipy.optimize import curve_fit
+
+    L, S = np.asarray(L, dtype=float), np.asarray(S, dtype=float)
+    if len(L) < 4 or len(L) != len(S):
+        raise ValueError(f"a score curve needs at least 4 (loss, score) pairs, got {len(L)}")
+    spread = float(np.ptp(L)) or 1.0
+    p0 = (float(np.ptp(S)) or 1.0, 4.0 / spread, float(np.median(L)), float(S.min()))
+    (c, gamma, l0, d), _ = curve_fit(lambda x, c, g, l0, d: d + c / (1 + np.exp(g * (x - l0))), L, S, p0=p0,
+                                     maxfev=20000)
+    return ScoreCurve(float(c), float(gamma), float(l0), float(d))

@@ -2,7 +2,9 @@
 
 * ``fit.png``: measured loss vs tokens D, one colour per model size N, with the fitted L(N, D) through them;
 * ``isoflop.png``: loss vs N at each compute budget, the parabola in log N and its minimum (approach 2);
-* ``frontier.png``: compute-optimal N and D vs C from every approach, and loss vs C with the L(C) law.
+* ``frontier.png``: compute-optimal N and D vs C from every approach, and loss vs C with the L(C) law;
+* ``density.png`` (the density study): each run's capability density N_eff / N against N, one colour per training
+  set, with bootstrap intervals and each set's geometric mean, one panel per held-out set.
 """
 
 from __future__ import annotations
@@ -109,6 +111,38 @@ def plot_frontier(path: Path, C, L, *, law: ChinchillaLaw | None, iso: IsoFlopFi
     right.legend(fontsize=7)
     right.grid(alpha=0.3, which="both")
     return _save(plt, fig, path)
+
+
+def plot_density(path: Path, study: dict) -> Path:
+    """Density vs N per variant (intervals clipped at the axis where a refit's floor made them infinite)."""
+    plt = _pyplot()
+    panels = list(study["analysis"].items())
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    names = [v["name"] for v in study["variants"]]
+    for ax, (held, a) in zip(axes[0], panels):
+        finite = [x for p in a["runs"] for x in (p["density"], *p["density_ci"]) if np.isfinite(x) and x > 0]
+        top = max(finite) * 3 if finite else 10.0
+        for i, (name, c) in enumerate(zip(names, plt.cm.tab10.colors)):
+            runs = [p for p in a["runs"] if p["variant"] == name]
+            x = np.array([p["N"] for p in runs]) * 1.06 ** (i - (len(names) - 1) / 2)  # side by side
+            y = np.array([min(p["density"], top) for p in runs])
+            lo = np.array([min(p["density_ci"][0], top) for p in runs])
+            hi = np.array([min(p["density_ci"][1], top) for p in runs])
+            ax.errorbar(x, y, yerr=[np.maximum(y - lo, 0), np.maximum(hi - y, 0)], fmt="o", ms=4, color=c,
+                        capsize=2, lw=0.8, label=f"{name}: {_geo(a['summary'][name]['density'])}")
+            ax.axhline(min(a["summary"][name]["density"], top), color=c, ls="--", lw=0.8)
+        ax.axhline(1.0, color="k", lw=0.6)
+        ax.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="density N_eff / N",
+               title=f"held-out {held}: reference law = {study['reference']} runs")
+        sizes = sorted({p["N"] for p in a["runs"]})  # the sizes trained: a sweep of tiny models spans no decade
+        ax.set_xticks(sizes, [f"{n / 1e3:.0f}k" if n < 1e6 else f"{n / 1e6:.1f}M" for n in sizes])
+        ax.legend(fontsize=7, title="geometric mean", title_fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    return _save(plt, fig, path)
+
+
+def _geo(x: float) -> str:
+    return "∞" if not np.isfinite(x) else f"{x:.2f}x"
 
 
 def _save(plt, fig, path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""``lmforge scaling {sweep,fit,optimal,predict}``: measure, fit and use scaling laws.
+"""``lmforge scaling {sweep,fit,optimal,predict,density,density-study}``: measure, fit and use scaling laws.
 
   sweep    train an IsoFLOP grid of model sizes x compute budgets with the pretrain stage -> sweep.csv, then fit
            (``--config scaling_tiny [key=value ...]``; keys of the ``pretrain`` section start with ``pretrain.``)
@@ -8,6 +8,12 @@
            training time it implies
   predict  fit the sweep (training what is missing of it), predict a larger model's loss before training it,
            train it, report the error
+  density  capability density (Xiao et al. 2024, the Densing Law): the effective parameter count N_eff a
+           reference L(N, D) needs for a model's measured loss (or task score) at its training tokens, and
+           N_eff / N, with intervals from the fit's bootstrap; ``--project``: the published trend's projection
+  density-study  train the same tiny sizes on raw text, on cleaned + deduplicated text and with the quiz
+           upweighted; fit the reference law on the raw runs; every model's density with intervals
+           (``--config density_tiny``) -> study.csv, study.json, report.md, density.png
 
 The formulas and their sources are in ``lmforge.scaling.laws``; the sweep's FLOP accounting in
 ``lmforge.train.sweep``.
@@ -28,11 +34,27 @@ from rich.table import Table
 from lmforge.config import describe, from_dict, parse_override, read_yaml, recipe_path, set_dotted
 from lmforge.errors import ConfigError
 from lmforge.scaling import plots
-from lmforge.scaling.laws import CHINCHILLA, ChinchillaLaw, analyze, tokens_per_param_rule
+from lmforge.scaling.laws import (
+    CHINCHILLA,
+    DENSING_DOUBLING_MONTHS,
+    BelowFloorError,
+    ChinchillaLaw,
+    ScoreCurve,
+    analyze,
+    effective_params,
+    effective_params_samples,
+    fit_score_curve,
+    interval_with_inf,
+    laws_from_samples,
+    loss_floor,
+    project_params,
+    tokens_per_param_rule,
+)
+from lmforge.train.density_study import DensityStudyConfig, run_density_study, study_markdown
 from lmforge.train.lm import PretrainConfig
 from lmforge.train.sweep import ScalingConfig, read_table, run_predict, run_sweep, table_arrays
 
-SUBCOMMANDS = ("sweep", "fit", "optimal", "predict")
+SUBCOMMANDS = ("sweep", "fit", "optimal", "predict", "density", "density-study")
 
 
 def main(argv: list[str]) -> int:
@@ -43,28 +65,30 @@ def main(argv: list[str]) -> int:
     if sub not in SUBCOMMANDS:
         print(f"lmforge scaling: unknown subcommand {sub!r} (one of {', '.join(SUBCOMMANDS)})", file=sys.stderr)
         return 2
-    return {"sweep": cmd_sweep, "fit": cmd_fit, "optimal": cmd_optimal, "predict": cmd_predict}[sub](rest)
+    return {"sweep": cmd_sweep, "fit": cmd_fit, "optimal": cmd_optimal, "predict": cmd_predict,
+            "density": cmd_density, "density-study": cmd_density_study}[sub](rest)
 
 
 # ---------------------------------------------------------------------------------------------- configs
 
 
-def load_configs(recipe: str, overrides: list[str]):
-    """(ScalingConfig, PretrainConfig) from a two-section recipe; ``pretrain.x=…`` overrides the base run."""
+def load_configs(recipe: str, overrides: list[str], section: str = "scaling", cls=ScalingConfig):
+    """(``cls`` from the ``section``, PretrainConfig) from a two-section recipe (ScalingConfig from ``scaling``
+    by default); ``pretrain.x=…`` overrides the base run, any other key the section."""
     path = recipe_path(recipe)
     data = read_yaml(path)
-    unknown = [k for k in data if k not in ("scaling", "pretrain")]
+    unknown = [k for k in data if k not in (section, "pretrain")]
     if unknown:
-        raise ConfigError(f"{path}: unknown section {unknown[0]!r} (a scaling recipe has 'scaling' and 'pretrain')")
-    scaling, pretrain = dict(data.get("scaling") or {}), dict(data.get("pretrain") or {})
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r} (this recipe has {section!r} and 'pretrain')")
+    own, pretrain = dict(data.get(section) or {}), dict(data.get("pretrain") or {})
     for text in overrides:
         key, value = parse_override(text)
         if key.startswith("pretrain."):
             set_dotted(pretrain, key.removeprefix("pretrain."), value)
         else:
-            set_dotted(scaling, key.removeprefix("scaling."), value)
+            set_dotted(own, key.removeprefix(f"{section}."), value)
     source = f"{path} + overrides" if overrides else str(path)
-    return from_dict(ScalingConfig, scaling, source), from_dict(PretrainConfig, pretrain, source)
+    return from_dict(cls, own, source), from_dict(PretrainConfig, pretrain, source)
 
 
 def _recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -101,6 +125,23 @@ def cmd_predict(argv: list[str]) -> int:
     result = run_predict(scfg, base)
     Console().print(Markdown(Path(result["report"]).read_text()))
     print(f"report: {result['report']}")
+    return 0
+
+
+def cmd_density_study(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lmforge scaling density-study", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="What cleaner data is worth in parameters: the same tiny sizes trained on raw, cleaned and "
+                    "quiz-upweighted text, densities against the law fitted to the raw runs.",
+        epilog="config keys (override with key=value; the base pretrain run with pretrain.KEY=value):\n"
+               + describe(DensityStudyConfig))
+    parser.add_argument("--config", "-c", default="density_tiny", help="recipe file or built-in name")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    cfg, base = load_configs(args.config, args.overrides, section="study", cls=DensityStudyConfig)
+    result = run_density_study(cfg, base)
+    Console(width=max(130, Console().width)).print(Markdown(study_markdown(result, per_run=False)))
+    print(f"report: {Path(cfg.out_dir) / 'report.md'} (with every run), plot: {result['plot']}")
     return 0
 
 
@@ -290,3 +331,189 @@ def _si(x: float) -> str:
         if x >= scale:
             return f"{x / scale:.3g}{unit}"
     return f"{x:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------- density
+
+# Documented inputs for `density --project` (nominal sizes from the model names, public release months).
+PROJECT_EXAMPLES = {
+    "llama-2-70b": (70e9, "2023-07"),
+    "llama-2-13b": (13e9, "2023-07"),
+    "llama-2-7b": (7e9, "2023-07"),
+    "mistral-7b": (7.3e9, "2023-09"),
+}
+
+
+def density_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge scaling density", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Capability density (Xiao et al. 2024, the Densing Law): invert a reference L(N, D) at the "
+                    "model's training tokens D to the parameter count N_eff that reaches its measured loss; "
+                    "density = N_eff / N. --project: the published trend's projection instead.",
+        epilog="examples:\n"
+               "  lmforge scaling density --law runs/scaling_tiny/fit/fit.json --loss 2.31 --params 3.1e4 "
+               "--tokens 2.6e6\n"
+               "  lmforge scaling density --law fit.json --table runs.csv      # every row: n_params, tokens, "
+               "val_loss\n"
+               "  lmforge scaling density --project --model llama-2-70b --months 6 12 24")
+    parser.add_argument("--law", default="chinchilla",
+                        help="the reference law: chinchilla (published, no interval) or a fit.json of `scaling fit`")
+    parser.add_argument("--loss", type=float, help="the model's measured loss (nats/token, as the law's data)")
+    parser.add_argument("--score", type=float, help="a task score instead, mapped to a loss by --score-curve")
+    parser.add_argument("--score-curve", help="JSON {c, gamma, l0, d}, or a csv/jsonl of reference models' "
+                                              "loss,score pairs to fit S(L) = d + c / (1 + exp(gamma (L - l0)))")
+    parser.add_argument("--params", type=float, help="the model's parameter count N")
+    parser.add_argument("--tokens", type=float, help="the model's training tokens D")
+    parser.add_argument("--table", help="csv/jsonl with n_params, tokens, val_loss: the density of every row")
+    parser.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    parser.add_argument("--project", action="store_true", help="the published trend's projection")
+    parser.add_argument("--model", default="", help=f"--project: a documented example ({', '.join(PROJECT_EXAMPLES)})")
+    parser.add_argument("--released", default="", help="--project: release month YYYY-MM of --params")
+    parser.add_argument("--months", type=float, nargs="+", default=[6, 12, 24], help="--project: months later")
+    parser.add_argument("--doubling-months", type=float, default=None,
+                        help="--project: density doubling time (default 3.5, the published trend)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def cmd_density(argv: list[str]) -> int:
+    args = density_parser().parse_args(argv)
+    if args.project:
+        return print_projection(args)
+    if not 0 < args.level < 1:
+        raise ConfigError("--level must be in (0, 1)")
+    law, boot, label = resolve_reference(args.law)
+    if args.table:
+        rows = read_table(args.table, required=("n_params", "tokens", "val_loss"))
+        cases = [(str(r.get("name", i)), r["val_loss"], r["n_params"], r["tokens"]) for i, r in enumerate(rows, 1)]
+    else:
+        if args.params is None or args.tokens is None or (args.loss is None) == (args.score is None):
+            raise ConfigError("give --params and --tokens and one of --loss or --score (or --table FILE)")
+        loss = args.loss if args.score is None else score_to_loss(args.score, args.score_curve)
+        cases = [("model", loss, args.params, args.tokens)]
+    try:
+        results = [dict(density_row(law, boot, loss, n, d, args.level), name=name) for name, loss, n, d in cases]
+    except BelowFloorError as e:
+        print(f"lmforge scaling density: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"law": label, "results": results}, indent=2))
+        return 0
+    print_density(results, label, args.level, bool(boot))
+    return 0
+
+
+def resolve_reference(spec: str):
+    """(law, bootstrap laws, label) for --law: the published Chinchilla fit or a `scaling fit` fit.json."""
+    if spec == "chinchilla":
+        return CHINCHILLA, [], "Chinchilla approach 3 (published; no bootstrap, so no interval)"
+    path = Path(spec)
+    try:
+        data = json.loads(path.read_text())
+        law = ChinchillaLaw.from_dict(data.get("law") or {})
+    except FileNotFoundError:
+        raise ConfigError(f"--law {spec!r}: expected chinchilla or a fit.json written by `scaling fit`") from None
+    except (json.JSONDecodeError, ValueError) as e:
+        raise ConfigError(f"--law {path}: not a fit with an L(N, D) law ({e})") from None
+    return law, laws_from_samples(data.get("law_boot") or []), f"{path} ({len(data.get('law_boot') or [])} " \
+                                                                  "bootstrap refits)"
+
+
+def density_row(law, boot, loss: float, n: float, d: float, level: float) -> dict:
+    """N_eff and density with percentile intervals over the bootstrap's laws (inf: loss below a law's floor)."""
+    n_eff = effective_params(law, loss, d)
+    row = {"loss": loss, "N": n, "D": d, "floor": loss_floor(law, d), "N_eff": n_eff, "density": n_eff / n,
+           "N_eff_ci": None, "density_ci": None, "boot_below_floor": 0}
+    if boot:
+        samples = effective_params_samples(boot, loss, d)
+        lo, hi = interval_with_inf(samples, level)
+        row.update(N_eff_ci=[lo, hi], density_ci=[lo / n, hi / n],
+                   boot_below_floor=sum(math.isinf(x) for x in samples), n_boot=len(samples))
+    return row
+
+
+def score_to_loss(score: float, curve_spec: str | None) -> float:
+    if not curve_spec:
+        raise ConfigError("--score needs --score-curve (the fitted S(L) of the reference models)")
+    path = Path(curve_spec)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+            curve = ScoreCurve(**{k: float(data[k]) for k in ("c", "gamma", "l0", "d")})
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"--score-curve {path}: expected JSON with c, gamma, l0, d ({e})") from None
+    else:
+        rows = read_table(path, required=("loss", "score"))
+        try:
+            curve = fit_score_curve([r["loss"] for r in rows], [r["score"] for r in rows])
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"--score-curve {path}: {e}") from None
+    try:
+        return curve.loss(score)
+    except ValueError as e:
+        raise ConfigError(f"--score {score}: {e}") from None
+
+
+def print_density(results: list[dict], label: str, level: float, has_ci: bool) -> None:
+    table = Table(title=f"capability density against {label}")
+    for col in ("model", "N", "D", "loss", "floor E+B/D^β", "N_eff", "density N_eff/N"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in results:
+        n_eff, dens = _si(r["N_eff"]), f"{r['density']:.3g}"
+        if r["N_eff_ci"]:
+            lo, hi = r["N_eff_ci"]
+            n_eff += f" [{_si(lo)}, {_si(hi) if math.isfinite(hi) else '∞'}]"
+            dlo, dhi = r["density_ci"]
+            dens += f" [{dlo:.3g}, {dhi:.3g}]" if math.isfinite(dhi) else f" [{dlo:.3g}, ∞]"
+        table.add_row(r["name"], _si(r["N"]), _si(r["D"]), f"{r['loss']:.4f}", f"{r['floor']:.4f}", n_eff, dens)
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    if has_ci:
+        below = sum(r["boot_below_floor"] for r in results)
+        console.print(f"{level:.0%} percentile intervals over the fit's bootstrap refits"
+                      + (f"; ∞ where a refit's floor is above the loss ({below} refit-rows)" if below else ""))
+
+
+def print_projection(args) -> int:
+    doubling = args.doubling_months or DENSING_DOUBLING_MONTHS
+    if args.model:
+        if args.model.lower() not in PROJECT_EXAMPLES:
+            raise ConfigError(f"--model {args.model!r}: documented examples are {', '.join(PROJECT_EXAMPLES)} "
+                              "(or give --params and --released)")
+        n, released = PROJECT_EXAMPLES[args.model.lower()]
+        name = args.model.lower()
+    else:
+        if args.params is None:
+            raise ConfigError("--project needs --model NAME or --params N [--released YYYY-MM]")
+        n, released, name = args.params, args.released, f"{_si(args.params)} model"
+    if doubling <= 0 or n <= 0 or any(m < 0 for m in args.months):
+        raise ConfigError("--doubling-months and --params must be positive, --months >= 0")
+    rows = [{"months": m, "date": _add_months(released, m), "N": project_params(n, m, doubling),
+             "density_factor": 2 ** (m / doubling)} for m in args.months]
+    if args.json:
+        print(json.dumps({"model": name, "N": n, "released": released, "doubling_months": doubling,
+                          "rows": rows, "label": "published trend (projection), not a measurement"}, indent=2))
+        return 0
+    table = Table(title=f"The Densing Law's PUBLISHED TREND, projected (not a measurement): {name}, "
+                        f"{_si(n)} parameters{', released ' + released if released else ''}; density doubling "
+                        f"every {doubling:g} months")
+    for col in ("months later", "date", "density x", "parameters expected to match it"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['months']:g}", r["date"] or "—", f"{r['density_factor']:.3g}", _si(r["N"]))
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    console.print("N(t) = N · 2^(−t / T): Xiao et al. 2025 (Nature Machine Intelligence) fit T ≈ 3.5 months to the "
+                  "densest open models of Feb 2023 – Apr 2025; past that window it is an extrapolation.")
+    return 0
+
+
+def _add_months(released: str, months: float) -> str:
+    if not released:
+        return ""
+    try:
+        year, month = (int(x) for x in released.split("-")[:2])
+    except ValueError:
+        raise ConfigError(f"--released {released!r}: expected YYYY-MM") from None
+    total = year * 12 + month - 1 + round(months)
+    return f"{total // 12}-{total % 12 + 1:02d}"

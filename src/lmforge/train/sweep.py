@@ -221,11 +221,11 @@ def run_sweep(scfg: ScalingConfig, base) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- the table
 
 
-def write_table(rows: list[dict], path: Path) -> None:
-    """sweep.csv (the COLUMNS) and sweep.jsonl beside it, each replaced atomically."""
+def write_table(rows: list[dict], path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
+    """sweep.csv (the ``columns``) and sweep.jsonl beside it (every field), each replaced atomically."""
     path = Path(path)
     with atomic_open(path, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     write_atomic(path.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
