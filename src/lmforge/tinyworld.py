@@ -36,6 +36,7 @@ import re
 from dataclasses import dataclass
 
 from lmforge.answers import ANSWER_PREFIX, format_answer
+from lmforge.data import thinkworld
 
 TEST_FRACTION = 0.1  # share of all possible problems held out for evaluation
 MAX_DIGITS = 2  # operands have 1..MAX_DIGITS digits (3 is beyond a 2M-parameter model in minutes: ~3% after SFT)
@@ -255,6 +256,7 @@ SOURCES = {  # builtin:tinyworld/NAME -> the rows it serves
     "preference": preference_rows,
     "rl": rl_rows,
     "eval": eval_rows,
+    **thinkworld.SOURCES,  # think_*: the thinking world with difficulty levels (lmforge.data.thinkworld)
 }
 
 

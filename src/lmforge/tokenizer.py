@@ -26,15 +26,27 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# ChatML that knows a think block (Qwen3's convention): ``enable_thinking=False`` opens and closes an empty
+# ``<think>`` block in the generation prompt, so the model answers at once; otherwise the model opens it itself.
+THINK_TOKENS = ("<think>", "</think>")
+CHATML_THINK_TEMPLATE = CHATML_TEMPLATE.replace(
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n</think>\n' }}{% endif %}"
+    "{% endif %}")
+
 # End-of-text names used by common tokenizer families, for directories whose config names no eos.
 _EOS_GUESSES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                    think_tokens: bool = False) -> Tokenizer:
     """Byte-level BPE: every byte is in the base alphabet, so any text round-trips exactly.
 
     No normalizer (NFC and friends belong to data cleaning; a tokenizer that rewrites text cannot round-trip)
     and no prefix space (so ``encode("a") + encode("b")`` is ``encode("ab")`` at a word boundary).
+    think_tokens: add ``<think>`` and ``</think>`` as single tokens (ids after the vocabulary), kept when
+    decoding with skip_special_tokens (as Qwen3 and DeepSeek-R1 keep theirs), and the thinking chat template.
     """
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
@@ -46,7 +58,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=SPECIAL_TOKENS, show_progress=False, initial_alphabet=alphabet)
     tok.train_from_iterator(texts, trainer=trainer)
-    return Tokenizer(tok, bos="<|endoftext|>", eos="<|endoftext|>", pad="<|pad|>", chat_template=CHATML_TEMPLATE)
+    if think_tokens:
+        from tokenizers import AddedToken
+
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    return Tokenizer(tok, bos="<|endoftext|>", eos="<|endoftext|>", pad="<|pad|>",
+                     chat_template=CHATML_THINK_TEMPLATE if think_tokens else CHATML_TEMPLATE)
 
 
 class Tokenizer:
