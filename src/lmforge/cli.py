@@ -27,6 +27,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "online-dpo": ("lmforge.stages.online_dpo", "online / iterative DPO: sample, label by verifier or RM, DPO; k rounds"),
     "grpo": ("lmforge.stages.grpo", "GRPO / RLOO (algorithm=rloo) on prompts with verifiable or model rewards"),
     "ppo": ("lmforge.stages.ppo", "PPO RLHF: policy, reference, reward model, critic; GAE, KL penalty"),
+    "prm": ("lmforge.stages.prm", "process reward model on stepwise data or policy traces (step checker / "
+            "Monte-Carlo labels); first-error F1"),
     "sample": ("lmforge.stages.sample", "print continuations of a prompt from any checkpoint"),
     "generate": ("lmforge.stages.generate", "sample completions for a file of prompts (jsonl in, jsonl out)"),
     "think": ("lmforge.stages.think", "inference-time scaling: best-of-N, self-consistency, thinking budgets"),
