@@ -59,6 +59,8 @@ class GRPOConfig:
     scale_rewards: Literal["group", "batch", "none"] = "group"  # "none" = Dr. GRPO
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "dr_grpo"] = "token-mean"
     compare_beta: list[float] = field(default_factory=list)  # run once per beta and plot length + accuracy
+    process_reward: str = ""  # a PRM directory: process supervision (per-step advantages) instead of outcome
+    process_prefix: str = "<think>\n"  # what the PRM reads before the first step (as it trained)
     compile_generation: bool = False  # torch.compile the rollouts' decode step: 10-40 s of warm-up on 2 cores
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, schedule="constant",
                                                                    max_steps=100, batch_size=64,
@@ -112,11 +114,12 @@ def first_and_last(rows: list[dict], key: str) -> tuple[float | None, float | No
 # ---- GRPO / RLOO ----
 
 def grpo_rollout(cfg: GRPOConfig, policy, ref, tokenizer, rows: list[dict], prompt_ids: list[list[int]], reward,
-                 device, rank: int = 0, world_size: int = 1):
+                 device, rank: int = 0, world_size: int = 1, prm=None):
     """The stage's ``make_rollout(iteration, plan) -> (buffer, stats)`` for a RolloutStream.
 
     ``reward`` is a rewards.CombinedReward or any callable RewardInput -> (total, {name: part}); ``tokenizer``
-    may be None (completions are then scored as space-joined token ids, prompts padded with 0).
+    may be None (completions are then scored as space-joined token ids, prompts padded with 0). ``prm``: a
+    prm.PRMScorer whose step scores give per-token advantages (process supervision) instead of ``reward``'s.
     """
     import torch
 
@@ -152,12 +155,20 @@ def grpo_rollout(cfg: GRPOConfig, policy, ref, tokenizer, rows: list[dict], prom
                 scored = score_buffer(policy_scores(policy, T, entropy=True), buffer, batches, device, autocast)
                 buffer["old_logprobs"], entropy = scored["logprobs"], scored["entropy"]
             buffer["ref_logprobs"] = score_buffer(policy_scores(ref, T), buffer, batches, device, autocast)["logprobs"]
-        if cfg.algorithm == "rloo":
+        if prm is not None:
+            from lmforge.objectives.rl import process_advantages
+            from lmforge.prm import process_rewards
+
+            step_rewards, ends = process_rewards(prm, samples.prompt_ids, samples.completion_ids, samples.texts)
+            buffer["advantages"] = process_advantages(step_rewards, ends, G, buffer["labels"].shape[1])
+        elif cfg.algorithm == "rloo":
             buffer["advantages"] = rloo_advantages(samples.rewards, G)
         else:
             buffer["advantages"] = grpo_advantages(samples.rewards, G, cfg.scale_rewards)
         mask = buffer["response_mask"]
         stats = samples.stats(G)
+        if prm is not None:
+            stats["process/step_reward"] = sum(map(sum, step_rewards)) / max(sum(map(len, step_rewards)), 1)
         if not one_update:
             stats["entropy"] = masked_mean(entropy, mask).item()
             stats["kl_k1"] = masked_mean(kl_estimate(buffer["old_logprobs"], buffer["ref_logprobs"], "k1"), mask).item()
@@ -204,8 +215,15 @@ def run_grpo(cfg: GRPOConfig) -> dict:
 
     run = start_rl_run(cfg)
     policy, tokenizer, out_dir, dist = run.policy, run.tokenizer, run.out_dir, run.dist
+    prm = None
+    if cfg.process_reward:
+        from lmforge.modelio import load_model_dir
+        from lmforge.prm import PRMScorer
+
+        prm = PRMScorer(load_model_dir(cfg.process_reward, device=dist.device, num_labels=1).eval(), tokenizer,
+                        prefix=cfg.process_prefix)
     stream = RolloutStream(grpo_rollout(cfg, policy, run.ref, tokenizer, run.rows, run.prompt_ids, run.reward,
-                                        dist.device, dist.rank, dist.world_size),
+                                        dist.device, dist.rank, dist.world_size, prm=prm),
                            epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
                            resume_dir=run.resume_dir)
 
