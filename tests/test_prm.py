@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from lmforge_cli import lmforge
 
 from lmforge.data import thinkworld as tw
