@@ -84,24 +84,29 @@ class ThinkConfig:
 
 
 def read_problems(path: str, limit: int = 0, levels=()) -> list[dict]:
-    """Problem rows with an answer: a file of {"prompt" | "messages", "answer"} rows or builtin:tinyworld/NAME."""
-    from lmforge.data.chat import read_rows
+    """Problem rows with an answer, {"prompt": str | messages, "answer"} or {"messages", "answer"}, from a file
+    (.jsonl / .json / .parquet) or builtin:tinyworld/NAME; a bad row names file:line and the field."""
+    from lmforge.data.chat import check_messages, read_rows
     from lmforge.data.sources import DataError
-    from lmforge.stages.generate import read_prompt_rows
 
-    if path.startswith("builtin:"):
-        rows = [(where, row) for row, where in read_rows(path)]
-    else:
-        rows = read_prompt_rows(path)
-    for where, row in rows:
+    if not path.startswith("builtin:") and not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    for row, where in read_rows(path):
+        prompt = row.get("messages", row.get("prompt"))
+        if isinstance(prompt, list):
+            check_messages(prompt, where, "messages" if "messages" in row else "prompt", need_assistant=False)
+        elif not isinstance(prompt, str):
+            raise DataError(f"{where}: a problem needs a 'prompt' (string or messages) or 'messages' "
+                            f"(fields: {', '.join(row) or 'none'})")
         if "answer" not in row:
             raise DataError(f"{where}: a problem needs an 'answer' field (fields: {', '.join(row)})")
-    if levels:
-        rows = [(w, r) for w, r in rows if r.get("level") in levels]
+        if not levels or row.get("level") in levels:
+            rows.append(row)
     rows = rows[:limit] if limit else rows
     if not rows:
         raise DataError(f"{path}: no problems" + (f" at levels {list(levels)}" if levels else ""))
-    return [row for _, row in rows]
+    return rows
 
 
 def problem_prompt(tok, row: dict, add_bos: bool = True) -> list[int]:
