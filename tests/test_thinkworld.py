@@ -21,10 +21,11 @@ P = tw.Problem((7, 5, 9, 3), ("+", "-", "+"))
 
 
 def test_a_worked_solution_rewrites_the_chain_and_ends_in_the_answer():
-    assert P.question == "What is 7 + 5 - 9 + 3?" and (P.level, P.answer) == (3, 6)
+    assert P.question == "What is 7+5-9+3?" and (P.level, P.answer) == (3, 6)
     assert tw.solution(P, "steps") == "<think>\n7+5-9+3\n12-9+3\n3+3\n6\n</think>\nThe answer is 6."
     assert tw.solution(P, "direct") == "<think>\n</think>\nThe answer is 6."
     assert tw.parse_question(P.question) == P and tw.parse_question("What is 57 + 68?") is None
+    assert tw.parse_question("Q: What is 1-1+9?") == tw.Problem((1, 1, 9), ("-", "+"))
 
 
 def test_every_level_and_style_is_right_without_a_slip_and_a_check_fixes_every_slip():

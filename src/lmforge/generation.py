@@ -70,7 +70,7 @@ class SamplingParams:
                   (self.n >= 1, "n must be >= 1"),
                   (self.thinking_budget is None or self.thinking_budget >= 0, "thinking_budget must be >= 0"),
                   (0 <= self.min_thinking_tokens <= (self.thinking_budget if self.thinking_budget is not None
-                                                     else self.max_new_tokens),
+                                                     else self.min_thinking_tokens),
                    "min_thinking_tokens must be in [0, thinking_budget]"),
                   (all(s for s in self.stop_strings), "stop_strings may not contain an empty string")]
         for ok, message in checks:

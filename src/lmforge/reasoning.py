@@ -200,6 +200,28 @@ def adaptive_rows(model, tokenizer, rows: Sequence[dict], cfg: AdaptiveConfig, n
     return table, correct, results
 
 
+def sweep_tables(table: list[dict], paired: list[dict]) -> list[dict]:
+    """The budget sweep as report tables (report.py's tables.json): accuracy [95% CI] and mean thinking tokens
+    per level for every setting, and each setting's paired gain over "no budget" per level."""
+    levels = list(dict.fromkeys(r["level"] for r in table))
+    settings = list(dict.fromkeys(r["setting"] for r in table))
+    cell = {(r["setting"], r["level"]): r for r in table}
+
+    def fmt(r):
+        return f"{r['accuracy']:.0%} [{r['ci'][0]:.0%}, {r['ci'][1]:.0%}] · {r['mean_thinking_tokens']:.1f} tok"
+
+    acc = {"title": "accuracy [95% CI] · mean thinking tokens, per difficulty level (held-out, greedy)",
+           "headers": ["setting"] + [f"level {lv}" for lv in levels],
+           "rows": [[s] + [fmt(cell[s, lv]) if (s, lv) in cell else "—" for lv in levels] for s in settings]}
+    gains = {(g["setting"], g["level"]): g for g in paired}
+    glevels = list(dict.fromkeys(g["level"] for g in paired))
+    gain = {"title": "paired gain over no budget, same problems (accuracy points, 95% bootstrap CI)",
+            "headers": ["setting"] + [f"level {lv}" for lv in glevels],
+            "rows": [[s] + [f"{gains[s, lv]['gain']:+.0%} [{gains[s, lv]['ci'][0]:+.0%}, {gains[s, lv]['ci'][1]:+.0%}]"
+                            for lv in glevels] for s in dict.fromkeys(g["setting"] for g in paired)]}
+    return [acc, gain]
+
+
 # ---- the plot ----
 
 def plot_budget_sweep(table: list[dict], path: str | Path, title: str = "accuracy vs thinking tokens") -> Path:

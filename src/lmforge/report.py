@@ -26,7 +26,9 @@ The report shows:
    its single ``sample`` string (the answer to its config's sample_prompt, which pretrain's sample starts with);
    one row per prompt, one column per stage;
 3. loss curves from each stage's metrics.jsonl (loss and val_loss against step; matplotlib, Agg backend);
-4. every PNG found in a stage directory (or its eval/), captioned with the stage and the file name.
+4. every PNG found in a stage directory (or its eval/), captioned with the stage and the file name;
+5. the tables a stage writes in ``tables.json`` (``[{"title", "headers", "rows"}]``: the reasoning recipe's
+   budget sweep, search comparison and PRM metrics), after the stage table.
 
 report.md refers to PNGs by relative path (loss_curves.png is written next to it); report.html embeds them as
 base64, so it is one file to send around. The same inputs always give byte-identical output.
@@ -42,8 +44,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGE_ORDER = ("tokenizer", "pretrain", "midtrain", "sft", "reward", "dpo", "ipo", "simpo", "orpo", "kto",
-               "online_dpo", "constitutional", "ppo", "grpo", "rloo", "dpo_sweep", "reward_hacking", "eval", "think",
+STAGE_ORDER = ("tokenizer", "pretrain", "midtrain", "sft", "reward", "prm", "orm", "dpo", "ipo", "simpo", "orpo",
+               "kto", "online_dpo", "constitutional", "ppo", "grpo", "rloo", "grpo_outcome", "grpo_process",
+               "grpo_length", "dpo_sweep", "reward_hacking", "budget_sweep", "compute_sweep", "eval", "think",
                "scaling")
 COLUMNS = [  # (header, summary / eval.json keys, metrics.jsonl keys, format)
     ("loss", ("val_loss", "eval_loss", "loss", "train_loss"), ("val_loss", "eval_loss", "loss"), "{:.3f}"),
@@ -80,6 +83,7 @@ class Stage:
     metrics: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
+    tables: list[dict] = field(default_factory=list)  # tables.json: [{"title", "headers", "rows"}]
 
 
 # ---- reading ----
@@ -157,9 +161,25 @@ def collect_stages(run_dir: str | Path) -> list[Stage]:
         stage.samples = own + [s for s in _samples(stage.evaluation, files[2].parent)
                                if s["prompt"] not in {o["prompt"] for o in own}]
         stage.plots = sorted(d.glob("*.png")) + sorted((d / "eval").glob("*.png"))
+        if (d / "tables.json").exists():
+            stage.tables = _tables(d / "tables.json")
         stages.append(stage)
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
     return sorted(stages, key=lambda s: (order.get(s.name, len(order)), s.name))
+
+
+def _tables(path: Path) -> list[dict]:
+    from lmforge.data.sources import DataError
+
+    try:
+        tables = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(tables, list) or not all(isinstance(t, dict) and {"title", "headers", "rows"} <= set(t)
+                                               for t in tables):
+        raise DataError(f"{path}: expected a list of {{\"title\", \"headers\", \"rows\"}} tables")
+    return [{"title": str(t["title"]), "headers": [str(h) for h in t["headers"]],
+             "rows": [[str(c) for c in row] for row in t["rows"]]} for t in tables]
 
 
 # ---- content ----
@@ -269,6 +289,9 @@ def render_markdown(title: str, run_dir: Path, stages: list[Stage], loss_png: Pa
     rel = lambda p: Path(os.path.relpath(p, out_dir)).as_posix()
     lines = [f"# {_md(title)}", "", f"Run directory: `{run_dir.as_posix()}`; {len(stages)} stages.", "", "## Stages", ""]
     lines += _md_table(*stage_table(stages))
+    for stage in stages:
+        for t in stage.tables:
+            lines += ["", f"### {_md(stage.name)}: {_md(t['title'])}", ""] + _md_table(t["headers"], t["rows"])
     names, grid = sample_grid(stages)
     if grid:
         lines += ["", "## Sample answers", "", "The same prompts, answered by each stage's model.", ""]
@@ -307,6 +330,9 @@ def render_html(title: str, run_dir: Path, stages: list[Stage], loss_png: Path |
     parts = [f"<h1>{_h(title)}</h1>",
              f'<p class="meta">Run directory: <code>{_h(run_dir.as_posix())}</code>; {len(stages)} stages.</p>',
              "<h2>Stages</h2>", _html_table(*stage_table(stages))]
+    for stage in stages:
+        for t in stage.tables:
+            parts += [f"<h3>{_h(stage.name)}: {_h(t['title'])}</h3>", _html_table(t["headers"], t["rows"])]
     names, grid = sample_grid(stages)
     if grid:
         parts += ["<h2>Sample answers</h2>", "<p>The same prompts, answered by each stage's model.</p>",

@@ -182,6 +182,21 @@ def paired_vs_majority(table: list[dict], outcomes: dict, n_boot: int = 1000, se
     return out
 
 
+def compute_tables(table: list[dict], paired: list[dict]) -> list[dict]:
+    """The search comparison as report tables: accuracy and tokens per (method, N), and gains over majority
+    voting at the closest token budget, paired over the same problems."""
+    main = {"title": "accuracy [95% CI] at generated tokens per problem",
+            "headers": ["method", "N", "accuracy", "generated tokens"],
+            "rows": [[r["method"], str(r["n"]), f"{r['accuracy']:.1%} [{r['ci'][0]:.1%}, {r['ci'][1]:.1%}]",
+                      f"{r['mean_generated_tokens']:.0f}"] for r in table]}
+    gains = {"title": "gain over majority voting at the closest token budget (paired, 95% bootstrap CI)",
+             "headers": ["method", "N", "tokens", "majority N (tokens)", "gain"],
+             "rows": [[g["method"], str(g["n"]), f"{g['tokens']:.0f}",
+                       f"{g['vs_majority_n']} ({g['majority_tokens']:.0f})",
+                       f"{g['gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"] for g in paired]}
+    return [main, gains]
+
+
 def plot_compute(table: list[dict], path: str | Path, title: str = "accuracy vs compute") -> Path:
     import matplotlib
 

@@ -1,11 +1,11 @@
 """The thinking world: chains of one-digit sums and differences at five difficulty levels, solved in a ``<think>``.
 
-Level L is a chain of L operations on one-digit numbers (level 1: ``What is 7 + 5?``, level 5:
-``What is 7 + 5 - 9 + 3 + 8 - 2?``; no running total is ever negative). The assistant thinks by rewriting the
+Level L is a chain of L operations on one-digit numbers (level 1: ``What is 7+5?``, level 5:
+``What is 7+5-9+3+8-2?``; no running total is ever negative). The assistant thinks by rewriting the
 chain, one operation at a time, until one number is left, then closes the think block and states the answer on
 the line the checker reads:
 
-    What is 7 + 5 - 9 + 3?    <think>
+    What is 7+5-9+3?          <think>
                               7+5-9+3
                               12-9+3
                               3+3
@@ -69,7 +69,7 @@ class Problem:
 
     @property
     def question(self) -> str:
-        return "What is " + _chain(self.numbers, self.ops, " ") + "?"
+        return "What is " + _chain(self.numbers, self.ops) + "?"  # no spaces: the first line copies it as is
 
     @property
     def split(self) -> str:
@@ -240,15 +240,15 @@ def step_labels(p: Problem, lines: list[str]) -> list[bool]:
     return labels
 
 
-_QUESTION = re.compile(r"What is (\d(?: [+-] \d)+)\?")
+_QUESTION = re.compile(r"What is (\d(?:[+-]\d)+)\?")
 
 
 def parse_question(text: str) -> Problem | None:
-    """``What is 7 + 5 - 9?`` -> Problem((7, 5, 9), ("+", "-")); None for any other text."""
+    """``What is 7+5-9?`` -> Problem((7, 5, 9), ("+", "-")); None for any other text."""
     m = _QUESTION.search(text)
     if not m:
         return None
-    parts = m.group(1).split(" ")
+    parts = re.findall(r"\d|[+-]", m.group(1))
     return Problem(tuple(int(x) for x in parts[::2]), tuple(parts[1::2]))
 
 
@@ -274,7 +274,7 @@ def sft_rows(n: int = 12000, seed: int = 0) -> list[dict]:
             for p in problems(n, "train", seed + 1)]
 
 
-def text_rows(n: int = 12000, seed: int = 0) -> list[dict]:
+def text_rows(n: int = 40000, seed: int = 0) -> list[dict]:
     """{"text": question + solution}: the same demonstrations as plain documents, for pre-training."""
     rng = random.Random(f"thinkworld/text/{seed}")
     return [{"text": f"{p.question}\n{demonstration(p, rng)}"} for p in problems(n, "train", seed + 2)]

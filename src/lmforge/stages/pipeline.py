@@ -37,10 +37,19 @@ STAGES: dict[str, tuple[str, str, str]] = {
     # studies rather than models: their plots go into the report
     "dpo_sweep": ("lmforge.stages.dpo", "DPOConfig", "run_dpo"),  # KL drift vs margin for several betas
     "reward_hacking": ("lmforge.stages.grpo", "GRPOConfig", "run_grpo"),  # a length-paying reward, with/without KL
+    # the reasoning recipe (recipes/reasoning.yaml): thinking SFT, reward models of steps and outcomes, RL, sweeps
+    "prm": ("lmforge.stages.prm", "PRMConfig", "run_prm"),  # process reward model
+    "orm": ("lmforge.stages.prm", "PRMConfig", "run_prm"),  # outcome reward model (target: outcome)
+    "grpo_outcome": ("lmforge.stages.grpo", "GRPOConfig", "run_grpo"),  # verifier reward
+    "grpo_process": ("lmforge.stages.grpo", "GRPOConfig", "run_grpo"),  # the PRM's step rewards
+    "grpo_length": ("lmforge.stages.grpo", "GRPOConfig", "run_grpo"),  # verifier + group-relative length
+    "budget_sweep": ("lmforge.stages.think", "ThinkConfig", "run_think"),  # accuracy vs thinking tokens per level
+    "compute_sweep": ("lmforge.stages.think", "ThinkConfig", "run_think"),  # majority vs PRM best-of-N vs beam
 }
 DEFAULT_STAGES = ("pretrain", "midtrain", "sft", "reward", "dpo", "grpo", "ppo")  # a recipe's pipeline.stages picks
 BASE_STAGES = ("pretrain", "midtrain")  # probed with raw text; the rest through the chat template
-TUNED_STAGES = ("dpo", "kto", "online_dpo", "grpo", "ppo")  # measured against the SFT model (KL, reference accuracy)
+TUNED_STAGES = ("dpo", "kto", "online_dpo", "grpo", "ppo", "grpo_outcome", "grpo_process", "grpo_length")
+SCORER_STAGES = ("reward", "prm", "orm")  # models that score answers rather than write them: no task accuracy
 
 
 @dataclass
@@ -139,6 +148,8 @@ def evaluate_stage(stage: str, model_dir: Path, pcfg: PipelineConfig, sft_dir: P
 
     e = pcfg.eval
     is_reward = stage == "reward"
+    if stage in SCORER_STAGES and not is_reward:
+        return {}
     cfg = EvalConfig(
         model=str(model_dir), task="" if is_reward else e.task, data=e.data, limit=e.limit,
         chat=stage not in BASE_STAGES, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,

@@ -263,7 +263,23 @@ def run_prm(cfg: PRMConfig) -> dict:
             summary["mc_agreement_with_checker"] = round(label_agreement(train_traces.labels,
                                                                          train_traces.checker), 4)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out_dir / "tables.json").write_text(json.dumps([prm_table(summary)], indent=2) + "\n")
     return summary
+
+
+def prm_table(summary: dict) -> dict:
+    """The held-out metrics beside chance, as a report table."""
+    e, fe = summary["eval"], summary["eval"]["first_error"]
+    rows = [["step accuracy", f"{e['step_accuracy']:.1%}", f"{e['chance']['step_accuracy']:.1%} (majority label)"],
+            ["first-error F1 (ProcessBench)", f"{fe['f1']:.3f}", f"{e['chance']['f1_random']:.3f} (random judge)"],
+            ["first error found (traces with an error)", f"{fe['error_accuracy']:.1%} of {fe['n_error']}", ""],
+            ["judged all right (traces without)", f"{fe['correct_accuracy']:.1%} of {fe['n_correct']}", ""]]
+    if "outcome_accuracy" in e:
+        rows.append(["answer right / wrong", f"{e['outcome_accuracy']:.1%}", ""])
+    if "mc_agreement_with_checker" in summary:
+        rows.append(["Monte-Carlo labels = step checker's", f"{summary['mc_agreement_with_checker']:.1%}", ""])
+    return {"title": f"held-out traces ({e['traces']}, {e['steps']} steps; {summary['labels']} labels)",
+            "headers": ["metric", "value", "chance"], "rows": rows}
 
 
 def print_summary(summary: dict) -> None:

@@ -56,6 +56,7 @@ class ThinkConfig:
     prm_prefix: str = "<think>\n"  # what the PRM reads before the first step (as it trained)
     beams: list[list[int]] = field(default_factory=lambda: [[2, 2], [2, 4], [4, 4]])  # beam: [width, expand]
     levels: list[int] = field(default_factory=list)  # only problems of these levels (rows with "level")
+    per_level: int = 0  # only the first this many problems of each level (0 = all)
     limit: int = 0  # only the first `limit` problems (0 = all)
     add_bos: bool = True
     device: str = "auto"
@@ -83,7 +84,7 @@ class ThinkConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
-def read_problems(path: str, limit: int = 0, levels=()) -> list[dict]:
+def read_problems(path: str, limit: int = 0, levels=(), per_level: int = 0) -> list[dict]:
     """Problem rows with an answer, {"prompt": str | messages, "answer"} or {"messages", "answer"}, from a file
     (.jsonl / .json / .parquet) or builtin:tinyworld/NAME; a bad row names file:line and the field."""
     from lmforge.data.chat import check_messages, read_rows
@@ -103,6 +104,13 @@ def read_problems(path: str, limit: int = 0, levels=()) -> list[dict]:
             raise DataError(f"{where}: a problem needs an 'answer' field (fields: {', '.join(row)})")
         if not levels or row.get("level") in levels:
             rows.append(row)
+    if per_level:
+        kept, counts = [], {}
+        for r in rows:
+            counts[r.get("level")] = counts.get(r.get("level"), 0) + 1
+            if counts[r.get("level")] <= per_level:
+                kept.append(r)
+        rows = kept
     rows = rows[:limit] if limit else rows
     if not rows:
         raise DataError(f"{path}: no problems" + (f" at levels {list(levels)}" if levels else ""))
@@ -128,7 +136,7 @@ def run_think(cfg: ThinkConfig) -> dict:
     from lmforge.modelio import load_model_dir
     from lmforge.stages.generate import load_for_generation, sampling_params_from
 
-    problems = read_problems(cfg.input, cfg.limit, cfg.levels)
+    problems = read_problems(cfg.input, cfg.limit, cfg.levels, cfg.per_level)
     model, tok = load_for_generation(cfg.model, cfg.device, cfg.dtype)
     if cfg.method == "budget_sweep":
         return run_budget_sweep(cfg, model, tok, problems)
@@ -216,6 +224,7 @@ def run_budget_sweep(cfg: ThinkConfig, model, tok, problems: list[dict]) -> dict
     paired = reasoning.paired_gains(problems, outcomes, "no budget", seed=cfg.seed)
     summary = {"method": "budget_sweep", "problems": len(problems), "table": table, "paired_vs_no_budget": paired}
     (out_dir / "budget_sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "tables.json").write_text(json.dumps(reasoning.sweep_tables(table, paired), indent=2) + "\n")
     summary["plot"] = str(reasoning.plot_budget_sweep(table, out_dir / "accuracy_vs_thinking_tokens.png",
                                                       title=f"{Path(cfg.model).parent.name}: held-out problems"))
     return summary
@@ -250,6 +259,7 @@ def run_compute_sweep(cfg: ThinkConfig, model, tok, problems: list[dict]) -> dic
     paired = step_search.paired_vs_majority(table, outcomes, seed=cfg.seed)
     summary = {"method": cfg.method, "problems": len(problems), "table": table, "paired_vs_majority": paired}
     (out_dir / "compute.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "tables.json").write_text(json.dumps(step_search.compute_tables(table, paired), indent=2) + "\n")
     summary["plot"] = str(step_search.plot_compute(table, out_dir / "accuracy_vs_compute.png",
                                                    title=f"{len(problems)} held-out problems"))
     return summary

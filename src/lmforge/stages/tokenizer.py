@@ -24,6 +24,7 @@ class TokenizerStageConfig:
     min_frequency: int = 2  # a pair must occur this often to become a merge
     max_docs: int = 0  # train on at most this many documents (0 = all); BPE needs a sample, not everything
     max_chars: int = 0  # ... and at most this many characters (0 = no limit)
+    think_tokens: bool = False  # add <think> / </think> as single tokens, with the thinking chat template
     out_dir: str = "runs/tiny/tokenizer"
 
     def validate(self) -> None:
@@ -86,7 +87,7 @@ def run_tokenizer(cfg: TokenizerStageConfig):
             stats["chars"] += len(doc)
             yield doc
 
-    tok = train_tokenizer(counted(), cfg.vocab_size, cfg.min_frequency)
+    tok = train_tokenizer(counted(), cfg.vocab_size, cfg.min_frequency, think_tokens=cfg.think_tokens)
     if stats["docs"] == 0:
         from lmforge.data.sources import DataError
 
