@@ -69,3 +69,21 @@ def test_prm_trains_on_stepwise_rows_then_ranks_samples_and_guides_beam_search(t
     assert summary["problems"] == 4
     assert all(r["mean_generated_tokens"] > 0 for r in summary["table"])
     assert (out / "accuracy_vs_compute.png").stat().st_size > 1000
+
+
+def test_generate_and_eval_take_a_thinking_budget(thinker):
+    """A prompt that opens the think block: every completion closes it within the budget, and the output counts
+    thinking and answer tokens apart; eval reports accuracy and thinking tokens by level."""
+    prompts = thinker / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 7+5?\n<think>\n"}) + "\n")
+    out = thinker / "generated.jsonl"
+    lmforge("generate", f"model={thinker / 'model'}", f"input={prompts}", f"output={out}", "n=4",
+            "max_new_tokens=10", "thinking_budget=3", threads=1)
+    for c in json.loads(out.read_text())["completions"]:
+        assert c["thinking_tokens"] <= 3 and c["thinking_tokens"] + c["answer_tokens"] == c["tokens"]
+        assert "</think>" in c["text"]
+    lmforge("eval", f"model={thinker / 'model'}", "task=thinkworld", "limit=1", "max_new_tokens=8",
+            "thinking_budget=2", f"out_dir={thinker / 'eval'}", threads=1)
+    summary = json.loads((thinker / "eval" / "eval.json").read_text())
+    assert set(summary["by_level"]) == {str(lv) for lv in tw.LEVELS}
+    assert all(r["mean_thinking_tokens"] <= 2 for r in summary["by_level"].values())
