@@ -33,7 +33,7 @@ def test_every_level_and_style_is_right_without_a_slip_and_a_check_fixes_every_s
     for level in tw.LEVELS:
         for _ in range(50):
             p = tw.random_problem(rng, level)
-            assert p.level == level and min(p.totals()) >= 0
+            assert p.level == level and 0 <= min(p.totals()) <= max(p.totals()) <= tw.MAX_TOTAL
             for style in ("direct", "steps", "check"):
                 assert is_correct(tw.solution(p, style), p.answer)
             slip = (rng.randrange(level), rng.choice([-2, -1, 1, 2]))

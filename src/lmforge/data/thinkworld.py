@@ -1,7 +1,7 @@
 """The thinking world: chains of one-digit sums and differences at five difficulty levels, solved in a ``<think>``.
 
 Level L is a chain of L operations on one-digit numbers (level 1: ``What is 7+5?``, level 5:
-``What is 7+5-9+3+8-2?``; no running total is ever negative). The assistant thinks by rewriting the
+``What is 7+5-9+3+8-2?``; every running total stays in 0..18). The assistant thinks by rewriting the
 chain, one operation at a time, until one number is left, then closes the think block and states the answer on
 the line the checker reads:
 
@@ -51,6 +51,7 @@ TEST_FRACTION = {1: 0.3, 2: 0.1, 3: 0.1, 4: 0.1, 5: 0.1}  # level 1 has only ~15
 CHECK_RATE = {1: 0.1, 2: 0.25, 3: 0.4, 4: 0.55, 5: 0.7}  # share of thinking demonstrations that check
 DIRECT_RATE = 0.1  # share of demonstrations that answer with an empty think block
 SLIP_RATE = 0.2  # share of thinking demonstrations with one slipped operation
+MAX_TOTAL = 18  # running totals stay in [0, 18]
 _CHAIN = re.compile(r"\d+(?:[+-]\d+)*")
 
 
@@ -152,12 +153,14 @@ def solution(p: Problem, style: str = "steps", slip: tuple[int, int] | None = No
 # ---- drawing problems ----
 
 def random_problem(rng: random.Random, level: int) -> Problem:
-    """``level`` operations on one-digit numbers, each "+" or "-" at random ("-" only while the total allows)."""
+    """``level`` operations on one-digit numbers, each "+" or "-" at random, as long as the running total stays
+    in [0, MAX_TOTAL] (so every step is one of a few hundred small sums a tiny model can learn)."""
     numbers, ops = [rng.randint(0, 9)], []
     total = numbers[0]
     for _ in range(level):
         x = rng.randint(0, 9)
-        op = rng.choice("+-") if x <= total else "+"
+        can = [op for op, ok in (("+", total + x <= MAX_TOTAL), ("-", x <= total)) if ok]
+        op = rng.choice(can)
         total = total + x if op == "+" else total - x
         numbers.append(x)
         ops.append(op)
