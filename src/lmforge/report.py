@@ -219,6 +219,33 @@ def stage_table(stages: list[Stage]) -> tuple[list[str], list[list[str]]]:
                                                        for s, row in zip(stages, cells)]
 
 
+def level_table(stages: list[Stage]) -> dict | None:
+    """Accuracy (95% interval) and mean thinking tokens per difficulty level of every stage whose eval has
+    ``by_level`` (the reasoning recipe): one row per stage, one column per level. None when no stage has one."""
+    with_levels = [s for s in stages if isinstance(s.evaluation.get("by_level"), dict) and s.evaluation["by_level"]]
+    if not with_levels:
+        return None
+    levels = sorted({str(k) for s in with_levels for k in s.evaluation["by_level"]}, key=lambda k: (len(k), k))
+
+    def cell(r) -> str:
+        if not isinstance(r, dict) or not isinstance(r.get("accuracy"), dict):
+            return MISSING
+        a, ci = r["accuracy"], r["accuracy"].get("ci") or [float("nan")] * 2
+        return f"{a['value']:.0%} [{ci[0]:.0%}, {ci[1]:.0%}], {r.get('mean_thinking_tokens', float('nan')):.1f} tok"
+
+    rows = [[s.name] + [cell({str(k): v for k, v in s.evaluation["by_level"].items()}.get(k)) for k in levels]
+            for s in with_levels]
+    return {"title": "accuracy [95% CI] and mean thinking tokens by difficulty level (held-out, greedy)",
+            "headers": ["stage"] + [f"level {k}" for k in levels], "rows": rows}
+
+
+def extra_tables(stages: list[Stage]) -> list[tuple[str, dict]]:
+    """(heading, table) for the by-level table and every stage's tables.json, in stage order."""
+    levels = level_table(stages)
+    out = [(levels["title"], levels)] if levels else []
+    return out + [(f"{s.name}: {t['title']}", t) for s in stages for t in s.tables]
+
+
 def sample_grid(stages: list[Stage], max_prompts: int = MAX_PROMPTS) -> tuple[list[str], list[list[str]]]:
     """(stage names, rows of [prompt, response per stage]) for prompts in first-seen order."""
     with_samples = [s for s in stages if s.samples]
@@ -289,9 +316,8 @@ def render_markdown(title: str, run_dir: Path, stages: list[Stage], loss_png: Pa
     rel = lambda p: Path(os.path.relpath(p, out_dir)).as_posix()
     lines = [f"# {_md(title)}", "", f"Run directory: `{run_dir.as_posix()}`; {len(stages)} stages.", "", "## Stages", ""]
     lines += _md_table(*stage_table(stages))
-    for stage in stages:
-        for t in stage.tables:
-            lines += ["", f"### {_md(stage.name)}: {_md(t['title'])}", ""] + _md_table(t["headers"], t["rows"])
+    for heading, t in extra_tables(stages):
+        lines += ["", f"### {_md(heading)}", ""] + _md_table(t["headers"], t["rows"])
     names, grid = sample_grid(stages)
     if grid:
         lines += ["", "## Sample answers", "", "The same prompts, answered by each stage's model.", ""]
@@ -330,9 +356,8 @@ def render_html(title: str, run_dir: Path, stages: list[Stage], loss_png: Path |
     parts = [f"<h1>{_h(title)}</h1>",
              f'<p class="meta">Run directory: <code>{_h(run_dir.as_posix())}</code>; {len(stages)} stages.</p>',
              "<h2>Stages</h2>", _html_table(*stage_table(stages))]
-    for stage in stages:
-        for t in stage.tables:
-            parts += [f"<h3>{_h(stage.name)}: {_h(t['title'])}</h3>", _html_table(t["headers"], t["rows"])]
+    for heading, t in extra_tables(stages):
+        parts += [f"<h3>{_h(heading)}</h3>", _html_table(t["headers"], t["rows"])]
     names, grid = sample_grid(stages)
     if grid:
         parts += ["<h2>Sample answers</h2>", "<p>The same prompts, answered by each stage's model.</p>",
