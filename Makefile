@@ -15,11 +15,12 @@ run: install  ## the main job on the built-in tiny recipe
 test: install lint  ## the whole suite, end-to-end CLI tests included
 	$(PYTHON) -m pytest -q
 
-lint:
+lint:  ## ruff (imports at the top: PLC0415) and the layer contract in pyproject.toml (import-linter)
 	$(PYTHON) -m ruff check src tests bench
+	PYTHONPATH=src lint-imports
 
 bench: install
 	$(PYTHON) bench/bench_train_step.py
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

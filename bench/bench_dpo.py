@@ -19,13 +19,26 @@ On a shared CPU these numbers move with the load; run it twice and read them wit
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from lmforge.data.preference import Batches, TokenPair, collate_pairs, pair_length
+from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import save_model_dir
+from lmforge.scoring import precompute_reference, store_pair_logps
+from lmforge.stages.dpo import DPOConfig
+from lmforge.train.loop import TrainConfig, train
+from lmforge.train.preference import dpo_loss_fn
 
 VOCAB, PROMPT, COMPLETION, BATCH = 8192, 64, 128, 8
 
@@ -40,18 +53,12 @@ def peak_rss_mb() -> float:
 
 
 def make_model():
-    import torch
-
-    from lmforge.model import ModelConfig, Transformer
-
     torch.manual_seed(0)
     return Transformer(ModelConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
 
 
 def make_pairs(n: int, eos: int):
-    import random
-
     rng = random.Random(0)
     words = lambda k: [rng.randrange(4, VOCAB) for _ in range(k)]  # noqa: E731  ids 0-3: special tokens
     return [(words(PROMPT), words(COMPLETION) + [eos], words(COMPLETION) + [eos]) for _ in range(n)]
@@ -59,7 +66,6 @@ def make_pairs(n: int, eos: int):
 
 def word_tokenizer():
     """A transformers fast tokenizer in which the word "w{i}" is token i: text and ids map one to one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
@@ -70,12 +76,6 @@ def word_tokenizer():
 
 
 def run_lmforge(args) -> dict:
-    import torch
-
-    from lmforge.data.preference import Batches, TokenPair, collate_pairs, pair_length
-    from lmforge.stages.dpo import DPOConfig, dpo_loss_fn, precompute_reference, store_pair_logps
-    from lmforge.train.loop import TrainConfig, train
-
     torch.set_num_threads(args.threads)
     model = make_model()
     total = args.warmup + args.steps
@@ -87,8 +87,6 @@ def run_lmforge(args) -> dict:
     t0 = time.perf_counter()
     ref_model = None
     if args.live:
-        import copy
-
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     else:
         precompute_reference(model, pairs, lambda b: collate_pairs(b, 0), store_pair_logps, pair_length,
@@ -112,12 +110,9 @@ def run_lmforge(args) -> dict:
 
 
 def run_trl(args) -> dict:
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
-
-    from lmforge.modelio import save_model_dir
 
     torch.set_num_threads(args.threads)
     total = args.warmup + args.steps

@@ -20,6 +20,10 @@ from functools import partial
 
 import torch
 
+from lmforge.generation import SamplingParams, generate
+from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import save_model_dir
+
 
 def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
     """Best wall time of each function, and the time of its first (warm-up) call; runs alternate so that load
@@ -47,8 +51,6 @@ def run_stock(model, prompts: torch.Tensor, new: int, sampling: dict) -> None:
 
 
 def run_ours(model, prompts: list[list[int]], new: int, sampling: dict, **engine) -> None:
-    from lmforge.generation import SamplingParams, generate
-
     params = SamplingParams(max_new_tokens=new, seed=0, **sampling, **engine)
     out = generate(model, prompts, params, eos_token_ids=[])
     assert all(len(row[0].token_ids) == new for row in out)
@@ -68,9 +70,6 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
-
-    from lmforge.model import ModelConfig, Transformer
-    from lmforge.modelio import save_model_dir
 
     hf_logging.set_verbosity_error()
     cfg = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,

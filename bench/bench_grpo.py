@@ -18,6 +18,15 @@ from pathlib import Path
 
 import torch
 
+from lmforge.data.prompts import render_prompt
+from lmforge.data.sources import read_documents
+from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir
+from lmforge.rollout import RolloutStream, grpo_loss_fn, grpo_rollout
+from lmforge.stages.grpo import GRPOConfig
+from lmforge.tokenizer import train_tokenizer
+from lmforge.train.loop import TrainConfig, train
+
 PROMPTS = ["ROMEO:", "JULIET: O", "First Citizen:", "KING HENRY:", "HAMLET: To be", "MERCUTIO: Nay",
            "LADY MACBETH:", "PROSPERO: Now"]
 
@@ -27,11 +36,6 @@ def token_reward(completion_ids: list[list[int]]) -> list[float]:
 
 
 def build_model_dir(path: Path) -> None:
-    from lmforge.data.sources import read_documents
-    from lmforge.model import ModelConfig, Transformer
-    from lmforge.modelio import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
-
     tok = train_tokenizer(read_documents("builtin:tinyshakespeare"), 8192)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=688,
@@ -42,11 +46,6 @@ def build_model_dir(path: Path) -> None:
 
 def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int, compile_generation: bool = False,
                   first_step: list | None = None) -> float:
-    from lmforge.modelio import load_model_dir, load_tokenizer
-    from lmforge.rollout import RolloutStream, render_prompt
-    from lmforge.stages.grpo import GRPOConfig, grpo_loss_fn, grpo_rollout
-    from lmforge.train.loop import TrainConfig, train
-
     tok = load_tokenizer(model_dir)
     policy, ref = load_model_dir(model_dir), load_model_dir(model_dir).eval().requires_grad_(False)
     cfg = GRPOConfig(prompts_per_rollout=4, num_generations=4, max_new_tokens=64, beta=0.04,

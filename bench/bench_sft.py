@@ -20,6 +20,15 @@ from pathlib import Path
 
 import torch
 
+from lmforge.data.chat import tokenize_conversation
+from lmforge.data.packing import SFTBatches, make_rows, prepare_examples
+from lmforge.data.tinyworld import problems, quiz_pages
+from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import load_model_dir, save_model_dir
+from lmforge.tokenizer import train_tokenizer
+from lmforge.train.lm import sft_loss
+from lmforge.train.loop import TrainConfig, train
+
 # ChatML with TRL's generation markers around what the assistant says (content + <|im_end|>), as lmforge masks it.
 CHATML_GENERATION = (
     "{% for message in messages %}"
@@ -35,8 +44,6 @@ SYSTEMS = ["You are a careful arithmetic tutor.", "Show your work column by colu
 
 def conversations(n: int, seed: int = 0) -> list[list[dict]]:
     """1-4 question/answer turns each, a system prompt one time in two: lengths from ~40 to ~250 tokens."""
-    from lmforge.tinyworld import problems
-
     rng = random.Random(seed)
     pool = problems(4 * n, "train", seed)
     out = []
@@ -50,12 +57,6 @@ def conversations(n: int, seed: int = 0) -> list[list[dict]]:
 
 
 def bench_lmforge(model_dir: Path, tokenizer, convs, args) -> tuple[float, int]:
-    from lmforge.data.chat import tokenize_conversation
-    from lmforge.data.packing import SFTBatches, make_rows, prepare_examples
-    from lmforge.modelio import load_model_dir
-    from lmforge.stages.sft import sft_loss
-    from lmforge.train.loop import TrainConfig, train
-
     examples, _ = prepare_examples((tokenize_conversation(tokenizer, m) for m in convs), args.seq)
     rows = make_rows(examples, args.seq, packing=True)
     batches = SFTBatches(examples, rows, args.batch, pad_id=tokenizer.pad_id, seed=0)
@@ -130,11 +131,6 @@ def main() -> None:
     if args.steps % args.warmup:
         ap.error("--steps must be a multiple of --warmup (lmforge's tokens/s is read per log window)")
     torch.set_num_threads(args.threads)
-
-    from lmforge.model import ModelConfig, Transformer
-    from lmforge.modelio import save_model_dir
-    from lmforge.tinyworld import quiz_pages
-    from lmforge.tokenizer import train_tokenizer
 
     convs = conversations(args.conversations)
     tokenizer = train_tokenizer(quiz_pages(1500) + [m["content"] for c in convs for m in c], vocab_size=8192)

@@ -17,6 +17,9 @@ import time
 
 import torch
 
+from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import save_model_dir
+
 
 def make_step(model, loss_of):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
@@ -54,9 +57,6 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
-
-    from lmforge.model import ModelConfig, Transformer
-    from lmforge.modelio import save_model_dir
 
     hf_logging.set_verbosity_error()
     cfg = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,

@@ -4,6 +4,10 @@ model directory."""
 import pytest
 import torch
 
+from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import save_model_dir
+from lmforge.tokenizer import train_tokenizer
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -22,10 +26,6 @@ def tiny_model_dir(tmp_path_factory):
 
     def make(name: str, text: str = "The assistant answers the user. Response A or B? I can help with that.\n",
              layers: int = 1, max_positions: int = 4096):
-        from lmforge.model import ModelConfig, Transformer
-        from lmforge.modelio import save_model_dir
-        from lmforge.tokenizer import train_tokenizer
-
         tok = train_tokenizer([text] * 20, vocab_size=300)
         torch.manual_seed(0)
         model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
@@ -40,8 +40,6 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model():
     """A random 2-layer model (vocab 64, GQA 4/2 heads) in eval mode, for the generation engine's tests."""
-    from lmforge.model import ModelConfig, Transformer
-
     torch.manual_seed(0)
     return Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()

@@ -4,13 +4,14 @@ import io
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 from lmforge.generation import SamplingParams
 from lmforge.model import ModelConfig, Transformer
-from lmforge.modelio import load_tokenizer, save_model_dir
+from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir
 from lmforge.stages.chat import ChatConfig, ChatSession, run_chat
 from lmforge.tokenizer import train_tokenizer
 
@@ -42,8 +43,6 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def session(model_dir):
-    from lmforge.modelio import load_model_dir
-
     tok = load_tokenizer(model_dir)
     params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=0)
     return ChatSession(load_model_dir(model_dir).eval(), tok, params, system="Be brief.")
@@ -65,8 +64,6 @@ def test_history_and_system_prompt_are_rendered_every_turn(session):
 
 def test_answers_are_capped_at_half_a_short_context(session):
     """chat's default max_new_tokens (512) on a model with 256 positions answers in up to 128 tokens, not an error."""
-    from dataclasses import replace
-
     short = ChatSession(session.model, session.tokenizer, replace(session.params, max_new_tokens=512), max_context=256)
     assert short.params.max_new_tokens == 128
     assert session.params.max_new_tokens == 6  # the fixture's own setting fits: untouched

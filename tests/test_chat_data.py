@@ -1,17 +1,18 @@
 """Chat data: reading SFT rows, clear errors on bad ones, and the assistant-token mask under several templates."""
 
+import copy
 import json
 
 import pytest
 
 from lmforge.data.chat import (
     encode_chat_prompt,
-    read_rows,
     read_sft_rows,
     tokenize_conversation,
     tokenize_prompt_completion,
 )
-from lmforge.data.sources import DataError
+from lmforge.data.rows import read_rows
+from lmforge.errors import DataError
 from lmforge.tokenizer import CHATML_TEMPLATE, train_tokenizer
 
 CHAT = [
@@ -129,8 +130,6 @@ def test_malformed_rows_are_one_clear_error_with_file_line_and_field(tmp_path, r
 
 
 def test_template_that_rewrites_history_is_an_error(tok):
-    import copy
-
     t = copy.copy(tok)
     # drops every assistant turn but the last: earlier renders are not prefixes of the whole
     t.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"

@@ -5,7 +5,8 @@ from typing import Literal
 
 import pytest
 
-from lmforge.config import ConfigError, load_config, parse_override
+from lmforge.config import load_config, parse_override
+from lmforge.errors import ConfigError
 
 
 @dataclass

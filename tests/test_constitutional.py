@@ -13,17 +13,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from lmforge.config import ConfigError
+from lmforge.cli import main as cli_main
 from lmforge.constitutional.constitution import (
     critique_turn,
     load_constitution,
     pairwise_messages,
     revision_turn,
 )
-from lmforge.constitutional.judges import ChatParams, Choice, JudgeError, LocalModel, parse_choice
+from lmforge.constitutional.judges import ChatParams, Choice, LocalModel, OpenAIEndpoint, parse_choice
 from lmforge.constitutional.prompts import read_prompts
-from lmforge.data.sources import DataError
-from lmforge.stages.constitutional import JudgeConfig, LabelConfig, ReviseConfig, run_label, run_revise
+from lmforge.data.chat import encode_prompt
+from lmforge.errors import ConfigError, DataError, JudgeError
+from lmforge.modelio import load_model_dir, load_tokenizer
+from lmforge.stages.constitutional import JudgeConfig, LabelConfig, ReviseConfig, main, run_label, run_revise
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -227,9 +229,6 @@ def test_a_crashed_labelling_run_resumes_from_the_cache(model_dir, prompts_file,
 
 
 def test_local_judge_probabilities_are_the_next_token_distribution(model_dir):
-    from lmforge.data.chat import encode_prompt
-    from lmforge.modelio import load_model_dir, load_tokenizer
-
     model, tok = load_model_dir(model_dir).eval(), load_tokenizer(model_dir)
     judge = LocalModel(model, tok, batch_size=2)
     convs = [[{"role": "user", "content": "Which? A or B"}], [{"role": "user", "content": "Longer question: A or B?"}],
@@ -347,8 +346,6 @@ def test_endpoint_judge_speaks_chat_completions_with_logprobs(model_dir, prompts
 
 
 def test_endpoint_retries_rate_limits_and_server_errors_but_not_bad_requests(server):
-    from lmforge.constitutional.judges import OpenAIEndpoint
-
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     judge = OpenAIEndpoint(url, "m", max_retries=3, backoff=0.01, requests_per_minute=6000)
     messages = [[{"role": "user", "content": "A or B?"}]]
@@ -367,8 +364,6 @@ def test_endpoint_retries_rate_limits_and_server_errors_but_not_bad_requests(ser
 @pytest.mark.parametrize("mode,message", [("slow", "timed out"), ("garbage", "not JSON")])
 def test_a_failing_endpoint_is_a_clear_error_and_loses_no_finished_label(model_dir, prompts_file, tmp_path, server,
                                                                          mode, message, capsys):
-    from lmforge.stages.constitutional import main
-
     server.mode, server.bad_after = mode, 6  # chunk 1 (4 requests) and 2 answers of chunk 2, then trouble
     out, port = tmp_path / "lab", server.server_address[1]
     args = ["label", f"model={model_dir}", f"prompts=[{prompts_file}]", f"out_dir={out}", "max_new_tokens=8",
@@ -395,8 +390,6 @@ def test_a_failing_endpoint_is_a_clear_error_and_loses_no_finished_label(model_d
 
 @pytest.mark.slow
 def test_cli_revise_label_eval_end_to_end(model_dir, tmp_path, capsys):
-    from lmforge.cli import main
-
     common = [f"model={model_dir}", "prompts=[builtin:red_team]", "limit=2", "max_new_tokens=4", "device=cpu"]
     proc = subprocess.run([sys.executable, "-m", "lmforge", "constitutional", "revise", *common, "rounds=1",
                            "few_shot=1", "critic.max_new_tokens=4", f"out_dir={tmp_path / 'rev'}"],
@@ -404,16 +397,16 @@ def test_cli_revise_label_eval_end_to_end(model_dir, tmp_path, capsys):
     assert proc.returncode == 0 and "revised" in proc.stdout, proc.stdout + proc.stderr
     assert len(read_jsonl(tmp_path / "rev" / "sft.jsonl")) == 2
     assert (tmp_path / "rev" / "config.yaml").exists() and (tmp_path / "rev" / "metrics.jsonl").exists()
-    assert main(["constitutional", "label", *common, f"out_dir={tmp_path / 'lab'}",
+    assert cli_main(["constitutional", "label", *common, f"out_dir={tmp_path / 'lab'}",
                  "constitution=customer_service"]) == 0
     assert json.loads((tmp_path / "lab" / "summary.json").read_text())["prompts"] == 2
-    assert main(["constitutional", "eval", f"models=[{model_dir},{model_dir}]", "limit=2", "max_new_tokens=4",
+    assert cli_main(["constitutional", "eval", f"models=[{model_dir},{model_dir}]", "limit=2", "max_new_tokens=4",
                  "device=cpu", f"out_dir={tmp_path / 'ev'}"]) == 0
     assert "over-refusal" in capsys.readouterr().out
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert [set(m) >= {"harmless", "refusal", "over_refusal", "helpful"} for m in result["models"]] == [True, True]
     assert result["models"][0]["harmless"] == result["models"][1]["harmless"]  # same model, same greedy answers
-    assert main(["constitutional", "label", f"model={model_dir}", "prompts=[nope.jsonl]"]) == 2
+    assert cli_main(["constitutional", "label", f"model={model_dir}", "prompts=[nope.jsonl]"]) == 2
     assert "nope.jsonl: no such file" in capsys.readouterr().err
-    assert main(["constitutional", "label", f"model={model_dir}", "judge.backend=openai"]) == 2
+    assert cli_main(["constitutional", "label", f"model={model_dir}", "judge.backend=openai"]) == 2
     assert "backend=openai needs url" in capsys.readouterr().err

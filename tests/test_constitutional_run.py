@@ -6,11 +6,14 @@ import json
 
 import pytest
 
+import lmforge.apps.constitutional_run as stage
+from lmforge.apps.constitutional_run import RUN_STEPS, RunConfig, run_constitutional, step_configs
+from lmforge.cli import main
+from lmforge.config import load_config
 from lmforge.constitutional.judges import Choice
 from lmforge.constitutional.run import check_disjoint, split_prompts, wilson_ci
 from lmforge.lora import LoraOptions
 from lmforge.stages.constitutional import EvalConfig, LabelConfig, ReviseConfig
-from lmforge.stages.constitutional_run import RUN_STEPS, RunConfig, run_constitutional
 from lmforge.stages.dpo import DPOConfig
 from lmforge.stages.sft import SFTConfig
 from lmforge.train.loop import TrainConfig
@@ -146,8 +149,6 @@ def test_the_whole_loop_writes_every_step_and_a_three_row_table_and_a_rerun_skip
 
 
 def test_an_interrupted_run_resumes_from_the_unfinished_step(model_dir, data, tmp_path, monkeypatch):
-    import lmforge.stages.constitutional_run as stage
-
     out = tmp_path / "run"
     real = stage.run_label
 
@@ -165,8 +166,6 @@ def test_an_interrupted_run_resumes_from_the_unfinished_step(model_dir, data, tm
 
 
 def test_sl_only_run_and_the_cli_with_the_local_model_as_critic_and_judge(model_dir, data, tmp_path, capsys):
-    from lmforge.cli import main
-
     recipe = tmp_path / "cai.yaml"
     recipe.write_text(f"""
 run:
@@ -227,9 +226,6 @@ def test_wilson_interval_matches_hand_computed_values():
 
 @pytest.mark.parametrize("recipe", ["constitutional", "constitutional_smollm2"])
 def test_builtin_recipes_give_every_step_a_valid_config(recipe):
-    from lmforge.config import load_config
-    from lmforge.stages.constitutional_run import step_configs
-
     cfg = load_config(RunConfig, recipe, ["model=some/dir"], section="run")
     steps = step_configs(recipe, {"sft": ["train.lr=1e-4"]}, cfg.model, cfg.rl)
     assert list(steps) == list(RUN_STEPS) and steps["sft"].train.lr == 1e-4

@@ -2,6 +2,8 @@
 
 import gzip
 import json
+import sys
+import types
 from collections import Counter
 
 import numpy as np
@@ -16,7 +18,8 @@ from lmforge.data.shards import (
     iter_eval,
     unigram_baseline_loss,
 )
-from lmforge.data.sources import DataError, FilterConfig, clean_text, filter_documents, read_documents
+from lmforge.data.sources import FilterConfig, clean_text, filter_documents, read_documents
+from lmforge.errors import DataError
 from lmforge.tokenizer import train_tokenizer
 
 
@@ -289,9 +292,6 @@ def test_unigram_baseline_by_hand(tmp_path):
 
 
 def test_hf_source_streams_rows_through_datasets(monkeypatch):
-    import sys
-    import types
-
     fake = types.ModuleType("datasets")
     fake.load_dataset = lambda name, config, split, streaming: iter([{"text": "one"}, {"txt": "two"}])
     monkeypatch.setitem(sys.modules, "datasets", fake)

@@ -14,15 +14,9 @@ from preference_helpers import easy_pairs, micro_model_dir, write_jsonl
 from lmforge.data.preference import TokenPair, collate_pairs, collate_sequences
 from lmforge.inference_scaling import dpo_reward_scorer
 from lmforge.model import ModelConfig, Transformer
-from lmforge.stages.dpo import (
-    LOSS_TYPES,
-    DPOConfig,
-    completion_logps,
-    dpo_loss_fn,
-    precompute_reference,
-    store_pair_logps,
-    token_kl,
-)
+from lmforge.scoring import completion_logps, precompute_reference, store_pair_logps, token_kl
+from lmforge.stages.dpo import DPOConfig
+from lmforge.train.preference import LOSS_TYPES, dpo_loss_fn
 
 PAIRS = [([1, 2, 3], [4, 5], [6]), ([7], [8, 9, 10], [11, 12]), ([13, 14], [15], [16, 17, 18, 19])]
 

@@ -3,6 +3,7 @@
 import gzip
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from lmforge import evaluation as ev
-from lmforge.data.sources import DataError
+from lmforge.cli import main
+from lmforge.data.chat import tokenize_prompt_completion
+from lmforge.data.shards import TokenDataset, build_shards
+from lmforge.errors import DataError
 from lmforge.generation import Completion
 from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import save_model_dir
+from lmforge.scoring import completion_logprobs
 from lmforge.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -119,8 +125,6 @@ def test_task_accuracy_runs_the_real_engine(tok):
 # ---- reward models, KL, perplexity ----
 
 def test_preference_accuracy_with_a_hand_set_head(tok):
-    from lmforge.data.chat import tokenize_prompt_completion
-
     rm = tiny(tok, num_labels=1)
     pairs = [{"prompt": f"What is {a} + 1?", "chosen": f"The answer is {a + 1}.", "rejected": f"It is {a}{a}."}
              for a in range(6)]
@@ -165,7 +169,7 @@ def test_kl_is_zero_for_the_reference_itself_and_positive_otherwise(tok):
 def test_completion_logprobs_match_unpadded_forwards(tok):
     model = tiny(tok)
     pairs = [([1, 5, 9], [20, 21]), ([4], [7, 8, 9, 10]), ([3, 3, 3, 3, 3], [11])]
-    got = ev.completion_logprobs(model, pairs, pad_id=tok.pad_id, batch_size=2)
+    got = completion_logprobs(model, pairs, pad_id=tok.pad_id, batch_size=2)
     for (p, c), lp in zip(pairs, got):
         with torch.no_grad():
             full = model(torch.tensor([p + c]))[0].log_softmax(-1)
@@ -196,8 +200,6 @@ def test_perplexity_is_exp_of_mean_cross_entropy(tok):
 
 
 def test_perplexity_on_token_shards(tok, tmp_path):
-    from lmforge.data.shards import TokenDataset, build_shards
-
     build_shards(TEXTS, tok, tmp_path, val_fraction=0.3, seed=0)
     tokens = TokenDataset(tmp_path, "val").tokens().tolist()
     model = tiny(tok)
@@ -250,8 +252,6 @@ def test_load_task_reads_each_benchmark_format(tmp_path):
 @pytest.mark.parametrize("task,name", [("gsm8k", "gsm8k/test.jsonl.gz"), ("svamp", "svamp/test.jsonl"),
                                        ("math500", "math500/test.jsonl.gz")])
 def test_load_task_reads_the_real_benchmark_files(task, name):
-    from pathlib import Path
-
     path = Path("/work/shared/data") / name
     if not path.exists():
         pytest.skip(f"{path} is not on this machine")
@@ -263,8 +263,6 @@ def test_load_task_reads_the_real_benchmark_files(task, name):
 
 @pytest.fixture(scope="module")
 def checkpoints(tok, tmp_path_factory):
-    from lmforge.modelio import save_model_dir
-
     root = tmp_path_factory.mktemp("ckpt")
     save_model_dir(root / "policy" / "model", tiny(tok, seed=0), tok)
     save_model_dir(root / "rm", tiny(tok, seed=2, num_labels=1), tok)
@@ -278,8 +276,6 @@ def checkpoints(tok, tmp_path_factory):
 
 
 def test_eval_cli_end_to_end(checkpoints, capsys):
-    from lmforge.cli import main
-
     c = checkpoints
     model = c / "policy" / "model"
     rc = main(["eval", f"model={model}", "task=jsonl", f"data={c / 'task.jsonl'}", f"reference={model}",
@@ -300,8 +296,6 @@ def test_eval_cli_end_to_end(checkpoints, capsys):
 
 
 def test_eval_cli_errors_are_one_line(checkpoints, tmp_path, capsys):
-    from lmforge.cli import main
-
     c = checkpoints
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "answer": 1}\n{"prompt": "y"}\n')
@@ -328,8 +322,6 @@ def test_accuracy_gain_is_paired_over_problems():
 def test_token_perplexity_reads_windows_of_the_context():
     """Within the context: exp of one forward's mean loss. Longer: consecutive windows, every token after a
     window's first predicted, the mean weighted by tokens (import and quantize report this number)."""
-    from lmforge.model import ModelConfig, Transformer
-
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8)).eval()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.config import ConfigError
+from lmforge.errors import ConfigError
 from lmforge.modelio import load_model_dir
 from lmforge.train.checkpointing import load_checkpoint
 from lmforge.train.dist import refuse_fsdp

@@ -1,8 +1,11 @@
 """The sampling engine against plain full forwards, batching invariance, and the sampling filters' kept sets."""
 
+import json
+
 import pytest
 import torch
 
+from lmforge.cli import main
 from lmforge.generation import (
     SamplingParams,
     apply_min_p,
@@ -14,6 +17,7 @@ from lmforge.generation import (
     sample_tokens,
 )
 from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import save_model_dir
 from lmforge.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -217,11 +221,6 @@ def test_bad_arguments_fail_clearly(model):
 
 
 def test_generate_cli_jsonl_in_jsonl_out(tok_model, tmp_path, capsys):
-    import json
-
-    from lmforge.cli import main
-    from lmforge.modelio import save_model_dir
-
     tok, m = tok_model
     save_model_dir(tmp_path / "model", m, tok)
     rows = [{"prompt": "abc", "id": 1}, {"messages": [{"role": "user", "content": "def"}], "id": 2}]
@@ -246,9 +245,6 @@ def test_generate_cli_jsonl_in_jsonl_out(tok_model, tmp_path, capsys):
 
 
 def test_sample_cli_streams_one_and_prints_n(tok_model, tmp_path, capsys):
-    from lmforge.cli import main
-    from lmforge.modelio import save_model_dir
-
     tok, m = tok_model
     save_model_dir(tmp_path / "model", m, tok)
     base = ["sample", f"model={tmp_path / 'model'}", "prompt=abc", "max_new_tokens=6", "device=cpu"]

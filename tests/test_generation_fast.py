@@ -9,13 +9,15 @@ from test_rollout import make_model_dir, tiny_model, write_rl_prompts
 
 import lmforge.generation
 import lmforge.rollout
+import lmforge.stages.ppo
+import lmforge.stages.sample
 from lmforge.config import parse_cli
 from lmforge.cpu_decode import PackedDecodeStep, packed_head
 from lmforge.generation import SamplingParams, StaticDecoder, compiled_step, generate
 from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.rewards import RewardSpec
+from lmforge.rollout import RLDataConfig
 from lmforge.stages.generate import GenerateConfig
-from lmforge.stages.grpo import RLDataConfig
 from lmforge.stages.ppo import PPOConfig, run_ppo
 from lmforge.stages.sample import SampleConfig, run_sample
 from lmforge.train.loop import TrainConfig
@@ -203,7 +205,7 @@ def test_cli_configs_pass_the_compile_switch_to_generate(tmp_path, monkeypatch):
         raise Seen
 
     policy = make_model_dir(tmp_path / "policy")
-    monkeypatch.setattr(lmforge.generation, "generate", fake_generate)
+    monkeypatch.setattr(lmforge.stages.sample, "generate", fake_generate)
     with pytest.raises(Seen):
         run_sample(SampleConfig(model=str(policy), compile=True, device="cpu"))
 
@@ -211,7 +213,8 @@ def test_cli_configs_pass_the_compile_switch_to_generate(tmp_path, monkeypatch):
         seen.append(("ppo", params.compile))
         raise Seen
 
-    monkeypatch.setattr(lmforge.rollout, "sample_and_score", fake_sample_and_score)
+    monkeypatch.setattr(lmforge.stages.ppo, "sample_and_score", fake_sample_and_score)  # the rollouts
+    monkeypatch.setattr(lmforge.rollout, "sample_and_score", fake_sample_and_score)  # the greedy eval
     data = write_rl_prompts(tmp_path / "rl.jsonl")
     rm = make_model_dir(tmp_path / "rm", seed=3, num_labels=1)
     ppo = PPOConfig(out_dir=str(tmp_path / "ppo"), model=str(policy), compile_generation=True,

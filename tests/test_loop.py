@@ -82,7 +82,7 @@ def test_loss_decreases_and_metrics_are_logged(tmp_path):
     assert {"lr", "grad_norm", "accuracy", "tokens_per_sec", "tflops_per_device", "step_time"} <= set(result.metrics)
     assert result.tokens == 25 * 4 * 16
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # TensorBoard beside the JSONL
-    assert (tmp_path / "config.yaml").exists()
+    assert not (tmp_path / "config.yaml").exists()  # the stage's start_run writes it, once (tests/test_runs.py)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):

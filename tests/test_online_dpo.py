@@ -11,10 +11,13 @@ from lmforge_cli import lmforge as run_lmforge
 from safetensors.torch import load_file
 from test_rollout import make_model_dir, write_rl_prompts
 
+import lmforge.stages.online_dpo as online
+from lmforge.data.preference import PreferenceDataConfig, load_preference_data
 from lmforge.generation import Completion
+from lmforge.modelio import load_tokenizer
 from lmforge.rewards import RewardSpec
-from lmforge.rollout import Samples
-from lmforge.stages.grpo import RLDataConfig
+from lmforge.rollout import RLDataConfig, Samples
+from lmforge.stages.dpo import DPOConfig, run_dpo
 from lmforge.stages.online_dpo import OnlineDPOConfig, make_pairs, run_online_dpo, select_pairs
 from lmforge.train.loop import TrainConfig
 from lmforge.train.metrics import read_metrics
@@ -75,10 +78,6 @@ def micro_config(tmp_path: Path, out: str = "odpo", **kw) -> OnlineDPOConfig:
 
 
 def test_a_round_writes_pairs_that_lmforge_dpo_trains_on(tmp_path):
-    from lmforge.data.preference import PreferenceDataConfig, load_preference_data
-    from lmforge.modelio import load_tokenizer
-    from lmforge.stages.dpo import DPOConfig, run_dpo
-
     summary = run_online_dpo(micro_config(tmp_path, rounds=1))
     round1 = summary["rounds"][1]
     assert round1["pairs"] == 6 and round1["no_pair_prompts"] == 0 and round1["steps"] == 3
@@ -101,10 +100,8 @@ def weights(path: Path) -> dict:
 
 
 def test_crash_mid_round_resumes_exactly_and_finished_rounds_are_not_redone(tmp_path, monkeypatch):
-    import lmforge.stages.dpo as dpo
-
     full = run_online_dpo(micro_config(tmp_path, "full", save_every=1))
-    real = dpo.dpo_loss_fn
+    real = online.dpo_loss_fn
     calls = {"n": 0}
 
     def crashing_loss_fn(*args, **kw):
@@ -117,7 +114,7 @@ def test_crash_mid_round_resumes_exactly_and_finished_rounds_are_not_redone(tmp_
             return inner(model, batch)
         return loss_fn
 
-    monkeypatch.setattr(dpo, "dpo_loss_fn", crashing_loss_fn)
+    monkeypatch.setattr(online, "dpo_loss_fn", crashing_loss_fn)
     cfg = micro_config(tmp_path, "run", save_every=1)
     with pytest.raises(RuntimeError, match="killed"):
         run_online_dpo(cfg)
@@ -125,7 +122,7 @@ def test_crash_mid_round_resumes_exactly_and_finished_rounds_are_not_redone(tmp_
     assert (run / "round_1" / "round.json").exists() and not (run / "round_2" / "round.json").exists()
     frozen = {p: p.stat().st_mtime_ns for p in [*(run / "round_1").rglob("*"), run / "round_2" / "rollout.json",
                                                 run / "round_2" / "pairs.jsonl"]}
-    monkeypatch.setattr(dpo, "dpo_loss_fn", real)
+    monkeypatch.setattr(online, "dpo_loss_fn", real)
     resumed = run_online_dpo(cfg)
     assert {p: p.stat().st_mtime_ns for p in frozen} == frozen  # round 1 untouched, round 2's pairs not redrawn
     assert [r["eval/accuracy"] for r in resumed["rounds"]] == [r["eval/accuracy"] for r in full["rounds"]]

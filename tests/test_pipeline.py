@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lmforge.stages.pipeline import split_overrides
+from lmforge.apps.pipeline import split_overrides
 
 MODEL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_hidden_layers=2",
          "model.num_attention_heads=4", "model.num_key_value_heads=2"]
@@ -78,7 +78,8 @@ def test_micro_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     html = (run / "report.html").read_text()
     for stage in ("pretrain", "midtrain", "sft", "reward", "dpo", "grpo", "ppo"):
         assert f"| {stage} |" in md
-    assert "What is 347 + 289?" in md and "accuracy_vs_samples.png" in md and "data:image/png;base64," in html
+    assert "What is 57 + 68?" in md and "accuracy_vs_samples.png" in md and "data:image/png;base64," in html
+    assert "## What the stages changed" in md and "no stage right" in md  # demo problems chosen by rule
     assert "dpo_sweep/kl_vs_margin.png" in md and "reward_hacking/length_accuracy.png" in md  # the studies' plots
     assert "| dpo_sweep |" not in md  # plot-only studies stay out of the stage table
     assert "vs SFT" in md and stages["dpo"]["eval"]["accuracy_gain"] is not None  # paired gain over SFT

@@ -8,6 +8,7 @@ import torch
 from test_grpo import lmforge, micro
 from test_rollout import make_model_dir, tiny_model
 
+from lmforge.modelio import load_model_dir
 from lmforge.objectives.rl import gae, kl_estimate, kl_regularised_optimum, ppo_policy_loss, whiten
 from lmforge.stages.ppo import PolicyAndValue, logprobs_and_values, response_values, shaped_rewards
 from lmforge.train.metrics import read_metrics
@@ -83,8 +84,6 @@ def test_ppo_cli_end_to_end_with_trl_metric_names_and_resume(tmp_path):
     assert rows[0]["val/ratio"] == 1.0 and rows[0]["objective/kl"] == 0.0
     for r in rows:  # J = E[score] - beta KL, every step
         assert r["objective/rlhf_reward"] == pytest.approx(r["objective/scores"] + r["objective/non_score_reward"])
-
-    from lmforge.modelio import load_model_dir
 
     critic = load_model_dir(out / "critic", num_labels=1)
     assert critic.score is not None and critic.score.weight.any()

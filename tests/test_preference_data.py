@@ -5,6 +5,7 @@ import re
 from collections import Counter
 
 import pytest
+import torch
 from preference_helpers import easy_pairs, micro_tokenizer, write_jsonl
 
 from lmforge.data.preference import (
@@ -20,7 +21,8 @@ from lmforge.data.preference import (
     tokenize_pairs,
     tokenize_unpaired,
 )
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
+from lmforge.objectives import dpo_loss
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -72,6 +74,17 @@ def test_score_fields_drop_ties_and_give_margins(tmp_path):
     stats = Counter()
     pairs = read_pairs(str(write_jsonl(tmp_path / "p.jsonl", rows)), cfg, stats)
     assert [p.margin for p in pairs] == [1.5] and stats == Counter(kept=1, tie=1)
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), -float("inf"), 10 ** 400])
+def test_non_finite_scores_are_one_error_naming_file_line_and_field(tmp_path, score):
+    """JSON's NaN and Infinity (and an integer past float range) are numbers to Python, not scores: a NaN margin
+    would train the reward model on NaN."""
+    rows = [{**easy_pairs(1)[0], "score_chosen": 2.0, "score_rejected": 1.0},
+            {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": score, "score_rejected": 1}]
+    cfg = PreferenceDataConfig(chosen_score="score_chosen", rejected_score="score_rejected")
+    with pytest.raises(DataError, match=re.escape("s.jsonl:2: field 'score_chosen' must be a finite number")):
+        read_pairs(str(write_jsonl(tmp_path / "s.jsonl", rows)), cfg)
 
 
 @pytest.mark.parametrize("row,field", [
@@ -156,10 +169,6 @@ def test_parquet_and_tinyworld_sources(tmp_path):
 
 
 def test_soft_labels_reach_the_batch_and_become_cdpo_smoothing():
-    import torch
-
-    from lmforge.objectives import dpo_loss
-
     row = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5", "label_confidence": 0.8}
     pair = pair_from_row(row, "x.jsonl:1")
     assert pair.confidence == 0.8 and pair_from_row({**row, "label_confidence": 1}, "x").confidence == 1.0

@@ -3,7 +3,17 @@
 import json
 
 import pytest
+import torch
+import yaml
 from lmforge_cli import lmforge
+
+from lmforge.apps.pipeline import stage_config
+from lmforge.config import load_config
+from lmforge.data.mix import source_overrides_mix
+from lmforge.modelio import load_model_dir
+from lmforge.stages.midtrain import MidtrainConfig
+from lmforge.stages.pretrain import PretrainConfig
+from lmforge.tokenizer import Tokenizer
 
 MICRO = ["seq_len=32", "vocab_size=320", "model.hidden_size=32", "model.intermediate_size=64",
          "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.num_key_value_heads=1",
@@ -30,9 +40,6 @@ def test_pretrain_cli_beats_unigram_and_writes_an_hf_checkpoint(tmp_path):
     assert any("val_loss" in r for r in rows) and any("loss" in r for r in rows)
 
     transformers = pytest.importorskip("transformers")
-    import torch
-
-    from lmforge.modelio import load_model_dir
 
     stock = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
     tok = transformers.AutoTokenizer.from_pretrained(out / "model")
@@ -43,6 +50,35 @@ def test_pretrain_cli_beats_unigram_and_writes_an_hf_checkpoint(tmp_path):
 
     proc = lmforge("sample", f"model={out / 'model'}", "prompt=JULIET:", "max_new_tokens=8", "seed=1")
     assert "JULIET:" in proc.stdout
+
+
+def test_a_source_on_the_command_line_is_the_data_not_the_recipes_mix(tmp_path):
+    """README's own example, shrunk: `lmforge pretrain data.source=my_corpus/ ...` under the built-in recipe (whose
+    data.mix used to win silently, the source only training the tokenizer) trains on my_corpus/ alone."""
+    corpus = tmp_path / "my_corpus"
+    corpus.mkdir()
+    (corpus / "notes.txt").write_text("\n\n".join(f"Note {i}: the heron waits by the reed bed at dawn." for i in range(200)))
+    out = tmp_path / "pre"
+    lmforge("pretrain", f"data.source={corpus}/", f"out_dir={out}", "seq_len=32", "vocab_size=300",
+            "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
+            "model.num_attention_heads=2", "model.num_key_value_heads=1", "train.max_steps=2", "train.batch_size=4",
+            "train.micro_batch_size=4", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0",
+            "sample_tokens=4", threads=1)
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert meta["source"] == f"{corpus}/"
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["data"]["mix"] == [] and cfg["data"]["source"] == f"{corpus}/"
+
+
+def test_an_explicit_mix_still_wins_and_midtrain_and_pipeline_follow_the_same_rule():
+    both = ["data.source=a.jsonl", "data.mix=[{source: b.jsonl, weight: 1}]"]
+    assert [m.source for m in load_config(PretrainConfig, "tiny", source_overrides_mix(both),
+                                          section="pretrain").data.mix] == ["b.jsonl"]
+    assert load_config(MidtrainConfig, "tiny", source_overrides_mix(["data.source=a.jsonl"]),
+                       section="midtrain").data.mix == []
+    assert stage_config("pretrain", "tiny", ["data.source=a.jsonl"]).data.mix == []
+    assert len(stage_config("pretrain", "tiny", []).data.mix) == 2  # the recipe's mix when no source is given
+    assert source_overrides_mix(["--config", "tiny", "seq_len=8"]) == ["--config", "tiny", "seq_len=8"]
 
 
 def test_bad_override_is_one_clear_error(tmp_path):
@@ -57,7 +93,6 @@ def test_tokenizer_cli_trains_saves_and_reports(tmp_path):
     corpus.write_text("".join(f'{{"text": "line {i} of a small corpus about tokens"}}\n' for i in range(50)))
     proc = lmforge("tokenizer", f"data={corpus}", "vocab_size=300", f"out_dir={tmp_path / 'tok'}")
     assert "characters/token" in proc.stdout
-    from lmforge.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tmp_path / "tok")
     assert 260 < tok.vocab_size <= 300 and tok.decode(tok.encode("line 7 of")) == "line 7 of"

@@ -11,17 +11,18 @@ from hypothesis import strategies as st
 from lmforge_cli import lmforge
 
 from lmforge.data import thinkworld as tw
-from lmforge.data.sources import DataError, read_documents
+from lmforge.data.sources import read_documents
 from lmforge.data.stepwise import (
     check_stepwise_row,
     collate_steps,
     read_stepwise,
-    split_steps,
     tokenize_steps,
 )
+from lmforge.errors import DataError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.objectives.prm import aggregate_steps, first_error_f1, prm_loss
 from lmforge.prm import PRMScorer, mc_step_labels, step_logits
+from lmforge.thinking import split_steps
 from lmforge.tokenizer import train_tokenizer
 
 

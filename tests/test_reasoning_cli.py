@@ -7,6 +7,9 @@ import torch
 from lmforge_cli import lmforge
 
 from lmforge.data import thinkworld as tw
+from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import save_model_dir
+from lmforge.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -14,10 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def thinker(tmp_path_factory):
     """A random 2-layer model whose tokenizer has the think tags, trained on thinking-world text."""
-    from lmforge.model import ModelConfig, Transformer
-    from lmforge.modelio import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
-
     tok = train_tokenizer([r["text"] for r in tw.text_rows(300)], vocab_size=300, think_tokens=True)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,

@@ -6,11 +6,13 @@ import struct
 import sys
 import zlib
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
-from lmforge.data.sources import DataError
-from lmforge.report import collect_stages, stage_table, write_report
+from lmforge.apps.report import Stage, collect_stages, read_metrics, stage_table, write_report
+from lmforge.cli import main
+from lmforge.errors import DataError
 
 
 def tiny_png(rgb=(200, 30, 30)) -> bytes:
@@ -118,8 +120,6 @@ def test_report_table_samples_and_embedded_images(run):
 
 
 def test_report_is_deterministic_and_runs_from_the_cli(run, tmp_path, capsys):
-    from lmforge.cli import main
-
     write_report(run)
     first = {name: (run / name).read_bytes() for name in ("report.md", "report.html", "loss_curves.png")}
     assert main(["report", str(run)]) == 0
@@ -154,18 +154,12 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
 
 
 def test_columns_that_no_stage_has_are_left_out():
-    from pathlib import Path
-
-    from lmforge.report import Stage
-
     stage = Stage("sft", Path("."), summary={"steps": 3, "accuracy": float("nan")}, metrics=[{"step": 1, "loss": 1.0}])
     headers, rows = stage_table([stage])
     assert headers == ["stage", "loss", "steps"] and rows == [["sft", "1.000", "3"]]
 
 
 def test_read_metrics_drops_rows_superseded_by_a_resume(tmp_path):
-    from lmforge.report import read_metrics
-
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 1, "loss": 3}, {"step": 2, "loss": 2}, {"step": 3, "loss": 9}, {"step": 2, "event": "resume"},
             {"step": 3, "loss": 1}]

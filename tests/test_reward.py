@@ -8,10 +8,12 @@ import torch
 from lmforge_cli import lmforge
 from preference_helpers import easy_pairs, micro_model_dir, write_jsonl
 
-from lmforge.data.preference import TokenPair, collate_pairs, pad_rows
+from lmforge.data.preference import PreferenceDataConfig, TokenPair, collate_pairs, pad_rows
 from lmforge.inference_scaling import reward_model_scorer
 from lmforge.model import ModelConfig, Transformer
-from lmforge.stages.reward import RewardConfig, last_token_index, reward_loss_fn, sequence_rewards
+from lmforge.modelio import load_model_dir, save_model_dir
+from lmforge.scoring import last_token_index, sequence_rewards
+from lmforge.stages.reward import RewardConfig, reward_loss_fn
 
 ROWS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
 
@@ -69,14 +71,11 @@ def test_bradley_terry_through_the_stage_loss():
 
 
 def _scored():
-    from lmforge.data.preference import PreferenceDataConfig
-
     return PreferenceDataConfig(chosen_score="s", rejected_score="t")
 
 
 def test_saved_reward_model_opens_in_transformers_with_the_same_scores(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from lmforge.modelio import load_model_dir, save_model_dir
 
     model = rm(3)
     save_model_dir(tmp_path, model)

@@ -5,8 +5,20 @@ import pytest
 import torch
 from test_rollout import make_model_dir
 
-from lmforge.config import ConfigError, from_dict
-from lmforge.rewards import RewardInput, RewardSpec, build_reward, format_reward, length_reward, math_reward
+from lmforge.config import from_dict
+from lmforge.errors import ConfigError
+from lmforge.modelio import load_model_dir
+from lmforge.rewards import (
+    RewardInput,
+    RewardSpec,
+    build_reward,
+    format_reward,
+    group_length_reward,
+    length_reward,
+    math_reward,
+    prompt_groups,
+)
+from lmforge.stages.grpo import GRPOConfig
 
 
 def inputs(completions, answers=None, finish=None, ids=None):
@@ -45,8 +57,6 @@ def test_reward_model_reads_the_last_token(tmp_path):
     inp = inputs(["a", "b"], ids=[[5, 6], [7, 8, 9]])
     total, parts = reward(inp)
 
-    from lmforge.modelio import load_model_dir
-
     rm = load_model_dir(rm_dir, num_labels=1).eval()
     with torch.no_grad():  # each row alone, no padding: the score head at its last token
         by_hand = [rm.score(rm(torch.tensor([[1, 2] + c]), return_hidden=True)[0, -1]).item()
@@ -59,8 +69,6 @@ def test_reward_model_reads_the_last_token(tmp_path):
 
 
 def test_rewards_from_yaml_and_bad_kinds():
-    from lmforge.stages.grpo import GRPOConfig
-
     cfg = from_dict(GRPOConfig, {"rewards": [{"kind": "math", "weight": 1.0}, {"kind": "length", "weight": -0.01}]})
     assert [(r.kind, r.weight) for r in cfg.rewards] == [("math", 1.0), ("length", -0.01)]
     with pytest.raises(ConfigError, match=r"rewards\[0\].kind: 'maths' is not one of"):
@@ -70,8 +78,6 @@ def test_rewards_from_yaml_and_bad_kinds():
 
 
 def test_group_length_reward_by_hand():
-    from lmforge.rewards import group_length_reward, prompt_groups
-
     # group 0: lengths 10 (right), 20 (right), 30 (wrong); group 1: all 5 -> 0
     r = group_length_reward([10, 20, 30, 5, 5], [True, True, False, True, False], [0, 0, 0, 1, 1])
     assert r.tolist() == [0.5, 0.0, -0.5, 0.0, 0.0]
@@ -81,8 +87,6 @@ def test_group_length_reward_by_hand():
 
 
 def test_concise_reward_beside_correctness_keeps_right_above_wrong():
-    from lmforge.rewards import RewardInput, RewardSpec, build_reward
-
     reward = build_reward([RewardSpec(kind="math"), RewardSpec(kind="concise", weight=0.5)])
     inp = RewardInput(prompts=["q"] * 4, completions=["The answer is 4.", "The answer is 4.", "The answer is 5.",
                                                       "The answer is 5."],

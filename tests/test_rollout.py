@@ -6,8 +6,11 @@ import json
 import pytest
 import torch
 
-from lmforge.data.sources import DataError
+from lmforge.data import tinyworld
+from lmforge.data.prompts import read_rl_prompts, render_prompt
+from lmforge.errors import DataError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import load_tokenizer, save_model_dir
 from lmforge.rollout import (
     RolloutStream,
     epoch_micro_batches,
@@ -16,10 +19,9 @@ from lmforge.rollout import (
     policy_logprobs,
     policy_scores,
     prompt_indices,
-    read_rl_prompts,
-    render_prompt,
     score_buffer,
 )
+from lmforge.tokenizer import train_tokenizer
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=128)
@@ -32,10 +34,6 @@ def tiny_model(vocab=16, seed=0, **kw):
 
 def make_model_dir(path, seed=0, num_labels=0):
     """A tiny random chat model directory with a tokenizer trained on arithmetic text (seconds)."""
-    from lmforge import tinyworld
-    from lmforge.modelio import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
-
     texts = [tinyworld.Problem(a, "+", b).worked_answer() for a in range(15) for b in range(15)]
     tok = train_tokenizer(texts * 2, 300)
     model = tiny_model(tok.vocab_size, seed, num_labels=num_labels)
@@ -152,8 +150,6 @@ def test_read_rl_prompts_formats_and_errors(tmp_path):
 
 
 def test_render_prompt_opens_the_assistant_turn(tmp_path):
-    from lmforge.modelio import load_tokenizer
-
     tok = load_tokenizer(make_model_dir(tmp_path / "m"))
     ids = render_prompt(tok, "What is 2 + 2?")
     text = tok.decode(ids)

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from lmforge.cli import main
+from lmforge.data.sources import builtin_path
 from lmforge.scaling.laws import (
     CHINCHILLA,
     ChinchillaLaw,
@@ -18,6 +20,8 @@ from lmforge.scaling.laws import (
     fit_parabola_min,
     tokens_per_param_rule,
 )
+from lmforge.stages.scaling import main as scaling_main
+from lmforge.train.sweep import COLUMNS
 
 TRUE = ChinchillaLaw(E=1.8, A=300.0, B=900.0, alpha=0.33, beta=0.38)
 
@@ -120,8 +124,6 @@ def write_csv(path, N, D, C, L):
 
 
 def test_fit_cli_writes_summary_plots_and_a_law_optimal_reads(tmp_path, capsys):
-    from lmforge.cli import main
-
     N, D, C, L = isoflop_runs(TRUE, noise=0.002)
     write_csv(tmp_path / "sweep.csv", N, D, C, L)
     assert main(["scaling", "fit", "--table", str(tmp_path / "sweep.csv"), "--n-boot", "4"]) == 0
@@ -143,8 +145,6 @@ def test_fit_cli_writes_summary_plots_and_a_law_optimal_reads(tmp_path, capsys):
 
 
 def test_optimal_cli_prints_both_rules(capsys):
-    from lmforge.cli import main
-
     assert main(["scaling", "optimal", "--flops", "1e23", "--gpus", "1024"]) == 0
     out = capsys.readouterr().out
     assert "Chinchilla approach 3" in out and "20 tokens/param" in out
@@ -156,8 +156,6 @@ def test_optimal_cli_prints_both_rules(capsys):
 
 
 def test_fit_cli_names_a_missing_column(tmp_path, capsys):
-    from lmforge.cli import main
-
     (tmp_path / "t.csv").write_text("n_params,tokens\n1,2\n")
     assert main(["scaling", "fit", "--table", str(tmp_path / "t.csv")]) == 2
     assert "missing column(s) val_loss" in capsys.readouterr().err
@@ -165,10 +163,6 @@ def test_fit_cli_names_a_missing_column(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sweep_micro_grid_writes_the_table_and_resumes(tmp_path, capsys):
-    from lmforge.data.sources import builtin_path
-    from lmforge.scaling.sweep import COLUMNS
-    from lmforge.stages.scaling import main
-
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(builtin_path("tinyshakespeare").read_text()[:40_000])
     args = ["sweep", f"out_dir={tmp_path / 'sw'}", "budgets=[1.0e6]", "min_steps=8", "n_boot=0",
@@ -176,7 +170,7 @@ def test_sweep_micro_grid_writes_the_table_and_resumes(tmp_path, capsys):
             f"pretrain.data.source={corpus}", "pretrain.vocab_size=300", "pretrain.seq_len=32",
             "pretrain.train.batch_size=4", "pretrain.train.micro_batch_size=4", "pretrain.train.eval_batches=2",
             "pretrain.train.log_every=4"]
-    assert main(args) == 0
+    assert scaling_main(args) == 0
     with open(tmp_path / "sw" / "sweep.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == COLUMNS and len(rows) == 2
@@ -189,5 +183,5 @@ def test_sweep_micro_grid_writes_the_table_and_resumes(tmp_path, capsys):
     summary = tmp_path / "sw" / "runs" / rows[0]["name"] / "summary.json"
     before = summary.stat().st_mtime_ns
     capsys.readouterr()
-    assert main(args) == 0  # a rerun skips finished runs
+    assert scaling_main(args) == 0  # a rerun skips finished runs
     assert "done already" in capsys.readouterr().out and summary.stat().st_mtime_ns == before

@@ -14,11 +14,11 @@ import urllib.request
 
 import pytest
 
+from lmforge.apps.serve import APIError, ChatModel, ServeConfig, make_server, reasoning_budgets
 from lmforge.constitutional.judges import ChatParams, LocalModel, OpenAIEndpoint
 from lmforge.data.chat import encode_prompt
 from lmforge.generation import SamplingParams, generate
-from lmforge.stages.generate import load_for_generation
-from lmforge.stages.serve import ServeConfig, make_server
+from lmforge.modelio import load_model_and_tokenizer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Response A or B?"}]
 
@@ -37,7 +37,7 @@ def model_dir(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def loaded(model_dir):
-    return load_for_generation(str(model_dir), device="cpu")
+    return load_model_and_tokenizer(str(model_dir), device="cpu")
 
 
 def start(cfg, loaded):
@@ -282,8 +282,6 @@ def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(model_dir, loa
 
 
 def test_reasoning_effort_and_max_thinking_tokens_set_the_engines_budget(model_dir, loaded, tmp_path):
-    from lmforge.stages.serve import APIError, ChatModel, reasoning_budgets
-
     chat = ChatModel(*loaded, ServeConfig(model=str(model_dir), verbose=False))
     ask = {"messages": MESSAGES}
     assert chat.prepare(ask)[1].thinking_budget is None  # no budget unless asked

@@ -14,8 +14,11 @@ from lmforge.data.packing import (
     make_rows,
     prepare_examples,
 )
+from lmforge.lora import LoraOptions, apply_lora, load_adapter, merge_lora, save_adapter, trainable_parameters
 from lmforge.model import ModelConfig, Transformer
-from lmforge.stages.sft import sft_loss
+from lmforge.modelio import load_model_dir, save_model_dir
+from lmforge.tokenizer import train_tokenizer
+from lmforge.train.lm import sft_loss
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=128)
@@ -125,7 +128,6 @@ def test_padding_is_only_at_the_row_tail_and_never_learned():
 
 def test_lora_merge_matches_adapter_and_the_adapter_loads_with_peft(tmp_path):
     peft = pytest.importorskip("peft")
-    from lmforge.lora import LoraOptions, apply_lora, merge_lora, save_adapter, trainable_parameters
 
     torch.manual_seed(0)
     base = Transformer(TINY)
@@ -165,9 +167,6 @@ def test_lora_merge_matches_adapter_and_the_adapter_loads_with_peft(tmp_path):
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A random-init micro model + a tokenizer trained on arithmetic chats, saved as a model directory."""
-    from lmforge.modelio import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
-
     d = tmp_path_factory.mktemp("sft")
     rows = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
                           {"role": "assistant", "content": f"{a} + {b} = {a + b}. The answer is {a + b}."}]}
@@ -222,8 +221,6 @@ def test_sft_cli_lora_writes_a_peft_adapter_and_a_merged_model(base_dir, tmp_pat
     assert summary["lora"] and summary["trainable_params"] < summary["total_params"] / 2
     assert summary["val_loss"] < summary["val_loss_before"]
     assert (out / "adapter" / "adapter_config.json").exists() and (out / "adapter" / "tokenizer.json").exists()
-    from lmforge.lora import load_adapter, merge_lora
-    from lmforge.modelio import load_model_dir
 
     x = torch.randint(0, 300, (1, 10))
     with torch.no_grad():

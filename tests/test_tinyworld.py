@@ -1,15 +1,19 @@
 """The tiny arithmetic world: problems, worked answers, the data producers, builtin sources, the mix, the evaluator."""
 
+import random
 import re
 from collections import Counter
 
 import pytest
 import torch
 
-from lmforge import tinyworld as tw
 from lmforge.answers import extract_answer, is_correct
+from lmforge.data import tinyworld as tw
 from lmforge.data.mix import MixSource, mix_documents, mix_name
-from lmforge.data.sources import DataError, FilterConfig, generated_rows, read_documents
+from lmforge.data.sources import FilterConfig, generated_rows, read_documents
+from lmforge.errors import DataError
+from lmforge.evaluation import evaluate_arithmetic
+from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import train_tokenizer
 
 QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
@@ -139,19 +143,18 @@ def test_mix_of_shakespeare_and_quiz_pages():
 
 def test_evaluate_arithmetic_scores_greedy_answers():
     tok = train_tokenizer(tw.quiz_pages(30), vocab_size=300)
-    from lmforge.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
     problems = tw.problems(6, "test", unique=True)
     for chat in (True, False):
-        out = tw.evaluate_arithmetic(model, tok, problems, chat=chat, max_new_tokens=6, batch_size=4, n_samples=3)
+        out = evaluate_arithmetic(model, tok, problems, chat=chat, max_new_tokens=6, batch_size=4, n_samples=3)
         assert 0 <= out["accuracy"] <= 1 and 0 <= out["format_rate"] <= 1 and len(out["samples"]) == 3
         assert out["samples"][0]["question"] == problems[0].question
         assert out["samples"][0]["answer"] == str(problems[0].answer)
     rows = tw.eval_rows(4)
-    assert tw.evaluate_arithmetic(model, tok, rows, max_new_tokens=2)["samples"][0]["question"] == rows[0]["question"]
+    assert evaluate_arithmetic(model, tok, rows, max_new_tokens=2)["samples"][0]["question"] == rows[0]["question"]
     assert model.training  # left as it was found
 
 
@@ -167,9 +170,6 @@ def _questions(page: str) -> list[tw.Problem]:
 def test_wrong_answers_make_the_mistakes_small_models_make():
     """Rejected answers: misread operands (worked correctly for the wrong problem), forgotten carries, one
     column's slip; each is wrong for the asked problem and consistent with its own restated problem."""
-    import random
-    import re
-
     rng, misread, other = random.Random(0), 0, 0
     for p in tw.problems(300, "train"):
         text = tw.wrong_answer(p, rng)

@@ -5,6 +5,7 @@ import json
 import pytest
 from tokenizers import AddedToken
 
+from lmforge.stages.tokenizer import TokenizerStageConfig, main, run_tokenizer
 from lmforge.tokenizer import CHATML_TEMPLATE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "ROMEO: But soft, what light through yonder window?",
@@ -98,8 +99,6 @@ def test_loads_hugging_face_style_directories(tok, tmp_path):
 
 
 def test_tokenizer_stage_trains_reuses_and_retrains_on_change(tmp_path, capsys):
-    from lmforge.stages.tokenizer import TokenizerStageConfig, main, run_tokenizer
-
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"line {i} of a small corpus about tokens"}) + "\n"
                               for i in range(50)))

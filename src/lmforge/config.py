@@ -8,6 +8,7 @@ file it came from. The resolved config is written beside every run as ``config.y
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import types
@@ -18,11 +19,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lmforge.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A bad recipe or override; the message names the key (and file, when there is one)."""
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -241,8 +240,6 @@ def parse_cli(argv: list[str], cls: type[T], *, prog: str, description: str,
 
     ``--help`` prints the verb's description and every config key with its default.
     """
-    import argparse
-
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="config keys (override with key=value):\n" + describe(cls))

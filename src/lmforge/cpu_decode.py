@@ -117,7 +117,7 @@ class PackedDecodeStep:
         m, B, L = self.model, tokens.shape[0], cache.length + 1
         m._extend_rope(L)
         pos = position[:, 0] if position is not None else cache.length
-        cos, sin = m.rope_cos[pos], m.rope_sin[pos]  # (B, head_dim), or (head_dim,) for one shared position
+        cos, sin = m.rope_at(pos, L)  # (B, head_dim), or (head_dim,) for one shared position
         if position is not None:
             cos, sin = cos[:, None], sin[:, None]
         padded = (key_mask[:, None, None, :L] == 0) if key_mask is not None else None  # (B, 1, 1, L)

@@ -21,17 +21,31 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lmforge.answers import extract_answer, is_correct, normalize_answer
-from lmforge.data.chat import encode_prompt  # the one prompt encoder (SFT's bos rule); eval.py uses it
-from lmforge.data.sources import DataError
-from lmforge.generation import Completion, SamplingParams, generate, left_pad
+from lmforge.data import thinkworld, tinyworld
+from lmforge.data.chat import (
+    check_messages,
+    encode_prompt,  # the one prompt encoder (SFT's bos rule); eval.py uses it
+)
+from lmforge.data.preference import PreferenceDataConfig, pair_from_row, read_pairs, tokenize_pairs
+from lmforge.data.rows import json_rows
+from lmforge.data.shards import TokenDataset
+from lmforge.data.tinyworld import Problem, is_formatted
+from lmforge.errors import DataError
+from lmforge.generation import Completion, SamplingParams, generate
+from lmforge.objectives.rl import kl_estimate
+from lmforge.scoring import completion_logprobs, reward_scores
 
 TASKS = ("tinyworld", "thinkworld", "gsm8k", "svamp", "math500", "jsonl")
 
@@ -99,9 +113,6 @@ def hacking_probes(completions: Sequence[Completion], reference: Sequence[Comple
 @contextmanager
 def progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
     """A transient rich progress bar on stderr (none when stderr is not a terminal); yields advance(k)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     console = Console(stderr=True)
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
                   transient=True, disable=not console.is_terminal) as bar:
@@ -130,41 +141,28 @@ def generate_all(model, prompts: list[list[int]], params: SamplingParams, tokeni
     return out
 
 
-@torch.inference_mode()
-def completion_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int = 0,
-                        batch_size: int = 16) -> list[torch.Tensor]:
-    """log p(token | everything before it) for each completion token of each (prompt, completion), fp32 (len(c),).
-
-    Left-padded batches; the lm_head is applied in chunks, so no (tokens x vocab) logits are held.
-    """
-    from lmforge.objectives.lm import chunked_token_logprobs
-
-    out = []
-    device = model.lm_head.weight.device
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        ids, mask, pos = left_pad([p + c for p, c in chunk], pad_id, device)
-        hidden = model(ids, attention_mask=mask, position_ids=pos, return_hidden=True)[:, :-1]
-        labels = ids[:, 1:].clone()
-        width = ids.shape[1]
-        for i, (_, c) in enumerate(chunk):  # score only the completion's tokens
-            labels[i, :width - 1 - len(c)] = -100
-        logp = chunked_token_logprobs(hidden, model.lm_head.weight, labels).float()
-        out += [logp[i, width - 1 - len(c):].cpu() for i, (_, c) in enumerate(chunk)]
-    return out
-
-
-def reward_scores(reward_model, pairs: list[tuple[list[int], list[int]]], pad_id: int = 0,
-                  batch_size: int = 16) -> list[float]:
-    """The reward model's scalar (``score`` head at the last token of prompt + completion) for each pair."""
-    from lmforge.inference_scaling import reward_model_scorer
-
-    if not pairs:
-        return []
-    return reward_model_scorer(reward_model, pad_id=pad_id, batch_size=batch_size).score_batch(pairs)
-
-
 # ---- metrics ----
+
+HELDOUT_TEXT = "heldout_english.txt"  # lmforge/assets: a paragraph no built-in model trained on (CC0)
+
+
+def heldout_text() -> str:
+    """The held-out English paragraph that ships with lmforge: import, quantize and export measure perplexity on it."""
+    return (resources.files("lmforge") / "assets" / HELDOUT_TEXT).read_text(encoding="utf-8")
+
+
+def decode_speed(model, prompt: list[int], new_tokens: int, batch_size: int = 1, repeats: int = 2) -> float:
+    """Greedy new tokens per second (all rows together, end-of-sequence ignored), best of ``repeats`` runs
+    after a short warm-up."""
+    prompts = [list(prompt)] * batch_size
+    generate(model, prompts, SamplingParams(max_new_tokens=2, temperature=0.0), eos_token_ids=[])
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate(model, prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0.0), eos_token_ids=[])
+        best = min(best, time.perf_counter() - t0)
+    return batch_size * new_tokens / best
+
 
 @torch.inference_mode()
 def token_perplexity(model, ids: list[int]) -> float:
@@ -221,8 +219,6 @@ def perplexity(model, tokenizer, data, seq_len: int = 256, batch_size: int = 8, 
 
 def _windows(tokenizer, data, seq_len: int, split: str) -> tuple[Iterator[list[int]], int]:
     if isinstance(data, (str, Path)):
-        from lmforge.data.shards import TokenDataset
-
         ds = TokenDataset(data, split)
         total = -(-max(len(ds) - 1, 0) // seq_len)  # ceil: a short last window counts too
         gen = (ds.read(s, min(seq_len + 1, len(ds) - s)).tolist() for s in range(0, len(ds) - 1, seq_len))
@@ -301,6 +297,35 @@ def by_level(rows: Sequence[dict], per_problem: Sequence[float], results: Sequen
     return out
 
 
+def evaluate_arithmetic(model, tokenizer, items, chat: bool = True, max_new_tokens: int = 64, batch_size: int = 64,
+                        n_samples: int = 5) -> dict:
+    """Greedy answers to arithmetic questions: {"accuracy", "format_rate", "samples"} (see is_formatted).
+
+    items: Problems, or rows with "question" (or a one-message "prompt") and "answer". chat=True renders the
+    question with the chat template and a generation prompt (a chat model's view); chat=False gives the raw
+    question as text, which is how a base model is probed. samples: the first ``n_samples``
+    {question, completion, answer, correct}. ``lmforge eval task=tinyworld`` gives the same numbers with CIs.
+    """
+    pairs = [_question_and_answer(item) for item in items]
+    if not pairs:
+        raise ValueError("evaluate_arithmetic needs at least one problem")
+    res = task_accuracy(model, tokenizer, [{"prompt": q, "answer": a} for q, a in pairs], chat=chat,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, format_check=is_formatted, n_boot=0)
+    samples = [{"question": r["prompt"], "completion": r["response"], "answer": r["answer"], "correct": r["correct"]}
+               for r in res["records"][:n_samples]]
+    return {"accuracy": res["accuracy"]["value"], "format_rate": res["format_rate"]["value"], "samples": samples}
+
+
+def _question_and_answer(item) -> tuple[str, str]:
+    if isinstance(item, Problem):
+        return item.question, str(item.answer)
+    question = item.get("question")
+    if question is None:
+        prompt = item["prompt"]
+        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    return question, str(item["answer"])
+
+
 def preference_accuracy(reward_model, tokenizer, pairs, *, batch_size: int = 16, max_length: int = 1024,
                         n_boot: int = 1000, seed: int = 0) -> dict:
     """Share of held-out pairs where r(prompt, chosen) > r(prompt, rejected); a tie counts one half.
@@ -309,8 +334,6 @@ def preference_accuracy(reward_model, tokenizer, pairs, *, batch_size: int = 16,
     tokenized exactly as the reward stage tokenizes them (data.preference, through the chat template).
     Returns accuracy {"value", "ci", "n"}, mean_margin (mean r_chosen - r_rejected), and records.
     """
-    from lmforge.data.preference import PreferenceDataConfig, pair_from_row, read_pairs, tokenize_pairs
-
     if isinstance(pairs, (str, Path)):
         parsed = read_pairs(str(pairs))
     else:
@@ -370,8 +393,6 @@ def kl_to_reference(policy, reference, prompts: list[list[int]], *, completions:
     over its tokens, which estimates the sequence-level KL. ``completions`` (token ids) skips sampling.
     Returns kl_k1_per_token, kl_k3_per_token, kl_k1_per_sequence {"value", "ci", "n"}, kl_k3_per_sequence, tokens.
     """
-    from lmforge.objectives.rl import kl_estimate
-
     if policy.config.vocab_size != reference.config.vocab_size:
         raise ValueError(f"policy and reference vocabularies differ ({policy.config.vocab_size} vs "
                          f"{reference.config.vocab_size}): KL needs the same tokenizer")
@@ -404,44 +425,30 @@ def kl_to_reference(policy, reference, prompts: list[list[int]], *, completions:
 def load_task(task: str, path: str = "", limit: int = 0, seed: int = 0) -> list[dict]:
     """Rows {"prompt", "answer", "id"} of a benchmark (the first ``limit``; 0 = all).
 
-    tinyworld: held-out arithmetic problems (lmforge.tinyworld.eval_rows; no path). From a .jsonl[.gz] path:
+    tinyworld: held-out arithmetic problems (data.tinyworld.eval_rows; no path). From a .jsonl[.gz] path:
     gsm8k {"question", "answer": "... #### 72"}, svamp {"Body", "Question", "Answer"}, math500 {"problem",
     "answer"}, jsonl {"prompt" or "messages", "answer"}. The answer is reduced to its final, canonical form.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if task == "tinyworld":
-        from lmforge import tinyworld
-
         return [{"prompt": r["prompt"], "answer": r["answer"], "id": i}
                 for i, r in enumerate(tinyworld.eval_rows(n=limit or 200, seed=seed))]
     if task == "thinkworld":  # limit = problems per difficulty level
-        from lmforge.data import thinkworld
-
         return [{"prompt": r["prompt"], "answer": r["answer"], "level": r["level"], "id": i}
                 for i, r in enumerate(thinkworld.eval_rows(per_level=limit or 40, seed=seed))]
     if not path:
         raise ValueError(f"task={task} needs data=PATH (a .jsonl or .jsonl.gz file)")
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
     rows = []
-    for row, where in _jsonl_rows(path):
+    for row, where in json_rows(Path(path)):
         rows.append({**_task_row(task, row, where), "id": len(rows)})
         if limit and len(rows) == limit:
             break
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
-
-
-def _jsonl_rows(path: str) -> Iterator[tuple[dict, str]]:
-    from lmforge.data.sources import _decode, _open_binary, parse_json_line
-
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: no such file")
-    with _open_binary(p) as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                yield parse_json_line(_decode(raw, p, lineno), p, lineno), f"{p}:{lineno}"
 
 
 def _field(row: dict, name: str, where: str, kinds=(str,)):
@@ -467,12 +474,8 @@ def _task_row(task: str, row: dict, where: str) -> dict:
         return {"prompt": _field(row, "problem", where), "answer": _field(row, "answer", where)}
     answer = str(_field(row, "answer", where, (str, int, float)))
     if "messages" in row:
-        from lmforge.data.chat import check_messages
-
         return {"prompt": check_messages(row["messages"], where, need_assistant=False), "answer": answer}
     prompt = _field(row, "prompt", where, (str, list))
     if isinstance(prompt, list):
-        from lmforge.data.chat import check_messages
-
         prompt = check_messages(prompt, where, "prompt", need_assistant=False)
     return {"prompt": prompt, "answer": answer}

@@ -34,9 +34,12 @@ from dataclasses import dataclass, field
 from functools import cache
 
 import torch
+import torch.fx.experimental._config  # noqa: F401  (use_duck_shape, patched in compiled_step)
 
 from lmforge.cpu_decode import PackedDecodeStep, column_major_weights, packable, packed_head
 from lmforge.model import KVCache, Transformer
+from lmforge.modelio import eos_ids
+from lmforge.scoring import left_pad
 from lmforge.thinking import ThinkTags, new_state
 
 Draw = Callable[[list[int] | None], torch.Tensor]  # live-row positions (None = all) -> uniforms in [0, 1)
@@ -76,6 +79,19 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{message}, got {self}")
+
+
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "n",
+                 "stop_strings", "seed", "compile", "thinking_budget", "min_thinking_tokens")
+
+
+def sampling_params_from(cfg, **extra) -> SamplingParams:
+    """SamplingParams from a stage config (generate, chat, sample, think): the keys of SAMPLING_KEYS the config
+    has, the others left at SamplingParams' defaults, then ``extra`` (e.g. ``return_logprobs=cfg.logprobs``)."""
+    values = {key: getattr(cfg, key) for key in SAMPLING_KEYS if hasattr(cfg, key)}
+    if "stop_strings" in values:
+        values["stop_strings"] = list(values["stop_strings"])  # a copy: the config's list stays the config's
+    return SamplingParams(**{**values, **extra})
 
 
 @dataclass
@@ -203,18 +219,6 @@ def row_streams(prompts: list[list[int]], n: int, seed: int) -> list[random.Rand
 
 
 # ---- the engine ----
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(input_ids, attention_mask or None when no row is padded, position_ids) for a left-padded batch."""
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(lengths.max())
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-    offsets = torch.arange(width, device=device)[None] - (width - lengths)[:, None]
-    mask = (offsets >= 0).long() if bool((lengths != width).any()) else None
-    return input_ids, mask, offsets.clamp(min=0)
-
 
 def last_logits(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """(B, V) fp32 logits of the last position only: a prefill never multiplies every position by lm_head."""
@@ -480,16 +484,12 @@ def compiled_step(model):
 
 @cache
 def _compiled_decode_step(cuda: bool):
-    import torch.fx.experimental._config  # noqa: F401  (use_duck_shape, patched in compiled_step)
-
     return torch.compile(Transformer.decode_step, mode="reduce-overhead" if cuda else None, dynamic=not cuda)
 
 
 def _eos_ids(tokenizer) -> list[int]:
     if tokenizer is None:
         return []
-    from lmforge.modelio import eos_ids
-
     ids = eos_ids(tokenizer)
     return ids if isinstance(ids, list) else [ids]
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import track
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import Tokenizer
@@ -32,13 +35,15 @@ BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 
-# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-CONTROL, USER_DEFINED = 3, 4
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type); UNUSED marks embedding rows no text maps to
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 # Pre-tokenizer regexes llama.cpp uses, by tokenizer.ggml.pre (llama-vocab.cpp). GPT-2's is ByteLevel's own.
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 DIGIT_SPLITTING = ("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b", "command-r")
+# One tokenizer.ggml.pre name for each distinct split lmforge builds (the exporter writes the first that matches)
+PRE_TOKENIZERS = ("gpt-2", "smollm", "llama-bpe")
 
 
 class GGUFError(ValueError):
@@ -137,6 +142,19 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def gguf_name(hf: str) -> str:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight' (the inverse of ``hf_name``)."""
+    module, _, kind = hf.rpartition(".")
+    for gguf_key, hf_key in GLOBAL_NAMES.items():
+        if module == hf_key:
+            return f"{gguf_key}.{kind}"
+    parts = module.split(".", 3)
+    block = {v: k for k, v in BLOCK_NAMES.items()}
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in block:
+        return f"blk.{parts[2]}.{block[parts[3]]}.{kind}"
+    raise GGUFError(f"tensor {hf!r} has no place in a GGUF Llama")
+
+
 def hf_name(gguf_name: str, source: str) -> str:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; unknown names are an error."""
     parts = gguf_name.split(".")
@@ -158,7 +176,7 @@ def model_from_gguf(reader, meta: dict, source: str, dtype: torch.dtype = torch.
     vocab_rows = int(tensors["token_embd.weight"].shape[-1])  # GGUF shapes are (in, out): ggml order
     cfg = config_from_gguf(meta, set(tensors), vocab_rows, source)
     state = {}
-    for name, t in _progress(tensors.items(), "dequantize", len(tensors), progress):
+    for name, t in tracked(tensors.items(), "dequantize", len(tensors), progress):
         key = hf_name(name, source)
         try:
             array = dequantize(t.data, t.tensor_type)
@@ -190,9 +208,6 @@ def model_from_gguf(reader, meta: dict, source: str, dtype: torch.dtype = torch.
 
 def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     """tokenizer.ggml.* -> a byte-level BPE ``tokenizers`` tokenizer with the same ids, specials and template."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HFTokenizer
-
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise GGUFError(f"{source}: tokenizer.ggml.model {kind!r} is not supported (lmforge imports byte-level "
@@ -202,12 +217,14 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     vocab = {}
     for i, token in enumerate(tokens):
+        if types[i] == UNUSED:  # padding rows of the embedding (lmforge export writes them as [PAD<id>])
+            continue
         if vocab.setdefault(token, i) != i:
             raise GGUFError(f"{source}: tokenizer.ggml.tokens has {token!r} twice (ids {vocab[token]} and {i})")
     tok = HFTokenizer(models.BPE(vocab, merges))
     tok.add_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
                     for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)])
-    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), pre_tokenizers, Regex, source)
+    tok.pre_tokenizer = pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), source)
     tok.decoder = decoders.ByteLevel()
 
     def name(key: str) -> str | None:
@@ -225,7 +242,7 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
                      model_max_length=int(meta.get(f"{arch}.context_length", 1_000_000)))
 
 
-def _pre_tokenizer(pre: str, pre_tokenizers, Regex, source: str):
+def pre_tokenizer(pre: str, source: str):
     """The split llama.cpp applies for ``tokenizer.ggml.pre`` before BPE, then bytes -> GPT-2's unicode alphabet."""
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("default", "gpt2", "gpt-2"):  # files without a 'pre' predate it and were split GPT-2's way
@@ -254,10 +271,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
     return model, tokenizer, info
 
 
-def _progress(items, label: str, total: int, show: bool):
+def tracked(items, label: str, total: int, show: bool):
+    """``items``, under a rich progress bar when ``show``."""
     if not show:
         yield from items
         return
-    from rich.progress import track
-
     yield from track(items, description=label, total=total, transient=True)

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from lmforge.answers import answers_match, extract_answer
-from lmforge.generation import Completion, SamplingParams, generate, left_pad
+from lmforge.generation import Completion, SamplingParams, generate
+from lmforge.scoring import reward_scores, sequence_logprobs
 
 Scorer = Callable[[list[int], list[int]], float]
 Extract = Callable[[str], "str | None"]
@@ -211,38 +212,14 @@ def plot_accuracy(table: list[dict], path: str | Path, title: str = "inference-t
 
 # ---- scorers ----
 
-@torch.inference_mode()
-def sequence_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int = 0,
-                      batch_size: int = 16) -> list[float]:
-    """Sum of log p(completion token | everything before it) for each (prompt, completion), one full forward
-    per batch of left-padded sequences."""
-    out = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        ids, mask, pos = left_pad([p + c for p, c in chunk], pad_id, model.lm_head.weight.device)
-        logits = model(ids, attention_mask=mask, position_ids=pos)[:, :-1].float()
-        token_logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        width = ids.shape[1]
-        cols = torch.arange(1, width, device=ids.device)[None]  # column of the token each logit predicts
-        first = torch.tensor([width - len(c) for _, c in chunk], device=ids.device)[:, None]
-        out += (token_logp * (cols >= first)).sum(-1).tolist()
-    return out
-
-
 def reward_model_scorer(reward_model, pad_id: int = 0, batch_size: int = 16) -> Scorer:
-    """A reward model's scalar (its ``score`` head at the last token of prompt + completion) as a scorer."""
+    """A reward model's scalar (its ``score`` head at the last token of prompt + completion), scoring.reward_scores,
+    as a scorer."""
     if getattr(reward_model, "score", None) is None:
         raise ValueError("the reward model has no score head (load it with num_labels=1)")
 
-    @torch.inference_mode()
     def score_batch(pairs):
-        out = []
-        for start in range(0, len(pairs), batch_size):
-            ids, mask, pos = left_pad([p + c for p, c in pairs[start:start + batch_size]], pad_id,
-                                      reward_model.score.weight.device)
-            hidden = reward_model(ids, attention_mask=mask, position_ids=pos, return_hidden=True)[:, -1]
-            out += reward_model.score(hidden)[:, 0].float().tolist()
-        return out
+        return reward_scores(reward_model, pairs, pad_id, batch_size)
 
     def scorer(prompt_ids, completion_ids):
         return score_batch([(prompt_ids, completion_ids)])[0]

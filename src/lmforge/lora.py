@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir
+from lmforge.quant import QuantizedModelError, is_quantized
+
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -51,8 +54,6 @@ def _peft():
 
 def apply_lora(model: torch.nn.Module, opts: LoraOptions, base_path: str | None = None):
     """Wrap ``model`` in a peft PeftModel with fresh LoRA adapters; only the adapters require grad."""
-    from lmforge.quant import QuantizedModelError, is_quantized
-
     if is_quantized(model):
         raise QuantizedModelError(f"{base_path or 'this model'} is quantized (lmforge quantize): LoRA here trains "
                                   "adapters on a float model; fine-tune the float checkpoint, then quantize")
@@ -91,8 +92,6 @@ def merge_lora(model) -> torch.nn.Module:
 
 def merge_adapter_dir(base: str | Path, adapter_dir: str | Path, out_dir: str | Path, tokenizer=None) -> Path:
     """Base model directory + adapter directory -> a merged model directory (config, weights, tokenizer)."""
-    from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir
-
     merged = merge_lora(load_adapter(load_model_dir(base), adapter_dir))
     if tokenizer is None:
         source = Path(adapter_dir) if (Path(adapter_dir) / "tokenizer.json").exists() else base

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ class ModelConfig:
     head_dim: int = 0  # 0 = hidden_size // num_attention_heads
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
+    # Context extension, as config.json's rope_scaling: {"rope_type": "linear" | "dynamic" | "yarn" | "llama3",
+    # "factor": ..., and the type's other keys}; None = plain RoPE. See rope_frequencies.
+    rope_scaling: dict[str, Any] | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # Llama's flag: bias on q, k, v and o projections
@@ -51,6 +55,7 @@ class ModelConfig:
                              f"({self.num_attention_heads}) unless head_dim is set")
         if self.resolved_head_dim % 2:
             raise ValueError(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
+        check_rope_scaling(self.rope_scaling)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -69,16 +74,132 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rope_cache(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+_ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "yarn": (),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+
+
+def rope_type(scaling: dict | None) -> str:
+    """"default" for plain RoPE, else the scaling's type (config.json says rope_type, or type in old files)."""
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type")) or "default"
+
+
+def check_rope_scaling(scaling: dict | None) -> None:
+    """Raise one ValueError naming what is wrong with a rope_scaling dict (None and "default" are plain RoPE)."""
+    kind = rope_type(scaling)
+    if kind == "default":
+        return
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"RoPE scaling type {kind!r} is not supported (lmforge implements "
+                         f"{', '.join(ROPE_TYPES)}; or none)")
+    missing = [key for key in _ROPE_REQUIRED[kind] if scaling.get(key) is None]
+    if missing:
+        raise ValueError(f"RoPE scaling {kind!r} needs {', '.join(missing)} (got {scaling})")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"RoPE scaling {kind!r}: partial_rotary_factor={scaling['partial_rotary_factor']} is not "
+                         "supported (every dimension turns)")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, max_positions: int = 0,
+                     seq_len: int | torch.Tensor | None = None, device=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim / 2,) and the factor that scales cos and sin, for plain RoPE or one of the
+    context-extension schemes, as transformers computes them (modeling_rope_utils). Plain RoPE turns pair i by
+    position * f_i with f_i = theta^(-2i/d); ``max_positions`` is config.max_position_embeddings.
+
+    linear (position interpolation, Chen et al. 2023): f_i / factor, positions squeezed into the trained range.
+    dynamic (NTK-aware, bloc97 and emozilla 2023): for a sequence of L > max_positions tokens theta grows to
+        theta * (factor * L / max_positions - (factor - 1)) ** (d / (d - 2)); plain RoPE up to max_positions.
+        ``seq_len`` is L (an int, or a tensor inside a compiled step).
+    llama3 (Llama 3.1): with the original context C, wavelengths 2 pi / f_i longer than C / low_freq_factor are
+        divided by factor, shorter than C / high_freq_factor kept, and those between blended with
+        s = (C / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor): (1 - s) f_i / factor + s f_i.
+    yarn (Peng et al. 2023): a ramp over the dimensions, from f_i / factor for those that turn fewer than beta_slow
+        times over C to f_i for those that turn more than beta_fast times; cos and sin are scaled by
+        0.1 ln(factor) + 1 (or attention_factor, or the ratio of the mscale and mscale_all_dim versions).
+    """
+    kind = rope_type(scaling)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    if kind == "dynamic" and seq_len is not None and not (isinstance(seq_len, int) and seq_len <= max_positions):
+        return _dynamic_frequencies(head_dim, theta, scaling["factor"], max_positions, seq_len, exponents), 1.0
+    inv_freq = 1.0 / (theta ** exponents)
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        return _llama3_frequencies(inv_freq, scaling, max_positions), 1.0
+    if kind == "yarn":
+        return _yarn_frequencies(head_dim, theta, scaling, max_positions, device)
+    return inv_freq, 1.0  # default; and dynamic up to max_positions
+
+
+def _dynamic_frequencies(head_dim: int, theta: float, factor: float, max_positions: int, seq_len,
+                         exponents: torch.Tensor) -> torch.Tensor:
+    """Dynamic NTK's frequencies for a sequence of ``seq_len`` tokens, computed in float32 as transformers does
+    (its sequence length is a tensor), so that the two agree to the last bit."""
+    length = torch.clamp(torch.as_tensor(seq_len, device=exponents.device), min=max_positions).float()
+    base = theta * ((factor * length / max_positions) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    return 1.0 / (base ** exponents)
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict, max_positions: int) -> torch.Tensor:
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling.get("original_max_position_embeddings") or max_positions
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)  # long waves: interpolated
+    smooth = (context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(medium, blended, scaled)
+
+
+def _yarn_frequencies(head_dim: int, theta: float, scaling: dict, max_positions: int, device):
+    context = scaling.get("original_max_position_embeddings") or max_positions
+    factor = scaling.get("factor") or max_positions / context
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+
+    def dimension_turning(turns: float) -> float:  # the dimension whose wave turns `turns` times over the context
+        return head_dim * math.log(context / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dimension_turning(scaling.get("beta_fast") or 32), dimension_turning(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+    waves = theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    extrapolated, interpolated = 1.0 / waves, 1.0 / (factor * waves)
+    keep = 1 - ramp  # 1: the dimension keeps its frequency (fast waves), 0: it is interpolated (slow waves)
+    return interpolated * (1 - keep) + extrapolated * keep, attention
+
+
+def _cos_sin(angles: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin of (..., head_dim / 2) angles, each (..., head_dim), times ``scale`` (see rope_cache)."""
+    both = torch.cat((angles, angles), dim=-1)
+    cos, sin = both.cos(), both.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    half = angles.shape[-1]
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rope_cache(head_dim: int, length: int, theta: float, device=None, scaling: dict | None = None,
+               max_positions: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin tables, (length, head_dim), for rotate-half RoPE (Su et al. 2021).
 
     Pair (x_i, x_{i+d/2}) turns by angle a_i: x_i' = x_i cos a_i - x_{i+d/2} sin a_i and
     x_{i+d/2}' = x_{i+d/2} cos a_i + x_i sin a_i. The sin table carries the signs (-sin | +sin), so that
-    apply_rope is x * cos + swap_halves(x) * sin.
+    apply_rope is x * cos + swap_halves(x) * sin. With ``scaling`` the frequencies and the scale of both tables
+    come from rope_frequencies (for dynamic NTK: those of sequences up to ``max_positions``).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+    inv_freq, scale = rope_frequencies(head_dim, theta, scaling, max_positions, device=device)
+    return _cos_sin(torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq), scale)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -245,10 +366,30 @@ class Transformer(nn.Module):
 
     def reset_rope(self, length: int | None = None) -> None:
         """(Re)build the cos/sin tables, on the device of the weights, for ``length`` positions."""
-        length = length or self.config.max_position_embeddings
+        c = self.config
+        length = length or c.max_position_embeddings
         device = self.model.embed_tokens.weight.device
-        cos, sin = rope_cache(self.config.resolved_head_dim, length, self.config.rope_theta, device)
+        cos, sin = rope_cache(c.resolved_head_dim, length, c.rope_theta, device, c.rope_scaling,
+                              c.max_position_embeddings)
         self.rope_cos, self.rope_sin = cos, sin
+
+    def rope_at(self, positions: torch.Tensor | int, length: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (positions.shape + (head_dim,)) at ``positions`` in a forward over a sequence ``length`` tokens
+        long (int, or a tensor in a compiled step). The tables' rows, except for dynamic NTK scaling past the
+        context: its frequencies depend on the length, which is the longest row's (max position + 1), as in
+        transformers; with a KV cache the cache length, so rows that finish early do not change it."""
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        c = self.config
+        if rope_type(c.rope_scaling) != "dynamic" or isinstance(length, int) and length <= c.max_position_embeddings:
+            return cos, sin
+        positions = torch.as_tensor(positions, device=cos.device)
+        inv_freq, _ = rope_frequencies(c.resolved_head_dim, c.rope_theta, c.rope_scaling,
+                                       c.max_position_embeddings, length, cos.device)
+        long_cos, long_sin = _cos_sin(positions[..., None].float() * inv_freq, 1.0)
+        if isinstance(length, int):
+            return long_cos, long_sin
+        longer = length > c.max_position_embeddings  # a tensor: choose without a host sync (compiled decoding)
+        return torch.where(longer, long_cos, cos), torch.where(longer, long_sin, sin)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -270,12 +411,17 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        length = past + T  # of the sequence (the cache's, or the longest row's): what dynamic NTK depends on
         if position_ids is not None:  # given: make sure the tables reach them (reading the max is a host sync)
-            self._extend_rope(int(position_ids.max()) + 1)
+            longest = int(position_ids.max()) + 1
+            self._extend_rope(longest)
+            length = length if cache is not None else longest
         elif document_ids is not None:
             position_ids = positions_from_documents(document_ids)
+            if rope_type(self.config.rope_scaling) == "dynamic":
+                length = int(position_ids.max()) + 1  # the longest packed document, as transformers sees it
         self._extend_rope(past + T)
-        cos, sin = self._rope(position_ids, past, T)
+        cos, sin = self._rope(position_ids, past, T, length)
         mask = build_attention_mask(T, past, attention_mask, document_ids, input_ids.device)
 
         x = self.model.embed_tokens(input_ids)
@@ -308,9 +454,8 @@ class Transformer(nn.Module):
         as forward(input_ids[:, None], cache=..., return_hidden=True) up to float rounding.
         """
         x = self.model.embed_tokens(input_ids)
-        position = slot - pad
-        cos = self.rope_cos[position][:, None, None].to(x.dtype)  # (B, 1, 1, D)
-        sin = self.rope_sin[position][:, None, None].to(x.dtype)
+        cos, sin = self.rope_at(slot - pad, slot + 1)
+        cos, sin = cos[:, None, None].to(x.dtype), sin[:, None, None].to(x.dtype)  # (B, 1, 1, D)
         S = key_mask.shape[1] if length is None else length
         visible = (key_mask[:, :S] & (torch.arange(S, device=slot.device) <= slot))[:, None, None]
         for i, block in enumerate(self.model.layers):
@@ -323,10 +468,15 @@ class Transformer(nn.Module):
         if needed > self.rope_cos.shape[0]:  # longer than configured: extend the tables rather than fail
             self.reset_rope(2 * needed)
 
-    def _rope(self, position_ids: torch.Tensor | None, past: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, position_ids: torch.Tensor | None, past: int, T: int,
+              length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (B, 1, T, D); (1, 1, T, D) for the default positions past..past+T-1 (a slice)."""
         cos, sin = self.rope_cos, self.rope_sin
-        if position_ids is None:
+        if rope_type(self.config.rope_scaling) == "dynamic" and length > self.config.max_position_embeddings:
+            positions = position_ids if position_ids is not None else torch.arange(past, past + T,
+                                                                                   device=cos.device)[None]
+            cos, sin = (t.unsqueeze(1) for t in self.rope_at(positions, length))
+        elif position_ids is None:
             cos, sin = cos[None, None, past:past + T], sin[None, None, past:past + T]
         else:
             cos, sin = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
@@ -347,6 +497,13 @@ class Transformer(nn.Module):
         if c.tie_word_embeddings:
             matmul_weights += self.lm_head.weight.numel()
         return 6 * matmul_weights + 12 * c.num_hidden_layers * c.num_attention_heads * c.resolved_head_dim * seq_len
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under torch.compile and DDP wrappers (what gets saved, what has ``.config``); an FSDP-sharded
+    module is its own (sharded) self."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
 
 
 def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:

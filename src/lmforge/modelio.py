@@ -4,12 +4,13 @@ A directory lmforge writes opens with ``transformers.AutoModelForCausalLM.from_p
 directory written by Hugging Face (Llama, Qwen2, Mistral, SmolLM) opens as an lmforge ``Transformer``.
 Weights are read from safetensors only: pickled ``pytorch_model.bin`` files can run code when loaded, so they
 are refused with a message saying how to convert them.
+
+:func:`load_model_and_tokenizer` is the one loader every stage, engine and app opens a model directory with.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -17,10 +18,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.model import ModelConfig, Transformer
+from lmforge.atomic import replace_dir
+from lmforge.errors import ConfigError, ModelLoadError
+from lmforge.model import ModelConfig, Transformer, check_rope_scaling, rope_type, unwrap
+from lmforge.quant import from_saved_state, quantize_skeleton, saved_quantization_config, to_saved_state
+from lmforge.tokenizer import Tokenizer
 
 # model_type -> (architecture class name written to config.json, key quirks)
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+DTYPES = ("float32", "bfloat16", "float16")  # what a config's ``dtype`` may name (load_model_and_tokenizer)
 
 
 def config_to_hf(cfg: ModelConfig, **token_ids) -> dict:
@@ -46,6 +52,8 @@ def config_to_hf(cfg: ModelConfig, **token_ids) -> dict:
         "use_cache": True,
         "torch_dtype": "float32",
     }
+    if cfg.rope_scaling:  # the old key, which transformers 4 and 5 both read (5 also writes rope_parameters)
+        out["rope_scaling"] = dict(cfg.rope_scaling)
     if not qwen2:
         out.update(attention_bias=cfg.attention_bias, mlp_bias=False, pretraining_tp=1)
     else:
@@ -65,17 +73,18 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
                          f"(lmforge loads {', '.join(SUPPORTED_TYPES)})")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
-    rope_scaling = hf.get("rope_scaling")
-    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-        raise ValueError(f"{source}: rope_scaling {rope_scaling} is not supported yet")
     if hf.get("mlp_bias"):
         raise ValueError(f"{source}: mlp_bias=true is not supported")
     n_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
-    rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    rope_theta, rope_scaling = rope_from_hf(hf, source)
     if model_type == "mistral" and hf.get("sliding_window"):
         warnings.warn(f"{source}: Mistral sliding_window={hf['sliding_window']} is ignored; attention is full, "
                       "which is identical for sequences shorter than the window", stacklevel=2)
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        warnings.warn(f"{source}: Qwen2 use_sliding_window=true (sliding_window={hf.get('sliding_window')} from "
+                      f"layer {hf.get('max_window_layers', 0)}) is ignored; attention is full, which is identical for "
+                      "sequences shorter than the window", stacklevel=2)
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -86,6 +95,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         head_dim=head_dim if head_dim != hf["hidden_size"] // n_heads else 0,
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type != "mistral")),
         attention_bias=bool(hf.get("attention_bias", False)) if model_type == "llama" else False,
@@ -94,6 +104,40 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         num_labels=int(hf.get("num_labels", 0)) if "num_labels" in hf and hf.get("architectures", [""])[0]
         .endswith("ForSequenceClassification") else 0,
     )
+
+
+def rope_from_hf(hf: dict, source: str) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling or None) from a config.json: transformers 5 writes ``rope_parameters`` (theta
+    inside), older files ``rope_scaling`` and a top-level ``rope_theta``; where both are present transformers 5
+    reads ``rope_scaling``, and so do we. Types lmforge does not compute are one ValueError naming the file."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"{source}: per-layer RoPE parameters {params} are not supported")
+    theta = params.get("rope_theta") or hf.get("rope_theta") or 10000.0
+    kind = rope_type(params)
+    if kind == "default":
+        return theta, None
+    scaling = {"rope_type": kind, **{k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta")}}
+    if kind in ("llama3", "yarn"):  # as transformers standardizes them: the original context defaults to ours
+        scaling["original_max_position_embeddings"] = (hf.get("original_max_position_embeddings")
+                                                       or scaling.get("original_max_position_embeddings")
+                                                       or hf.get("max_position_embeddings", 2048))
+    try:
+        check_rope_scaling(scaling)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return theta, scaling
+
+
+def check_context(model, longest: int, key: str, value: int) -> None:
+    """Refuse a run whose longest row (``longest`` tokens, allowed by the setting ``key=value``) is longer than the
+    model's context: RoPE would go on to positions past max_position_embeddings that the model never trained on,
+    while the saved config still claims the shorter context. One ConfigError naming the key."""
+    context = model.config.max_position_embeddings
+    if longest > context:
+        says = "is longer than" if longest == value else f"lets rows reach {longest} tokens, more than"
+        raise ConfigError(f"{key}={value} {says} the model's context (max_position_embeddings={context}): set "
+                          f"{key}={context} or less")
 
 
 def save_model_dir(path: str | Path, model: Transformer, tokenizer=None, generation_config: dict | None = None,
@@ -112,33 +156,20 @@ def save_model_dir(path: str | Path, model: Transformer, tokenizer=None, generat
     return path
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``, moving an existing ``dst`` aside first (a directory cannot be replaced)."""
-    if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(src, dst)
-
-
 def write_model_files(path: Path, model: Transformer, tokenizer=None, generation_config: dict | None = None,
                       extra_files: dict[str, str] | None = None) -> None:
     """The files of a model directory, written into an existing (usually temporary) directory."""
     path = Path(path)
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    model = getattr(model, "module", model)  # unwrap DDP
+    model = unwrap(model)  # torch.compile and DDP wrappers
     token_ids = {}
     if tokenizer is not None:
         token_ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     config = config_to_hf(model.config, **token_ids)
-    if getattr(model, "quantization_config", None):  # lmforge.quant: the layers are saved quantized
-        config["quantization_config"] = model.quantization_config
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if getattr(model, "quantization_config", None):  # lmforge.quant: the layers are saved quantized
+        config["quantization_config"] = saved_quantization_config(model)
+        state = to_saved_state(state, model)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # shared with the embedding; transformers re-ties it
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -212,11 +243,10 @@ def load_model_dir(name_or_path: str | Path, device: str | torch.device = "cpu",
         cfg.num_labels = num_labels
     with torch.device("meta"):
         model = Transformer(cfg)
-    if hf.get("quantization_config"):  # written by `lmforge quantize`: int8/int4 layers (lmforge.quant)
-        from lmforge.quant import quantize_skeleton
-
-        quantize_skeleton(model, hf["quantization_config"], str(config_file))
     state = read_state_dict(path)
+    if hf.get("quantization_config"):  # written by `lmforge quantize`: int8/int4 layers (lmforge.quant)
+        quantize_skeleton(model, hf["quantization_config"], str(config_file))
+        state = from_saved_state(state, hf["quantization_config"])
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     if cfg.num_labels and "score.weight" not in state:
@@ -235,7 +265,34 @@ def load_model_dir(name_or_path: str | Path, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=dtype)
 
 
-def load_tokenizer(name_or_path: str | Path):
-    from lmforge.tokenizer import Tokenizer
-
+def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
     return Tokenizer.load(resolve_model_dir(name_or_path))
+
+
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto``: CUDA if present, else Apple MPS, else CPU; anything else is passed to torch.device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "auto", dtype: str = "float32",
+                             num_labels: int | None = None) -> tuple[Transformer, Tokenizer]:
+    """(model in eval mode, tokenizer) of a model directory (or hub id): the one loader of the package.
+
+    device: ``auto`` picks CUDA, then MPS, then CPU (pick_device); dtype: one of DTYPES; num_labels: add (or
+    keep) a scalar head (reward models, critics). The tokenizer must be there too: it carries the chat template.
+    A missing directory or file is a ModelLoadError naming ``path`` (the CLI prints it, exit 2).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        model = load_model_dir(path, device=pick_device(device), dtype=getattr(torch, dtype), num_labels=num_labels)
+        tokenizer = load_tokenizer(path)
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"model={path}: {e} (train one with `lmforge sft`, or import one)") from None
+    return model.eval(), tokenizer

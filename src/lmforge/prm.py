@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.data.stepwise import THINK_CLOSE, StepExample, collate_steps, split_steps, tokenize_steps
+from lmforge.data.stepwise import StepExample, collate_steps, tokenize_steps
 from lmforge.evaluation import generate_all
 from lmforge.generation import SamplingParams
 from lmforge.objectives.prm import aggregate_steps
+from lmforge.thinking import THINK_CLOSE, split_steps
 
 
 def step_logits(model, batch: dict) -> torch.Tensor:

@@ -16,12 +16,20 @@ int4, asymmetric, one scale and one offset per group of ``group_size`` consecuti
 exactly.) The error per weight is at most s / 2: int8 keeps 1/254 of a row's range, int4 1/30 of a group's.
 int4's offset m is torch's tinygemm convention W = (q - 8) s + z in another form: z = m + 8 s.
 
-On disk (``model.safetensors``, portable, nothing packed for one kernel) a quantized layer ``P`` is
-``P.weight`` int8 (out, in) with ``P.weight_scale`` (out,); or ``P.weight`` uint8 (out, in / 2), two weights a
-byte (``q[2k]`` the low nibble, ``q[2k+1]`` the high one), with ``P.weight_scale`` and ``P.weight_min``
-(out, in / group_size); plus ``P.bias`` where the layer has one. config.json says
-``"quantization_config": {"quant_method": "lmforge", "bits": 8 | 4, "group_size": ...}``, and
-``modelio.load_model_dir`` opens such a directory as a Transformer with QuantLinear layers.
+On disk (``model.safetensors``) an int8 model is in compressed-tensors' ``pack-quantized`` format, the one
+llm-compressor writes and transformers (with ``pip install compressed-tensors``) and vLLM load as W8A16: a layer
+``P`` is ``P.weight_packed`` int32 (out, ceil(in / 4)), four weights a word as unsigned bytes q + 128 (weight
+``4k + b`` in bits 8b..8b+7), ``P.weight_scale`` (out, 1) and ``P.weight_shape`` = (out, in); config.json's
+``quantization_config`` says ``"quant_method": "compressed-tensors"`` with one channel-wise, symmetric 8-bit
+int weight scheme for every Linear but ``lm_head`` (see ``compressed_tensors_config``). int4 stays lmforge's own
+format: ``P.weight`` uint8 (out, in / 2), two weights a byte (``q[2k]`` the low nibble, ``q[2k+1]`` the high
+one), with ``P.weight_scale`` and ``P.weight_min`` (out, in / group_size), config.json saying
+``"quantization_config": {"quant_method": "lmforge", "bits": 4, "group_size": ...}``. compressed-tensors (and
+vLLM's kernels) store an asymmetric group's offset as an integer zero point, W = (q - z) s; lmforge's int4 keeps
+a float minimum, W = m + q s, which represents llama.cpp's Q4_1 blocks exactly (why SmolLM2 loses nothing at
+group 32) and which no integer z can stand for. Both formats (and int8 directories in lmforge's older own format,
+``P.weight`` int8 + ``P.weight_scale`` (out,)) open with ``modelio.load_model_dir`` as a Transformer with
+QuantLinear layers; ``P.bias`` is kept where a layer has one.
 
 Forward on CPU uses torch's fused weight-only kernels, packed on first use (int8:
 ``aten._weight_int8pack_mm``; int4: ``aten._convert_weight_to_int4pack_for_cpu`` + ``_weight_int4pack_mm_for_cpu``,
@@ -38,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ConfigError
+from lmforge.errors import ConfigError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes _weight_int4pack_mm_for_cpu accepts
@@ -275,16 +283,97 @@ def quantize_model(model, bits: int = 8, group_size: int = 32) -> dict:
             "rel_error_max": max(errors, default=0.0), "max_abs_error": max_abs}
 
 
-def quantize_skeleton(model, qconfig: dict, source: str = "config.json") -> None:
-    """Turn a freshly built (usually meta-device) Transformer into the shape a quantized directory was saved in,
-    ready for load_state_dict; the model is put in eval mode (a quantized model is for inference)."""
+CT_FORMAT = "pack-quantized"  # compressed-tensors' format name for int weights packed into int32 words
+
+
+def compressed_tensors_config(ignore: list[str]) -> dict:
+    """config.json's quantization_config for an int8 lmforge model, in compressed-tensors' schema: one group of
+    8-bit symmetric int weights with one scale per output channel, activations left in float (W8A16)."""
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None,
+               "dynamic": False}
+    return {"quant_method": "compressed-tensors", "format": CT_FORMAT, "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None}},
+            "ignore": ignore, "kv_cache_scheme": None}
+
+
+def saved_quantization_config(model) -> dict:
+    """What config.json says about a quantized model: compressed-tensors' schema for int8, lmforge's for int4."""
+    qconfig = model.quantization_config
+    if qconfig["bits"] != 8:
+        return qconfig
+    return compressed_tensors_config(["lm_head"] + (["score"] if model.config.num_labels else []))
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) int8 -> (out, ceil(in / 4)) int32: compressed-tensors' 8-bit packing (see the module docstring)."""
+    u = q.to(torch.int64) + 128
+    u = F.pad(u, (0, -u.shape[1] % 4))
+    word = u[:, 0::4] | u[:, 1::4] << 8 | u[:, 2::4] << 16 | u[:, 3::4] << 24
+    return torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)  # the same 32 bits, signed
+
+
+def unpack_int8(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The inverse of pack_int8: (out, ceil(in / 4)) int32 -> (out, in) int8."""
+    word = packed.to(torch.int64) & 0xFFFFFFFF
+    u = torch.stack([(word >> (8 * b)) & 255 for b in range(4)], dim=-1).reshape(packed.shape[0], -1)
+    return (u[:, :in_features] - 128).to(torch.int8)
+
+
+def to_saved_state(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """A quantized model's state dict as it is written to disk (int8 layers packed, see the module docstring)."""
+    if model.quantization_config["bits"] != 8:
+        return state
+    state = dict(state)
+    for name, *_ in target_linears(model):
+        q = state.pop(f"{name}.weight")
+        state[f"{name}.weight_packed"] = pack_int8(q)
+        state[f"{name}.weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
+        state[f"{name}.weight_scale"] = state[f"{name}.weight_scale"][:, None].contiguous()
+    return state
+
+
+def from_saved_state(state: dict[str, torch.Tensor], qconfig: dict) -> dict[str, torch.Tensor]:
+    """The inverse of to_saved_state: a state dict as read from a quantized directory -> QuantLinear buffers."""
+    if qconfig.get("quant_method") != "compressed-tensors":
+        return state
+    state = dict(state)
+    for key in [k for k in state if k.endswith(".weight_packed")]:
+        name = key[:-len(".weight_packed")]
+        shape = state.pop(f"{name}.weight_shape").tolist()
+        state[f"{name}.weight"] = unpack_int8(state.pop(key), shape[1])
+        state[f"{name}.weight_scale"] = state[f"{name}.weight_scale"].reshape(-1)
+    return state
+
+
+def _bits_and_group(qconfig, source: str) -> tuple[int, int]:
+    """(bits, group_size) of a config.json quantization_config lmforge reads; anything else is a clear error."""
+    if isinstance(qconfig, dict) and qconfig.get("quant_method") == "compressed-tensors":
+        groups = list((qconfig.get("config_groups") or {}).values())
+        ours = compressed_tensors_config([])["config_groups"]["group_0"]
+        weights = (groups[0].get("weights") or {}) if len(groups) == 1 else {}
+        if (qconfig.get("format") != CT_FORMAT or len(groups) != 1 or groups[0].get("input_activations")
+                or any(weights.get(k) != v for k, v in ours["weights"].items() if k != "dynamic")):
+            raise ValueError(f"{source}: this compressed-tensors quantization_config is not one lmforge reads "
+                             f"(lmforge reads format {CT_FORMAT!r} with one group of weights "
+                             f"{ours['weights']} and float activations): {qconfig!r:.300}")
+        return 8, 0
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "lmforge":
         raise ValueError(f"{source}: quantization_config {qconfig!r} is not lmforge's "
-                         '(expected {"quant_method": "lmforge", "bits": 8 | 4, "group_size": ...})')
+                         '(expected {"quant_method": "lmforge", "bits": 8 | 4, "group_size": ...} or '
+                         "compressed-tensors' int8 pack-quantized)")
     bits, group_size = qconfig.get("bits"), qconfig.get("group_size") or 0
     if bits not in (4, 8) or (bits == 4 and not isinstance(group_size, int)):
         raise ValueError(f"{source}: quantization_config needs bits 8 or 4 (int4: an integer group_size), "
                          f"got {qconfig!r}")
+    return bits, group_size
+
+
+def quantize_skeleton(model, qconfig: dict, source: str = "config.json") -> None:
+    """Turn a freshly built (usually meta-device) Transformer into the shape a quantized directory was saved in,
+    ready for load_state_dict (after ``from_saved_state``); the model is put in eval mode (a quantized model is
+    for inference)."""
+    bits, group_size = _bits_and_group(qconfig, source)
     for _, parent, attr, linear in target_linears(model):
         device, dtype = linear.weight.device, linear.weight.dtype
         setattr(parent, attr, QuantLinear(linear.in_features, linear.out_features, bits, group_size,

@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 
 from lmforge.answers import ANSWER_PREFIX, is_correct
+from lmforge.modelio import load_model_dir
+from lmforge.scoring import reward_scores
 
 KINDS = ("math", "format", "length", "concise", "model")
 DEFAULT_FORMAT = rf"{ANSWER_PREFIX} [^\n]+\.\s*$"
@@ -113,13 +115,10 @@ def concise_reward(inp: RewardInput) -> torch.Tensor:
 
 
 def model_reward(reward_model, pad_id: int, batch_size: int = 16) -> RewardFn:
-    """A reward model's scalar read at the last token of prompt + completion (inference_scaling's scorer)."""
-    from lmforge.inference_scaling import reward_model_scorer
-
-    scorer = reward_model_scorer(reward_model, pad_id=pad_id, batch_size=batch_size)
-
+    """A reward model's scalar read at the last token of prompt + completion (scoring.reward_scores)."""
     def reward(inp: RewardInput) -> torch.Tensor:
-        return torch.tensor(scorer.score_batch(list(zip(inp.prompt_ids, inp.completion_ids))))
+        return torch.tensor(reward_scores(reward_model, list(zip(inp.prompt_ids, inp.completion_ids)), pad_id,
+                                          batch_size))
     return reward
 
 
@@ -143,8 +142,6 @@ class CombinedReward:
 
 def build_reward(specs: list[RewardSpec], *, pad_id: int = 0, device="cpu") -> CombinedReward:
     """The configured rewards as one CombinedReward; reward models are loaded once, in eval mode."""
-    from lmforge.modelio import load_model_dir
-
     parts, seen = [], {}
     for spec in specs:
         spec.validate()

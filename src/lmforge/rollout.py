@@ -19,15 +19,40 @@ from different padding or batch shapes). The buffer being optimised is saved in 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 from safetensors.torch import load_file, save_file
 
+from lmforge.answers import is_correct
+from lmforge.data.prompts import read_rl_prompts, render_prompt
+from lmforge.errors import DataError
+from lmforge.generation import SamplingParams, generate
+from lmforge.model import unwrap
+from lmforge.modelio import load_model_and_tokenizer
 from lmforge.objectives.lm import chunked_token_logprobs
+from lmforge.objectives.rl import (
+    grpo_advantages,
+    grpo_loss,
+    kl_estimate,
+    masked_mean,
+    process_advantages,
+    rloo_advantages,
+)
+from lmforge.prm import process_rewards
+from lmforge.rewards import RewardInput, build_reward
+from lmforge.scoring import to_device
+from lmforge.train.checkpointing import latest_checkpoint
+from lmforge.train.loop import autocast_context
+from lmforge.train.metrics import MetricsLogger, read_metrics
+from lmforge.train.runs import Run, log, start_run
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids")  # (N, P + R) tensors
 BUFFER_FILE = "rollout.safetensors"
@@ -35,48 +60,9 @@ BUFFER_FILE = "rollout.safetensors"
 
 # ---- prompts ----
 
-def read_rl_prompts(spec: str, prompt_field: str = "prompt", answer_field: str = "answer") -> list[dict]:
-    """RL prompt rows {"prompt": str | messages, "answer": str | None} from a .jsonl(.gz) (or .json / .parquet)
-    file or ``builtin:tinyworld/NAME``. A bad row is one DataError naming the file, the line and the field."""
-    from lmforge.data.chat import read_rows  # the shared reader: bad JSON names the file and line
-    from lmforge.data.sources import DataError
-
-    if spec.startswith("builtin:") and not spec.startswith("builtin:tinyworld/"):
-        raise DataError(f"{spec}: RL prompts come from a .jsonl file or builtin:tinyworld/rl")
-    if not spec.startswith("builtin:") and not Path(spec).is_file():
-        raise DataError(f"{spec}: no such file")
-    rows = []
-    for row, where in read_rows(spec):
-        if prompt_field not in row:
-            raise DataError(f"{where}: field {prompt_field!r} missing (fields: {', '.join(row)})")
-        prompt = row[prompt_field]
-        ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt))
-        if not ok:
-            raise DataError(f"{where}: field {prompt_field!r} must be a string or a list of "
-                            f"{{'role', 'content'}} messages, got {prompt!r:.60}")
-        answer = row.get(answer_field)
-        if answer is not None and not isinstance(answer, (str, int, float)):
-            raise DataError(f"{where}: field {answer_field!r} must be a string or a number, got {answer!r:.40}")
-        rows.append({"prompt": prompt, "answer": None if answer is None else str(answer), "where": where})
-    if not rows:
-        raise DataError(f"{spec}: no prompts")
-    return rows
-
-
 def prompt_text(prompt) -> str:
     """The user's words: the string itself, or the last message's content."""
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
-def render_prompt(tokenizer, prompt, system_prompt: str = "", chat_template: bool = True) -> list[int]:
-    """Token ids the policy completes: the chat template with the assistant turn opened (a string prompt
-    becomes one user message), or with ``chat_template=False`` the raw text after a document-start token;
-    by data.chat.encode_prompt, so the policy sees the prefix SFT (or pre-training) gave it."""
-    from lmforge.data.chat import encode_prompt
-
-    return encode_prompt(tokenizer, prompt, chat=chat_template, system=system_prompt)
 
 
 def prompt_indices(n_rows: int, iteration: int, per_rollout: int, seed: int, rank: int = 0,
@@ -183,8 +169,6 @@ def response_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, batch: di
 def policy_logprobs(model, batch: dict, temperature: float = 1.0, entropy: bool = False):
     """``response_logprobs`` of ``model`` (an lmforge Transformer, possibly DDP-wrapped) on a micro-batch: the one
     forward the rollout and the training step share (padding masked out, positions counting real tokens)."""
-    from lmforge.train.dist import unwrap
-
     hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                    return_hidden=True)
     return response_logprobs(hidden, unwrap(model).lm_head.weight, batch, temperature, entropy)
@@ -195,10 +179,6 @@ def score_buffer(fn: Callable[[dict], dict[str, torch.Tensor]], buffer: dict, ba
                  device, autocast=None) -> dict[str, torch.Tensor]:
     """Run ``fn(micro_batch) -> {name: (b, r) or (b,) tensor}`` over ``batches`` of buffer rows and scatter the
     results back into (N, R) / (N,) CPU tensors (per-token ones zero-padded past each micro-batch's width)."""
-    from contextlib import nullcontext
-
-    from lmforge.train.loop import to_device
-
     n, R = buffer["labels"].shape
     out: dict[str, torch.Tensor] = {}
     for idx in batches:
@@ -346,9 +326,6 @@ def sample_and_score(policy, tokenizer, rows: list[dict], prompt_ids: list[list[
 
     Non-finite rewards are an error naming the reward, never a silent NaN in the advantages.
     """
-    from lmforge.generation import generate
-    from lmforge.rewards import RewardInput
-
     with eval_mode(policy):
         outs = generate(policy, prompt_ids, params, tokenizer=tokenizer,
                         pad_id=tokenizer.pad_id if tokenizer is not None else 0)
@@ -369,14 +346,150 @@ def sample_and_score(policy, tokenizer, rows: list[dict], prompt_ids: list[list[
     return samples
 
 
+# ---- the RL stages' data, checks and summary ----
+
+@dataclass
+class RLDataConfig:
+    source: str = "builtin:tinyworld/rl"  # .jsonl(.gz) of {"prompt", "answer"} or builtin:tinyworld/rl
+    prompt_field: str = "prompt"  # a string, or a list of chat messages (TRL's conversational prompt)
+    answer_field: str = "answer"
+    eval_source: str = "builtin:tinyworld/eval"  # greedy accuracy / length / reward every train.eval_every; "" = none
+    eval_size: int = 64  # eval prompts used (the first ones)
+    system_prompt: str = ""
+    chat_template: bool = True  # render prompts with the chat template and an open assistant turn
+
+
+def flat_batch_warning(iteration: int, stats: dict, groups: int) -> None:
+    """A warning when every group of a rollout got equal rewards: all advantages are zero, nothing is learnt."""
+    if stats["frac_reward_zero_std"] >= 1.0:
+        log(f"WARNING rollout {iteration + 1}: all {groups} groups got equal rewards (mean {stats['reward']:.3f}): "
+            "every advantage is zero and nothing is learnt from this batch. Raise num_generations or temperature, "
+            "or use prompts of a difficulty the policy sometimes solves")
+
+
+def kl_anomaly_check(iteration: int, stats: dict) -> None:
+    """Non-finite log-probabilities are an error; a clearly negative KL estimate (samples that do not follow the
+    policy being scored) a warning."""
+    if not math.isfinite(stats.get("kl_k1", 0.0)):
+        raise FloatingPointError(f"rollout {iteration + 1}: non-finite log-probabilities (policy or reference)")
+    if stats.get("kl_k1", 0.0) < -0.05:
+        log(f"WARNING rollout {iteration + 1}: the KL(pi || pi_ref) estimate is negative ({stats['kl_k1']:.3f} "
+            "nats/token): the samples do not follow the policy being scored (check the sampling settings)")
+
+
+def first_and_last(rows: list[dict], key: str) -> tuple[float | None, float | None]:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return (values[0], values[-1]) if values else (None, None)
+
+
+def rl_summary(out_dir: Path, result, algorithm: str, reward_key: str = "reward") -> dict:
+    """algorithm, steps, and the first and last value of the reward and eval curves in out_dir/metrics.jsonl."""
+    metrics = read_metrics(out_dir)
+    summary = {"algorithm": algorithm, "steps": result.step}
+    for key in (reward_key, "eval/accuracy", "eval/mean_length", "eval/reward", "completions/mean_length"):
+        first, last = first_and_last(metrics, key)
+        if first is not None:
+            summary[f"{key} first"], summary[f"{key} last"] = first, last
+    return summary
+
+
+def print_rl_summary(summary: dict) -> None:
+    """The first and last value of every reward / eval curve of an RL summary (or of each run of a comparison)."""
+    runs = summary.get("runs", {"": summary})
+    table = Table(title="RL summary")
+    table.add_column("run")
+    table.add_column("metric")
+    table.add_column("first", justify="right")
+    table.add_column("last", justify="right")
+    for name, s in runs.items():
+        for key in [k.removesuffix(" first") for k in s if k.endswith(" first")]:
+            table.add_row(name, key, f"{s[key + ' first']:.3f}", f"{s[key + ' last']:.3f}")
+    console = Console()
+    console.print(table)
+    for name, s in runs.items():
+        console.print(f"{name + ': ' if name else ''}{s.get('steps')} steps in {s.get('seconds')} s -> {s.get('model_dir')}")
+    if "plot" in summary:
+        console.print(f"plot: {summary['plot']}")
+
+
+# ---- GRPO / RLOO ----
+
+def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list[list[int]], reward,
+                 device, rank: int = 0, world_size: int = 1, prm=None):
+    """GRPO's / RLOO's ``make_rollout(iteration, plan) -> (buffer, stats)`` for a RolloutStream (``cfg``: a
+    stages.grpo.GRPOConfig): sample, score, old and reference log-probs, group-relative advantages.
+
+    ``reward`` is a rewards.CombinedReward or any callable RewardInput -> (total, {name: part}); ``tokenizer``
+    may be None (completions are then scored as space-joined token ids, prompts padded with 0). ``prm``: a
+    prm.PRMScorer whose step scores give per-token advantages (process supervision) instead of ``reward``'s.
+    """
+    G, T = cfg.num_generations, cfg.temperature
+    pad_id = tokenizer.pad_id if tokenizer is not None else 0
+    # One optimizer step per rollout, one pass: every micro-batch is scored before any update, so the old
+    # log-probs equal the training ones exactly and need no forward of their own (TRL does the same).
+    one_update = cfg.epochs == 1 and cfg.train.batch_size == cfg.prompts_per_rollout * G * world_size
+
+    def make_rollout(iteration: int, plan):
+        idx = prompt_indices(len(rows), iteration, cfg.prompts_per_rollout, cfg.train.seed, rank, world_size)
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=T, n=G,
+                                seed=hash_seed(cfg.train.seed, iteration, rank), compile=cfg.compile_generation)
+        samples = sample_and_score(policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx],
+                                   params, reward)
+        buffer = pack_rollout(samples.prompt_ids, samples.completion_ids, pad_id)
+        batches = plan(len(samples.completion_ids))
+        autocast = autocast_context(cfg.train, device)
+        with torch.no_grad():
+            if not one_update:  # else pi_old = pi exactly: the loss uses logp.detach() and skips this forward
+                scored = score_buffer(policy_scores(policy, T, entropy=True), buffer, batches, device, autocast)
+                buffer["old_logprobs"], entropy = scored["logprobs"], scored["entropy"]
+            buffer["ref_logprobs"] = score_buffer(policy_scores(ref, T), buffer, batches, device, autocast)["logprobs"]
+        if prm is not None:
+            step_rewards, ends = process_rewards(prm, samples.prompt_ids, samples.completion_ids, samples.texts)
+            buffer["advantages"] = process_advantages(step_rewards, ends, G, buffer["labels"].shape[1])
+        elif cfg.algorithm == "rloo":
+            buffer["advantages"] = rloo_advantages(samples.rewards, G)
+        else:
+            buffer["advantages"] = grpo_advantages(samples.rewards, G, cfg.scale_rewards)
+        mask = buffer["response_mask"]
+        stats = samples.stats(G)
+        if prm is not None:
+            stats["process/step_reward"] = sum(map(sum, step_rewards)) / max(sum(map(len, step_rewards)), 1)
+        if not one_update:
+            stats["entropy"] = masked_mean(entropy, mask).item()
+            stats["kl_k1"] = masked_mean(kl_estimate(buffer["old_logprobs"], buffer["ref_logprobs"], "k1"), mask).item()
+        stats["rollout"] = iteration + 1
+        flat_batch_warning(iteration, stats, len(idx))
+        kl_anomaly_check(iteration, stats)
+        return buffer, stats
+    return make_rollout
+
+
+def grpo_loss_fn(cfg):
+    """loss_fn(model, micro-batch) -> (loss, metrics) for the loop: objectives/rl.py grpo_loss on the buffer."""
+    def loss_fn(model, batch):
+        old = batch.get("old_logprobs")
+        if old is None:  # the rollout skipped the policy forward: entropy and k1 come from this one
+            logp, entropy = policy_logprobs(model, batch, cfg.temperature, entropy=True)
+        else:
+            logp = policy_logprobs(model, batch, cfg.temperature)
+        loss, m = grpo_loss(logp, old, batch["ref_logprobs"], batch["advantages"], batch["response_mask"],
+                            cfg.clip_eps, cfg.clip_eps_high, cfg.beta, cfg.loss_agg, max_len=cfg.max_new_tokens)
+        metrics = {**batch["stats"], "kl": m["kl"], "clip_ratio": m["clipfrac"], "approx_kl": m["approx_kl"],
+                   "ratio_mean": m["ratio_mean"]}
+        if old is None:
+            mask = batch["response_mask"]
+            metrics["entropy"] = masked_mean(entropy, mask)
+            metrics["kl_k1"] = masked_mean(logp.detach() - batch["ref_logprobs"], mask)
+        return loss, metrics
+    return loss_fn
+
+
 # ---- the run set-up the RL stages share ----
 
 @dataclass
 class RLRun:
     """What an RL stage (GRPO / RLOO, PPO) starts from; made by :func:`start_rl_run`."""
-    t0: float  # time.time() at the start, for the summary
-    dist: object  # train.dist.DistInfo: device, rank, world_size, is_main
-    out_dir: Path
+    run: Run  # runs.start_run's: config, process group (device, rank, is_main), out_dir, start time
     policy: torch.nn.Module  # trained
     ref: torch.nn.Module  # frozen, eval mode
     tokenizer: object
@@ -387,51 +500,48 @@ class RLRun:
     reward: object  # rewards.CombinedReward
     eval_fn: Callable[..., dict] | None  # greedy eval/accuracy, eval/mean_length, eval/reward; None without eval rows
 
+    @property
+    def dist(self):
+        return self.run.dist
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run.out_dir
+
     def resume_dir(self) -> Path | None:
         """The checkpoint a rerun resumes from (None: a fresh run); RolloutStream reads its buffer from there."""
-        from lmforge.train.checkpointing import latest_checkpoint
-
         return latest_checkpoint(self.out_dir / "checkpoints")
 
     def log_start_eval(self) -> None:
         """The eval metrics at step 0 (the starting point of every curve), on a fresh run, on the main process."""
         if self.eval_fn is not None and self.dist.is_main and self.resume_dir() is None:
-            from lmforge.train.metrics import MetricsLogger
-
             MetricsLogger(self.out_dir, tensorboard=False).log(0, self.eval_fn())
 
 
 def start_rl_run(cfg) -> RLRun:
-    """The set-up GRPO and PPO share: distributed init, out_dir with the resolved config.yaml, the seed, policy +
-    frozen reference + tokenizer, training and eval prompts encoded as SFT trained (render_prompt), answers
-    checked against the rewards, the reward, and the greedy eval function.
+    """The set-up GRPO and PPO share: runs.start_run (distributed init, out_dir with the resolved config.yaml, the
+    seed), policy + frozen reference + tokenizer, training and eval prompts encoded as SFT trained
+    (render_prompt), answers checked against the rewards, the reward, and the greedy eval function.
 
-    ``cfg`` is a stage config with out_dir, model, ref_model, data (stages.grpo.RLDataConfig), rewards,
-    max_new_tokens, compile_generation and train (train.loop.TrainConfig).
+    ``cfg`` is a stage config with out_dir, model, ref_model, data (RLDataConfig), rewards, max_new_tokens,
+    compile_generation and train (train.loop.TrainConfig).
     """
-    import time
-
-    from lmforge.rewards import build_reward
-    from lmforge.train.dist import start_run
-
-    t0 = time.time()
-    dist, out_dir = start_run(cfg)
-    torch.manual_seed(cfg.train.seed)
+    run = start_run(cfg)
+    dist = run.dist
     policy, ref, tokenizer = load_policy_and_ref(cfg.model, cfg.ref_model, dist.device)
     rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
     check_answers(rows + eval_rows, cfg.rewards)
     reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
     eval_fn = make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens,
                            compile=cfg.compile_generation) if eval_rows else None
-    return RLRun(t0, dist, out_dir, policy, ref, tokenizer, rows, prompt_ids, eval_rows, eval_ids, reward, eval_fn)
+    return RLRun(run, policy, ref, tokenizer, rows, prompt_ids, eval_rows, eval_ids, reward, eval_fn)
 
 
 def load_policy_and_ref(policy_dir: str, ref_dir: str, device):
-    from lmforge.modelio import load_model_dir, load_tokenizer
-
-    policy = load_model_dir(policy_dir, device=device)
-    ref = load_model_dir(ref_dir or policy_dir, device=device).eval().requires_grad_(False)
-    return policy, ref, load_tokenizer(policy_dir)
+    """(policy, frozen reference, tokenizer); the reference is the policy's directory unless ``ref_dir``."""
+    policy, tokenizer = load_model_and_tokenizer(policy_dir, device)
+    ref = load_model_and_tokenizer(ref_dir or policy_dir, device)[0].requires_grad_(False)
+    return policy, ref, tokenizer
 
 
 def load_rl_data(cfg, tokenizer) -> tuple[list[dict], list[list[int]], list[dict], list[list[int]]]:
@@ -446,8 +556,6 @@ def load_rl_data(cfg, tokenizer) -> tuple[list[dict], list[list[int]], list[dict
 
 
 def check_answers(rows: list[dict], rewards) -> None:
-    from lmforge.data.sources import DataError
-
     if any(r.kind == "math" for r in rewards):
         missing = next((r for r in rows if r["answer"] is None), None)
         if missing is not None:
@@ -458,9 +566,6 @@ def make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, max_new_tokens:
                  compile: bool = False):
     """eval/accuracy (when rows have answers), eval/mean_length and eval/reward of greedy completions
     (``compile``: with the torch.compile'd decode step, generation.SamplingParams.compile)."""
-    from lmforge.answers import is_correct
-    from lmforge.generation import SamplingParams
-
     def eval_fn(_model=None) -> dict:
         if not eval_rows:
             return {}

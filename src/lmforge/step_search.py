@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.answers import answers_match, extract_answer
-from lmforge.data.stepwise import split_steps
 from lmforge.evaluation import generate_all, rate
 from lmforge.generation import SamplingParams, think_tags
 from lmforge.inference_scaling import majority
 from lmforge.objectives.prm import aggregate_steps
 from lmforge.prm import PRMScorer
 from lmforge.reasoning import eos_list
+from lmforge.thinking import split_steps
 
 AGGREGATIONS = ("min", "prod", "last")
 

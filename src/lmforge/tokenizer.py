@@ -4,17 +4,30 @@ A trained tokenizer reserves ids 0..3 for ``<|endoftext|>`` (document separator,
 ``<|pad|>`` and the ChatML role markers ``<|im_start|>`` / ``<|im_end|>``, the convention SmolLM2 and Qwen use,
 so imported models and our own share one chat format. Saved as tokenizer.json + tokenizer_config.json, which
 ``transformers.AutoTokenizer`` opens; ``Tokenizer.load`` also opens directories Hugging Face wrote.
+
+:func:`train_corpus_tokenizer` trains one on a corpus spec (cleaned as the pre-training data will be) into a
+directory, or reuses the one there when it was trained with the same settings on unchanged data: what
+`lmforge tokenizer`, pre-training and the scaling sweep all call.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lmforge.data.sources import clean_text, read_documents, source_signature
+from lmforge.errors import DataError
+
+TRAINING_FILE = "tokenizer_training.json"  # settings + data signature of a tokenizer trained on a corpus
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 
@@ -59,8 +72,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
                                   special_tokens=SPECIAL_TOKENS, show_progress=False, initial_alphabet=alphabet)
     tok.train_from_iterator(texts, trainer=trainer)
     if think_tokens:
-        from tokenizers import AddedToken
-
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     return Tokenizer(tok, bos="<|endoftext|>", eos="<|endoftext|>", pad="<|pad|>",
                      chat_template=CHATML_THINK_TEMPLATE if think_tokens else CHATML_TEMPLATE)
@@ -197,15 +208,61 @@ class Tokenizer:
                    model_max_length=int(min(max_len, 1e12)))  # HF writes 1e30 for "no limit"
 
 
+def training_texts(data: str, text_field: str = "text", max_docs: int = 0, max_chars: int = 0) -> Iterator[str]:
+    """Cleaned, non-empty documents of a corpus spec, stopping at max_docs documents or max_chars characters."""
+    docs = chars = 0
+    for raw in read_documents(data, text_field=text_field):
+        doc = clean_text(raw)
+        if not doc:
+            continue
+        if max_chars and chars + len(doc) > max_chars:
+            doc = doc[:max_chars - chars]
+            if not doc:
+                return
+        yield doc
+        docs, chars = docs + 1, chars + len(doc)
+        if (max_docs and docs >= max_docs) or (max_chars and chars >= max_chars):
+            return
+
+
+def train_corpus_tokenizer(data: str, out_dir: str | Path, vocab_size: int = 2048, *, text_field: str = "text",
+                           min_frequency: int = 2, max_docs: int = 0, max_chars: int = 0,
+                           think_tokens: bool = False) -> Tokenizer:
+    """Train byte-level BPE on the corpus ``data`` (file, dir, glob, builtin:NAME, hf:...) and save it in out_dir;
+    returns the Tokenizer. Reused without training when out_dir holds one trained with the same settings on
+    unchanged data (recorded in tokenizer_training.json); otherwise (re)trained. think_tokens: <think> and
+    </think> as single tokens and the thinking chat template (train_tokenizer)."""
+    out = Path(out_dir)
+    settings = {"data": data, "text_field": text_field, "vocab_size": vocab_size, "min_frequency": min_frequency,
+                "max_docs": max_docs, "max_chars": max_chars} | ({"think_tokens": True} if think_tokens else {})
+    signature = {"settings": settings, "data_signature": source_signature(data)}
+    record = out / TRAINING_FILE
+    if (out / "tokenizer.json").exists() and record.exists():
+        try:
+            done = json.loads(record.read_text())
+        except json.JSONDecodeError:
+            done = {}
+        if {k: done.get(k) for k in signature} == signature:
+            return Tokenizer.load(out)
+    stats = {"docs": 0, "chars": 0}
+
+    def counted() -> Iterator[str]:
+        for doc in training_texts(data, text_field, max_docs, max_chars):
+            stats["docs"] += 1
+            stats["chars"] += len(doc)
+            yield doc
+
+    tok = train_tokenizer(counted(), vocab_size, min_frequency, think_tokens=think_tokens)
+    if stats["docs"] == 0:
+        raise DataError(f"{data}: no non-empty documents to train a tokenizer on")
+    tok.save(out)
+    record.write_text(json.dumps({**signature, "trained_on": stats, "vocab_size": tok.vocab_size}, indent=2) + "\n")
+    return tok
+
+
 @functools.lru_cache(maxsize=16)
 def _compile_template(source: str):
     """A chat template compiled once (compiling costs milliseconds; SFT renders it several times per row)."""
-    try:
-        import jinja2
-        import jinja2.ext
-        import jinja2.sandbox
-    except ImportError as e:
-        raise ImportError("chat templates need jinja2: pip install jinja2") from e
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                        extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
@@ -239,6 +296,4 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 
 def _strftime_now(fmt: str) -> str:
-    from datetime import datetime
-
     return datetime.now().strftime(fmt)

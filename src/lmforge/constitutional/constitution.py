@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from lmforge.config import ConfigError, read_yaml
+from lmforge.config import read_yaml
+from lmforge.errors import ConfigError
 
 Messages = list[dict]
 

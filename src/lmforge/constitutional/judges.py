@@ -35,11 +35,15 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from lmforge.data.chat import encode_prompt
+from lmforge.errors import JudgeError
+from lmforge.generation import SamplingParams, generate, last_logits
+from lmforge.modelio import load_model_and_tokenizer
+from lmforge.scoring import left_pad
+
 Messages = list[dict]
-
-
-class JudgeError(RuntimeError):
-    """A backend that cannot answer: unreachable, timing out, or speaking something other than the protocol."""
 
 
 @dataclass
@@ -87,22 +91,16 @@ class LocalModel:
 
     @classmethod
     def load(cls, path: str, device: str = "auto", dtype: str = "float32", batch_size: int = 8) -> LocalModel:
-        from lmforge.stages.generate import load_for_generation
-
-        model, tokenizer = load_for_generation(path, device, dtype)
+        model, tokenizer = load_model_and_tokenizer(path, device, dtype)
         return cls(model, tokenizer, name=f"local:{weights_signature(path)}", batch_size=batch_size)
 
     def encode(self, messages: Messages, reserve: int = 0) -> list[int]:
         """Chat-template tokens ending in the assistant's turn, cut from the left to leave ``reserve`` positions."""
-        from lmforge.data.chat import encode_prompt  # as SFT tokenized the model's training prompts
-
         ids = encode_prompt(self.tokenizer, messages)
         room = self.model.config.max_position_embeddings - reserve
         return ids[-room:] if len(ids) > room else ids
 
     def chat(self, conversations: list[Messages], params: ChatParams) -> Iterator[tuple[int, list[str]]]:
-        from lmforge.generation import SamplingParams, generate
-
         sampling = SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p, n=params.n, seed=params.seed)
         for start in range(0, len(conversations), self.batch_size):
@@ -121,10 +119,6 @@ class LocalModel:
         return sorted(ids)
 
     def choose(self, conversations: list[Messages], labels: tuple[str, str]) -> Iterator[tuple[int, Choice]]:
-        import torch
-
-        from lmforge.generation import last_logits, left_pad
-
         ids_a, ids_b = self.label_token_ids(labels[0]), self.label_token_ids(labels[1])
         device = self.model.lm_head.weight.device
         for start in range(0, len(conversations), self.batch_size):

@@ -24,7 +24,9 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from lmforge.data.sources import DataError
+from lmforge.data.chat import check_messages
+from lmforge.data.rows import read_rows
+from lmforge.errors import DataError
 
 
 def builtin_prompts() -> list[str]:
@@ -71,8 +73,6 @@ def _read_file(path: Path) -> list[dict]:
         with opener(path, "rt", encoding="utf-8", newline="") as f:
             return _read_csv(f.read(), path)
     if name.endswith((".jsonl", ".json")):
-        from lmforge.data.chat import read_rows  # the shared JSON Lines reader: errors name file and line
-
         return [_row(_messages(r, where), where, r.get("label")) for r, where in read_rows(str(path))]
     raise DataError(f"{path}: prompts must be .jsonl, .jsonl.gz or .csv")
 
@@ -108,7 +108,6 @@ def _messages(r: dict, where: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: a row needs 'prompt' (string or messages), 'messages', or an HH-RLHF "
                         f"'chosen' dialogue (fields: {', '.join(r) or 'none'})")
-    from lmforge.data.chat import check_messages
 
     messages = [{"role": m["role"], "content": m["content"]}
                 for m in check_messages(value, where, field, need_assistant=False)]

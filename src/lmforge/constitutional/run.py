@@ -26,6 +26,8 @@ import math
 import random
 from pathlib import Path
 
+from lmforge.evaluation import bootstrap_ci
+
 SPLITS = ("eval_harmful", "eval_safe", "eval_helpful", "revise", "label")
 
 
@@ -103,8 +105,6 @@ def write_splits(splits: dict[str, list[dict]], folder: Path) -> dict[str, str]:
 
 def model_metrics(records: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
     """{metric: {"value", "ci", "n"}} for one model from its eval records (see the module docstring)."""
-    from lmforge.evaluation import bootstrap_ci
-
     by_set = {s: [r for r in records if r["set"] == s] for s in ("harmful", "safe", "helpful")}
 
     def mean(values):

@@ -20,96 +20,12 @@ rule), raw-text prompts exactly as a pre-training document's start.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from importlib import resources
-from pathlib import Path
 
-from lmforge.data.sources import (
-    DataError,
-    _decode,
-    _kind,
-    _open_binary,
-    hf_rows,
-    parse_json_line,
-    source_files,
-)
+from lmforge.data.rows import read_rows
+from lmforge.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-
-
-# ---------------------------------------------------------------------------------------------------- reading rows
-
-def read_rows(spec: str) -> Iterator[tuple[dict, str]]:
-    """Every record of a jsonl / json / parquet file, directory, glob, ``hf:`` or ``builtin:`` spec, as
-    (row dict, where) with ``where`` = "file:line" (or "file: row N") for error messages."""
-    if spec.startswith("hf:"):
-        yield from hf_rows(spec.removeprefix("hf:"))
-        return
-    if spec.startswith("builtin:tinyworld/"):  # generated in code by lmforge.tinyworld
-        from lmforge.data.sources import generated_rows
-
-        for i, row in enumerate(generated_rows(spec), 1):
-            yield row, f"{spec}: row {i}"
-        return
-    if spec.startswith("builtin:"):
-        files = [builtin_rows_path(spec.removeprefix("builtin:"))]
-    else:
-        files = source_files(spec)
-        if not files:
-            raise DataError(f"{spec}: no such file, directory or glob match")
-    for path in files:
-        kind = _kind(path)
-        if kind == "json":
-            yield from _json_rows(path)
-        elif kind == "parquet":
-            yield from _parquet_rows(path)
-        else:
-            raise DataError(f"{path}: chat data must be .jsonl, .json or .parquet (rows with 'messages' or "
-                            "'prompt'/'completion' fields)")
-
-
-def builtin_rows_path(name: str) -> Path:
-    """``builtin:NAME`` -> lmforge/assets/NAME.jsonl (chat and preference data that ships with lmforge)."""
-    assets = resources.files("lmforge") / "assets"
-    path = assets / f"{name}.jsonl"
-    if not path.is_file():
-        known = sorted(p.name.removesuffix(".jsonl") for p in assets.iterdir() if p.name.endswith(".jsonl"))
-        raise DataError(f"builtin:{name}: no such built-in dataset (built-in: {', '.join(known) or 'none'})")
-    return Path(str(path))
-
-
-def _json_rows(path: Path) -> Iterator[tuple[dict, str]]:
-    if path.name.lower().removesuffix(".gz").endswith(".json"):
-        with _open_binary(path) as f:
-            data = f.read()
-        if data.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[":
-            try:
-                rows = json.loads(_decode(data, path).removeprefix("\ufeff"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            for i, row in enumerate(rows, 1):
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}: record {i}: expected a JSON object, got {type(row).__name__}")
-                yield row, f"{path}: record {i}"
-            return
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                line = _decode(raw, path, lineno).removeprefix("\ufeff")
-                yield parse_json_line(line, path, lineno), f"{path}:{lineno}"
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[dict, str]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
-    n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            n += 1
-            yield row, f"{path}: row {n}"
 
 
 # ------------------------------------------------------------------------------------------------ checking rows

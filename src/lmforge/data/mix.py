@@ -17,7 +17,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from lmforge.data.sources import DataError, FilterConfig, filter_documents, read_documents
+from lmforge.data.sources import FilterConfig, filter_documents, read_documents
+from lmforge.errors import DataError
 
 
 @dataclass
@@ -29,6 +30,18 @@ class MixSource:
     def validate(self) -> None:
         if not self.weight > 0:
             raise ValueError(f"weight must be positive, got {self.weight}")
+
+
+def source_overrides_mix(overrides: list[str]) -> list[str]:
+    """Command-line overrides with ``data.mix=[]`` appended when they set ``data.source`` but not ``data.mix``.
+
+    A recipe's ``data.mix`` decides the training documents (``data.source`` then only trains the tokenizer), so
+    ``lmforge pretrain data.source=my.jsonl`` under the built-in recipe would train on its mix and say nothing:
+    a source named on the command line is the data, unless the command line gives a mix too."""
+    keys = {o.split("=", 1)[0].strip() for o in overrides if "=" in o and not o.startswith("-")}
+    if "data.source" in keys and not any(k == "data.mix" or k.startswith("data.mix.") for k in keys):
+        return [*overrides, "data.mix=[]"]
+    return list(overrides)
 
 
 def mix_name(mix: list[MixSource]) -> str:

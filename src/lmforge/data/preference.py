@@ -23,12 +23,18 @@ completions run through the end-of-turn marker, exactly what the generation engi
 
 from __future__ import annotations
 
+import math
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from lmforge.data.sources import DataError
+import torch
+
+from lmforge.data.chat import check_messages, tokenize_prompt_completion
+from lmforge.data.rows import read_rows
+from lmforge.errors import DataError
 
 ASSISTANT_MARKERS = ("\n\nAssistant:", "<|im_start|>assistant\n")
 
@@ -99,12 +105,13 @@ def _dotted(row: dict, path: str, where: str) -> float:
         node = node[part]
     if isinstance(node, bool) or not isinstance(node, (int, float)):
         raise DataError(f"{where}: field {path!r} must be a number, got {node!r:.40}")
-    return float(node)
+    value = float(node) if not isinstance(node, int) or abs(node) < 2 ** 1023 else math.inf
+    if not math.isfinite(value):  # JSON's NaN and Infinity parse as floats; a NaN margin trains on NaN
+        raise DataError(f"{where}: field {path!r} must be a finite number, got {str(node):.40}")
+    return value
 
 
 def _check_answer(value, where: str, name: str):
-    from lmforge.data.chat import check_messages
-
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -131,8 +138,6 @@ def _common_prefix(a: list, b: list) -> int:
 
 def parse_hh_dialogue(text: str) -> list[dict] | None:
     """Anthropic HH text ("\\n\\nHuman: ...\\n\\nAssistant: ...") -> messages; None if it is not in that form."""
-    import re
-
     parts = re.split(r"\n\n(Human|Assistant): ?", text)
     if len(parts) < 3 or parts[0].strip():
         return None
@@ -232,7 +237,7 @@ def read_pairs(spec: str, cfg: PreferenceDataConfig | None = None, stats: Counte
     """Every usable pair of a source; ``stats`` counts 'kept' and each drop reason."""
     stats = stats if stats is not None else Counter()
     out = []
-    for row, where in _rows(spec):
+    for row, where in read_rows(spec):
         pair = pair_from_row(row, where, cfg)
         if isinstance(pair, str):
             stats[pair] += 1
@@ -251,7 +256,7 @@ def read_unpaired(spec: str, stats: Counter | None = None) -> list[tuple[object,
     unpaired (chosen -> label true, rejected -> false), as TRL's ``unpair_preference_dataset``."""
     stats = stats if stats is not None else Counter()
     out = []
-    for row, where in _rows(spec):
+    for row, where in read_rows(spec):
         if "chosen" in row or "rejected" in row:
             pair = pair_from_row(row, where)
             if isinstance(pair, str):
@@ -275,19 +280,6 @@ def read_unpaired(spec: str, stats: Counter | None = None) -> list[tuple[object,
     return out
 
 
-def _rows(spec: str) -> Iterator[tuple[dict, str]]:
-    """(row, "file:line") of any source: files, hf:, builtin:NAME, and rows generated in code
-    (``builtin:tinyworld/preference``: chosen = correct and concise, rejected = wrong or padded)."""
-    from lmforge.data.chat import read_rows
-    from lmforge.data.sources import GENERATED, generated_rows
-
-    if spec.startswith(GENERATED):
-        for i, row in enumerate(generated_rows(spec), 1):
-            yield row, f"{spec}: row {i}"
-        return
-    yield from read_rows(spec)
-
-
 # ---------------------------------------------------------------------------------------------------- tokenizing
 
 def _truncate(prompt_ids: list[int], completion_ids: list[int], max_length: int, max_prompt_length: int):
@@ -300,8 +292,6 @@ def _truncate(prompt_ids: list[int], completion_ids: list[int], max_length: int,
 def tokenize_pairs(pairs: Iterable[Pair], tokenizer, cfg: PreferenceDataConfig,
                    stats: Counter | None = None) -> list[TokenPair]:
     """Pairs -> TokenPairs via the chat template; truncated pairs are counted under 'truncated'."""
-    from lmforge.data.chat import tokenize_prompt_completion
-
     stats = stats if stats is not None else Counter()
     out = []
     for pair in pairs:
@@ -330,8 +320,6 @@ def tokenize_unpaired(rows, tokenizer, cfg: PreferenceDataConfig, seed: int = 0,
                       stats: Counter | None = None) -> list[TokenExample]:
     """(prompt, completion, label, where) rows -> TokenExamples, each with a mismatched completion (another
     row's, from a fixed random derangement) for KTO's KL reference point."""
-    from lmforge.data.chat import tokenize_prompt_completion
-
     stats = stats if stats is not None else Counter()
     out = []
     for prompt, completion, label, where in rows:
@@ -383,8 +371,6 @@ def load_preference_data(cfg: PreferenceDataConfig, tokenizer, seed: int = 0) ->
 
 def pad_rows(rows: list[list[int]], pad_id: int, side: str = "right"):
     """(input_ids, attention_mask) LongTensors of ``rows`` padded to the longest, on the right or the left."""
-    import torch
-
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -402,8 +388,6 @@ def collate_sequences(prompts: list[list[int]], completions: list[list[int]], pa
     input_ids, attention_mask: (N, T); labels: (N, T) the next token where it is a completion token, else -100
     (position t predicts token t + 1), so log p(completion) = sum of the per-token log-probs at labels != -100.
     """
-    import torch
-
     ids, mask = pad_rows([p + c for p, c in zip(prompts, completions)], pad_id, side)
     labels = torch.full_like(ids, -100)
     width = ids.shape[1]
@@ -416,8 +400,6 @@ def collate_sequences(prompts: list[list[int]], completions: list[list[int]], pa
 def collate_pairs(pairs: list[TokenPair], pad_id: int, side: str = "right") -> dict:
     """Chosen rows then rejected rows, in ONE batch (2B rows) for one forward; plus margins and reference
     log-probs when they are known."""
-    import torch
-
     prompts = [p.prompt_ids for p in pairs] * 2
     batch = collate_sequences(prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], pad_id,
                               side)
@@ -431,8 +413,6 @@ def collate_pairs(pairs: list[TokenPair], pad_id: int, side: str = "right") -> d
 
 def collate_examples(examples: list[TokenExample], pad_id: int) -> dict:
     """KTO: the examples' rows, and separately their mismatched (prompt, other completion) rows."""
-    import torch
-
     batch = collate_sequences([e.prompt_ids for e in examples], [e.completion_ids for e in examples], pad_id)
     kl = collate_sequences([e.prompt_ids for e in examples], [e.kl_completion_ids or e.completion_ids
                                                                 for e in examples], pad_id)

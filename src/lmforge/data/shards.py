@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lmforge.data.sources import DataError
+from lmforge.atomic import atomic_open, write_atomic
+from lmforge.errors import DataError
 
 SHARD_TOKENS = 100_000_000  # ~200 MB of uint16 per shard file
 _READ_TOKENS = 1 << 24  # tokens per block when a whole split is scanned (unigram counts)
@@ -109,10 +109,52 @@ def build_shards(docs: Iterable[str], tokenizer, out_dir: str | Path, val_fracti
     for split, writer in writers.items():
         meta[f"{split}_tokens"] = writer.close()
         meta[f"{split}_shards"] = writer.files
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path)  # meta.json appears last: its presence means the build is complete
+    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")  # last: its presence means the build is complete
     return meta
+
+
+class StreamingShards:
+    """Token shards written as documents stream in, for corpora that do not fit in memory (``lmforge data``).
+
+    ``add(docs)`` tokenizes a batch (the tokenizers library runs it on all cores) and routes each document to
+    train or val by its hash (is_val_doc), returning the token counts; ``close()`` writes meta.json last, as
+    build_shards does, so a killed build never looks finished. Unlike build_shards it cannot move a document
+    across the split afterwards: a tiny corpus may end with an empty val split (meta.json says so).
+    """
+
+    def __init__(self, tokenizer, out_dir: str | Path, val_fraction: float = 0.05, seed: int = 0,
+                 shard_tokens: int = SHARD_TOKENS):
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.tokenizer, self.out_dir, self.val_fraction, self.seed = tokenizer, Path(out_dir), val_fraction, seed
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for old in [*self.out_dir.glob("*.bin"), *self.out_dir.glob("*.tmp"), self.out_dir / "meta.json"]:
+            old.unlink(missing_ok=True)
+        self.dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+        self.writers = {split: _ShardWriter(self.out_dir, split, self.dtype, shard_tokens) for split in ("train", "val")}
+        self.docs = {"train": 0, "val": 0}
+
+    def add(self, docs: list[str]) -> list[int]:
+        lengths = []
+        for doc, ids in zip(docs, self.tokenizer.encode_batch(docs, add_bos=True)):
+            split = "val" if self.val_fraction > 0 and is_val_doc(doc, self.val_fraction, self.seed) else "train"
+            self.writers[split].add(ids)
+            self.docs[split] += 1
+            lengths.append(len(ids))
+        return lengths
+
+    def close(self, source: str = "", fingerprint: str = "", filter_stats: dict | None = None) -> dict:
+        meta = {"source": source, "fingerprint": fingerprint,
+                "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
+                "vocab_size": self.tokenizer.vocab_size, "dtype": np.dtype(self.dtype).name,
+                "bos_id": self.tokenizer.doc_start_id, "val_fraction": self.val_fraction, "seed": self.seed,
+                "n_docs": sum(self.docs.values()), "train_docs": self.docs["train"], "val_docs": self.docs["val"],
+                "filter_stats": dict(filter_stats or {})}
+        for split, writer in self.writers.items():
+            meta[f"{split}_tokens"] = writer.close()
+            meta[f"{split}_shards"] = writer.files
+        write_atomic(self.out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: the build is complete
+        return meta
 
 
 class _ShardWriter:
@@ -135,9 +177,8 @@ class _ShardWriter:
         if not self.buffered:
             return
         name = f"{self.split}_{len(self.files):03d}.bin"
-        tmp = self.out_dir / (name + ".tmp")
-        np.concatenate(self.buffer).tofile(tmp)
-        os.replace(tmp, self.out_dir / name)
+        with atomic_open(self.out_dir / name, "wb") as f:
+            np.concatenate(self.buffer).tofile(f)
         self.files.append(name)
         self.total += self.buffered
         self.buffer, self.buffered = [], 0

@@ -21,23 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.data.chat import encode_prompt, prompt_messages, read_rows
-from lmforge.data.sources import DataError
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-def split_steps(text: str) -> list[str]:
-    """A completion as a PRM reads it: each non-empty line of the think block, then ``</think>`` + newline + the
-    answer as one last step. Text without a close (thinking cut off, or no think block) is its non-empty lines."""
-    if THINK_CLOSE in text:
-        thinking, answer = text.split(THINK_CLOSE, 1)
-        return _lines(thinking) + [THINK_CLOSE + "\n" + answer.strip()]
-    return _lines(text)
-
-
-def _lines(text: str) -> list[str]:
-    return [line for line in text.split(THINK_OPEN, 1)[-1].split("\n") if line.strip()]
+from lmforge.data.chat import encode_prompt, prompt_messages
+from lmforge.data.rows import read_rows
+from lmforge.errors import DataError
 
 
 @dataclass

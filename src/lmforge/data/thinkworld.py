@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass
 
 from lmforge.answers import format_answer, is_correct
-from lmforge.data.stepwise import split_steps
+from lmforge.thinking import split_steps
 
 LEVELS = (1, 2, 3, 4, 5)
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -308,7 +308,7 @@ def stepwise_rows(n: int = 3000, seed: int = 0, slip_rate: float = 0.5, split: s
     return rows
 
 
-SOURCES = {  # builtin:tinyworld/NAME -> rows (registered in lmforge.tinyworld.SOURCES)
+SOURCES = {  # builtin:tinyworld/NAME -> rows (registered in lmforge.data.tinyworld.SOURCES)
     "think_text": text_rows,
     "think_sft": sft_rows,
     "think_rl": rl_rows,

@@ -1,5 +1,5 @@
-"""Scaling laws: ``laws`` (forms, fits, compute-optimal allocation), ``sweep`` (training the grid, predict then
-verify) and ``plots``. The CLI is ``lmforge scaling`` (:mod:`lmforge.stages.scaling`)."""
+"""Scaling laws: ``laws`` (forms, fits, compute-optimal allocation) and ``plots``. The sweep that trains the grid
+and the predict-then-verify run are lmforge.train.sweep; the CLI is ``lmforge scaling`` (lmforge.stages.scaling)."""
 
 from lmforge.scaling.laws import (
     CHINCHILLA,

@@ -15,8 +15,16 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from lmforge.answers import strip_thinking
+from lmforge.config import parse_cli
+from lmforge.data.chat import encode_prompt, render
+from lmforge.errors import ConfigError
+from lmforge.generation import generate, sampling_params_from
+from lmforge.modelio import DTYPES, load_model_and_tokenizer
+from lmforge.tokenizer import CHATML_TEMPLATE
 
 TEMPLATES = ("", "chatml")
 COMMANDS = "/reset forgets the conversation, /exit quits"
@@ -43,8 +51,6 @@ class ChatConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
 
     def validate(self) -> None:
-        from lmforge.stages.generate import DTYPES
-
         if not self.model:
             raise ValueError("model=... is required (lmforge chat MODEL)")
         if self.template not in TEMPLATES:
@@ -54,8 +60,6 @@ class ChatConfig:
         self.sampling_params().validate()
 
     def sampling_params(self):
-        from lmforge.stages.generate import sampling_params_from
-
         return sampling_params_from(self)
 
 
@@ -67,10 +71,6 @@ class ChatSession:
     """
 
     def __init__(self, model, tokenizer, params, system: str = "", max_context: int = 0):
-        from dataclasses import replace
-
-        from lmforge.tokenizer import CHATML_TEMPLATE
-
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.system = system
         self.max_context = max_context or model.config.max_position_embeddings
@@ -101,18 +101,11 @@ class ChatSession:
             del self.messages[first:first + 2]  # the oldest user turn and its answer
 
     def _render(self, messages: list[dict]) -> list[int]:
-        from lmforge.data.chat import encode_prompt, render
-
         self.last_prompt = render(self.tokenizer, messages, add_generation_prompt=True)
         return encode_prompt(self.tokenizer, messages)
 
     def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Add a user turn, generate the assistant's answer (``on_text`` gets it piece by piece), keep both."""
-        from dataclasses import replace
-
-        from lmforge.answers import strip_thinking
-        from lmforge.generation import generate
-
         self.messages.append({"role": "user", "content": text})
         ids = self.prompt_ids()
         params = replace(self.params, stop_strings=self.stop_strings,
@@ -141,9 +134,6 @@ class ChatSession:
 
 def check_template(tokenizer, template: str, model: str) -> None:
     """A checkpoint without a chat template is an error, unless the user asks for ChatML by name."""
-    from lmforge.config import ConfigError
-    from lmforge.tokenizer import CHATML_TEMPLATE
-
     if template == "chatml":
         tokenizer.chat_template = CHATML_TEMPLATE
     elif not tokenizer.chat_template:
@@ -152,9 +142,7 @@ def check_template(tokenizer, template: str, model: str) -> None:
 
 
 def open_session(cfg: ChatConfig) -> ChatSession:
-    from lmforge.stages.generate import load_for_generation
-
-    model, tokenizer = load_for_generation(cfg.model, cfg.device, cfg.dtype)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
     check_template(tokenizer, cfg.template, cfg.model)
     return ChatSession(model, tokenizer, cfg.sampling_params(), cfg.system, cfg.max_context)
 
@@ -230,12 +218,9 @@ def _enable_line_editing() -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     if argv and "=" not in argv[0] and not argv[0].startswith("-"):
         argv = [f"model={argv[0]}", *argv[1:]]  # `lmforge chat MODEL ...`
     cfg = parse_cli(argv, ChatConfig, prog="lmforge chat", description=__doc__)
-    from lmforge.config import ConfigError
 
     try:
         run_chat(cfg)

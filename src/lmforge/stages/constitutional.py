@@ -24,18 +24,32 @@ Prompts are read as prompts only (jsonl, HH-RLHF dialogues: first human turn, Ad
 built-in sets builtin:red_team, builtin:borderline_safe, builtin:helpful). The recipe is `constitutional`.
 
 This module holds the configs and stage functions of revise, label and eval; the ``run`` loop (its config, the
-step wiring, results.md) is in ``lmforge.stages.constitutional_run``.
+step wiring, results.md) is the app ``lmforge.apps.constitutional_run``, which is also the verb's entry point.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.atomic import write_atomic
+from lmforge.config import parse_cli, save_config
+from lmforge.constitutional.cache import AnswerCache, Cached
+from lmforge.constitutional.constitution import load_constitution
+from lmforge.constitutional.evaluate import evaluate
+from lmforge.constitutional.judges import ChatParams, LocalModel, OpenAIEndpoint
+from lmforge.constitutional.label import label_pairs, preference_row, sample_pairs
+from lmforge.constitutional.prompts import read_prompts
+from lmforge.constitutional.revise import revise, sft_row
+from lmforge.errors import JudgeError
+from lmforge.train.metrics import MetricsLogger, ProgressDisplay
 
 SUBCOMMANDS = ("revise", "label", "eval", "run")
 
@@ -144,8 +158,6 @@ def as_list(value: list[str] | str) -> list[str]:
 
 
 def build_backend(cfg: JudgeConfig, default=None, device: str = "auto", dtype: str = "float32", batch_size: int = 8):
-    from lmforge.constitutional.judges import LocalModel, OpenAIEndpoint
-
     if cfg.backend == "openai":
         return OpenAIEndpoint.from_env(cfg.url, cfg.model, cfg.api_key_env, timeout=cfg.timeout,
                                        max_retries=cfg.max_retries, backoff=cfg.backoff,
@@ -171,9 +183,7 @@ def read_jsonl_by_id(path: Path) -> dict[str, dict]:
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _append(path: Path, rows: list[dict]) -> None:
@@ -183,8 +193,6 @@ def _append(path: Path, rows: list[dict]) -> None:
 
 def _chunked_run(cfg, prompts: list[dict], done: dict, out_path: Path, work, description: str) -> None:
     """Run ``work(chunk) -> rows`` over the prompts not yet in ``done``, appending each chunk's rows."""
-    from lmforge.train.metrics import MetricsLogger, ProgressDisplay
-
     todo = [p for p in prompts if p["id"] not in done]
     logger = MetricsLogger(cfg.out_dir, tensorboard=False)
     t0 = time.time()
@@ -201,12 +209,6 @@ def _chunked_run(cfg, prompts: list[dict], done: dict, out_path: Path, work, des
 
 def _open(cfg: CommonConfig):
     """(prompts, constitution, policy, cache) with prompts and the constitution checked before the model loads."""
-    from lmforge.config import save_config
-    from lmforge.constitutional.cache import AnswerCache
-    from lmforge.constitutional.constitution import load_constitution
-    from lmforge.constitutional.judges import LocalModel
-    from lmforge.constitutional.prompts import read_prompts
-
     prompts = read_prompts(as_list(cfg.prompts), cfg.limit)
     constitution = load_constitution(cfg.constitution)
     out_dir = Path(cfg.out_dir)
@@ -217,8 +219,6 @@ def _open(cfg: CommonConfig):
 
 
 def _policy_params(cfg: CommonConfig):
-    from lmforge.constitutional.judges import ChatParams
-
     return ChatParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                       seed=cfg.seed)
 
@@ -227,10 +227,6 @@ def _policy_params(cfg: CommonConfig):
 
 def run_revise(cfg: ReviseConfig, critic=None) -> dict:
     """Critique/revision traces and the SFT dataset; ``critic`` overrides cfg.critic (tests, Python callers)."""
-    from lmforge.constitutional.cache import Cached
-    from lmforge.constitutional.judges import ChatParams
-    from lmforge.constitutional.revise import revise, sft_row
-
     prompts, constitution, policy, cache = _open(cfg)
     critic = critic or build_backend(cfg.critic, policy, cfg.device, cfg.dtype, cfg.batch_size)
     cached_policy, cached_critic = Cached(policy, cache), Cached(critic, cache)
@@ -258,15 +254,12 @@ def run_revise(cfg: ReviseConfig, critic=None) -> dict:
                "mean_chars_final": _mean_len(t["final_response"] for t in traces),
                "asked": cached_policy.asked + cached_critic.asked,
                "traces": str(traces_path), "sft": str(out_dir / "sft.jsonl")}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def run_label(cfg: LabelConfig, judge=None) -> dict:
     """Soft-labelled preference pairs; ``judge`` overrides cfg.judge (tests, Python callers)."""
-    from lmforge.constitutional.cache import Cached
-    from lmforge.constitutional.label import label_pairs, preference_row, sample_pairs
-
     prompts, constitution, policy, cache = _open(cfg)
     constitution.draw(random.Random(0), for_choice=True)  # fail now if no principle can judge
     judge = judge or build_backend(cfg.judge, policy, cfg.device, cfg.dtype, cfg.batch_size)
@@ -296,18 +289,12 @@ def run_label(cfg: LabelConfig, judge=None) -> dict:
                "judge_methods": {m: methods.count(m) for m in sorted(set(methods))},
                "asked_judge": cached_judge.asked, "judgments": str(judgments_path),
                "preference": str(out_dir / "preference.jsonl")}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def run_eval(cfg: EvalConfig, judge=None) -> dict:
     """Metrics per model (before/after); ``judge`` overrides cfg.judge."""
-    from lmforge.config import save_config
-    from lmforge.constitutional.cache import AnswerCache, Cached
-    from lmforge.constitutional.evaluate import evaluate
-    from lmforge.constitutional.judges import ChatParams, LocalModel
-    from lmforge.constitutional.prompts import read_prompts
-
     harmful = read_prompts(as_list(cfg.harmful), cfg.limit, label="unsafe") if cfg.harmful else []
     safe = read_prompts(as_list(cfg.safe), cfg.limit, label="safe") if cfg.safe else []
     helpful = read_prompts(as_list(cfg.helpful), cfg.limit) if cfg.helpful else []
@@ -341,9 +328,6 @@ def _mean_len(texts) -> float:
 # ---- CLI ----
 
 def print_summary(sub: str, summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     if sub != "eval":
         table = Table(title=f"lmforge constitutional {sub}", show_header=False)
         for key, value in summary.items():
@@ -362,18 +346,15 @@ def print_summary(sub: str, summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-    from lmforge.constitutional.judges import JudgeError
-
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         print(__doc__ + "\nusage: lmforge constitutional {revise,label,eval,run} [--config RECIPE] [key=value ...]",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     sub, rest = argv[0], argv[1:]
-    if sub == "run":
-        from lmforge.stages.constitutional_run import main_run
-
-        return main_run(rest)
+    if sub == "run":  # the whole loop runs the stages: it is the app lmforge.apps.constitutional_run
+        print("lmforge constitutional run: the loop is lmforge.apps.constitutional_run.main_run; run it as "
+              "`lmforge constitutional run`", file=sys.stderr)
+        return 2
     cls, run = {"revise": (ReviseConfig, run_revise), "label": (LabelConfig, run_label),
                 "eval": (EvalConfig, run_eval)}[sub]
     cfg = parse_cli(rest, cls, prog=f"lmforge constitutional {sub}", description=__doc__,

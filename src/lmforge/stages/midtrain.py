@@ -10,14 +10,21 @@ upweighted data and what it cost on the rest.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from lmforge.data.mix import MixSource
-from lmforge.stages.pretrain import DataConfig
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.config import parse_cli
+from lmforge.data.mix import MixSource, mix_documents, source_overrides_mix
+from lmforge.data.shards import is_val_doc
+from lmforge.errors import ConfigError
+from lmforge.modelio import load_model_dir, load_tokenizer, resolve_model_dir, save_model_dir
+from lmforge.train.lm import DataConfig, PretrainConfig, pretrain
 from lmforge.train.loop import TrainConfig
+from lmforge.train.runs import finish_run, start_run
 
 
 def _default_mix() -> DataConfig:
@@ -45,16 +52,12 @@ class MidtrainConfig:
 
 def run_midtrain(cfg: MidtrainConfig) -> dict:
     """Continue training ``cfg.model`` on ``cfg.data``; the pretrain summary plus val_loss_by_source before/after."""
-    from lmforge.config import ConfigError, save_config
-    from lmforge.modelio import load_model_dir, load_tokenizer, resolve_model_dir
-    from lmforge.stages.pretrain import PretrainConfig, run_pretrain
-    from lmforge.train.dist import init_distributed
-
     try:
         base = str(resolve_model_dir(cfg.model))
     except FileNotFoundError as e:
         raise ConfigError(f"model: {e} (train one first: lmforge pretrain)") from None
-    dist = init_distributed(cfg.train.device)
+    run = start_run(cfg)  # config.yaml: the midtrain config, not the pretrain one it runs through
+    dist = run.dist
     tokenizer = load_tokenizer(base)
     val_docs = source_val_documents(cfg.data, tokenizer, cfg.train.seed)
     rows = cfg.train.micro_batch_size
@@ -64,26 +67,21 @@ def run_midtrain(cfg: MidtrainConfig) -> dict:
         return val_loss_by_source(model, tokenizer, val_docs, cfg.seq_len, rows, cfg.train.eval_batches)
 
     before = per_source(base) if dist.is_main else {}
-    summary = run_pretrain(PretrainConfig(
+    summary, model, tokenizer = pretrain(PretrainConfig(
         out_dir=cfg.out_dir, tokenizer=base, init_from=base, seq_len=cfg.seq_len, data=cfg.data, train=cfg.train,
-        sample_prompt=cfg.sample_prompt, sample_tokens=cfg.sample_tokens))
+        sample_prompt=cfg.sample_prompt, sample_tokens=cfg.sample_tokens), dist)
     if not dist.is_main:
         return {}
-    after = per_source(summary["model_dir"])
+    summary["model_dir"] = str(save_model_dir(run.out_dir / "model", model, tokenizer))
+    after = per_source(summary["model_dir"])  # the saved model, as users load it
     summary["base_model"] = base
     summary["val_loss_by_source"] = {s: {"before": before[s], "after": after[s]} for s in val_docs}
-    out_dir = Path(cfg.out_dir)
-    save_config(cfg, out_dir / "config.yaml")  # the midtrain config, not the pretrain one it ran through
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return finish_run(run, summary)
 
 
 def source_val_documents(data: DataConfig, tokenizer, seed: int) -> dict[str, list[str]]:
     """Each source's share of the val split: the documents the mix draws from it that fall in val (by hash),
     exactly the ones build_shards keeps out of training."""
-    from lmforge.data.mix import mix_documents
-    from lmforge.data.shards import is_val_doc
-
     mix = data.mix or [MixSource(data.source, 1.0, data.text_field)]
     _, _, report = mix_documents(mix, tokenizer, data.filters, seed, data.mix_tokens)
     return {source: list(dict.fromkeys(d for d in info["documents"] if is_val_doc(d, data.val_fraction, seed)))
@@ -94,8 +92,6 @@ def val_loss_by_source(model, tokenizer, docs_by_source: dict[str, list[str]], s
                        max_batches: int = 0) -> dict[str, float]:
     """Mean next-token loss (nats/token) on each source's documents, packed as in pretraining ([bos] + tokens,
     cut into seq_len + 1 windows); at most ``max_batches`` batches per source (0 = all). NaN for no documents."""
-    import torch
-
     device = model.lm_head.weight.device
     was_training = model.training
     model.eval()
@@ -122,9 +118,6 @@ def val_loss_by_source(model, tokenizer, docs_by_source: dict[str, list[str]], s
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     table = Table(title=f"midtrain from {summary['base_model']}")
     for column in ("validation loss (nats/token)", "before", "after", "change"):
@@ -139,9 +132,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
-    cfg = parse_cli(argv, MidtrainConfig, prog="lmforge midtrain", description=__doc__,
+    cfg = parse_cli(source_overrides_mix(argv), MidtrainConfig, prog="lmforge midtrain", description=__doc__,
                     default_recipe="tiny", section="midtrain")
     summary = run_midtrain(cfg)
     if summary:

@@ -36,16 +36,39 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from lmforge.rewards import RewardSpec
-from lmforge.stages.grpo import RLDataConfig
-from lmforge.train.loop import TrainConfig
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from lmforge.atomic import write_atomic
+from lmforge.config import parse_cli, to_dict
+from lmforge.data.preference import Batches, TokenPair, collate_pairs, pair_length
+from lmforge.evaluation import rate
+from lmforge.generation import SamplingParams
+from lmforge.modelio import load_model_and_tokenizer, save_model_dir, write_model_files
+from lmforge.rewards import RewardSpec, build_reward
+from lmforge.rollout import (
+    RLDataConfig,
+    check_answers,
+    hash_seed,
+    load_rl_data,
+    make_eval_fn,
+    prompt_indices,
+    sample_and_score,
+)
+from lmforge.scoring import evaluate_pairs, precompute_reference, store_pair_logps
+from lmforge.train.dist import refuse_fsdp
+from lmforge.train.loop import TrainConfig, autocast_context, train
+from lmforge.train.metrics import MetricsLogger
+from lmforge.train.preference import REFERENCE_FREE, check_loss_options, dpo_loss_fn
+from lmforge.train.runs import finish_run, log, start_run
 
 ROUND_FILE, ROLLOUT_FILE, PAIRS_FILE = "round.json", "rollout.json", "pairs.jsonl"
 
@@ -89,16 +112,7 @@ class OnlineDPOConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        dpo_config(self).validate()
-
-
-def dpo_config(cfg: OnlineDPOConfig):
-    """The `lmforge dpo` config whose loss a round trains with."""
-    from lmforge.stages.dpo import DPOConfig
-
-    return DPOConfig(model=cfg.model, out_dir=cfg.out_dir, loss_type=cfg.loss_type, beta=cfg.beta,
-                     label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha,
-                     logprob_chunk_size=cfg.logprob_chunk_size, train=cfg.train)
+        check_loss_options(self)
 
 
 # ---------------------------------------------------------------------------------------------------- pairs
@@ -138,11 +152,6 @@ def pair_row(prompt, system_prompt: str, chosen: str, rejected: str, score_chose
 
 def sample_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, rows, prompt_ids, reward):
     """Round k's samples: (Samples of all prompts, a prompt's num_generations contiguous), with a progress bar."""
-    from rich.progress import Progress
-
-    from lmforge.generation import SamplingParams
-    from lmforge.rollout import hash_seed, prompt_indices, sample_and_score
-
     idx = prompt_indices(len(rows), k - 1, cfg.prompts_per_round, cfg.train.seed)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=cfg.num_generations,
                             seed=hash_seed(cfg.train.seed, "online_dpo", k))
@@ -159,8 +168,6 @@ def sample_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, rows, prompt_i
 
 
 def merge_samples(a, b):
-    import torch
-
     for name in ("rows", "prompt_ids", "completion_ids", "texts", "finish_reasons"):
         getattr(a, name).extend(getattr(b, name))
     a.rewards = torch.cat([a.rewards, b.rewards])
@@ -196,8 +203,6 @@ def write_round_pairs(round_dir: Path, rows: list[dict], tokens: list[list], sta
 
 def read_round_pairs(round_dir: Path) -> tuple[list, dict] | None:
     """(TokenPairs, stats) of a round whose pairs were made, else None."""
-    from lmforge.data.preference import TokenPair
-
     path = round_dir / ROLLOUT_FILE
     if not path.exists():
         return None
@@ -205,24 +210,11 @@ def read_round_pairs(round_dir: Path) -> tuple[list, dict] | None:
     return [TokenPair(p, c, r, margin) for p, c, r, margin in state["pairs"]], state["stats"]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------- a round
 
 def train_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, pairs: list, eval_fn, dist, round_dir: Path):
     """Precompute the reference log-probs, then DPO on the round's pairs through the one loop (resuming from
     round_dir/checkpoints); returns (TrainResult, the reference's directory or None)."""
-    from lmforge.data.preference import Batches, collate_pairs, pair_length
-    from lmforge.modelio import write_model_files
-    from lmforge.stages.dpo import REFERENCE_FREE, dpo_loss_fn, precompute_reference, store_pair_logps
-    from lmforge.stages.reward import evaluate_pairs, load_policy
-    from lmforge.train.loop import autocast_context, train
-
-    dcfg = dpo_config(cfg)
     micro = cfg.train.micro_batch_size
 
     def collate(items):
@@ -232,7 +224,7 @@ def train_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, pairs: list, ev
     if cfg.loss_type not in REFERENCE_FREE:
         ref_dir = start_dir(cfg, k) if cfg.reference == "round" else cfg.model
         # reference=round: the policy right now IS the round's start (train() loads a checkpoint only later)
-        ref = policy if cfg.reference == "round" else load_policy(cfg.model)[0].to(dist.device)
+        ref = policy if cfg.reference == "round" else load_model_and_tokenizer(cfg.model, dist.device)[0]
         precompute_reference(ref, pairs, collate, store_pair_logps, pair_length, micro * 2, dist.device,
                              cfg.logprob_chunk_size, autocast_context(cfg.train, dist.device),
                              f"round {k}: reference log-probs")
@@ -241,7 +233,7 @@ def train_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, pairs: list, ev
         else cfg.train.max_steps
     tcfg = replace(cfg.train, max_steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps),
                    seed=cfg.train.seed + k)
-    loss_fn = dpo_loss_fn(dcfg)
+    loss_fn = dpo_loss_fn(cfg)  # the loss options are `lmforge dpo`'s
     batches = Batches(pairs, micro, collate, tcfg.seed, dist.rank, dist.world_size, length=pair_length)
 
     def round_eval(model) -> dict:  # DPO's metrics on the round's own pairs, then held-out accuracy
@@ -262,9 +254,6 @@ def start_dir(cfg: OnlineDPOConfig, k: int) -> str:
 
 def accuracy_eval(policy, tokenizer, eval_rows, eval_ids, reward, max_new_tokens: int):
     """grpo's greedy held-out evaluation (eval/accuracy, eval/reward, eval/mean_length) + a bootstrap CI."""
-    from lmforge.evaluation import rate
-    from lmforge.rollout import make_eval_fn
-
     base = make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, max_new_tokens)
 
     def eval_fn(_model=None) -> dict:
@@ -282,8 +271,6 @@ def accuracy_eval(policy, tokenizer, eval_rows, eval_ids, reward, max_new_tokens
 
 def fingerprint(cfg: OnlineDPOConfig) -> str:
     """What the finished rounds depend on: the config but `rounds` (and run-time knobs), and the start model."""
-    from lmforge.config import to_dict
-
     d = to_dict(cfg)
     d.pop("rounds")
     for key in ("resume", "device", "num_threads", "compile"):
@@ -318,22 +305,9 @@ def start_over(out_dir: Path) -> None:
 
 def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
     """Run (or resume, or extend) the rounds; returns the summary with every round's numbers."""
-    import torch
-
-    from lmforge.config import save_config
-    from lmforge.modelio import save_model_dir
-    from lmforge.rewards import build_reward
-    from lmforge.rollout import check_answers, load_rl_data
-    from lmforge.stages.grpo import log
-    from lmforge.stages.reward import load_policy
-    from lmforge.train.dist import init_distributed, refuse_fsdp
-    from lmforge.train.metrics import MetricsLogger
-
     refuse_fsdp(cfg.train, "online-dpo")
-    t0 = time.time()
-    dist = init_distributed(cfg.train.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = start_run(cfg)  # config.yaml (a start-over keeps it), the seed
+    dist, out_dir, t0 = run.dist, run.out_dir, run.t0
     digest = fingerprint(cfg)
     done = finished_rounds(out_dir, digest) if cfg.train.resume else None
     if done is None and any(out_dir.glob("round_*")):
@@ -342,16 +316,12 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
         if dist.is_main:
             start_over(out_dir)
     done = done or []
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
     if len(done) > cfg.rounds and (out_dir / "model").exists():
         log(f"online-dpo: all {cfg.rounds} rounds are finished in {out_dir}: nothing to do")
-        return write_summary(cfg, out_dir, done, t0, ran=False) if dist.is_main else {}
+        return online_summary(cfg, out_dir, done) if dist.is_main else {}
 
-    torch.manual_seed(cfg.train.seed)
     last = max(len(done) - 1, 0)
-    policy, tokenizer = load_policy(start_dir(cfg, last + 1))
-    policy.to(dist.device)
+    policy, tokenizer = load_model_and_tokenizer(start_dir(cfg, last + 1), dist.device)
     rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
     check_answers(rows + eval_rows, cfg.rewards)
     reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
@@ -369,18 +339,12 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
         finish_round(out_dir / f"round_{k}", row, metrics, dist)
         done.append(row)
     metrics.close()
-    if not dist.is_main:
-        return {}
-    save_model_dir(out_dir / "model", policy, tokenizer)
-    return write_summary(cfg, out_dir, done, t0, ran=True)
+    return finish_run(run, online_summary(cfg, out_dir, done) if dist.is_main else {}, policy, tokenizer)
 
 
 def run_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, rows, prompt_ids, reward, eval_fn, dist,
               steps_before: int) -> dict:
     """Round k: pairs from the current policy (or the ones a killed run already made), DPO, evaluation."""
-    from lmforge.modelio import save_model_dir
-    from lmforge.stages.grpo import log
-
     t0 = time.time()
     round_dir = Path(cfg.out_dir) / f"round_{k}"
     made = read_round_pairs(round_dir)
@@ -391,7 +355,6 @@ def run_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, rows, prompt_ids,
             write_round_pairs(round_dir, pair_rows, tokens, stats)
         made = read_round_pairs(round_dir) if dist.is_main else None
         if made is None:  # another rank: the same seeded samples give the same pairs
-            from lmforge.data.preference import TokenPair
 
             made = [TokenPair(p, c, r, m) for p, c, r, m in tokens], stats
     pairs, stats = made
@@ -430,8 +393,8 @@ def finish_round(round_dir: Path, row: dict, metrics, dist) -> None:
     shutil.rmtree(round_dir / "checkpoints", ignore_errors=True)
 
 
-def write_summary(cfg: OnlineDPOConfig, out_dir: Path, done: list[dict], t0: float, ran: bool) -> dict:
-    """summary.json: every round's row, and the first/last keys the pipeline report reads."""
+def online_summary(cfg: OnlineDPOConfig, out_dir: Path, done: list[dict]) -> dict:
+    """What summary.json holds: every round's row, and the first/last keys the pipeline report reads."""
     rounds = [{k: v for k, v in r.items() if k != "fingerprint"} for r in done]
     summary = {"loss_type": cfg.loss_type, "beta": cfg.beta, "reference": cfg.reference, "rounds": rounds,
                "steps": rounds[-1]["step"], "seconds": round(sum(r.get("seconds", 0.0) for r in rounds), 1),
@@ -440,15 +403,10 @@ def write_summary(cfg: OnlineDPOConfig, out_dir: Path, done: list[dict], t0: flo
         values = [r[key] for r in rounds if r.get(key) is not None]
         if values:
             summary[f"{key} first"], summary[f"{key} last"] = values[0], values[-1]
-    if ran:
-        write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     def fmt(v, spec):
         return "" if v is None else spec.format(v)
 
@@ -471,8 +429,6 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, OnlineDPOConfig, prog="lmforge online-dpo", description=__doc__, default_recipe="tiny",
                     section="online_dpo")
     print_summary(run_online_dpo(cfg))

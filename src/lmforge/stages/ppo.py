@@ -21,11 +21,42 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import save_model as save_weights
 from torch import nn
 
+from lmforge.config import parse_cli
+from lmforge.generation import SamplingParams
+from lmforge.model import unwrap
+from lmforge.modelio import load_model_dir, save_model_dir
+from lmforge.objectives.rl import (
+    adaptive_kl_controller,
+    gae,
+    kl_estimate,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    whiten,
+)
 from lmforge.rewards import RewardSpec
-from lmforge.stages.grpo import RLDataConfig
-from lmforge.train.loop import TrainConfig
+from lmforge.rollout import (
+    RLDataConfig,
+    RolloutStream,
+    hash_seed,
+    kl_anomaly_check,
+    pack_rollout,
+    policy_logprobs,
+    print_rl_summary,
+    prompt_indices,
+    response_columns,
+    response_logprobs,
+    rl_summary,
+    sample_and_score,
+    score_buffer,
+    start_rl_run,
+)
+from lmforge.train.dist import refuse_fsdp
+from lmforge.train.loop import TrainConfig, autocast_context, train
+from lmforge.train.runs import finish_run
 
 
 @dataclass
@@ -91,9 +122,6 @@ class PolicyAndValue(nn.Module):
 def logprobs_and_values(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, R) log pi of the response tokens and (B, R) values V(s_t) read at the same columns, from a
     PolicyAndValue (called through its DDP wrapper, if any, so that gradients are synchronised)."""
-    from lmforge.rollout import response_logprobs
-    from lmforge.train.dist import unwrap
-
     hidden, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
     head = unwrap(model).policy.lm_head.weight
     return response_logprobs(hidden, head, batch, temperature), response_values(values, batch)
@@ -101,8 +129,6 @@ def logprobs_and_values(model, batch: dict, temperature: float) -> tuple[torch.T
 
 def response_values(values: torch.Tensor, batch: dict) -> torch.Tensor:
     """V(s_t) for each response token t: the value read where that token's logits are (columns P-1 ... P+R-2)."""
-    from lmforge.rollout import response_columns
-
     return response_columns(values, batch) * batch["response_mask"]
 
 
@@ -120,98 +146,81 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, b
     return rewards
 
 
-def run_ppo(cfg: PPOConfig) -> dict:
-    from safetensors.torch import save_model as save_weights
-
-    from lmforge.generation import SamplingParams
-    from lmforge.modelio import load_model_dir, save_model_dir
-    from lmforge.objectives.rl import (
-        adaptive_kl_controller,
-        gae,
-        kl_estimate,
-        masked_mean,
-        ppo_policy_loss,
-        ppo_value_loss,
-        whiten,
-    )
-    from lmforge.rollout import (
-        RolloutStream,
-        hash_seed,
-        pack_rollout,
-        policy_logprobs,
-        prompt_indices,
-        sample_and_score,
-        score_buffer,
-        start_rl_run,
-    )
-    from lmforge.stages.grpo import kl_anomaly_check, rl_summary, save_summary
-    from lmforge.train.dist import refuse_fsdp
-    from lmforge.train.loop import autocast_context, train
-
-    refuse_fsdp(cfg.train, "ppo")
-    run = start_rl_run(cfg)
-    policy, ref, tokenizer, out_dir, dist = run.policy, run.ref, run.tokenizer, run.out_dir, run.dist
-    rows, prompt_ids, reward = run.rows, run.prompt_ids, run.reward
-    critic = load_model_dir(critic_source(cfg), device=dist.device, num_labels=1)
-    model = PolicyAndValue(policy, critic)
+def ppo_rollout(cfg: PPOConfig, model: PolicyAndValue, ref, tokenizer, rows: list[dict], prompt_ids: list[list[int]],
+                reward, dist, kl_coef):
+    """PPO's ``make_rollout(iteration, plan) -> (buffer, stats)`` for a RolloutStream: sample with the policy,
+    score the buffer (log-probs and values, reference log-probs), shape the rewards with the KL penalty, GAE.
+    ``kl_coef()`` is the KL coefficient of this rollout (the adaptive controller's state)."""
     T = cfg.temperature
 
     def make_rollout(iteration: int, plan):
-        beta = stream.stats.get("kl_coef_next", cfg.kl_coef)  # the adaptive controller's state
+        beta = kl_coef()
         idx = prompt_indices(len(rows), iteration, cfg.prompts_per_rollout, cfg.train.seed, dist.rank,
                              dist.world_size)
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=T, n=cfg.num_generations,
                                 seed=hash_seed(cfg.train.seed, iteration, dist.rank), compile=cfg.compile_generation)
-        samples = sample_and_score(policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx],
+        samples = sample_and_score(model.policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx],
                                    params, reward)
         buffer = pack_rollout(samples.prompt_ids, samples.completion_ids, tokenizer.pad_id)
-        batches = plan(len(samples.completion_ids))
-        autocast = autocast_context(cfg.train, dist.device)
-
-        def both(batch):
-            logprobs, values = logprobs_and_values(model, batch, T)
-            return {"logprobs": logprobs, "values": values}
-
-        def reference(batch):
-            return {"logprobs": policy_logprobs(ref, batch, T)}
-
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            scored = score_buffer(both, buffer, batches, dist.device, autocast)
-            ref_logprobs = score_buffer(reference, buffer, batches, dist.device, autocast)["logprobs"]
-        model.train(was_training)
+        logprobs, values, ref_logprobs = score_rollout(model, ref, buffer, plan(len(samples.completion_ids)), T,
+                                                       dist.device, autocast_context(cfg.train, dist.device))
         mask = buffer["response_mask"]
-        logprobs, values = scored["logprobs"], scored["values"]
         kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * mask
-        scores = samples.rewards
-        rewards = shaped_rewards(scores, kl, mask, beta)
+        rewards = shaped_rewards(samples.rewards, kl, mask, beta)
         if cfg.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         buffer.update(old_logprobs=logprobs, old_values=values, returns=returns,
                       advantages=whiten(advantages, mask))
-        seq_kl = kl.sum(1).mean().item()
-        non_score = (-beta * kl).sum(1).mean().item()
-        stats = samples.stats(cfg.num_generations)
-        if cfg.num_generations == 1:
-            del stats["frac_reward_zero_std"]  # no groups to be flat
-        eos = sum(f == "stop" for f in samples.finish_reasons)
-        stats.update({"objective/kl": seq_kl, "objective/entropy": (-logprobs * mask).sum(1).mean().item(),
-                      "objective/non_score_reward": non_score, "objective/scores": scores.mean().item(),
-                      "objective/rlhf_reward": scores.mean().item() + non_score, "objective/kl_coef": beta,
-                      "val/num_eos_tokens": float(eos), "kl_k1": masked_mean(logprobs - ref_logprobs, mask).item(),
-                      "rollout": iteration + 1})
-        stats["kl_coef_next"] = adaptive_kl_controller(beta, seq_kl, cfg.target_kl, len(scores), cfg.kl_horizon) \
-            if cfg.adaptive_kl else beta
+        stats = rollout_stats(cfg, samples, logprobs, ref_logprobs, kl, mask, beta, iteration)
         kl_anomaly_check(iteration, stats)
         return buffer, stats
+    return make_rollout
 
-    stream = RolloutStream(make_rollout, epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size,
-                           seed=cfg.train.seed, resume_dir=run.resume_dir)
 
+def score_rollout(model: PolicyAndValue, ref, buffer: dict, batches, temperature: float, device, autocast):
+    """(log-probs, values, reference log-probs) of the buffer's responses, in eval mode without gradients,
+    scored in exactly the micro-batches the first epoch trains on."""
+    def both(batch):
+        logprobs, values = logprobs_and_values(model, batch, temperature)
+        return {"logprobs": logprobs, "values": values}
+
+    def reference(batch):
+        return {"logprobs": policy_logprobs(ref, batch, temperature)}
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        scored = score_buffer(both, buffer, batches, device, autocast)
+        ref_logprobs = score_buffer(reference, buffer, batches, device, autocast)["logprobs"]
+    model.train(was_training)
+    return scored["logprobs"], scored["values"], ref_logprobs
+
+
+def rollout_stats(cfg: PPOConfig, samples, logprobs, ref_logprobs, kl, mask, beta: float, iteration: int) -> dict:
+    """TRL's PPO rollout metrics (objective/kl, objective/entropy, objective/rlhf_reward, ...) and the next KL
+    coefficient (kl_coef_next: the adaptive controller's step, or beta when it is fixed)."""
+    scores = samples.rewards
+    seq_kl = kl.sum(1).mean().item()
+    non_score = (-beta * kl).sum(1).mean().item()
+    stats = samples.stats(cfg.num_generations)
+    if cfg.num_generations == 1:
+        del stats["frac_reward_zero_std"]  # no groups to be flat
+    eos = sum(f == "stop" for f in samples.finish_reasons)
+    stats.update({"objective/kl": seq_kl, "objective/entropy": (-logprobs * mask).sum(1).mean().item(),
+                  "objective/non_score_reward": non_score, "objective/scores": scores.mean().item(),
+                  "objective/rlhf_reward": scores.mean().item() + non_score, "objective/kl_coef": beta,
+                  "val/num_eos_tokens": float(eos), "kl_k1": masked_mean(logprobs - ref_logprobs, mask).item(),
+                  "rollout": iteration + 1})
+    stats["kl_coef_next"] = adaptive_kl_controller(beta, seq_kl, cfg.target_kl, len(scores), cfg.kl_horizon) \
+        if cfg.adaptive_kl else beta
+    return stats
+
+
+def ppo_loss_fn(cfg: PPOConfig):
+    """loss_fn(model, micro-batch) for the loop: clipped surrogate + vf_coef x clipped value loss (objectives/rl)."""
     def loss_fn(model, batch):
-        logp, values = logprobs_and_values(model, batch, T)
+        logp, values = logprobs_and_values(model, batch, cfg.temperature)
         mask = batch["response_mask"]
         pg_loss, pm = ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg.clip_eps)
         vf_loss, vm = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.clip_value)
@@ -220,32 +229,39 @@ def run_ppo(cfg: PPOConfig) -> dict:
             **stats, "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
             "policy/clipfrac_avg": pm["clipfrac"], "policy/approxkl_avg": pm["approx_kl"],
             "val/ratio": pm["ratio_mean"], "val/clipfrac_avg": vm["vf_clipfrac"], "val/vpred": vm["vpred"]}
+    return loss_fn
+
+
+def run_ppo(cfg: PPOConfig) -> dict:
+    refuse_fsdp(cfg.train, "ppo")
+    rl = start_rl_run(cfg)
+    policy, tokenizer, out_dir, dist = rl.policy, rl.tokenizer, rl.out_dir, rl.dist
+    critic = load_model_dir(critic_source(cfg), device=dist.device, num_labels=1)
+    model = PolicyAndValue(policy, critic)
+    make_rollout = ppo_rollout(cfg, model, rl.ref, tokenizer, rl.rows, rl.prompt_ids, rl.reward, dist,
+                               kl_coef=lambda: stream.stats.get("kl_coef_next", cfg.kl_coef))
+    stream = RolloutStream(make_rollout, epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size,
+                           seed=cfg.train.seed, resume_dir=rl.resume_dir)
 
     def save_model(path: Path):
         save_weights(model, str(path / "model.safetensors"))
         tokenizer.save(path)
         stream.save_buffer(path)
 
-    run.log_start_eval()
-    result = train(model, loss_fn, stream, cfg.train, out_dir, save_model=save_model, eval_fn=run.eval_fn,
+    rl.log_start_eval()
+    result = train(model, ppo_loss_fn(cfg), stream, cfg.train, out_dir, save_model=save_model, eval_fn=rl.eval_fn,
                    dist=dist, tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), run_config=cfg,
                    description="ppo")
     summary = {}
     if dist.is_main:
-        save_model_dir(out_dir / "model", policy, tokenizer)
-        save_model_dir(out_dir / "critic", critic, tokenizer)
-        summary = rl_summary(out_dir, result, run.t0, "ppo", reward_key="objective/rlhf_reward")
-        summary["critic_dir"] = str(out_dir / "critic")
-        save_summary(out_dir, summary)
-    return summary
+        summary = rl_summary(out_dir, result, "ppo", reward_key="objective/rlhf_reward")
+        summary["critic_dir"] = str(save_model_dir(out_dir / "critic", critic, tokenizer))
+    return finish_run(rl.run, summary, policy, tokenizer)
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-    from lmforge.stages.grpo import print_summary
-
     cfg = parse_cli(argv, PPOConfig, prog="lmforge ppo", description=__doc__, default_recipe="tiny", section="ppo")
     summary = run_ppo(cfg)
     if summary:
-        print_summary(summary)
+        print_rl_summary(summary)
     return 0

@@ -21,28 +21,31 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from lmforge.answers import is_correct
+from lmforge.config import parse_cli
 from lmforge.data import thinkworld
 from lmforge.data.chat import encode_prompt
 from lmforge.data.preference import Batches
-from lmforge.data.sources import DataError
+from lmforge.data.prompts import read_rl_prompts
 from lmforge.data.stepwise import (
     StepExample,
     collate_steps,
     prompt_ids_of,
     read_stepwise,
-    split_steps,
     tokenize_steps,
 )
+from lmforge.errors import DataError
 from lmforge.evaluation import generate_all
 from lmforge.generation import SamplingParams
 from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir, write_model_files
 from lmforge.objectives.prm import first_error_f1, prm_loss
 from lmforge.prm import PRMScorer, mc_step_labels, policy_rollouts, step_logits
-from lmforge.rollout import read_rl_prompts
-from lmforge.train.dist import start_run
+from lmforge.thinking import split_steps
 from lmforge.train.loop import TrainConfig, train
+from lmforge.train.runs import start_run
 
 LABELS = ("checker", "mc")
 TARGETS = ("step", "outcome")
@@ -213,9 +216,8 @@ def run_prm(cfg: PRMConfig) -> dict:
     """Sample and label traces (or read stepwise data), train the PRM, evaluate it on held-out traces."""
     rows_given = read_stepwise(cfg.data) if cfg.data else None  # bad rows fail before anything loads
     eval_given = read_stepwise(cfg.eval_data) if cfg.eval_data else None
-    dist, out_dir = start_run(cfg)
-    t0 = time.time()
-    torch.manual_seed(cfg.train.seed)
+    run = start_run(cfg)
+    dist, out_dir, t0 = run.dist, run.out_dir, run.t0
     tok = load_tokenizer(cfg.model)
     if rows_given is not None:
         train_traces = data_traces(tok, rows_given, cfg)
@@ -283,9 +285,6 @@ def prm_table(summary: dict) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     e = summary["eval"]
     kind = "outcome reward model" if summary["target"] == "outcome" else "process reward model"
     table = Table(title=f"{kind} ({summary['labels']} labels)", show_header=False)
@@ -307,8 +306,6 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, PRMConfig, prog="lmforge prm", description=__doc__, default_recipe="reasoning",
                     section="prm")
     summary = run_prm(cfg)

@@ -16,11 +16,20 @@ relative weight error per layer (||W - W_q|| / ||W||, mean and max), and greedy 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.config import parse_cli
+from lmforge.errors import ConfigError
+from lmforge.evaluation import decode_speed, heldout_text, token_perplexity
+from lmforge.modelio import load_model_dir, load_tokenizer, resolve_model_dir, save_model_dir
+from lmforge.quant import QuantizedModelError, quantize_model
 
 
 @dataclass
@@ -51,23 +60,7 @@ def weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def decode_speed(model, prompt: list[int], new_tokens: int, batch_size: int = 1, repeats: int = 2) -> float:
-    """Greedy new tokens per second (all rows together, end-of-sequence ignored), best of ``repeats`` runs
-    after a short warm-up."""
-    from lmforge.generation import SamplingParams, generate
-
-    prompts = [list(prompt)] * batch_size
-    generate(model, prompts, SamplingParams(max_new_tokens=2, temperature=0.0), eos_token_ids=[])
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate(model, prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0.0), eos_token_ids=[])
-        best = min(best, time.perf_counter() - t0)
-    return batch_size * new_tokens / best
-
-
 def measure(model, ids: list[int] | None, prompt: list[int], speed_tokens: int) -> dict:
-    from lmforge.evaluation import token_perplexity
 
     out = {"perplexity": round(token_perplexity(model, ids), 4) if ids else None}
     if speed_tokens > 0:
@@ -81,19 +74,12 @@ def eval_ids(cfg: QuantizeConfig, tokenizer) -> list[int] | None:
     if cfg.eval_text:
         text = Path(cfg.eval_text).read_text(encoding="utf-8")
     else:
-        from lmforge.stages.importer import heldout_text
-
         text = heldout_text()
     return tokenizer.encode(text)[:cfg.eval_tokens]
 
 
 def run_quantize(cfg: QuantizeConfig) -> dict:
     """Quantize cfg.model into cfg.out and measure both; returns the summary written to out/quantize.json."""
-    import torch
-
-    from lmforge.modelio import load_model_dir, load_tokenizer, resolve_model_dir, save_model_dir
-    from lmforge.quant import QuantizedModelError, quantize_model
-
     src = resolve_model_dir(cfg.model)
     hf = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else {}
     if hf.get("quantization_config"):
@@ -129,9 +115,6 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
 
 
 def print_summary(s: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     name = f"int{s['bits']}" + (f" (group {s['group_size']})" if s["group_size"] else "")
     table = Table(title=f"lmforge quantize -> {s['out']}")
     table.add_column("")
@@ -150,14 +133,10 @@ def print_summary(s: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, QuantizeConfig, prog="lmforge quantize", description=__doc__)
     try:
         summary = run_quantize(cfg)
     except (FileNotFoundError, ValueError) as e:
-        from lmforge.config import ConfigError
-
         if isinstance(e, ConfigError):
             raise
         print(f"lmforge quantize: error: {e}", file=sys.stderr)

@@ -15,11 +15,30 @@ that ``transformers`` opens as ``LlamaForSequenceClassification`` (and lmforge w
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 
-from lmforge.data.preference import PreferenceDataConfig
-from lmforge.train.loop import TrainConfig
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.config import parse_cli
+from lmforge.data.chat import tokenize_prompt_completion
+from lmforge.data.preference import (
+    Batches,
+    PreferenceDataConfig,
+    collate_pairs,
+    load_preference_data,
+    pair_from_row,
+    pair_length,
+)
+from lmforge.data.rows import read_rows
+from lmforge.errors import DataError
+from lmforge.modelio import check_context, load_model_and_tokenizer, write_model_files
+from lmforge.objectives import bradley_terry_loss
+from lmforge.scoring import evaluate_pairs, reward_scores, sequence_rewards
+from lmforge.train.dist import refuse_fsdp
+from lmforge.train.loop import TrainConfig, train
+from lmforge.train.runs import finish_run, round_metrics, start_run
 
 
 @dataclass
@@ -40,46 +59,7 @@ class RewardConfig:
             raise ValueError("use_margin needs data.chosen_score and data.rejected_score (the fields with scores)")
 
 
-def last_token_index(attention_mask):
-    """Index of the last real (mask = 1) token of each row: right, left or no padding."""
-    import torch
-
-    T = attention_mask.shape[1]
-    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
-    return (positions * attention_mask.bool()).amax(dim=1)
-
-
-def is_right_padded(attention_mask) -> bool:
-    """True when every row's padding sits at its end, so plain causal attention already ignores it."""
-    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
-
-
-def forward_hidden(model, input_ids, attention_mask=None):
-    """Final hidden states; with left (or inner) padding the mask and shifted positions are passed, with right
-    padding neither is needed (causal attention never looks right) and the fast causal kernel runs."""
-    if attention_mask is None or is_right_padded(attention_mask):
-        return model(input_ids, return_hidden=True)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids, attention_mask=attention_mask, position_ids=positions, return_hidden=True)
-
-
-def sequence_rewards(model, input_ids, attention_mask=None):
-    """(N,) fp32 rewards: the ``score`` head on the hidden state of each row's last non-pad token."""
-    import torch
-
-    from lmforge.train.dist import unwrap
-
-    hidden = forward_hidden(model, input_ids, attention_mask)
-    if attention_mask is None:
-        last = hidden[:, -1]
-    else:
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-    return unwrap(model).score(last)[:, 0].float()
-
-
 def reward_loss_fn(cfg: RewardConfig):
-    from lmforge.objectives import bradley_terry_loss
-
     def loss_fn(model, batch):
         rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
         chosen, rejected = rewards.chunk(2)
@@ -91,53 +71,17 @@ def reward_loss_fn(cfg: RewardConfig):
     return loss_fn
 
 
-def evaluate_pairs(model, loss_fn, pairs, collate, batch_size: int, device, limit_batches: int = 0) -> dict:
-    """Pair-weighted means of loss_fn's loss and metrics over held-out pairs, named eval_*."""
-    from lmforge.data.preference import in_batches
-    from lmforge.train.loop import to_device
-
-    sums: dict[str, float] = {}
-    n = 0
-    for i, chunk in enumerate(in_batches(pairs, batch_size)):
-        if limit_batches and i >= limit_batches:
-            break
-        loss, metrics = loss_fn(model, to_device(collate(chunk), device))
-        for k, v in {"loss": loss, **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
-        n += len(chunk)
-    return {f"eval_{k}": v / max(n, 1) for k, v in sums.items()}
-
-
-def load_policy(path: str, num_labels: int | None = None):
-    """(model, tokenizer) from a model directory; the tokenizer must be there too (it carries the template)."""
-    from lmforge.data.sources import DataError
-    from lmforge.modelio import load_model_dir, load_tokenizer
-
-    try:
-        model = load_model_dir(path, num_labels=num_labels)
-        tokenizer = load_tokenizer(path)
-    except FileNotFoundError as e:
-        raise DataError(f"model={path}: {e} (train one with `lmforge sft`, or import one)") from None
-    return model, tokenizer
-
-
 def run_reward(cfg: RewardConfig) -> dict:
     """Train the reward model; returns the summary (eval accuracy and margin, data counts, model dir)."""
-    import torch
-
-    from lmforge.data.preference import Batches, collate_pairs, load_preference_data, pair_length
-    from lmforge.modelio import save_model_dir, write_model_files
-    from lmforge.train.dist import refuse_fsdp, start_run
-    from lmforge.train.loop import train
-
     refuse_fsdp(cfg.train, "reward")
-    dist, out_dir = start_run(cfg)
-    t0 = time.time()
-    torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_policy(cfg.model, num_labels=1)
+    run = start_run(cfg)
+    dist = run.dist
+    model, tokenizer = load_model_and_tokenizer(cfg.model, "cpu", num_labels=1)  # the head's init: CPU RNG
     if model.score.weight.abs().sum() == 0:  # a fresh head: small random init (TRL: std 1/sqrt(d + 1))
         torch.nn.init.normal_(model.score.weight, std=1 / (model.config.hidden_size + 1) ** 0.5)
     train_pairs, eval_pairs, stats = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+    check_context(model, max(map(pair_length, train_pairs + eval_pairs), default=0), "data.max_length",
+                  cfg.data.max_length)
     pad = tokenizer.pad_id
 
     def collate(items):
@@ -151,17 +95,12 @@ def run_reward(cfg: RewardConfig) -> dict:
         return evaluate_pairs(m, loss_fn, eval_pairs, collate, cfg.train.micro_batch_size, dist.device,
                               cfg.train.eval_batches) if eval_pairs else {}
 
-    result = train(model, loss_fn, batches, cfg.train, out_dir, dist=dist, eval_fn=eval_fn,
+    result = train(model, loss_fn, batches, cfg.train, run.out_dir, dist=dist, eval_fn=eval_fn,
                    save_model=lambda path: write_model_files(path, model, tokenizer), run_config=cfg,
                    tokens_per_batch_fn=lambda b: int(b["attention_mask"].sum()), description="reward")
-    summary = {}
-    if dist.is_main:
-        save_model_dir(out_dir / "model", model, tokenizer)
-        summary = {**{k: round(v, 4) for k, v in result.eval_metrics.items()},
-                   "train_accuracy": result.metrics.get("accuracy"), "steps": result.step,
-                   "data": stats, "seconds": round(time.time() - t0, 1), "model_dir": str(out_dir / "model")}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    summary = {**round_metrics(result.eval_metrics), "train_accuracy": result.metrics.get("accuracy"),
+               "steps": result.step, "data": stats}
+    return finish_run(run, summary, model, tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------- scoring
@@ -183,50 +122,17 @@ class ScoreConfig:
             raise ValueError("give data=FILE, or prompt=... and response=...")
 
 
-@dataclass
-class ScoreRow:
-    where: str
-    prompt_ids: list
-    answers: list  # token ids of one or two answers
-
-
-def score_texts(model, tokenizer, prompt, responses: list, batch_size: int = 16) -> list[float]:
-    """Rewards of ``responses`` (strings or assistant messages) to one ``prompt``, tokenized as in training."""
-    from lmforge.data.chat import tokenize_prompt_completion
-
-    rows = [sum(tokenize_prompt_completion(tokenizer, prompt, r), []) for r in responses]
-    return score_token_rows(model, rows, tokenizer.pad_id, batch_size)
-
-
-def score_token_rows(model, rows: list[list[int]], pad_id: int, batch_size: int = 16) -> list[float]:
-    import torch
-
-    from lmforge.data.preference import in_batches, pad_rows
-
-    device = model.score.weight.device
-    out = []
-    with torch.inference_mode():
-        for chunk in in_batches(rows, batch_size):
-            ids, mask = pad_rows(chunk, pad_id)
-            out += sequence_rewards(model, ids.to(device), mask.to(device)).tolist()
-    return out
-
-
 def run_score(cfg: ScoreConfig) -> dict:
-    from lmforge.data.chat import tokenize_prompt_completion
-    from lmforge.data.preference import _rows, pair_from_row
-    from lmforge.data.sources import DataError
-
-    model, tokenizer = load_policy(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
     if model.score is None:
         raise DataError(f"model={cfg.model}: no score head, so this is not a reward model (train one with "
                         "`lmforge reward`)")
-    model.eval()
     if not cfg.data:
-        score = score_texts(model, tokenizer, cfg.prompt, [cfg.response])[0]
+        score = reward_scores(model, [tokenize_prompt_completion(tokenizer, cfg.prompt, cfg.response)],
+                              tokenizer.pad_id)[0]
         return {"rows": [{"prompt": cfg.prompt, "response": cfg.response, "score": score}]}
     records, rows, skipped = [], [], 0
-    for row, where in _rows(cfg.data):
+    for row, where in read_rows(cfg.data):
         if cfg.limit and len(records) >= cfg.limit:
             break
         if "chosen" in row or "rejected" in row:
@@ -237,15 +143,15 @@ def run_score(cfg: ScoreConfig) -> dict:
             p, c = tokenize_prompt_completion(tokenizer, pair.prompt, pair.chosen)
             _, r = tokenize_prompt_completion(tokenizer, pair.prompt, pair.rejected)
             records.append({"where": where, "kind": "pair"})
-            rows += [p + c, p + r]
+            rows += [(p, c), (p, r)]
         elif "prompt" in row and ("completion" in row or "response" in row):
             p, c = tokenize_prompt_completion(tokenizer, row["prompt"], row.get("completion", row.get("response")))
             records.append({"where": where, "kind": "single"})
-            rows.append(p + c)
+            rows.append((p, c))
         else:
             raise DataError(f"{where}: a row to score needs 'chosen'/'rejected', or 'prompt' and 'completion' "
                             f"(fields: {', '.join(row)})")
-    scores = iter(score_token_rows(model, rows, tokenizer.pad_id, cfg.batch_size))
+    scores = iter(reward_scores(model, rows, tokenizer.pad_id, cfg.batch_size))
     for rec in records:
         if rec.pop("kind") == "pair":
             rec["chosen"], rec["rejected"] = next(scores), next(scores)
@@ -264,9 +170,6 @@ def run_score(cfg: ScoreConfig) -> dict:
 
 
 def print_score(summary: dict, limit: int = 20) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     rows = summary["rows"]
     table = Table(title=f"reward scores ({len(rows)} rows)")
     pairs = "chosen" in rows[0]
@@ -286,9 +189,6 @@ def print_score(summary: dict, limit: int = 20) -> None:
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="reward model", show_header=False)
     if "eval_accuracy" in summary:
         table.add_row("eval accuracy", f"{summary['eval_accuracy']:.3f} (chance 0.5)")
@@ -302,8 +202,6 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     if argv and argv[0] == "score":
         cfg = parse_cli(argv[1:], ScoreConfig, prog="lmforge reward score",
                         description="Score preference pairs or one prompt/response with a reward model.")

@@ -9,6 +9,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from lmforge.config import parse_cli
+from lmforge.data.prompts import encode_prompt_row
+from lmforge.generation import generate, sampling_params_from
+from lmforge.modelio import DTYPES, load_model_and_tokenizer
+
 
 @dataclass
 class SampleConfig:
@@ -31,20 +36,15 @@ class SampleConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
 
     def validate(self) -> None:
-        from lmforge.stages.generate import DTYPES
-
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 def run_sample(cfg: SampleConfig, stream=None) -> list[str]:
     """Sample ``cfg.n`` continuations; streams tokens to ``stream`` (a file) when n == 1."""
-    from lmforge.generation import generate
-    from lmforge.stages.generate import encode_prompt, load_for_generation, sampling_params_from
-
-    model, tok = load_for_generation(cfg.model, cfg.device, cfg.dtype)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
     row = {"messages": [{"role": "user", "content": cfg.prompt}]} if cfg.chat else {"prompt": cfg.prompt}
-    ids = encode_prompt(tok, row, add_bos=True)
+    ids = encode_prompt_row(tok, row, add_bos=True)
     params = sampling_params_from(cfg)
     on_token = None
     if stream is not None and cfg.n == 1:
@@ -68,8 +68,6 @@ def run_sample(cfg: SampleConfig, stream=None) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, SampleConfig, prog="lmforge sample", description=__doc__)
     texts = run_sample(cfg, stream=sys.stdout)
     if cfg.n > 1:

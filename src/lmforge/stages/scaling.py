@@ -10,7 +10,7 @@
            train it, report the error
 
 The formulas and their sources are in ``lmforge.scaling.laws``; the sweep's FLOP accounting in
-``lmforge.scaling.sweep``.
+``lmforge.train.sweep``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,17 @@ import json
 import math
 import sys
 from pathlib import Path
+
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.table import Table
+
+from lmforge.config import describe, from_dict, parse_override, read_yaml, recipe_path, set_dotted
+from lmforge.errors import ConfigError
+from lmforge.scaling import plots
+from lmforge.scaling.laws import CHINCHILLA, ChinchillaLaw, analyze, tokens_per_param_rule
+from lmforge.train.lm import PretrainConfig
+from lmforge.train.sweep import ScalingConfig, read_table, run_predict, run_sweep, table_arrays
 
 SUBCOMMANDS = ("sweep", "fit", "optimal", "predict")
 
@@ -40,16 +51,10 @@ def main(argv: list[str]) -> int:
 
 def load_configs(recipe: str, overrides: list[str]):
     """(ScalingConfig, PretrainConfig) from a two-section recipe; ``pretrain.x=…`` overrides the base run."""
-    from lmforge.config import from_dict, parse_override, read_yaml, recipe_path, set_dotted
-    from lmforge.scaling.sweep import ScalingConfig
-    from lmforge.stages.pretrain import PretrainConfig
-
     path = recipe_path(recipe)
     data = read_yaml(path)
     unknown = [k for k in data if k not in ("scaling", "pretrain")]
     if unknown:
-        from lmforge.config import ConfigError
-
         raise ConfigError(f"{path}: unknown section {unknown[0]!r} (a scaling recipe has 'scaling' and 'pretrain')")
     scaling, pretrain = dict(data.get("scaling") or {}), dict(data.get("pretrain") or {})
     for text in overrides:
@@ -63,9 +68,6 @@ def load_configs(recipe: str, overrides: list[str]):
 
 
 def _recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    from lmforge.config import describe
-    from lmforge.scaling.sweep import ScalingConfig
-
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (override with key=value; the base pretrain run with pretrain.KEY=value, "
@@ -81,7 +83,6 @@ def _recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def cmd_sweep(argv: list[str]) -> int:
     args = _recipe_parser("lmforge scaling sweep", "Train the IsoFLOP grid, then fit it.").parse_args(argv)
     scfg, base = load_configs(args.config, args.overrides)
-    from lmforge.scaling.sweep import run_sweep
 
     rows = run_sweep(scfg, base)
     table = Path(scfg.out_dir) / "sweep.csv"
@@ -96,10 +97,6 @@ def cmd_predict(argv: list[str]) -> int:
     args = _recipe_parser("lmforge scaling predict",
                           "Fit the sweep, predict a larger model's loss, train it, compare.").parse_args(argv)
     scfg, base = load_configs(args.config, args.overrides)
-    from rich.console import Console
-    from rich.markdown import Markdown
-
-    from lmforge.scaling.sweep import run_predict
 
     result = run_predict(scfg, base)
     Console().print(Markdown(Path(result["report"]).read_text()))
@@ -121,10 +118,6 @@ def cmd_fit(argv: list[str]) -> int:
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
 
-    from lmforge.config import ConfigError
-    from lmforge.scaling.laws import analyze
-    from lmforge.scaling.sweep import read_table, table_arrays
-
     if not 0 < args.level < 1 or args.n_boot < 0:
         raise ConfigError("--level must be in (0, 1) and --n-boot >= 0")
     rows = read_table(args.table, required=("tokens", "val_loss", args.n_column))
@@ -140,8 +133,6 @@ def cmd_fit(argv: list[str]) -> int:
         summary["plots"] = [str(p) for p in make_plots(out, N, D, budget, L, analysis)]
     (out / "fit.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "fit.md").write_text(fit_markdown(summary))
-    from rich.console import Console
-    from rich.markdown import Markdown
 
     Console().print(Markdown(fit_markdown(summary)))
     print(f"wrote {out / 'fit.json'}, {out / 'fit.md'}" + (f" and {len(summary['plots'])} plots" if summary["plots"]
@@ -150,8 +141,6 @@ def cmd_fit(argv: list[str]) -> int:
 
 
 def make_plots(out: Path, N, D, budget, L, analysis) -> list[Path]:
-    from lmforge.scaling import plots
-
     paths = []
     if analysis.chinchilla is not None:
         paths.append(plots.plot_fit(out / "fit.png", N, D, L, analysis.chinchilla.law))
@@ -223,8 +212,6 @@ def cmd_optimal(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
-    from lmforge.config import ConfigError
-
     if any(c <= 0 for c in args.flops) or args.throughput_flops <= 0 or not 0 < args.mfu <= 1 or args.gpus < 1:
         raise ConfigError("--flops and --throughput-flops must be positive, --mfu in (0, 1], --gpus >= 1")
     rows = [dict(row, flops=c, hours=c / (args.throughput_flops * args.mfu * args.gpus) / 3600)
@@ -232,8 +219,6 @@ def cmd_optimal(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=f"compute-optimal allocation (C = 6ND; time at {args.gpus} x "
                         f"{args.throughput_flops:.3g} FLOP/s x {args.mfu:.0%} MFU)")
@@ -249,9 +234,6 @@ def cmd_optimal(argv: list[str]) -> int:
 
 def resolve_laws(spec: str) -> list[tuple[str, object]]:
     """(label, law) pairs: the requested law first, then the published references it is compared with."""
-    from lmforge.config import ConfigError
-    from lmforge.scaling.laws import CHINCHILLA, ChinchillaLaw
-
     chin = ("Chinchilla approach 3 (published)", CHINCHILLA)
     rule = ("tokens/param rule", None)
     if spec == "chinchilla":
@@ -280,8 +262,6 @@ def resolve_laws(spec: str) -> list[tuple[str, object]]:
 
 
 def allocations(C: float, laws, ratio: float) -> list[dict]:
-    from lmforge.scaling.laws import ChinchillaLaw, tokens_per_param_rule
-
     rows = []
     for label, law in laws:
         loss = None

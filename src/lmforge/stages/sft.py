@@ -12,13 +12,32 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from lmforge.lora import LoraOptions
-from lmforge.train.loop import TrainConfig
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import save_model as save_weights
+
+from lmforge.config import parse_cli
+from lmforge.data.chat import encode_chat_prompt, read_sft_rows, tokenize_conversation
+from lmforge.data.packing import Examples, PackingStats, SFTBatches, iter_rows, make_rows, prepare_examples
+from lmforge.data.shards import is_val_doc
+from lmforge.errors import DataError
+from lmforge.generation import SamplingParams, generate
+from lmforge.lora import LoraOptions, apply_lora, merge_lora, save_adapter, trainable_parameters
+from lmforge.modelio import check_context, load_model_dir, load_tokenizer, save_model_dir, write_model_files
+from lmforge.tokenizer import CHATML_TEMPLATE
+from lmforge.train.dist import all_reduce_sum
+from lmforge.train.lm import sft_loss
+from lmforge.train.loop import TrainConfig, train
+from lmforge.train.metrics import ProgressDisplay
+from lmforge.train.runs import finish_run, start_run
 
 
 @dataclass
@@ -55,8 +74,6 @@ class SFTConfig:
 
 
 def load_conversations(spec: str, cfg: SFTConfig) -> list[tuple[list[dict], str]]:
-    from lmforge.data.chat import read_sft_rows
-
     rows = []
     for messages, where in read_sft_rows(spec, cfg.messages_field, cfg.prompt_field, cfg.completion_field,
                                          with_where=True):
@@ -68,8 +85,6 @@ def load_conversations(spec: str, cfg: SFTConfig) -> list[tuple[list[dict], str]
 
 def split_conversations(rows: list, val_fraction: float, seed: int) -> tuple[list, list]:
     """(train, val) by a hash of each conversation's text: stable whatever the order or size of the data."""
-    from lmforge.data.shards import is_val_doc
-
     if val_fraction <= 0:
         return rows, []
     keys = [json.dumps(m, sort_keys=True, ensure_ascii=False) for m, _ in rows]
@@ -81,10 +96,6 @@ def split_conversations(rows: list, val_fraction: float, seed: int) -> tuple[lis
 
 def tokenize_rows(rows: list, tokenizer) -> list[tuple[list[int], list[int]]]:
     """(ids, assistant mask) per conversation; a template failure is a DataError naming the row."""
-    from lmforge.data.chat import tokenize_conversation
-    from lmforge.data.sources import DataError
-    from lmforge.train.metrics import ProgressDisplay
-
     out = []
     with ProgressDisplay(len(rows), 0, "tokenize", enabled=len(rows) > 2000) as progress:
         for i, (messages, where) in enumerate(rows, 1):
@@ -98,9 +109,6 @@ def tokenize_rows(rows: list, tokenizer) -> list[tuple[list[int], list[int]]]:
 
 
 def prepare_tokenizer(cfg: SFTConfig):
-    from lmforge.modelio import load_tokenizer
-    from lmforge.tokenizer import CHATML_TEMPLATE
-
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     if cfg.chat_template:
         tokenizer.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
@@ -109,18 +117,8 @@ def prepare_tokenizer(cfg: SFTConfig):
     return tokenizer
 
 
-def sft_loss(model, batch: dict):
-    """Mean next-token cross-entropy over assistant tokens (labels -100 elsewhere); an all-masked batch is 0."""
-    loss = model(batch["input_ids"], labels=batch["labels"], document_ids=batch.get("document_ids"))
-    return loss, {"num_target_tokens": (batch["labels"] != -100).sum().float()}
-
-
 def assistant_loss(model, batches, device) -> tuple[float, int]:
     """Token-weighted mean loss over the assistant tokens of every batch, and how many tokens that was."""
-    import torch
-
-    from lmforge.train.dist import all_reduce_sum
-
     total, count = 0.0, 0
     for batch in batches:
         n = int((batch["labels"] != -100).sum())
@@ -133,21 +131,20 @@ def assistant_loss(model, batches, device) -> tuple[float, int]:
     return (total / count if count else float("nan")), int(count)
 
 
-def run_sft(cfg: SFTConfig) -> dict:
-    """Fine-tune and return a summary: val_loss before/after (assistant tokens), packing counts, tokens/s."""
-    import torch
+@dataclass
+class SFTData:
+    """The tokenized, packed conversations of a run: examples, the rows they pack into, and their counts."""
+    train: Examples
+    val: Examples
+    train_rows: list[list[int]]  # example indices per packed row
+    val_rows: list[list[int]]
+    stats: PackingStats
+    val_stats: PackingStats
+    conversations: tuple[int, int]  # (train, val)
 
-    from lmforge.data.packing import SFTBatches, iter_rows, make_rows, prepare_examples
-    from lmforge.data.sources import DataError
-    from lmforge.lora import apply_lora, merge_lora, save_adapter, trainable_parameters
-    from lmforge.modelio import load_model_dir, save_model_dir, write_model_files
-    from lmforge.train.dist import start_run
-    from lmforge.train.loop import train
 
-    dist, out_dir = start_run(cfg)
-    t0 = time.time()
-    tokenizer = prepare_tokenizer(cfg)
-
+def prepare_data(cfg: SFTConfig, tokenizer) -> SFTData:
+    """Read, split, tokenize and pack the conversations; every failure is one DataError naming the row."""
     rows = load_conversations(cfg.data, cfg)
     if not rows:
         raise DataError(f"{cfg.data}: no conversations")
@@ -157,110 +154,116 @@ def run_sft(cfg: SFTConfig) -> dict:
         train_rows, val_rows = split_conversations(rows, cfg.val_fraction, cfg.train.seed)
     train_ex, stats = prepare_examples(tokenize_rows(train_rows, tokenizer), cfg.seq_len, cfg.truncation)
     val_ex, val_stats = prepare_examples(tokenize_rows(val_rows, tokenizer), cfg.seq_len, cfg.truncation)
-    train_rows_idx = make_rows(train_ex, cfg.seq_len, cfg.packing)
-    val_rows_idx = make_rows(val_ex, cfg.seq_len, cfg.packing)
-    stats.rows, stats.capacity = len(train_rows_idx), len(train_rows_idx) * cfg.seq_len
-    if not train_rows_idx:
+    train_idx, val_idx = make_rows(train_ex, cfg.seq_len, cfg.packing), make_rows(val_ex, cfg.seq_len, cfg.packing)
+    stats.rows, stats.capacity = len(train_idx), len(train_idx) * cfg.seq_len
+    if not train_idx:
         raise DataError(f"{cfg.data}: every conversation was dropped ({stats.as_dict()}); raise seq_len or use "
                         "truncation=truncate")
+    return SFTData(train_ex, val_ex, train_idx, val_idx, stats, val_stats, (len(train_rows), len(val_rows)))
 
-    micro_rows = cfg.train.micro_batch_size * dist.world_size
-    batches = SFTBatches(train_ex, train_rows_idx, micro_rows, pad_id=tokenizer.pad_id, packed=cfg.packing,
-                         seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
-    train_cfg = cfg.train
-    if cfg.epochs > 0:  # optimizer steps = epochs x (rows / rows per step)
-        steps = max(1, math.ceil(cfg.epochs * len(train_rows_idx) / cfg.train.batch_size))
-        train_cfg = _with_steps(cfg.train, steps)
-        if dist.is_main:
-            print(f"epochs={cfg.epochs:g}: {steps} optimizer steps over {len(train_rows_idx):,} rows "
-                  f"(train.max_steps={cfg.train.max_steps} is not used; set epochs=0 to use it)")
 
-    torch.manual_seed(train_cfg.seed)
+def steps_config(cfg: SFTConfig, data: SFTData, verbose: bool) -> TrainConfig:
+    """cfg.train, or with ``epochs`` > 0 its max_steps set to epochs x (rows / rows per step)."""
+    if cfg.epochs <= 0:
+        return cfg.train
+    steps = max(1, math.ceil(cfg.epochs * len(data.train_rows) / cfg.train.batch_size))
+    if verbose:
+        print(f"epochs={cfg.epochs:g}: {steps} optimizer steps over {len(data.train_rows):,} rows "
+              f"(train.max_steps={cfg.train.max_steps} is not used; set epochs=0 to use it)")
+    return replace(cfg.train, max_steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps))
+
+
+def build_model(cfg: SFTConfig, tokenizer, device, data: SFTData):
+    """The model to fine-tune: the checkpoint itself, or LoRA adapters around it (lora.enabled). Its context must
+    hold the longest example (packed positions restart per example)."""
     base = load_model_dir(cfg.model)
+    longest = max(int(e.lengths().max(initial=0)) for e in (data.train, data.val))
+    check_context(base, longest, "seq_len", cfg.seq_len)
     if base.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model {cfg.model}: vocab {base.config.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size}")
     base.gradient_checkpointing = cfg.gradient_checkpointing  # honoured by Transformer.forward when training
     model = apply_lora(base, cfg.lora, base_path=str(cfg.model)) if cfg.lora.enabled else base
-    model.to(dist.device)
+    return model.to(device)
+
+
+def save_result(cfg: SFTConfig, model, tokenizer, out_dir: Path) -> tuple[Path | None, Path | None]:
+    """(model dir, adapter dir): out_dir/model for full fine-tuning; with LoRA out_dir/adapter (PEFT's format)
+    and, with lora.merge, the merged model as out_dir/model."""
+    if not cfg.lora.enabled:
+        return save_model_dir(out_dir / "model", model, tokenizer), None
+    adapter_dir, tmp = out_dir / "adapter", out_dir / "adapter.tmp"
+    save_adapter(model, tmp)
+    tokenizer.save(tmp)
+    _replace(tmp, adapter_dir)
+    model_dir = save_model_dir(out_dir / "model", merge_lora(model), tokenizer) if cfg.lora.merge else None
+    return model_dir, adapter_dir
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """Fine-tune and return a summary: val_loss before/after (assistant tokens), packing counts, tokens/s."""
+    run = start_run(cfg)
+    dist = run.dist
+    tokenizer = prepare_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
+    micro_rows = cfg.train.micro_batch_size * dist.world_size
+    batches = SFTBatches(data.train, data.train_rows, micro_rows, pad_id=tokenizer.pad_id, packed=cfg.packing,
+                         seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
+    train_cfg = steps_config(cfg, data, dist.is_main)
+    model = build_model(cfg, tokenizer, dist.device, data)
     n_trainable, n_total = trainable_parameters(model)
 
-    def val_batches():
-        return iter_rows(val_ex, val_rows_idx, micro_rows, tokenizer.pad_id, cfg.packing,
-                         train_cfg.eval_batches, dist.rank, dist.world_size)
-
     def eval_fn(m):
-        return {"val_loss": assistant_loss(m, val_batches(), dist.device)[0]} if val_rows_idx else {}
+        batches = iter_rows(data.val, data.val_rows, micro_rows, tokenizer.pad_id, cfg.packing,
+                            train_cfg.eval_batches, dist.rank, dist.world_size)
+        return {"val_loss": assistant_loss(m, batches, dist.device)[0]}
 
     val_before = float("nan")
-    if val_rows_idx:
+    if data.val_rows:
         model.eval()
         with torch.no_grad():
-            val_before = assistant_loss(model, val_batches(), dist.device)[0]
+            val_before = eval_fn(model)["val_loss"]
         model.train()
 
     def save_model(path: Path):
         if cfg.lora.enabled:  # resume needs every weight; the adapter files are what users load
-            from safetensors.torch import save_model as save_weights
-
             save_adapter(model, path)
             save_weights(model, str(path / "model.safetensors"))
             tokenizer.save(path)
         else:
             write_model_files(path, model, tokenizer)
 
-    result = train(model, sft_loss, batches, train_cfg, out_dir, save_model=save_model,
-                   eval_fn=eval_fn if val_rows_idx else None, dist=dist,
+    result = train(model, sft_loss, batches, train_cfg, run.out_dir, save_model=save_model,
+                   eval_fn=eval_fn if data.val_rows else None, dist=dist,
                    tokens_per_batch_fn=lambda b: int(b["num_tokens"]), run_config=cfg, description="sft")
-    summary = {}
-    if dist.is_main:
-        model_dir = adapter_dir = None
-        if cfg.lora.enabled:
-            adapter_dir = out_dir / "adapter"
-            tmp = out_dir / "adapter.tmp"
-            save_adapter(model, tmp)
-            tokenizer.save(tmp)
-            _replace(tmp, adapter_dir)
-            if cfg.lora.merge:
-                model_dir = save_model_dir(out_dir / "model", merge_lora(model), tokenizer)
-        else:
-            model_dir = save_model_dir(out_dir / "model", model, tokenizer)
-        seconds = time.time() - t0
-        summary = {
-            "val_loss_before": val_before,
-            "val_loss": result.eval_metrics.get("val_loss", float("nan")),
-            "train_loss": result.metrics.get("loss", float("nan")),
-            "tokens_per_sec": result.metrics.get("tokens_per_sec"),
-            "steps": result.step,
-            "tokens": result.tokens,
-            "epochs": round(result.step * cfg.train.batch_size / len(train_rows_idx), 3),
-            "packing": stats.as_dict(),
-            "val_packing": val_stats.as_dict(),
-            "train_conversations": len(train_rows),
-            "val_conversations": len(val_rows),
-            "trainable_params": n_trainable,
-            "total_params": n_total,
-            "lora": cfg.lora.enabled,
-            "model_dir": str(model_dir) if model_dir else None,
-            "adapter_dir": str(adapter_dir) if adapter_dir else None,
-            "seconds": round(seconds, 1),
-        }
-        if cfg.sample_prompt and model_dir is not None:
-            summary["sample"] = sample_reply(model_dir, cfg.sample_prompt, train_cfg.seed)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def _with_steps(train_cfg: TrainConfig, steps: int) -> TrainConfig:
-    from dataclasses import replace
-
-    return replace(train_cfg, max_steps=steps, warmup_steps=min(train_cfg.warmup_steps, steps))
+    if not dist.is_main:
+        return {}
+    model_dir, adapter_dir = save_result(cfg, model, tokenizer, run.out_dir)
+    summary = {
+        "val_loss_before": val_before,
+        "val_loss": result.eval_metrics.get("val_loss", float("nan")),
+        "train_loss": result.metrics.get("loss", float("nan")),
+        "tokens_per_sec": result.metrics.get("tokens_per_sec"),
+        "steps": result.step,
+        "tokens": result.tokens,
+        "epochs": round(result.step * cfg.train.batch_size / len(data.train_rows), 3),
+        "packing": data.stats.as_dict(),
+        "val_packing": data.val_stats.as_dict(),
+        "train_conversations": data.conversations[0],
+        "val_conversations": data.conversations[1],
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "lora": cfg.lora.enabled,
+        "model_dir": str(model_dir) if model_dir else None,
+        "adapter_dir": str(adapter_dir) if adapter_dir else None,
+        "seconds": round(time.time() - run.t0, 1),
+    }
+    if cfg.sample_prompt and model_dir is not None:
+        summary["sample"] = sample_reply(model_dir, cfg.sample_prompt, train_cfg.seed)
+    return finish_run(run, summary)
 
 
 def _replace(src: Path, dst: Path) -> None:
-    import os
-    import shutil
-
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(src, dst)
@@ -268,10 +271,6 @@ def _replace(src: Path, dst: Path) -> None:
 
 def sample_reply(model_dir: Path, prompt: str, seed: int, max_new_tokens: int = 64) -> str:
     """The saved model's greedy reply to one user message, through its own chat template."""
-    from lmforge.data.chat import encode_chat_prompt
-    from lmforge.generation import SamplingParams, generate
-    from lmforge.modelio import load_model_dir, load_tokenizer
-
     model, tok = load_model_dir(model_dir).eval(), load_tokenizer(model_dir)
     ids = encode_chat_prompt(tok, [{"role": "user", "content": prompt}])
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
@@ -279,9 +278,6 @@ def sample_reply(model_dir: Path, prompt: str, seed: int, max_new_tokens: int = 
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     p = summary["packing"]
     table = Table(title="sft", show_header=False)
     table.add_row("val loss (assistant tokens)", f"{summary['val_loss_before']:.3f} -> {summary['val_loss']:.3f}")
@@ -307,8 +303,6 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, SFTConfig, prog="lmforge sft", description=__doc__, default_recipe="tiny", section="sft")
     summary = run_sft(cfg)
     if summary:

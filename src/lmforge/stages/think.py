@@ -25,6 +25,21 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lmforge import inference_scaling as scaling
+from lmforge import reasoning, step_search
+from lmforge.answers import answers_match, extract_answer
+from lmforge.config import parse_cli
+from lmforge.data.chat import check_messages, encode_prompt
+from lmforge.data.rows import read_rows
+from lmforge.errors import DataError
+from lmforge.generation import sampling_params_from
+from lmforge.modelio import DTYPES, load_model_and_tokenizer, load_model_dir
+from lmforge.prm import PRMScorer
+
 METHODS = ("sweep", "self_consistency", "best_of_n", "adaptive", "budget_sweep", "prm_best_of_n", "beam")
 
 
@@ -63,8 +78,6 @@ class ThinkConfig:
     dtype: str = "float32"
 
     def validate(self) -> None:
-        from lmforge.stages.generate import DTYPES
-
         for key in ("model", "input"):
             if not getattr(self, key):
                 raise ValueError(f"{key}=... is required")
@@ -87,9 +100,6 @@ class ThinkConfig:
 def read_problems(path: str, limit: int = 0, levels=(), per_level: int = 0) -> list[dict]:
     """Problem rows with an answer, {"prompt": str | messages, "answer"} or {"messages", "answer"}, from a file
     (.jsonl / .json / .parquet) or builtin:tinyworld/NAME; a bad row names file:line and the field."""
-    from lmforge.data.chat import check_messages, read_rows
-    from lmforge.data.sources import DataError
-
     if not path.startswith("builtin:") and not Path(path).is_file():
         raise DataError(f"{path}: no such file")
     rows = []
@@ -120,8 +130,6 @@ def read_problems(path: str, limit: int = 0, levels=(), per_level: int = 0) -> l
 def problem_prompt(tok, row: dict, add_bos: bool = True) -> list[int]:
     """A problem's prompt ids: "messages" or a message-list "prompt" through the chat template, a string
     "prompt" as raw text after the document-start token (as `lmforge generate` reads rows)."""
-    from lmforge.data.chat import encode_prompt
-
     prompt = row["messages"] if "messages" in row else row["prompt"]
     if isinstance(prompt, list):
         return encode_prompt(tok, prompt)
@@ -129,15 +137,8 @@ def problem_prompt(tok, row: dict, add_bos: bool = True) -> list[int]:
 
 
 def run_think(cfg: ThinkConfig) -> dict:
-    import torch
-
-    from lmforge import inference_scaling as scaling
-    from lmforge.answers import answers_match, extract_answer
-    from lmforge.modelio import load_model_dir
-    from lmforge.stages.generate import load_for_generation, sampling_params_from
-
     problems = read_problems(cfg.input, cfg.limit, cfg.levels, cfg.per_level)
-    model, tok = load_for_generation(cfg.model, cfg.device, cfg.dtype)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
     if cfg.method == "budget_sweep":
         return run_budget_sweep(cfg, model, tok, problems)
     if cfg.method in ("prm_best_of_n", "beam"):
@@ -188,9 +189,6 @@ def run_think(cfg: ThinkConfig) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     if summary["method"] in ("budget_sweep", "prm_best_of_n", "beam"):
         return print_reasoning(summary)
     table = Table(title=f"lmforge think: {summary['method']} on {summary['problems']} problems")
@@ -209,8 +207,6 @@ def print_summary(summary: dict) -> None:
 def run_budget_sweep(cfg: ThinkConfig, model, tok, problems: list[dict]) -> dict:
     """Accuracy and thinking tokens per level at each budget, with "Wait" minimums and adaptive thinking;
     budget_sweep.json, accuracy_vs_thinking_tokens.png, and paired gains (same problems) per level."""
-    from lmforge import reasoning
-
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     budgets = [*cfg.budgets, None]
@@ -233,10 +229,6 @@ def run_budget_sweep(cfg: ThinkConfig, model, tok, problems: list[dict]) -> dict
 def run_compute_sweep(cfg: ThinkConfig, model, tok, problems: list[dict]) -> dict:
     """Majority voting vs PRM / ORM best-of-N (and beam search) at equal generated tokens; compute.json and
     accuracy_vs_compute.png."""
-    from lmforge import step_search
-    from lmforge.modelio import load_model_dir
-    from lmforge.prm import PRMScorer
-
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = [problem_prompt(tok, row, cfg.add_bos) for row in problems]
@@ -266,9 +258,6 @@ def run_compute_sweep(cfg: ThinkConfig, model, tok, problems: list[dict]) -> dic
 
 
 def print_reasoning(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     if summary["method"] == "budget_sweep":
         table = Table(title=f"lmforge think: thinking budgets on {summary['problems']} problems")
@@ -290,8 +279,6 @@ def print_reasoning(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, ThinkConfig, prog="lmforge think", description=__doc__)
     print_summary(run_think(cfg))
     return 0

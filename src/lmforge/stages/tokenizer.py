@@ -9,11 +9,11 @@ directory it writes (tokenizer.json, tokenizer_config.json with the ChatML templ
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-TRAINING_FILE = "tokenizer_training.json"  # settings + data signature of the tokenizer in out_dir
+from lmforge.config import parse_cli
+from lmforge.tokenizer import TRAINING_FILE, Tokenizer, train_corpus_tokenizer, training_texts
 
 
 @dataclass
@@ -35,80 +35,22 @@ class TokenizerStageConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-def training_texts(cfg: TokenizerStageConfig) -> Iterator[str]:
-    """Cleaned, non-empty documents of the corpus, stopping at max_docs documents or max_chars characters."""
-    from lmforge.data.sources import clean_text, read_documents
-
-    docs = chars = 0
-    for raw in read_documents(cfg.data, text_field=cfg.text_field):
-        doc = clean_text(raw)
-        if not doc:
-            continue
-        if cfg.max_chars and chars + len(doc) > cfg.max_chars:
-            doc = doc[:cfg.max_chars - chars]
-            if not doc:
-                return
-        yield doc
-        docs, chars = docs + 1, chars + len(doc)
-        if (cfg.max_docs and docs >= cfg.max_docs) or (cfg.max_chars and chars >= cfg.max_chars):
-            return
-
-
-def _signature(cfg: TokenizerStageConfig) -> dict:
-    from lmforge.data.sources import source_signature
-
-    settings = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
-    return {"settings": settings, "data_signature": source_signature(cfg.data)}
-
-
-def run_tokenizer(cfg: TokenizerStageConfig):
-    """Train and save into cfg.out_dir; returns the Tokenizer.
-
-    Reused without training when out_dir holds a tokenizer trained with the same settings on unchanged data
-    (recorded in tokenizer_training.json); otherwise (re)trained.
-    """
-    from lmforge.tokenizer import Tokenizer, train_tokenizer
-
-    out = Path(cfg.out_dir)
-    signature = _signature(cfg)
-    record = out / TRAINING_FILE
-    if (out / "tokenizer.json").exists() and record.exists():
-        try:
-            done = json.loads(record.read_text())
-        except json.JSONDecodeError:
-            done = {}
-        if {k: done.get(k) for k in signature} == signature:
-            return Tokenizer.load(out)
-    stats = {"docs": 0, "chars": 0}
-
-    def counted() -> Iterator[str]:
-        for doc in training_texts(cfg):
-            stats["docs"] += 1
-            stats["chars"] += len(doc)
-            yield doc
-
-    tok = train_tokenizer(counted(), cfg.vocab_size, cfg.min_frequency, think_tokens=cfg.think_tokens)
-    if stats["docs"] == 0:
-        from lmforge.data.sources import DataError
-
-        raise DataError(f"{cfg.data}: no non-empty documents to train a tokenizer on")
-    tok.save(out)
-    record.write_text(json.dumps({**signature, "trained_on": stats, "vocab_size": tok.vocab_size}, indent=2) + "\n")
-    return tok
+def run_tokenizer(cfg: TokenizerStageConfig) -> Tokenizer:
+    """Train and save into cfg.out_dir (tokenizer.train_corpus_tokenizer); returns the Tokenizer. Reused without
+    training when out_dir holds one trained with the same settings on unchanged data."""
+    return train_corpus_tokenizer(cfg.data, cfg.out_dir, cfg.vocab_size, text_field=cfg.text_field,
+                                  min_frequency=cfg.min_frequency, max_docs=cfg.max_docs, max_chars=cfg.max_chars,
+                                  think_tokens=cfg.think_tokens)
 
 
 def compression(tok, cfg: TokenizerStageConfig, sample_chars: int = 200_000) -> tuple[float, str]:
     """Characters per token on the first ``sample_chars`` characters of the corpus, and that sample."""
-    from dataclasses import replace
-
-    sample = list(training_texts(replace(cfg, max_docs=0, max_chars=sample_chars)))
+    sample = list(training_texts(cfg.data, cfg.text_field, max_chars=sample_chars))
     n_tokens = sum(len(ids) for ids in tok.encode_batch(sample))
     return sum(map(len, sample)) / max(n_tokens, 1), "\n\n".join(sample)
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     cfg = parse_cli(argv, TokenizerStageConfig, prog="lmforge tokenizer", description=__doc__,
                     default_recipe="tiny", section="tokenizer")
     tok = run_tokenizer(cfg)

@@ -20,7 +20,6 @@ process and resumes under ddp, fsdp or one process alike.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -34,8 +33,9 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save_model as save_weights
 
 import lmforge
-from lmforge.modelio import replace_dir
-from lmforge.train.dist import barrier, full_tensor, is_distributed, is_dtensor, unwrap
+from lmforge.atomic import replace_dir, write_atomic
+from lmforge.model import unwrap
+from lmforge.train.dist import barrier, full_tensor, is_distributed, is_dtensor
 
 STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -81,7 +81,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, save_model, model: torch.n
                  "data": [s["data"] for s in ranks], "rng": [s["rng"] for s in ranks], "optimizer": structure}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=_json_default) + "\n")
         replace_dir(tmp, final)
-        _write_atomic(root / "latest", final.name)
+        write_atomic(root / "latest", final.name + "\n")
         _prune(root, keep, step)
     barrier()
     return final
@@ -232,15 +232,6 @@ def _json_default(obj):
         return obj.item()
     raise TypeError(f"checkpoint state holds a {type(obj).__name__} ({obj!r:.80}), which JSON cannot store; "
                     "state_dict() values must be numbers, strings, lists or dicts")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(root: Path, keep: int, current: int) -> None:

@@ -17,10 +17,14 @@ import copy
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as td
+from torch.nn.parallel import DistributedDataParallel
+
+from lmforge.errors import ConfigError
+from lmforge.model import unwrap  # noqa: F401  (train.dist.unwrap: the loop and stages take it from here)
+from lmforge.modelio import pick_device
 
 
 @dataclass
@@ -38,17 +42,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA if present, else Apple MPS, else CPU; anything else is passed to torch.device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -88,7 +81,6 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """DistributedDataParallel around ``model`` in a multi-process run; the model itself otherwise."""
     if not info.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
@@ -162,18 +154,9 @@ def refuse_fsdp(train_cfg, stage: str) -> None:
     """Stages that use the model's weights outside its forward (a head applied to returned hidden states,
     generation during training) cannot run on sharded parameters: one clear error instead of a hang."""
     if getattr(train_cfg, "parallel", "ddp") == "fsdp":
-        from lmforge.config import ConfigError
-
         raise ConfigError(f"train.parallel=fsdp: lmforge {stage} applies model weights outside the model's "
                           "forward (or generates while training), which FSDP's sharded parameters do not allow; "
                           "use train.parallel=ddp (pretrain, midtrain and sft support fsdp)")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under torch.compile and DDP wrappers (what gets saved, what has ``.config``); an FSDP-sharded
-    module is its own (sharded) self."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -208,16 +191,3 @@ def cleanup() -> None:
         if td.get_world_size() > 1:
             td.barrier()
         td.destroy_process_group()
-
-
-def start_run(cfg) -> tuple[DistInfo, Path]:
-    """What every training stage does first: join the process group (``cfg.train.device``), make ``cfg.out_dir``
-    and, on the main rank, write the resolved config there as config.yaml. Returns (DistInfo, out_dir)."""
-    from lmforge.config import save_config
-
-    dist = init_distributed(cfg.train.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
-    return dist, out_dir

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import random
 import signal
 import sys
 import threading
@@ -25,6 +26,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from lmforge.model import unwrap
+from lmforge.scoring import to_device
 from lmforge.train.checkpointing import (
     latest_checkpoint,
     load_checkpoint,
@@ -41,11 +44,11 @@ from lmforge.train.dist import (
     gather_weights,
     init_distributed,
     is_sharded,
-    unwrap,
     wrap_model,
 )
 from lmforge.train.metrics import MetricsLogger, ProgressDisplay
 from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.tracking import DEFAULT_REPORT_TO, check_report_to
 
 
 @dataclass
@@ -78,6 +81,10 @@ class TrainConfig:
     resume: bool = True
     device: str = "auto"
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    # where metrics go besides metrics.jsonl (always written): tensorboard, wandb, mlflow (train/tracking.py)
+    report_to: list[str] = field(default_factory=lambda: list(DEFAULT_REPORT_TO))
+    run_name: str = ""  # the trackers' run name; empty: "<run dir>/<stage dir>", e.g. "tiny/sft"
+    tracking_project: str = "lmforge"  # W&B project / MLflow experiment
 
     def validate(self) -> None:
         checks = [
@@ -112,6 +119,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_report_to(self.report_to)
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step: batch_size = micro_batch_size x processes x accumulation."""
@@ -159,29 +167,106 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
     tokens_per_batch_fn(batch) -> this rank's tokens in a micro-batch (default: elements of ``input_ids`` or of
         the first tensor), summed over ranks for tokens/s; flops_per_token defaults to
         model.flops_per_token(seq_len of the first batch) for MFU.
-    on_log(step, metrics): every logged step, main rank. run_config: the stage's resolved config, written to
-        out_dir/config.yaml and into every checkpoint (default: cfg).
+    on_log(step, metrics): every logged step, main rank. run_config: the stage's resolved config, written into
+        every checkpoint (default: cfg); out_dir/config.yaml is the stage's (train/runs.py start_run).
 
     cfg.parallel=fsdp under torchrun trains a sharded copy of ``model`` while ``model`` waits on the CPU; it
     receives the whole weights for every checkpoint (so ``save_model`` works unchanged), every evaluation and
     at the end (back on the device), so eval_fn, save_model and callers see a plain model, as with ddp.
+
+    A step is: forward_backward (the micro-batches, gradient accumulation), reduce_step (clipping, the loss and
+    the flags every rank must agree on), then the update or the non-finite policy (skip_step), log_step,
+    and after it evaluate / checkpoint / a stop on a signal (after_step).
     """
     cfg.validate()
     dist = dist or init_distributed(cfg.device)
+    _configure_backends(cfg, dist)
+    accum = cfg.accumulation(dist.world_size)
+    s, notes = _start(model, train_data, cfg, Path(out_dir), dist, save_model, eval_fn, on_eval, run_config,
+                      flops_per_token)
+    count_tokens = tokens_per_batch_fn or default_token_count
+    peak = peak_flops(dist.device)
+    s.net.train()
+    window = _Window()
+    signals = _StopSignals(verbose=dist.is_main)
+    progress = ProgressDisplay(cfg.max_steps, s.step, description, enabled=dist.is_main)
+    try:
+        with signals, progress:
+            for note in notes:
+                progress.print(note)
+            while s.step < cfg.max_steps:
+                lr = lr_at(s.step, cfg)
+                for group in s.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, metric_sums, step_tokens = forward_backward(s, loss_fn, accum, count_tokens)
+                step_loss, norm, bad, totals = reduce_step(s, loss_sum, accum, step_tokens, signals)
+                s.tokens += int(totals[3])
+                if bad:
+                    skip_step(s, step_loss, norm, progress)
+                else:
+                    s.optimizer.step()
+                    s.optimizer.zero_grad(set_to_none=True)
+                s.step += 1
+                window.add(int(totals[3]))
+                progress.update(s.step)
+                if not bad and (_every(s.step, cfg.log_every) or s.step == cfg.max_steps):
+                    log_step(s, step_loss, lr, norm, metric_sums, window, peak, progress, on_log)
+                after_step(s, window, progress, stop=totals[2] > 0)
+            s.result.eval_metrics = evaluate(s, progress)
+            if s.last_saved != s.step:
+                checkpoint(s)
+            if s.sharded:  # hand the caller back the whole, trained model on every rank
+                sync_model(s)
+                s.model.to(dist.device)
+    finally:
+        s.logger.close()
+    s.result.step, s.result.tokens, s.result.skipped_steps = s.step, s.tokens, s.skipped
+    s.result.checkpoint = s.ckpt_root / step_dir_name(s.step)
+    return s.result
+
+
+@dataclass
+class LoopState:
+    """What one call of train() works on: the model, its wrappers, the optimizer, the logger and the callbacks,
+    and the counters that move (step, tokens, skipped steps, the last checkpoint)."""
+    cfg: TrainConfig
+    dist: DistInfo
+    model: torch.nn.Module  # the plain module; under fsdp it waits on the CPU and gets the whole weights on demand
+    wrapped: torch.nn.Module  # DDP around model, or (fsdp) a sharded copy of it
+    net: torch.nn.Module  # wrapped without DDP: what the optimizer steps
+    fwd_model: torch.nn.Module  # what loss_fn calls: wrapped, torch.compile'd with cfg.compile
+    sharded: bool
+    optimizer: torch.optim.Optimizer
+    params: list
+    train_data: object
+    logger: MetricsLogger
+    ckpt_root: Path
+    run_config: object
+    save_model: object
+    eval_fn: object
+    on_eval: object
+    result: TrainResult
+    step: int = 0
+    tokens: int = 0
+    skipped: int = 0
+    last_saved: int | None = None  # the step of the newest checkpoint this run wrote (or resumed from)
+    synced: int | None = None  # fsdp: the step whose whole weights ``model`` holds
+    flops_per_token: float | None = None
+
+
+def _configure_backends(cfg: TrainConfig, dist: DistInfo) -> None:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    accum = cfg.accumulation(dist.world_size)
-    out_dir = Path(out_dir)
+
+
+def _start(model, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, save_model, eval_fn, on_eval,
+           run_config, flops_per_token) -> tuple[LoopState, list[str]]:
+    """Resume from the newest checkpoint (weights, RNG, data position, optimizer) or seed a fresh run; wrap the
+    model (ddp / fsdp), build the optimizer and the logger. Returns the state and the notes to print."""
     ckpt_root = out_dir / "checkpoints"
-    run_config = run_config if run_config is not None else cfg
-    if dist.is_main:
-        from lmforge.config import save_config
-
-        save_config(run_config, out_dir / "config.yaml")
-
     model.to(dist.device)
     step, tokens, skipped, notes = 0, 0, 0, []
     resumed = latest_checkpoint(ckpt_root) if cfg.resume else None
@@ -194,164 +279,169 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
         if latest_checkpoint(ckpt_root) is not None:
             notes.append(f"resume=false: starting from step 0; checkpoints in {ckpt_root} get overwritten")
         _seed_everything(cfg.seed + dist.rank)
-    last_saved = step if resumed is not None else None
 
     # ddp: DDP around model; fsdp: a sharded copy of it (net), model itself parked on the CPU until the end
     wrapped = wrap_model(model, dist, cfg.parallel, reshard_after_forward=cfg.reshard_after_forward,
                          bf16=use_bf16(cfg, dist.device))
     net = unwrap(wrapped)
-    sharded = is_sharded(net)
     optimizer = build_optimizer(net, cfg)
     if resumed is not None:
         load_optimizer(resumed, optimizer, state["optimizer"])
-    fwd_model = torch.compile(wrapped) if cfg.compile else wrapped
-    params = [p for p in net.parameters() if p.requires_grad]
-    logger = MetricsLogger(out_dir, enabled=dist.is_main, resume_step=step if resumed is not None else None)
-    count_tokens = tokens_per_batch_fn or default_token_count
-    peak = peak_flops(dist.device)
-    result = TrainResult(step=step, tokens=tokens, skipped_steps=skipped, resumed_from=resumed)
+    s = LoopState(
+        cfg=cfg, dist=dist, model=model, wrapped=wrapped, net=net,
+        fwd_model=torch.compile(wrapped) if cfg.compile else wrapped, sharded=is_sharded(net),
+        optimizer=optimizer, params=[p for p in net.parameters() if p.requires_grad], train_data=train_data,
+        logger=MetricsLogger(out_dir, enabled=dist.is_main, resume_step=step if resumed is not None else None,
+                             report_to=cfg.report_to, run_name=cfg.run_name, project=cfg.tracking_project,
+                             config=_as_dict(run_config if run_config is not None else cfg)),
+        ckpt_root=ckpt_root, run_config=run_config if run_config is not None else cfg, save_model=save_model,
+        eval_fn=eval_fn, on_eval=on_eval,
+        result=TrainResult(step=step, tokens=tokens, skipped_steps=skipped, resumed_from=resumed),
+        step=step, tokens=tokens, skipped=skipped, last_saved=step if resumed is not None else None,
+        flops_per_token=flops_per_token)
+    return s, notes
 
-    synced = None  # fsdp: the step whose whole weights ``model`` holds
 
-    def sync_model() -> None:
-        nonlocal synced
-        if sharded and synced != step:
-            gather_weights(net, model)
-            synced = step
+def forward_backward(s: LoopState, loss_fn, accum: int, count_tokens) -> tuple[torch.Tensor, dict, int]:
+    """One optimizer step's micro-batches: forward, loss / accum, backward (gradients reduced over ranks on the
+    last one only). Returns (summed loss, metrics averaged over the micro-batches, this rank's tokens)."""
+    cfg, dist = s.cfg, s.dist
+    loss_sum = torch.zeros((), device=dist.device)
+    metric_sums: dict = {}
+    step_tokens = 0
+    for micro in range(accum):
+        batch = to_device(_next_batch(s.train_data, s.step, cfg.max_steps), dist.device)
+        step_tokens += int(count_tokens(batch))
+        if s.flops_per_token is None:
+            s.flops_per_token = _model_flops_per_token(s.model, batch)
+        with _gradient_sync(s.wrapped, last=micro == accum - 1):
+            with autocast_context(cfg, dist.device):
+                loss, metrics = loss_fn(s.fwd_model, batch)
+            _check_loss(loss, s.step)
+            (loss / accum).backward()
+        loss_sum += loss.detach().float()
+        for k, v in metrics.items():
+            v = v.detach().float() if torch.is_tensor(v) else float(v)
+            metric_sums[k] = metric_sums.get(k, 0.0) + v / accum
+    return loss_sum, metric_sums, step_tokens
 
-    def evaluate(progress: ProgressDisplay) -> dict:
-        if eval_fn is None:
-            return {}
-        plain = model if sharded else net
-        if sharded:  # every forward of a sharded model is a collective, and eval_fn may run more batches on one
-            sync_model()  # rank than on another: it gets the whole model, as under ddp (the weights, not
-            model.to(dist.device)  # gradients or AdamW state, must fit on one device)
-        plain.eval()
-        with torch.no_grad(), autocast_context(cfg, dist.device):
-            metrics = {k: float(v) for k, v in eval_fn(plain).items()}
-        plain.train()
-        if sharded:
-            model.to("cpu")
-        logger.log(step, metrics)
-        progress.print(f"step {step}/{cfg.max_steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if on_eval is not None:
-            on_eval(step, metrics)
-        return metrics
 
-    def checkpoint() -> Path:
-        nonlocal last_saved
-        sync_model()  # fsdp: the whole weights into model, for save_model
-        train_state = {"tokens": tokens, "skipped_steps": skipped, "train_config": dataclasses.asdict(cfg),
-                       "config": _as_dict(run_config)}
-        path = save_checkpoint(ckpt_root, step, save_model, model, optimizer, train_state,
-                               train_data.state_dict(), keep=cfg.keep_checkpoints)
-        last_saved = step
-        return path
+def reduce_step(s: LoopState, loss_sum: torch.Tensor, accum: int, step_tokens: int, signals: _StopSignals):
+    """Clip the gradients, then one all-reduce of what every rank must agree on: the loss, whether any rank's
+    gradient norm is non-finite, whether a signal arrived, the tokens. Returns (mean loss over ranks, this
+    rank's gradient norm, bad: non-finite somewhere, the reduced totals)."""
+    grad_norm = full_tensor(  # a DTensor under fsdp: the norm over every rank's shards
+        torch.nn.utils.clip_grad_norm_(s.params, s.cfg.grad_clip if s.cfg.grad_clip > 0 else math.inf))
+    local_loss, norm = torch.stack([loss_sum / accum, grad_norm.float().to(loss_sum.device)]).tolist()
+    totals = all_reduce_sum(torch.tensor(
+        [local_loss, float(not math.isfinite(norm)), float(signals.received is not None), step_tokens],
+        dtype=torch.float64)).tolist()
+    step_loss, bad = totals[0] / s.dist.world_size, not math.isfinite(totals[0]) or totals[1] > 0
+    return step_loss, norm, bad, totals
 
-    net.train()
-    window = _Window()
-    signals = _StopSignals(verbose=dist.is_main)
-    progress = ProgressDisplay(cfg.max_steps, step, description, enabled=dist.is_main)
-    try:
-        with signals, progress:
-            for note in notes:
-                progress.print(note)
-            while step < cfg.max_steps:
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = torch.zeros((), device=dist.device)
-                metric_sums: dict = {}
-                step_tokens = 0
-                for micro in range(accum):
-                    batch = to_device(_next_batch(train_data, step, cfg.max_steps), dist.device)
-                    step_tokens += int(count_tokens(batch))
-                    if flops_per_token is None:
-                        flops_per_token = _model_flops_per_token(model, batch)
-                    with _gradient_sync(wrapped, last=micro == accum - 1):
-                        with autocast_context(cfg, dist.device):
-                            loss, metrics = loss_fn(fwd_model, batch)
-                        _check_loss(loss, step)
-                        (loss / accum).backward()
-                    loss_sum += loss.detach().float()
-                    for k, v in metrics.items():
-                        v = v.detach().float() if torch.is_tensor(v) else float(v)
-                        metric_sums[k] = metric_sums.get(k, 0.0) + v / accum
-                grad_norm = full_tensor(  # a DTensor under fsdp: the norm over every rank's shards
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-                local_loss, norm = torch.stack([loss_sum / accum, grad_norm.float().to(loss_sum.device)]).tolist()
-                totals = all_reduce_sum(torch.tensor(
-                    [local_loss, float(not math.isfinite(norm)), float(signals.received is not None), step_tokens],
-                    dtype=torch.float64)).tolist()
-                step_loss, bad = totals[0] / dist.world_size, not math.isfinite(totals[0]) or totals[1] > 0
-                tokens += int(totals[3])
-                if bad:
-                    optimizer.zero_grad(set_to_none=True)
-                    if cfg.nan_policy == "stop":
-                        raise NonFiniteLoss(
-                            f"non-finite loss ({step_loss}) or gradient norm ({norm}) at step {step + 1}: lower "
-                            f"train.lr (now {cfg.lr:g}) or lengthen warmup, check the data for broken batches, or "
-                            f"set train.nan_policy=skip to skip such steps")
-                    skipped += 1
-                    logger.log(step + 1, {"skipped_steps": skipped, "loss": step_loss, "grad_norm": norm})
-                    progress.print(f"step {step + 1}: non-finite loss or gradient norm, update skipped "
-                                   f"({skipped} skipped, limit train.max_skipped_steps={cfg.max_skipped_steps})")
-                    if skipped > cfg.max_skipped_steps:
-                        raise NonFiniteLoss(f"{skipped} steps skipped for non-finite loss or gradients, more than "
-                                            f"train.max_skipped_steps={cfg.max_skipped_steps}; stopping at step "
-                                            f"{step + 1}. Lower train.lr or check the data")
-                else:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window.add(int(totals[3]))
-                progress.update(step)
 
-                if not bad and (_every(step, cfg.log_every) or step == cfg.max_steps):
-                    extra = _mean_over_ranks(metric_sums)
-                    elapsed = window.elapsed()
-                    result.metrics = {"loss": step_loss, "lr": lr, "grad_norm": norm, **extra,
-                                      "tokens": tokens, "step_time": elapsed / window.steps}
-                    if skipped:
-                        result.metrics["skipped_steps"] = skipped
-                    info = f"loss {step_loss:.4f}  lr {lr:.2e}"
-                    if window.tokens:
-                        tok_s = window.tokens / elapsed
-                        result.metrics["tokens_per_sec"] = tok_s
-                        info += f"  {tok_s:,.0f} tok/s"
-                        if flops_per_token:
-                            achieved = flops_per_token * tok_s / dist.world_size
-                            result.metrics["tflops_per_device"] = achieved / 1e12
-                            if peak:
-                                result.metrics["mfu"] = achieved / peak
-                                info += f"  MFU {achieved / peak:.1%}"
-                    logger.log(step, result.metrics)
-                    progress.update(step, info)
-                    if on_log is not None and dist.is_main:
-                        on_log(step, result.metrics)
-                    window.reset()
-                if _every(step, cfg.eval_every) and step < cfg.max_steps:
-                    result.eval_metrics = evaluate(progress)
-                    window.reset()
-                if _every(step, cfg.save_every) and step < cfg.max_steps:
-                    checkpoint()
-                    window.reset()
-                if totals[2] > 0:  # a signal reached some rank: save, then stop everywhere
-                    path = checkpoint() if last_saved != step else ckpt_root / step_dir_name(step)
-                    raise TrainingInterrupted(f"stopped by a signal at step {step}; saved {path}. Run the same "
-                                              "command again to resume from there")
+def skip_step(s: LoopState, step_loss: float, norm: float, progress: ProgressDisplay) -> None:
+    """The non-finite policy: drop the gradients; ``stop`` raises NonFiniteLoss, ``skip`` skips the update (and
+    raises once more than max_skipped_steps were skipped)."""
+    cfg = s.cfg
+    s.optimizer.zero_grad(set_to_none=True)
+    if cfg.nan_policy == "stop":
+        raise NonFiniteLoss(
+            f"non-finite loss ({step_loss}) or gradient norm ({norm}) at step {s.step + 1}: lower "
+            f"train.lr (now {cfg.lr:g}) or lengthen warmup, check the data for broken batches, or "
+            f"set train.nan_policy=skip to skip such steps")
+    s.skipped += 1
+    s.logger.log(s.step + 1, {"skipped_steps": s.skipped, "loss": step_loss, "grad_norm": norm})
+    progress.print(f"step {s.step + 1}: non-finite loss or gradient norm, update skipped "
+                   f"({s.skipped} skipped, limit train.max_skipped_steps={cfg.max_skipped_steps})")
+    if s.skipped > cfg.max_skipped_steps:
+        raise NonFiniteLoss(f"{s.skipped} steps skipped for non-finite loss or gradients, more than "
+                            f"train.max_skipped_steps={cfg.max_skipped_steps}; stopping at step "
+                            f"{s.step + 1}. Lower train.lr or check the data")
 
-            result.eval_metrics = evaluate(progress)
-            if last_saved != step:
-                checkpoint()
-            if sharded:  # hand the caller back the whole, trained model on every rank
-                sync_model()
-                model.to(dist.device)
-    finally:
-        logger.close()
-    result.step, result.tokens, result.skipped_steps = step, tokens, skipped
-    result.checkpoint = ckpt_root / step_dir_name(step)
-    return result
+
+def log_step(s: LoopState, step_loss: float, lr: float, norm: float, metric_sums: dict, window: _Window,
+             peak: float | None, progress: ProgressDisplay, on_log) -> None:
+    """The step's metrics (loss, lr, gradient norm, the loss function's metrics averaged over ranks, tokens/s,
+    MFU) into the logger, the progress line and on_log; the window of timed steps starts again."""
+    extra = _mean_over_ranks(metric_sums)
+    elapsed = window.elapsed()
+    metrics = {"loss": step_loss, "lr": lr, "grad_norm": norm, **extra, "tokens": s.tokens,
+               "step_time": elapsed / window.steps}
+    if s.skipped:
+        metrics["skipped_steps"] = s.skipped
+    info = f"loss {step_loss:.4f}  lr {lr:.2e}"
+    if window.tokens:
+        tok_s = window.tokens / elapsed
+        metrics["tokens_per_sec"] = tok_s
+        info += f"  {tok_s:,.0f} tok/s"
+        if s.flops_per_token:
+            achieved = s.flops_per_token * tok_s / s.dist.world_size
+            metrics["tflops_per_device"] = achieved / 1e12
+            if peak:
+                metrics["mfu"] = achieved / peak
+                info += f"  MFU {achieved / peak:.1%}"
+    s.result.metrics = metrics
+    s.logger.log(s.step, metrics)
+    progress.update(s.step, info)
+    if on_log is not None and s.dist.is_main:
+        on_log(s.step, metrics)
+    window.reset()
+
+
+def after_step(s: LoopState, window: _Window, progress: ProgressDisplay, stop: bool) -> None:
+    """Evaluate and checkpoint when their step comes (the final ones follow the last step); on a signal that
+    reached any rank, checkpoint and stop everywhere."""
+    cfg = s.cfg
+    if _every(s.step, cfg.eval_every) and s.step < cfg.max_steps:
+        s.result.eval_metrics = evaluate(s, progress)
+        window.reset()
+    if _every(s.step, cfg.save_every) and s.step < cfg.max_steps:
+        checkpoint(s)
+        window.reset()
+    if stop:
+        path = checkpoint(s) if s.last_saved != s.step else s.ckpt_root / step_dir_name(s.step)
+        raise TrainingInterrupted(f"stopped by a signal at step {s.step}; saved {path}. Run the same "
+                                  "command again to resume from there")
+
+
+def sync_model(s: LoopState) -> None:
+    """fsdp: gather the sharded copy's whole weights into the plain model (once per step); a no-op otherwise."""
+    if s.sharded and s.synced != s.step:
+        gather_weights(s.net, s.model)
+        s.synced = s.step
+
+
+def evaluate(s: LoopState, progress: ProgressDisplay) -> dict:
+    """eval_fn on the plain model in eval mode under no_grad, logged and printed; {} without an eval_fn."""
+    if s.eval_fn is None:
+        return {}
+    plain = s.model if s.sharded else s.net
+    if s.sharded:  # every forward of a sharded model is a collective, and eval_fn may run more batches on one
+        sync_model(s)  # rank than on another: it gets the whole model, as under ddp (the weights, not
+        s.model.to(s.dist.device)  # gradients or AdamW state, must fit on one device)
+    plain.eval()
+    with torch.no_grad(), autocast_context(s.cfg, s.dist.device):
+        metrics = {k: float(v) for k, v in s.eval_fn(plain).items()}
+    plain.train()
+    if s.sharded:
+        s.model.to("cpu")
+    s.logger.log(s.step, metrics)
+    progress.print(f"step {s.step}/{s.cfg.max_steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if s.on_eval is not None:
+        s.on_eval(s.step, metrics)
+    return metrics
+
+
+def checkpoint(s: LoopState) -> Path:
+    """A checkpoint of this step (model files, optimizer, RNG, data position, configs); every rank calls it."""
+    sync_model(s)  # fsdp: the whole weights into model, for save_model
+    train_state = {"tokens": s.tokens, "skipped_steps": s.skipped, "train_config": dataclasses.asdict(s.cfg),
+                   "config": _as_dict(s.run_config)}
+    path = save_checkpoint(s.ckpt_root, s.step, s.save_model, s.model, s.optimizer, train_state,
+                           s.train_data.state_dict(), keep=s.cfg.keep_checkpoints)
+    s.last_saved = s.step
+    return path
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
@@ -389,17 +479,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
-
-def to_device(batch, device: torch.device):
-    """Tensors in a (nested) tuple/list/dict moved to ``device``; anything else passed through."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 def _first_tensor(batch) -> torch.Tensor | None:
@@ -455,8 +534,6 @@ def _every(step: int, n: int) -> bool:
 
 
 def _seed_everything(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

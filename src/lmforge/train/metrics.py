@@ -1,4 +1,5 @@
-"""Run metrics: one JSON object per line in metrics.jsonl, TensorBoard scalars beside it, and a progress display.
+"""Run metrics: one JSON object per line in metrics.jsonl, the trackers of train.report_to beside it (TensorBoard
+by default, W&B and MLflow when asked: lmforge.train.tracking), and a progress display.
 
 metrics.jsonl is the source of truth (plots, tests and the scaling-law fits read it); TensorBoard is a view of
 it. A resumed run appends a ``{"event": "resume"}`` row and logs the steps after its checkpoint again;
@@ -11,31 +12,36 @@ import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
-_warned_no_tensorboard = False
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lmforge.train.tracking import DEFAULT_REPORT_TO, RunInfo, open_writers
 
 
 class MetricsLogger:
-    """Appends ``{"step", "time", **metrics}`` rows to ``out_dir/metrics.jsonl`` and scalars to ``out_dir/tb``.
+    """Appends ``{"step", "time", **metrics}`` rows to ``out_dir/metrics.jsonl`` and hands them to the other
+    writers of ``report_to`` (TensorBoard by default; W&B, MLflow: lmforge.train.tracking).
 
     Only the main rank should write (``enabled=is_main``); a disabled logger does nothing. ``resume_step``
     marks a restart from that step's checkpoint (see read_metrics) and purges later TensorBoard events.
+    ``tensorboard=False`` drops TensorBoard from the default writers (small side logs).
     """
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, report_to=None, run_name: str = "", project: str = "lmforge",
+                 config: dict | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.tb = None
+        self.writers: list = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self._write({"step": resume_step, "time": round(time.time(), 3), "event": "resume"})
-        if tensorboard:
-            self.tb = _summary_writer(Path(out_dir) / "tb", None if resume_step is None else resume_step + 1)
+        if report_to is None:
+            report_to = [r for r in DEFAULT_REPORT_TO if tensorboard or r != "tensorboard"]
+        self.writers = open_writers(report_to, RunInfo(Path(out_dir), run_name, project, config or {}, resume_step))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -43,32 +49,22 @@ class MetricsLogger:
         row = {"step": step, "time": round(time.time(), 3)}
         row.update({k: _plain(v) for k, v in metrics.items()})
         self._write(row)
-        if self.tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, step)
+        for w in self.writers:
+            w.log(step, row)
+
+    def log_files(self, name: str, paths) -> None:
+        """Files (plots, a report) as artifacts of the trackers' run; a no-op for jsonl and TensorBoard."""
+        for w in self.writers:
+            w.log_files(name, [Path(p) for p in paths])
 
     def _write(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:  # one complete line per write: a kill never tears one
             f.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-
-
-def _summary_writer(log_dir: Path, purge_step: int | None):
-    global _warned_no_tensorboard
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        if not _warned_no_tensorboard:
-            warnings.warn("tensorboard is not installed, so metrics go to metrics.jsonl only "
-                          "(pip install tensorboard to get them in TensorBoard too)", stacklevel=3)
-            _warned_no_tensorboard = True
-        return None
-    return SummaryWriter(str(log_dir), purge_step=purge_step)
+        for w in self.writers:
+            w.close()
+        self.writers = []
 
 
 def _plain(v):
@@ -112,7 +108,6 @@ class ProgressDisplay:
         self.bar = None
         self.last_plain, self._plain_step = time.monotonic(), -1
         if enabled and sys.stdout.isatty():  # rich draws on stdout
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"))

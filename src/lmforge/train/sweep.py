@@ -1,4 +1,4 @@
-"""The scaling sweep (an IsoFLOP grid of pretrain runs) and the predict-then-verify recipe.
+"""The scaling sweep (an IsoFLOP grid of pre-training runs) and the predict-then-verify recipe, for `lmforge scaling`.
 
 Grid. Every model size N is trained at every compute budget C with D = C / (6N) tokens (rounded to whole
 optimizer steps), so runs of one budget form an IsoFLOP profile (Hoffmann et al. 2022, approach 2) while the
@@ -16,8 +16,9 @@ N defaults to all parameters (as in Chinchilla). With tied embeddings the table 
 multiplies on every token, so 6·N·D is then close to the true matmul count; ``n_params_non_embedding`` is
 Kaplan's choice and is recorded too.
 
-Every run directory holds its pretrain ``summary.json`` once finished; a rerun skips those (and pretrain itself
-resumes a killed run from its last checkpoint). One tokenizer and one set of token shards serve every run.
+Every run directory holds its pre-training ``summary.json`` and, once finished, a marker of the plan it finished
+with; a rerun skips those (and a killed run resumes from its last checkpoint). One tokenizer and one set of
+token shards serve every run. The laws it fits and the plots are in lmforge.scaling.
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import torch
+
+from lmforge.atomic import atomic_open, write_atomic
+from lmforge.config import save_config
+from lmforge.errors import ConfigError
+from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import load_tokenizer
+from lmforge.scaling.laws import bootstrap_indices, fit_chinchilla, percentile_ci, theta_of
+from lmforge.tokenizer import train_corpus_tokenizer
+from lmforge.train.lm import run_pretraining
+from lmforge.train.runs import config_hash, is_finished, mark_finished
+
+FINISHED_FILE = "sweep_run.json"  # a run directory's "finished with this plan" marker (train/runs.py)
 COLUMNS = ("name", "hidden_size", "num_hidden_layers", "n_params", "n_params_non_embedding", "tokens", "steps",
            "budget", "flops", "flops_with_attention", "val_loss", "unigram_baseline", "seconds")
 
@@ -102,10 +117,6 @@ class RunSpec:
 
 def count_params(model_cfg, seq_len: int) -> tuple[int, int, float]:
     """(N, N without the embedding table, training FLOPs per token) of a config, built on the meta device."""
-    import torch
-
-    from lmforge.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(model_cfg)
     return model.num_params(), model.num_params(non_embedding=True), float(model.flops_per_token(seq_len))
@@ -127,8 +138,6 @@ def plan_run(size: SweepModel, budget: float, base, vocab_size: int, scfg: Scali
 
 def run_config(spec: RunSpec, base, run_dir: Path, tokenizer_dir: Path, scfg: ScalingConfig):
     """The PretrainConfig of one run: the shared base with this run's model, length and directories."""
-    from lmforge.model import ModelConfig
-
     warmup = min(spec.steps - 1, round(scfg.warmup_fraction * spec.steps))
     train = replace(base.train, max_steps=spec.steps, warmup_steps=max(warmup, 0), eval_every=0)
     return replace(base, out_dir=str(run_dir), tokenizer=str(tokenizer_dir), init_from="",
@@ -142,21 +151,15 @@ def shared_tokenizer(base, out_dir: Path) -> Path:
     """The sweep's one tokenizer: ``pretrain.tokenizer`` when set, else trained once into out_dir/tokenizer."""
     if base.tokenizer:
         return Path(base.tokenizer)
-    from lmforge.stages.tokenizer import TokenizerStageConfig, run_tokenizer
-
     tok_dir = out_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        run_tokenizer(TokenizerStageConfig(data=base.data.source, text_field=base.data.text_field,
-                                           vocab_size=base.vocab_size, out_dir=str(tok_dir)))
+        train_corpus_tokenizer(base.data.source, tok_dir, base.vocab_size, text_field=base.data.text_field)
     return tok_dir
 
 
 def train_run(spec: RunSpec, base, out_dir: Path, tokenizer_dir: Path, scfg: ScalingConfig,
               run_dir: Path | None = None) -> dict:
-    """Train one run (or read it back when its summary exists) and return its table row."""
-    from lmforge.config import ConfigError
-    from lmforge.stages.pretrain import run_pretrain
-
+    """Train one run (or read it back when it finished with this plan) and return its table row."""
     run_dir = run_dir or out_dir / "runs" / spec.name
     spec_path, summary_path = run_dir / "spec.json", run_dir / "summary.json"
     spec_json = asdict(spec)
@@ -165,7 +168,8 @@ def train_run(spec: RunSpec, base, out_dir: Path, tokenizer_dir: Path, scfg: Sca
                                   for k in planned):
         raise ConfigError(f"{run_dir} holds a run planned differently (model, steps or budget changed); "
                           f"delete it or use another scaling.out_dir")
-    if summary_path.exists():
+    marker, digest = run_dir / FINISHED_FILE, config_hash({k: spec_json[k] for k in planned})
+    if is_finished(marker, digest) and summary_path.exists():
         summary = json.loads(summary_path.read_text())
         print(f"[scaling] {spec.name}: done already (val_loss {summary['val_loss']:.4f})", flush=True)
     else:
@@ -177,7 +181,8 @@ def train_run(spec: RunSpec, base, out_dir: Path, tokenizer_dir: Path, scfg: Sca
             (run_dir / "data").symlink_to(shared_data, target_is_directory=True)  # shards built once, reused
         print(f"[scaling] {spec.name}: N={spec.n_params:,}, {spec.steps} steps"
               + (" (lengthened to min_steps)" if spec.clamped else ""), flush=True)
-        summary = run_pretrain(run_config(spec, base, run_dir, tokenizer_dir, scfg))
+        summary = run_pretraining(run_config(spec, base, run_dir, tokenizer_dir, scfg))
+        mark_finished(marker, digest, run=spec.name)
     n_used = spec.n_params if scfg.n_column == "n_params" else spec.n_params_non_embedding
     tokens = int(summary["tokens"])
     return {"name": spec.name, "hidden_size": spec.model["hidden_size"],
@@ -191,9 +196,6 @@ def train_run(spec: RunSpec, base, out_dir: Path, tokenizer_dir: Path, scfg: Sca
 
 def run_sweep(scfg: ScalingConfig, base) -> list[dict]:
     """Train every (size, budget) run not done yet; write sweep.csv and sweep.jsonl after each one."""
-    from lmforge.config import ConfigError, save_config
-    from lmforge.modelio import load_tokenizer
-
     if not scfg.models or not scfg.budgets:
         raise ConfigError("scaling.models and scaling.budgets must both be non-empty lists")
     out_dir = Path(scfg.out_dir)
@@ -222,22 +224,15 @@ def run_sweep(scfg: ScalingConfig, base) -> list[dict]:
 def write_table(rows: list[dict], path: Path) -> None:
     """sweep.csv (the COLUMNS) and sweep.jsonl beside it, each replaced atomically."""
     path = Path(path)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
-    jsonl = path.with_suffix(".jsonl")
-    tmp = jsonl.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(jsonl)
+    write_atomic(path.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_table(path: str | Path, required=("tokens", "val_loss")) -> list[dict]:
     """Rows of a sweep CSV (or JSONL) with numbers parsed; names the missing column or bad cell."""
-    from lmforge.config import ConfigError
-
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such table (run `lmforge scaling sweep` first, or pass --table)")
@@ -268,8 +263,6 @@ def read_table(path: str | Path, required=("tokens", "val_loss")) -> list[dict]:
 
 def table_arrays(rows: list[dict], n_column: str = "n_params"):
     """(N, D, budget, L) arrays; ``budget`` falls back to 6ND rounded to 2 significant figures."""
-    import numpy as np
-
     N = np.array([r[n_column] for r in rows], dtype=float)
     D = np.array([r["tokens"] for r in rows], dtype=float)
     L = np.array([r["val_loss"] for r in rows], dtype=float)
@@ -290,12 +283,6 @@ def run_predict(scfg: ScalingConfig, base) -> dict:
     The prediction (with a bootstrap interval over refits of L(N, D)) is written to prediction.json before
     the target's first step, so the report compares a real forecast with the outcome.
     """
-    import numpy as np
-
-    from lmforge.config import ConfigError
-    from lmforge.modelio import load_tokenizer
-    from lmforge.scaling.laws import bootstrap_indices, fit_chinchilla, percentile_ci, theta_of
-
     rows = run_sweep(scfg, base)
     N, D, _, L = table_arrays(rows, scfg.n_column)
     out_dir = Path(scfg.out_dir)

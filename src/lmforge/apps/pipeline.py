@@ -17,34 +17,48 @@ and a stage killed half-way resumes from its last checkpoint. Overrides go to on
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import importlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# stage -> (module, config class, run function); the order is the pipeline's
-STAGES: dict[str, tuple[str, str, str]] = {
-    "pretrain": ("lmforge.stages.pretrain", "PretrainConfig", "run_pretrain"),
-    "midtrain": ("lmforge.stages.midtrain", "MidtrainConfig", "run_midtrain"),
-    "sft": ("lmforge.stages.sft", "SFTConfig", "run_sft"),
-    "reward": ("lmforge.stages.reward", "RewardConfig", "run_reward"),
-    "dpo": ("lmforge.stages.dpo", "DPOConfig", "run_dpo"),
-    "kto": ("lmforge.stages.kto", "KTOConfig", "run_kto"),
-    "online_dpo": ("lmforge.stages.online_dpo", "OnlineDPOConfig", "run_online_dpo"),
-    "grpo": ("lmforge.stages.grpo", "GRPOConfig", "run_grpo"),
-    "ppo": ("lmforge.stages.ppo", "PPOConfig", "run_ppo"),
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.apps.report import write_report
+from lmforge.apps.verbs import VERBS
+from lmforge.atomic import write_atomic
+from lmforge.config import describe, load_config
+from lmforge.data.mix import source_overrides_mix
+from lmforge.data.tinyworld import eval_rows
+from lmforge.evaluation import encode_prompt, generate_all
+from lmforge.generation import SamplingParams
+from lmforge.modelio import load_model_and_tokenizer
+from lmforge.stages.eval import EvalConfig, run_eval
+from lmforge.stages.think import ThinkConfig, run_think
+from lmforge.train.runs import config_hash, is_finished, mark_finished
+from lmforge.train.tracking import check_report_to, log_report
+
+# pipeline stage (its section of the recipe) -> the verb that runs it (apps/verbs.py: module, config, run function);
+# the order is the pipeline's
+STAGES: dict[str, str] = {
+    "pretrain": "pretrain", "midtrain": "midtrain", "sft": "sft", "reward": "reward", "dpo": "dpo", "kto": "kto",
+    "online_dpo": "online-dpo", "grpo": "grpo", "ppo": "ppo",
     # studies rather than models: their plots go into the report
-    "dpo_sweep": ("lmforge.stages.dpo", "DPOConfig", "run_dpo"),  # KL drift vs margin for several betas
-    "reward_hacking": ("lmforge.stages.grpo", "GRPOConfig", "run_grpo"),  # a length-paying reward, with/without KL
+    "dpo_sweep": "dpo",  # KL drift vs margin for several betas
+    "reward_hacking": "grpo",  # a length-paying reward, with/without KL
     # the reasoning recipe (recipes/reasoning.yaml): thinking SFT, reward models of steps and outcomes, RL, sweeps
-    "prm": ("lmforge.stages.prm", "PRMConfig", "run_prm"),  # process reward model
-    "orm": ("lmforge.stages.prm", "PRMConfig", "run_prm"),  # outcome reward model (target: outcome)
-    "grpo_outcome": ("lmforge.stages.grpo", "GRPOConfig", "run_grpo"),  # verifier reward
-    "grpo_process": ("lmforge.stages.grpo", "GRPOConfig", "run_grpo"),  # the PRM's step rewards
-    "grpo_length": ("lmforge.stages.grpo", "GRPOConfig", "run_grpo"),  # verifier + group-relative length
-    "budget_sweep": ("lmforge.stages.think", "ThinkConfig", "run_think"),  # accuracy vs thinking tokens per level
-    "compute_sweep": ("lmforge.stages.think", "ThinkConfig", "run_think"),  # majority vs PRM best-of-N vs beam
+    "prm": "prm",  # process reward model
+    "orm": "prm",  # outcome reward model (target: outcome)
+    "grpo_outcome": "grpo",  # verifier reward
+    "grpo_process": "grpo",  # the PRM's step rewards
+    "grpo_length": "grpo",  # verifier + group-relative length
+    "budget_sweep": "think",  # accuracy vs thinking tokens per level
+    "compute_sweep": "think",  # majority vs PRM best-of-N vs beam
 }
 DEFAULT_STAGES = ("pretrain", "midtrain", "sft", "reward", "dpo", "grpo", "ppo")  # a recipe's pipeline.stages picks
 BASE_STAGES = ("pretrain", "midtrain")  # probed with raw text; the rest through the chat template
@@ -60,10 +74,14 @@ class PipelineEvalConfig:
     max_new_tokens: int = 64
     prefs: str = ""  # held-out preference pairs for the reward model's accuracy
     batch_size: int = 64
-    samples: list[str] = field(default_factory=lambda: ["What is 347 + 289?", "What is 57 + 68?"])  # shown per stage
+    # extra prompts every stage answers in the report; the report's demo problems are chosen from the held-out
+    # answers by rule (apps/demos.py), so none are needed
+    samples: list[str] = field(default_factory=list)
     sample_tokens: int = 64
     think_samples: int = 8  # after SFT: accuracy vs samples per problem (self-consistency), N = 1..this; 0 = off
     think_limit: int = 32  # problems in that sweep
+    harness: str = ""  # lm-evaluation-harness tasks for every stage's model (see `lmforge eval --help`)
+    harness_include: str = ""  # a directory of local task YAMLs
 
 
 @dataclass
@@ -72,8 +90,13 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
     report: bool = True
+    # trackers for every stage (each stage's train.report_to) and for the report's files: e.g. [jsonl,wandb]
+    report_to: list[str] = field(default_factory=list)
+    tracking_project: str = "lmforge"
 
     def validate(self) -> None:
+        if self.report_to:
+            check_report_to(self.report_to)
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
@@ -95,57 +118,40 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str
     return own, per_stage, shared
 
 
+def stage_entry(stage: str, name: str):
+    """The stage's config class (name="config") or run function (name="run"), from its verb's module."""
+    verb = VERBS[STAGES[stage]]
+    return getattr(importlib.import_module(verb.module), getattr(verb, name))
+
+
 def stage_config(stage: str, recipe: str, overrides: list[str]):
-    import importlib
-
-    from lmforge.config import load_config
-
-    module, cls_name, _ = STAGES[stage]
-    cls = getattr(importlib.import_module(module), cls_name)
-    return load_config(cls, recipe, overrides, section=stage)
-
-
-def config_hash(cfg) -> str:
-    from lmforge.config import to_dict
-
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _done(marker: Path, digest: str) -> bool:
-    try:
-        return json.loads(marker.read_text()).get("config_hash") == digest
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
+    if stage in ("pretrain", "midtrain"):  # pretrain.data.source=... on the command line is the data
+        overrides = source_overrides_mix(overrides)
+    return load_config(stage_entry(stage, "config"), recipe, overrides, section=stage)
 
 
 def run_stage(stage: str, cfg, upstream_changed: bool = False) -> tuple[dict, bool]:
     """Run one stage unless its output is complete for this exact config and its inputs did not change;
     returns (summary, ran). A finished stage that must run again starts fresh; an unfinished one resumes."""
-    import importlib
-    import shutil
-
-    module, _, fn = STAGES[stage]
     out_dir = Path(cfg.out_dir)
     marker, digest = out_dir / "pipeline_stage.json", config_hash(cfg)
-    if not upstream_changed and _done(marker, digest) and (out_dir / "summary.json").exists():
+    if not upstream_changed and is_finished(marker, digest) and (out_dir / "summary.json").exists():
         return json.loads((out_dir / "summary.json").read_text()), False
     if marker.exists():  # finished before with another config or input: its checkpoints must not be resumed
         print(f"{stage}: config or input changed since it finished; training it again from the start")
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
         marker.unlink()
-    summary = getattr(importlib.import_module(module), fn)(cfg)
+    summary = stage_entry(stage, "run")(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / "summary.json").exists():  # a study (the beta sweep) returns its summary without writing it
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    marker.write_text(json.dumps({"stage": stage, "config_hash": digest, "finished": time.time()}) + "\n")
+        write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    mark_finished(marker, digest, stage=stage)
     return summary, True
 
 
 def evaluate_stage(stage: str, model_dir: Path, pcfg: PipelineConfig, sft_dir: Path | None,
                    reward_dir: Path | None) -> dict:
     """Held-out task accuracy (and KL / preference accuracy where they mean something) of one stage's model."""
-    from lmforge.stages.eval import EvalConfig, run_eval
-
     e = pcfg.eval
     is_reward = stage == "reward"
     if stage in SCORER_STAGES and not is_reward:
@@ -155,28 +161,25 @@ def evaluate_stage(stage: str, model_dir: Path, pcfg: PipelineConfig, sft_dir: P
         chat=stage not in BASE_STAGES, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
         reference=str(sft_dir) if stage in TUNED_STAGES and sft_dir is not None else "",
         reward_model=str(model_dir) if is_reward else "", prefs=e.prefs if is_reward else "",
+        harness="" if is_reward else e.harness, harness_include="" if is_reward else e.harness_include,
         out_dir=str(model_dir.parent / "eval"), n_boot=200)
     out = Path(cfg.out_dir)
     digest = config_hash(cfg) + _model_stamp(model_dir) + hashlib.sha256(repr((e.samples, e.sample_tokens, e.think_samples, e.think_limit)).encode()).hexdigest()[:8]
-    if _done(out / "pipeline_eval.json", digest) and (out / "eval.json").exists():
+    if is_finished(out / "pipeline_eval.json", digest) and (out / "eval.json").exists():
         return json.loads((out / "eval.json").read_text())
-    summary = run_eval(cfg) if cfg.task or cfg.prefs else {}
+    summary = run_eval(cfg) if cfg.task or cfg.prefs or cfg.harness else {}
     if e.samples and not is_reward:  # the same questions to every stage, side by side in the report
         summary["samples"] = demo_answers(model_dir, e.samples, chat=cfg.chat, max_new_tokens=e.sample_tokens)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if stage == "sft" and e.task == "tinyworld" and e.think_samples > 0:
         think_sweep(model_dir, out, e)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline_eval.json").write_text(json.dumps({"config_hash": digest}) + "\n")
+    mark_finished(out / "pipeline_eval.json", digest)
     return summary
 
 
 def think_sweep(model_dir: Path, out: Path, e: PipelineEvalConfig) -> dict:
     """Inference-time scaling on held-out problems: accuracy vs samples per problem -> out/sweep.json + PNG."""
-    from lmforge.stages.think import ThinkConfig, run_think
-    from lmforge.tinyworld import eval_rows
-
     out.mkdir(parents=True, exist_ok=True)
     problems = out / "think_problems.jsonl"
     rows = [{"messages": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
@@ -188,11 +191,7 @@ def think_sweep(model_dir: Path, out: Path, e: PipelineEvalConfig) -> dict:
 
 def demo_answers(model_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int) -> list[dict]:
     """Greedy answers (chat) or continuations (base models) to the demo prompts."""
-    from lmforge.evaluation import encode_prompt, generate_all
-    from lmforge.generation import SamplingParams
-    from lmforge.stages.generate import load_for_generation
-
-    model, tok = load_for_generation(str(model_dir))
+    model, tok = load_model_and_tokenizer(str(model_dir))
     ids = [encode_prompt(tok, p, chat) for p in prompts]
     outs = generate_all(model, ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), tok)
     return [{"prompt": p, "response": o[0].text} for p, o in zip(prompts, outs)]
@@ -205,12 +204,13 @@ def _model_stamp(model_dir: Path) -> str:
 
 def run_pipeline(pcfg: PipelineConfig, recipe: str, stage_overrides: dict[str, list[str]],
                  shared: list[str]) -> dict:
-    from rich.console import Console
-
     console = Console()
     run_dir = Path(pcfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     configs = {s: stage_config(s, recipe, shared + stage_overrides[s]) for s in pcfg.stages}  # all errors first
+    for cfg in configs.values():
+        if pcfg.report_to and hasattr(cfg, "train"):
+            cfg.train.report_to, cfg.train.tracking_project = list(pcfg.report_to), pcfg.tracking_project
     t0, results, changed = time.time(), {}, False
     for i, stage in enumerate(pcfg.stages):
         done = int(30 * i / len(pcfg.stages))
@@ -229,10 +229,10 @@ def run_pipeline(pcfg: PipelineConfig, recipe: str, stage_overrides: dict[str, l
     record = {"run_dir": str(run_dir), "stages": results, "seconds": round(time.time() - t0, 1)}
     (run_dir / "pipeline.json").write_text(json.dumps(record, indent=2) + "\n")
     if pcfg.report:
-        from lmforge.report import write_report
-
         written = write_report(run_dir)
         record["report"] = [written["markdown"], written["html"]]
+        if pcfg.report_to:
+            log_report(pcfg.report_to, run_dir, [Path(f) for f in written["files"]], pcfg.tracking_project)
     console.rule(f"[bold]pipeline done in {record['seconds']:.0f} s[/bold]")
     return record
 
@@ -249,9 +249,6 @@ def _scalars(d: dict) -> dict:
 
 
 def print_table(record: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"lmforge pipeline: {record['run_dir']}")
     for col in ("stage", "loss", "accuracy", "format", "pref. acc.", "KL", "length", "time"):
         table.add_column(col, justify="left" if col == "stage" else "right")
@@ -271,10 +268,6 @@ def print_table(record: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
-    from lmforge.config import describe, load_config
-
     parser = argparse.ArgumentParser(prog="lmforge pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="config keys (override with key=value):\n" + describe(PipelineConfig))

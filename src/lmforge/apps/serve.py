@@ -25,10 +25,20 @@ import os
 import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import torch
+
+from lmforge.config import parse_cli
+from lmforge.data.chat import check_messages, encode_prompt
+from lmforge.errors import DataError
+from lmforge.generation import SamplingParams, generate
+from lmforge.modelio import DTYPES, load_model_and_tokenizer
+from lmforge.tokenizer import CHATML_TEMPLATE
 
 CHAT_PAGE = Path(__file__).resolve().parent.parent / "assets" / "chat.html"
 EFFORTS = ("low", "medium", "high")
@@ -53,8 +63,6 @@ class ServeConfig:
     verbose: bool = True  # log one line per request to stderr
 
     def validate(self) -> None:
-        from lmforge.stages.generate import DTYPES
-
         if not self.model:
             raise ValueError("model=... is required (lmforge serve MODEL)")
         if not 0 <= self.port < 65536:
@@ -89,9 +97,6 @@ def _field(body: dict, key: str, default, kind: type | tuple, check=None, rule: 
 
 def request_messages(body: dict) -> list[dict]:
     """The checked messages; content given as a list of parts keeps its text parts."""
-    from lmforge.data.chat import check_messages
-    from lmforge.data.sources import DataError
-
     messages = body.get("messages")
     if isinstance(messages, list):
         messages = [{**m, "content": "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))}
@@ -104,8 +109,6 @@ def request_messages(body: dict) -> list[dict]:
 
 def sampling_params(body: dict, prompt_len: int, context: int, cfg: ServeConfig):
     """SamplingParams from the request's fields, max_new_tokens capped at the context left after the prompt."""
-    from lmforge.generation import SamplingParams
-
     room = context - prompt_len
     if room < 1:
         raise APIError(400, f"the messages are {prompt_len} tokens with the chat template; the model's context is "
@@ -173,8 +176,6 @@ class ChatModel:
     """A loaded model answering chat-completion requests, one generate at a time."""
 
     def __init__(self, model, tokenizer, cfg: ServeConfig):
-        from lmforge.tokenizer import CHATML_TEMPLATE
-
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         path = Path(cfg.model).resolve()  # runs/tiny/sft/model is served as "sft"
         self.name = cfg.model_name or (path.parent.name if path.name == "model" else path.name)
@@ -191,8 +192,6 @@ class ChatModel:
 
     def prepare(self, body: dict):
         """(prompt ids, SamplingParams, top_logprobs or None) of a request; APIError when it is malformed."""
-        from lmforge.data.chat import encode_prompt
-
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         ids = encode_prompt(self.tokenizer, request_messages(body))
@@ -210,8 +209,6 @@ class ChatModel:
         return ids, params, top
 
     def generate(self, ids: list[int], params, on_token=None):
-        from lmforge.generation import generate
-
         with self.lock:
             return generate(self.model, [ids], params, tokenizer=self.tokenizer, pad_id=self.tokenizer.pad_id,
                             on_token=on_token)[0]
@@ -219,8 +216,6 @@ class ChatModel:
     def logprobs(self, ids: list[int], completion_ids: list[int], top: int) -> dict:
         """OpenAI's ``logprobs.content`` of a completion: each generated token's raw log p and the ``top`` most
         likely tokens at its position, from one forward pass over prompt + completion."""
-        import torch
-
         tokens = torch.tensor([ids + completion_ids], device=self.model.lm_head.weight.device)
         with self.lock, torch.inference_mode():
             hidden = self.model(tokens, return_hidden=True)[0, len(ids) - 1:-1]
@@ -343,8 +338,6 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away (a closed chat tab mid-stream): nothing to answer
         except Exception as e:  # a bug or a model failure: the client gets a 500, the log the traceback
-            import traceback
-
             traceback.print_exc()
             error = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
             if self.streaming:
@@ -396,9 +389,7 @@ def make_server(cfg: ServeConfig, model=None, tokenizer=None) -> ThreadingHTTPSe
     cfg.validate()
     cfg = replace(cfg, api_key=cfg.api_key or os.environ.get("LMFORGE_API_KEY", ""))  # env: kept out of `ps`
     if model is None:
-        from lmforge.stages.generate import load_for_generation
-
-        model, tokenizer = load_for_generation(cfg.model, cfg.device, cfg.dtype)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
     handler = type("ChatHandler", (Handler,), {"chat": ChatModel(model, tokenizer, cfg)})
     server = ThreadingHTTPServer((cfg.host, cfg.port), handler)
     server.daemon_threads = True
@@ -423,8 +414,6 @@ def run_serve(cfg: ServeConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     if argv and "=" not in argv[0] and not argv[0].startswith("-"):
         argv = [f"model={argv[0]}", *argv[1:]]  # `lmforge serve MODEL ...`
     cfg = parse_cli(argv, ServeConfig, prog="lmforge serve", description=__doc__)

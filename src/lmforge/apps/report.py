@@ -5,7 +5,7 @@ summary.json, metrics.jsonl, config.yaml, PNG plots and an ``eval/eval.json`` wr
 eval.json itself, for an eval stage of its own).
 The report shows:
 
-1. a table, one row per stage. A column shows the first of its keys found in the stage's summary.json, then in
+1. a table, one row per stage, in the order the pipeline ran them (pipeline.json; else the usual order). A column shows the first of its keys found in the stage's summary.json, then in
    its eval/eval.json, then the last value logged under its metric keys in metrics.jsonl; a {"value", "ci"}
    dict prints with its interval, a missing value is "—", and a column no stage has is left out:
        column     summary / eval keys                                    metrics.jsonl keys
@@ -22,13 +22,21 @@ The report shows:
        steps      steps                                                  step
        time       seconds                                                -
    "loss" is each stage's own objective (next-token loss for pretrain / SFT, the DPO loss for DPO, ...).
-2. sample answers side by side: every stage's ``samples: [{"prompt", "response"}]`` and those of its eval, or
+2. what the stages changed: three held-out problems chosen by rule from every stage's graded answers
+   (apps/demos.py: one SFT gets wrong and DPO / GRPO get right, one every stage gets right, one none does),
+   one row per stage, one column per problem;
+3. sample answers side by side: every stage's ``samples: [{"prompt", "response"}]`` and those of its eval (not
+   when the demo problems are shown), or
    its single ``sample`` string (the answer to its config's sample_prompt, which pretrain's sample starts with);
    one row per prompt, one column per stage;
-3. loss curves from each stage's metrics.jsonl (loss and val_loss against step; matplotlib, Agg backend);
-4. every PNG found in a stage directory (or its eval/), captioned with the stage and the file name;
-5. the tables a stage writes in ``tables.json`` (``[{"title", "headers", "rows"}]``: the reasoning recipe's
-   budget sweep, search comparison and PRM metrics), after the stage table.
+4. loss curves from each stage's metrics.jsonl: loss as logged (faint) and smoothed (TensorBoard's debiased
+   moving average), val_loss with markers, one panel per stage and one row per group (pre-training, SFT,
+   preference, RL; matplotlib, Agg backend);
+5. lm-evaluation-harness results, when a stage's eval has them;
+6. every PNG found in a stage directory (or its eval/), captioned with the stage and the file name;
+7. after the stage table, accuracy and thinking tokens per difficulty level of every stage whose eval has
+   ``by_level``, and the tables a stage writes in ``tables.json`` (``[{"title", "headers", "rows"}]``: the
+   reasoning recipe's budget sweep, search comparison and PRM metrics).
 
 report.md refers to PNGs by relative path (loss_curves.png is written next to it); report.html embeds them as
 base64, so it is one file to send around. The same inputs always give byte-identical output.
@@ -43,6 +51,13 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
+
+from lmforge.apps.demos import Demo, choose_demos
+from lmforge.config import parse_cli
+from lmforge.errors import DataError
+from lmforge.train.tracking import log_report
 
 STAGE_ORDER = ("tokenizer", "pretrain", "midtrain", "sft", "reward", "prm", "orm", "dpo", "ipo", "simpo", "orpo",
                "kto", "online_dpo", "constitutional", "ppo", "grpo", "rloo", "grpo_outcome", "grpo_process",
@@ -64,6 +79,8 @@ COLUMNS = [  # (header, summary / eval.json keys, metrics.jsonl keys, format)
     ("time", ("seconds",), (), "{:.0f} s"),
 ]
 MISSING = "—"
+DEMO_INTRO = ("Three held-out problems, chosen by rule from every stage's graded answers (eval/records.jsonl), "
+              "each answered by every stage (✓ right, ✗ wrong):")
 MAX_PROMPTS = 8
 CSS = """body{font:15px/1.5 system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#222}h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
@@ -89,8 +106,6 @@ class Stage:
 # ---- reading ----
 
 def _read_json(path: Path) -> dict:
-    from lmforge.data.sources import DataError
-
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -102,8 +117,6 @@ def _read_json(path: Path) -> dict:
 
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl rows; at a {"event": "resume"} row, earlier rows past the resumed step are dropped."""
-    from lmforge.data.sources import DataError
-
     rows: list[dict] = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -126,8 +139,6 @@ def _samples(summary: dict, stage_dir: Path) -> list[dict]:
     if not samples and isinstance(summary.get("sample"), str):  # one answer to the config's sample_prompt
         prompt = ""
         if (stage_dir / "config.yaml").exists():
-            import yaml
-
             config = yaml.safe_load((stage_dir / "config.yaml").read_text(encoding="utf-8"))
             prompt = str(config.get("sample_prompt") or "") if isinstance(config, dict) else ""
         text = summary["sample"]
@@ -141,8 +152,6 @@ def collect_stages(run_dir: str | Path) -> list[Stage]:
     pipeline order."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        from lmforge.data.sources import DataError
-
         raise DataError(f"{run_dir}: no such run directory")
     stages = []
     for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
@@ -164,13 +173,29 @@ def collect_stages(run_dir: str | Path) -> list[Stage]:
         if (d / "tables.json").exists():
             stage.tables = _tables(d / "tables.json")
         stages.append(stage)
-    order = {name: i for i, name in enumerate(STAGE_ORDER)}
-    return sorted(stages, key=lambda s: (order.get(s.name, len(order)), s.name))
+    return sorted(stages, key=lambda s: (_stage_order(run_dir).get(s.name, len(STAGE_ORDER) + 1), s.name))
+
+
+def _stage_order(run_dir: Path) -> dict[str, int]:
+    """STAGE_ORDER, with the stages pipeline.json lists put in the order the pipeline ran them (in the places
+    those stages take in STAGE_ORDER), so stages from an earlier run keep their usual place."""
+    ran = _pipeline_order(run_dir)
+    names = list(STAGE_ORDER)
+    for i, name in enumerate(ran):  # a stage STAGE_ORDER does not know goes right after the one run before it
+        if name not in names:
+            names.insert(names.index(ran[i - 1]) + 1 if i else 0, name)
+    slots = iter(ran)
+    return {(next(slots) if name in ran else name): i for i, name in enumerate(names)}
+
+
+def _pipeline_order(run_dir: Path) -> list[str]:
+    try:
+        return list(json.loads((run_dir / "pipeline.json").read_text())["stages"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return []
 
 
 def _tables(path: Path) -> list[dict]:
-    from lmforge.data.sources import DataError
-
     try:
         tables = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -258,23 +283,77 @@ def sample_grid(stages: list[Stage], max_prompts: int = MAX_PROMPTS) -> tuple[li
     return names, [[p] + [answers.get(n, MISSING) for n in names] for p, answers in prompts.items()]
 
 
+def harness_rows(stages: list[Stage]) -> list[list[str]]:
+    """[stage, task, metric, value ± stderr] for every lm-evaluation-harness result in the stages' eval.json."""
+    rows = []
+    for s in stages:
+        for task, metrics in (s.evaluation.get("harness") or s.summary.get("harness") or {}).items():
+            for metric, value in metrics.items():
+                if metric.endswith("_stderr") or _number(value) is None:
+                    continue
+                err = _number(metrics.get(f"{metric}_stderr"))
+                rows.append([s.name, task, metric, f"{value:.4f}" + (f" ± {err:.4f}" if err is not None else "")])
+    return rows
+
+
+def demo_table(demos: list[Demo], stages: list[Stage]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows): one row per stage that answered, one column per demo problem; ✓ / ✗ before each answer."""
+    names = [s.name for s in stages if any(s.name in d.responses for d in demos)]
+    headers = ["stage"] + [f"{d.kind}: {d.prompt} (answer {d.answer})" for d in demos]
+    rows = [[n] + [(("✓ " if d.responses[n][1] else "✗ ") + d.responses[n][0].strip()) if n in d.responses
+                   else MISSING for d in demos] for n in names]
+    return headers, rows
+
+
+LOSS_GROUPS = (("pre-training", ("pretrain", "midtrain")), ("supervised fine-tuning", ("sft",)),
+               ("reward model and preference tuning", ("reward", "dpo", "ipo", "simpo", "orpo", "kto", "online_dpo",
+                                                        "dpo_sweep", "constitutional")),
+               ("reinforcement learning", ("grpo", "rloo", "ppo", "reward_hacking")))
+
+
+def smooth(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so it starts at the first value."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
 def plot_loss_curves(stages: list[Stage], path: Path) -> Path | None:
-    """One panel per stage with logged losses: loss and val_loss against step. None when nothing was logged."""
-    curves = [(s, {k: [(r["step"], r[k]) for r in s.metrics if _number(r.get(k)) is not None]
-                   for k in ("loss", "val_loss")}) for s in stages]
-    curves = [(s, c) for s, c in curves if any(c.values())]
-    if not curves:
+    """Loss (raw, faint, and smoothed) and val_loss against step, one panel per stage, one row per group of stages
+    (pre-training, SFT, preference, RL). None when nothing was logged."""
+    curves = {s.name: (s, {k: [(r["step"], r[k]) for r in s.metrics if _number(r.get(k)) is not None]
+                           for k in ("loss", "val_loss")}) for s in stages}
+    curves = {n: c for n, c in curves.items() if any(c[1].values())}
+    groups = [(title, [curves[n] for n in names if n in curves]) for title, names in LOSS_GROUPS]
+    grouped = {n for _, names in LOSS_GROUPS for n in names}
+    groups += [("other", [c for n, c in curves.items() if n not in grouped])]
+    groups = [(t, g) for t, g in groups if g]
+    if not groups:
         return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
-    for ax, (stage, series) in zip(axes[0], curves):
-        for key, points in series.items():
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if len(points) < 20 else None, ms=3, label=key)
-        ax.set(title=stage.name, xlabel="step", ylabel="loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    cols = max(len(g) for _, g in groups)
+    fig, axes = plt.subplots(len(groups), cols, figsize=(4.3 * cols, 3.3 * len(groups)), squeeze=False)
+    for row, (title, group) in enumerate(groups):
+        for col in range(cols):
+            ax = axes[row][col]
+            if col >= len(group):
+                ax.axis("off")
+                continue
+            stage, series = group[col]
+            if series["loss"]:
+                xs, ys = zip(*series["loss"])
+                weight = min(0.9, max(0.0, 1 - 8 / len(ys)))  # more points, more smoothing
+                ax.plot(xs, ys, color="C0", alpha=0.25, lw=1)
+                ax.plot(xs, smooth(list(ys), weight), color="C0", lw=2, label=f"loss (smoothed {weight:.2f})")
+            if series["val_loss"]:
+                xs, ys = zip(*series["val_loss"])
+                ax.plot(xs, ys, color="C1", marker="o", ms=4, lw=1.5, label="val_loss")
+            ax.set_title(f"{title}: {stage.name}" if col == 0 else stage.name, fontsize=10)
+            ax.set(xlabel="step", ylabel="loss" if col == 0 else None)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same inputs, same bytes
@@ -312,16 +391,24 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
 
 
-def render_markdown(title: str, run_dir: Path, stages: list[Stage], loss_png: Path | None, out_dir: Path) -> str:
+def render_markdown(title: str, run_dir: Path, stages: list[Stage], loss_png: Path | None, out_dir: Path,
+                    demos: list[Demo] = ()) -> str:
     rel = lambda p: Path(os.path.relpath(p, out_dir)).as_posix()
     lines = [f"# {_md(title)}", "", f"Run directory: `{run_dir.as_posix()}`; {len(stages)} stages.", "", "## Stages", ""]
     lines += _md_table(*stage_table(stages))
     for heading, t in extra_tables(stages):
         lines += ["", f"### {_md(heading)}", ""] + _md_table(t["headers"], t["rows"])
+    if demos:
+        lines += ["", "## What the stages changed", "", DEMO_INTRO, ""]
+        lines += [f"- **{_md(d.kind)}**: {_md(d.rule)}." for d in demos] + [""]
+        lines += _md_table(*demo_table(demos, stages))
     names, grid = sample_grid(stages)
     if grid:
         lines += ["", "## Sample answers", "", "The same prompts, answered by each stage's model.", ""]
         lines += _md_table(["prompt"] + names, grid)
+    harness = harness_rows(stages)
+    if harness:
+        lines += ["", "## lm-evaluation-harness", ""] + _md_table(["stage", "task", "metric", "value"], harness)
     if loss_png is not None:
         lines += ["", "## Loss curves", "", f"![loss curves]({rel(loss_png)})"]
     plots = [(s, p) for s in stages for p in s.plots]
@@ -352,18 +439,27 @@ def _figure(png: Path, caption: str) -> str:
             f"<figcaption>{_h(caption)}</figcaption></figure>")
 
 
-def render_html(title: str, run_dir: Path, stages: list[Stage], loss_png: Path | None) -> str:
+def render_html(title: str, run_dir: Path, stages: list[Stage], loss_png: Path | None,
+                demos: list[Demo] = ()) -> str:
     parts = [f"<h1>{_h(title)}</h1>",
              f'<p class="meta">Run directory: <code>{_h(run_dir.as_posix())}</code>; {len(stages)} stages.</p>',
              "<h2>Stages</h2>", _html_table(*stage_table(stages))]
     for heading, t in extra_tables(stages):
         parts += [f"<h3>{_h(heading)}</h3>", _html_table(t["headers"], t["rows"])]
+    if demos:
+        parts += ["<h2>What the stages changed</h2>", f"<p>{_h(DEMO_INTRO)}</p>",
+                  "<ul>" + "".join(f"<li><b>{_h(d.kind)}</b>: {_h(d.rule)}.</li>" for d in demos) + "</ul>",
+                  _html_table(*demo_table(demos, stages), text_cells=True)]
     names, grid = sample_grid(stages)
     if grid:
         parts += ["<h2>Sample answers</h2>", "<p>The same prompts, answered by each stage's model.</p>",
                   _html_table(["prompt"] + names, grid, text_cells=True)]
+    harness = harness_rows(stages)
+    if harness:
+        parts += ["<h2>lm-evaluation-harness</h2>", _html_table(["stage", "task", "metric", "value"], harness)]
     if loss_png is not None:
-        parts += ["<h2>Loss curves</h2>", _figure(loss_png, "loss and validation loss against step, per stage")]
+        parts += ["<h2>Loss curves</h2>", _figure(loss_png, "loss (faint: as logged; bold: smoothed) and validation "
+                                                            "loss against step, one row per group of stages")]
     plots = [(s, p) for s in stages for p in s.plots]
     if plots:
         parts += ["<h2>Plots</h2>"] + [_figure(png, _caption(stage, png)) for stage, png in plots]
@@ -379,8 +475,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, title: 
     out_dir = Path(out_dir) if out_dir else run_dir
     stages = collect_stages(run_dir)
     if not stages:
-        from lmforge.data.sources import DataError
-
         raise DataError(f"{run_dir}: no stage directories (none holds summary.json, metrics.jsonl or eval/eval.json)")
     title = title or f"lmforge run: {run_dir.resolve().name}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -389,10 +483,15 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, title: 
         for s in stages:
             s.plots = []
     md, page = out_dir / "report.md", out_dir / "report.html"
-    md.write_text(render_markdown(title, run_dir, stages, loss_png, out_dir), encoding="utf-8")
-    page.write_text(render_html(title, run_dir, stages, loss_png), encoding="utf-8")
+    demos = choose_demos({s.name: s.path for s in stages})
+    if demos:  # the chosen problems replace the first held-out answers an eval keeps as its samples
+        for s in stages:
+            s.samples = _samples(s.summary, s.path)
+    md.write_text(render_markdown(title, run_dir, stages, loss_png, out_dir, demos), encoding="utf-8")
+    page.write_text(render_html(title, run_dir, stages, loss_png, demos), encoding="utf-8")
+    files = [md, page] + ([loss_png] if loss_png else []) + [p for s in stages for p in s.plots]
     return {"markdown": str(md), "html": str(page), "stages": [s.name for s in stages],
-            "loss_curves": str(loss_png) if loss_png else None}
+            "loss_curves": str(loss_png) if loss_png else None, "files": [str(f) for f in files]}
 
 
 @dataclass
@@ -401,6 +500,8 @@ class ReportConfig:
     out_dir: str = ""  # default: the run directory
     title: str = ""  # default: "lmforge run: NAME"
     plots: bool = True  # false: no loss curves or embedded PNGs (and no matplotlib needed)
+    report_to: list[str] = field(default_factory=list)  # wandb / mlflow: the report and its plots as artifacts
+    tracking_project: str = "lmforge"
 
     def validate(self) -> None:
         if not self.run_dir:
@@ -408,11 +509,11 @@ class ReportConfig:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.config import parse_cli
-
     if argv and "=" not in argv[0] and not argv[0].startswith("-"):  # `lmforge report runs/tiny`
         argv = [f"run_dir={argv[0]}"] + argv[1:]
     cfg = parse_cli(argv, ReportConfig, prog="lmforge report", description=__doc__)
     out = write_report(cfg.run_dir, cfg.out_dir or None, cfg.title, cfg.plots)
+    if cfg.report_to:
+        log_report(cfg.report_to, Path(cfg.run_dir), [Path(f) for f in out["files"]], cfg.tracking_project)
     print(f"{len(out['stages'])} stages ({', '.join(out['stages'])}) -> {out['markdown']}, {out['html']}")
     return 0

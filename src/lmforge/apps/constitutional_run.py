@@ -7,18 +7,39 @@ from stages/constitutional.py, run_sft, run_dpo) reading its own section of the 
 on a rerun, an interrupted one resumes.
 
 This module holds RunConfig, the step configs and their wiring, the skip/resume bookkeeping, the results report
-and the ``run`` sub-command's CLI (``lmforge constitutional run`` reaches main_run through stages/constitutional.py's
-main, and shows that module's docstring as its help).
+and the ``lmforge constitutional`` verb: ``run`` is main_run here, revise / label / eval go to the stage's main
+(stages/constitutional.py, whose docstring is the help of both).
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.config import describe, load_config, read_yaml, recipe_path, save_config
+from lmforge.constitutional.judges import weights_signature
+from lmforge.constitutional.prompts import read_prompts
+from lmforge.constitutional.run import (
+    COLUMNS,
+    cell,
+    check_disjoint,
+    judge_check,
+    markdown_table,
+    model_metrics,
+    split_prompts,
+    write_splits,
+)
+from lmforge.errors import DataError, JudgeError
+from lmforge.stages import constitutional
 from lmforge.stages.constitutional import (
     EvalConfig,
     LabelConfig,
@@ -28,6 +49,9 @@ from lmforge.stages.constitutional import (
     run_label,
     run_revise,
 )
+from lmforge.stages.dpo import DPOConfig, run_dpo
+from lmforge.stages.sft import SFTConfig, run_sft
+from lmforge.train.runs import config_hash, is_finished, mark_finished
 
 RUN_STEPS = ("revise", "sft", "label", "dpo", "eval")
 
@@ -67,10 +91,6 @@ class RunConfig:
 def step_configs(recipe: str | None, overrides: dict[str, list[str]], model: str, rl: bool = True) -> dict:
     """{step: config} from the recipe's section for each step (defaults where it has none) + that step's overrides.
     ``model`` fills the steps' required model fields until the run wires each step to its real input."""
-    from lmforge.config import load_config, read_yaml, recipe_path
-    from lmforge.stages.dpo import DPOConfig
-    from lmforge.stages.sft import SFTConfig
-
     classes = {"revise": ReviseConfig, "sft": SFTConfig, "label": LabelConfig, "dpo": DPOConfig, "eval": EvalConfig}
     sections = read_yaml(recipe_path(recipe)) if recipe else {}
     out = {}
@@ -86,8 +106,6 @@ def step_configs(recipe: str | None, overrides: dict[str, list[str]], model: str
 
 def _wire(cfg: RunConfig, steps: dict, prompts: dict[str, str]) -> dict:
     """Point every step at the run's models, prompt files and folders (whatever its section said)."""
-    from dataclasses import replace
-
     out, base = Path(cfg.out_dir), cfg.model
     sl_cai, rl_cai = str(out / "sft" / "model"), str(out / "dpo" / "model")
     wired = {"revise": replace(steps["revise"], model=base, prompts=[prompts["revise"]], limit=0,
@@ -121,41 +139,27 @@ def _run_step(step: str, cfg, fn, upstream_changed: bool, inputs: list[str] = ()
     files' contents); otherwise run it. A step whose config or inputs changed starts afresh (its answer cache
     stays: answers are keyed by model weights and request); one that never finished resumes (traces/judgments
     by prompt, training from its last checkpoint)."""
-    import hashlib
-    import shutil
-
-    from lmforge.constitutional.judges import weights_signature
-    from lmforge.stages.pipeline import config_hash
-
     out = Path(cfg.out_dir)
     stamp = hashlib.sha256()
     for path in inputs:  # prompt files by content, model directories by their weights' size and mtime
         stamp.update(weights_signature(path).encode() if Path(path).is_dir() else Path(path).read_bytes())
     marker, digest = out / "run_step.json", f"{config_hash(cfg)}-{stamp.hexdigest()[:12]}"
-    try:
-        record = json.loads(marker.read_text())
-    except (FileNotFoundError, ValueError):
-        record = None
-    if record and record.get("config_hash") == digest and not upstream_changed:
+    record = is_finished(marker, digest)
+    if record and not upstream_changed:
         return record["summary"], False
-    if record or upstream_changed:
+    if marker.exists() or upstream_changed:
         for name in PROGRESS_FILES[step]:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         marker.unlink(missing_ok=True)
     t0 = time.time()
     summary = fn(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"step": step, "config_hash": digest, "seconds": round(time.time() - t0, 1),
-                                  "finished": time.time(), "summary": summary}, default=str) + "\n")
+    mark_finished(marker, digest, step=step, seconds=round(time.time() - t0, 1), summary=summary)
     return summary, True
 
 
 def prepare_prompts(cfg: RunConfig) -> tuple[dict[str, str], dict[str, int]]:
     """The held-out/train split written as prompt files under out_dir/prompts; (paths, sizes)."""
-    from lmforge.constitutional.prompts import read_prompts
-    from lmforge.constitutional.run import check_disjoint, split_prompts, write_splits
-
     def read(specs, label=None):
         return read_prompts(as_list(specs), 0, label=label) if specs else []
 
@@ -167,8 +171,6 @@ def prepare_prompts(cfg: RunConfig) -> tuple[dict[str, str], dict[str, int]]:
     check_disjoint(splits)
     empty = [name for name in ("eval_harmful", "eval_safe", "eval_helpful", "revise") if not splits[name]]
     if empty:
-        from lmforge.data.sources import DataError
-
         raise DataError(f"the prompt split left {empty[0]} empty: give more prompts (red_team, helpful, safe) or "
                         "ask for fewer")
     return write_splits(splits, Path(cfg.out_dir) / "prompts"), {k: len(v) for k, v in splits.items()}
@@ -177,12 +179,6 @@ def prepare_prompts(cfg: RunConfig) -> tuple[dict[str, str], dict[str, int]]:
 def run_constitutional(cfg: RunConfig, steps: dict | None = None, critic=None, judge=None) -> dict:
     """The whole loop; ``steps`` maps step name -> its config (default: every step's defaults); ``critic`` and
     ``judge`` override the configured backends (tests). Returns results.json's content."""
-    from lmforge.config import save_config
-    from lmforge.constitutional.run import judge_check, markdown_table, model_metrics
-    from lmforge.data.sources import DataError
-    from lmforge.stages.dpo import run_dpo
-    from lmforge.stages.sft import run_sft
-
     t0 = time.time()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,13 +263,14 @@ def split_run_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list
     return own, per_step
 
 
+def main(argv: list[str]) -> int:
+    """``lmforge constitutional``: ``run`` is the whole loop (here); revise, label and eval are the stage's."""
+    if argv and argv[0] == "run":
+        return main_run(argv[1:])
+    return constitutional.main(argv)
+
+
 def main_run(argv: list[str]) -> int:
-    import argparse
-
-    from lmforge.config import describe, load_config
-    from lmforge.constitutional.judges import JudgeError
-    from lmforge.stages import constitutional
-
     parser = argparse.ArgumentParser(prog="lmforge constitutional run", description=constitutional.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="config keys of the run section (override with key=value; a step's "
@@ -296,11 +293,6 @@ def main_run(argv: list[str]) -> int:
 
 
 def print_run(result: dict, out_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from lmforge.constitutional.run import COLUMNS, cell
-
     table = Table(title=f"constitutional AI before/after (judge: {result['judge']})")
     table.add_column("model")
     for _, title in COLUMNS:

@@ -10,7 +10,7 @@ Every stage of the built-in tiny pipeline trains on data made here, so each stag
     reward model, DPO    {"prompt", "chosen", "rejected"}: chosen is correct and concise, rejected is wrong
                          (a misread operand, a forgotten carry, a slipped column), sometimes padded as well
     PPO / GRPO           {"prompt", "answer"}: a verifiable reward (answers.is_correct)
-    evaluation           held-out problems with gold answers; evaluate_arithmetic() scores any checkpoint
+    evaluation           held-out problems with gold answers; evaluation.evaluate_arithmetic() scores any checkpoint
 
 A worked solution does the sum column by column from the right, carries and borrows written out, and ends in
 the line answers.extract_answer reads:
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from lmforge.answers import ANSWER_PREFIX, format_answer
 from lmforge.data import thinkworld
+from lmforge.errors import DataError
 
 TEST_FRACTION = 0.1  # share of all possible problems held out for evaluation
 MAX_DIGITS = 2  # operands have 1..MAX_DIGITS digits (3 is beyond a 2M-parameter model in minutes: ~3% after SFT)
@@ -263,8 +264,6 @@ SOURCES = {  # builtin:tinyworld/NAME -> the rows it serves
 def source_rows(name: str) -> list[dict]:
     """The rows of ``builtin:tinyworld/NAME`` (data.sources reads them like a JSON Lines file)."""
     if name not in SOURCES:
-        from lmforge.data.sources import DataError
-
         raise DataError(f"builtin:tinyworld/{name}: no such generated source "
                         f"(tinyworld sources: {', '.join(f'builtin:tinyworld/{k}' for k in SOURCES)})")
     return SOURCES[name]()
@@ -280,34 +279,3 @@ def is_formatted(text: str) -> bool:
     """Ends with "The answer is <number>." and states no other answer (a base model that runs on into more
     exercises does not)."""
     return _FORMAT.search(text) is not None and text.count(ANSWER_PREFIX) == 1
-
-
-def evaluate_arithmetic(model, tokenizer, items, chat: bool = True, max_new_tokens: int = 64, batch_size: int = 64,
-                        n_samples: int = 5) -> dict:
-    """Greedy answers to arithmetic questions: {"accuracy", "format_rate", "samples"} (see is_formatted).
-
-    items: Problems, or rows with "question" (or a one-message "prompt") and "answer". chat=True renders the
-    question with the chat template and a generation prompt (a chat model's view); chat=False gives the raw
-    question as text, which is how a base model is probed. samples: the first ``n_samples``
-    {question, completion, answer, correct}. ``lmforge eval task=tinyworld`` gives the same numbers with CIs.
-    """
-    from lmforge.evaluation import task_accuracy
-
-    pairs = [_question_and_answer(item) for item in items]
-    if not pairs:
-        raise ValueError("evaluate_arithmetic needs at least one problem")
-    res = task_accuracy(model, tokenizer, [{"prompt": q, "answer": a} for q, a in pairs], chat=chat,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size, format_check=is_formatted, n_boot=0)
-    samples = [{"question": r["prompt"], "completion": r["response"], "answer": r["answer"], "correct": r["correct"]}
-               for r in res["records"][:n_samples]]
-    return {"accuracy": res["accuracy"]["value"], "format_rate": res["format_rate"]["value"], "samples": samples}
-
-
-def _question_and_answer(item) -> tuple[str, str]:
-    if isinstance(item, Problem):
-        return item.question, str(item.answer)
-    question = item.get("question")
-    if question is None:
-        prompt = item["prompt"]
-        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-    return question, str(item["answer"])
