@@ -86,3 +86,37 @@ def test_generate_and_eval_take_a_thinking_budget(thinker):
     summary = json.loads((thinker / "eval" / "eval.json").read_text())
     assert set(summary["by_level"]) == {str(lv) for lv in tw.LEVELS}
     assert all(r["mean_thinking_tokens"] <= 2 for r in summary["by_level"].values())
+
+
+REASONING_MICRO = [  # the built-in reasoning recipe on a budget of seconds: every stage, every table and plot
+    "pretrain.train.max_steps=4", "pretrain.train.warmup_steps=1", "pretrain.train.eval_every=0",
+    "pretrain.train.save_every=0", "pretrain.train.batch_size=8", "pretrain.train.micro_batch_size=8",
+    "sft.train.max_steps=2", "sft.train.warmup_steps=1", "sft.train.eval_every=0", "sft.train.batch_size=8",
+    "sft.train.micro_batch_size=8",
+    *[f"{s}.{k}" for s in ("prm", "orm") for k in (
+        "num_problems=6", "eval_num_problems=6", "samples_per_problem=2", "max_new_tokens=24", "train.max_steps=2",
+        "train.warmup_steps=1", "train.batch_size=4", "train.micro_batch_size=4")],
+    "grpo_length.train.max_steps=1", "grpo_length.prompts_per_rollout=2", "grpo_length.num_generations=2",
+    "grpo_length.train.batch_size=4", "grpo_length.train.micro_batch_size=4", "grpo_length.max_new_tokens=24",
+    "grpo_length.data.eval_size=4", "grpo_length.train.eval_every=0", "grpo_length.train.save_every=0",
+    "budget_sweep.per_level=2", "budget_sweep.budgets=[0,8]", "budget_sweep.wait_minimums=[12]",
+    "budget_sweep.adaptive_budget=12", "budget_sweep.max_new_tokens=24",
+    "compute_sweep.per_level=2", "compute_sweep.n=2", "compute_sweep.beams=[[1,2]]", "compute_sweep.max_new_tokens=24",
+    "eval.limit=2", "eval.max_new_tokens=24", "eval.sample_tokens=24",
+]
+
+
+@pytest.mark.slow
+def test_the_reasoning_recipe_runs_end_to_end_and_its_report_shows_every_table(tmp_path):
+    run = tmp_path / "reasoning"
+    lmforge("pipeline", "--config", "reasoning", f"run_dir={run}", *REASONING_MICRO, threads=1)
+    stages = json.loads((run / "pipeline.json").read_text())["stages"]
+    assert list(stages) == ["pretrain", "sft", "prm", "orm", "grpo_length", "budget_sweep", "compute_sweep"]
+    assert "by_level" in json.loads((run / "grpo_length" / "eval" / "eval.json").read_text())
+    md = (run / "report.md").read_text()
+    for heading in ("accuracy [95% CI] and mean thinking tokens by difficulty level", "prm: held-out traces", "orm: held-out traces",
+                    "budget_sweep: accuracy [95% CI]", "budget_sweep: paired gain over no budget",
+                    "compute_sweep: accuracy [95% CI]", "compute_sweep: gain over majority voting"):
+        assert f"### {heading}" in md, heading
+    assert "| grpo_length |" in md and "first-error F1" in md
+    assert "budget_sweep/accuracy_vs_thinking_tokens.png" in md and "compute_sweep/accuracy_vs_compute.png" in md
