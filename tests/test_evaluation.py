@@ -97,7 +97,8 @@ def test_task_accuracy_with_scripted_answers(tok, monkeypatch):
     assert res["mean_response_tokens"] == (3 + 5 + 4 + 2) / 4 and res["truncated_rate"] == 0.25
     assert [r["correct"] for r in res["records"]] == [True, False, False, True]
     assert res["records"][1] | {} == {"prompt": "What is 4 + 3?", "response": "The answer is 8.", "answer": "7",
-                                      "predicted": "8", "correct": False, "tokens": 5, "finish_reason": "stop"}
+                                      "predicted": "8", "correct": False, "tokens": 5, "thinking_tokens": 0,
+                                      "finish_reason": "stop"}
     assert res["records"][2]["prompt"] == "What is 1 + 1?" and res["records"][2]["predicted"] is None
     # chat prompts: bos, then the template up to the assistant header
     assert all(ids[0] == tok.bos_id and tok.decode(ids).endswith("<|im_start|>assistant\n") for ids in seen)

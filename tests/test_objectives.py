@@ -30,6 +30,7 @@ from lmforge.objectives import (
     token_logprobs,
     whiten,
 )
+from lmforge.objectives.rl import process_advantages
 
 
 def t(*xs):
@@ -441,3 +442,14 @@ def test_kl_regularised_optimum_closed_form_and_gradient_descent():
         (-objective).backward()
         opt.step()
     assert torch.allclose(torch.softmax(theta, -1).detach(), optimum, atol=0.01)
+
+
+def test_process_advantages_by_hand():
+    """Two completions in a group: step rewards [1, 0] ending at tokens 1 and 3, and [1] ending at token 2.
+    Group rewards {1, 0, 1}: mean 2/3, std (unbiased) sqrt(1/3); token t gets the normalised rewards of the
+    steps ending at or after t."""
+    adv = process_advantages([[1.0, 0.0], [1.0]], [[1, 3], [2]], group_size=2, length=5, eps=0.0)
+    hi, lo = (1 - 2 / 3) / math.sqrt(1 / 3), (0 - 2 / 3) / math.sqrt(1 / 3)
+    expected = torch.tensor([[hi + lo, hi + lo, lo, lo, 0.0], [hi, hi, hi, 0.0, 0.0]])
+    torch.testing.assert_close(adv, expected)
+    assert process_advantages([[0.5], [0.5]], [[0], [0]], 2, 3).abs().sum() == 0  # equal rewards: nothing

@@ -175,3 +175,26 @@ def test_an_eval_stage_of_its_own(tmp_path):
     write_report(run, plots=False)
     md = (run / "report.md").read_text()
     assert "| eval | 25.0% [10.0%, 40.0%] | 0.5000 |" in md and f"| {QUESTION} | The answer is 636. |" in md
+
+
+def test_stage_tables_and_the_by_level_table(tmp_path):
+    run = tmp_path / "run"
+    level = lambda acc, lo, hi, think: {"accuracy": {"value": acc, "ci": [lo, hi], "n": 40},
+                                        "mean_thinking_tokens": think, "mean_response_tokens": think + 6}
+    write_stage(run, "sft", {"steps": 3}, files={"eval/eval.json": json.dumps(
+        {"accuracy": 0.5, "by_level": {"1": level(0.9, 0.8, 1.0, 12.0), "5": level(0.2, 0.1, 0.35, 40.25)}})})
+    write_stage(run, "grpo_length", {"steps": 3}, files={"eval/eval.json": json.dumps(
+        {"accuracy": 0.6, "by_level": {"1": level(0.95, 0.9, 1.0, 4.0), "5": level(0.3, 0.15, 0.45, 38.0)}})})
+    write_stage(run, "budget_sweep", files={"summary.json": "{}", "tables.json": json.dumps(
+        [{"title": "accuracy by budget", "headers": ["setting", "level 5"], "rows": [["budget=8", "25%"]]}])})
+    write_report(run, plots=False)
+    md = (run / "report.md").read_text()
+    assert "| stage | level 1 | level 5 |" in md
+    assert "| sft | 90% [80%, 100%], 12.0 tok | 20% [10%, 35%], 40.2 tok |" in md
+    assert "| grpo_length | 95% [90%, 100%], 4.0 tok | 30% [15%, 45%], 38.0 tok |" in md
+    assert "### budget_sweep: accuracy by budget" in md and "| budget=8 | 25% |" in md
+    html_text = (run / "report.html").read_text()
+    assert "accuracy by budget" in html_text and "40.2 tok" in html_text
+    (run / "budget_sweep" / "tables.json").write_text('[{"title": "x"}]')
+    with pytest.raises(DataError, match="budget_sweep/tables.json"):
+        collect_stages(run)

@@ -8,7 +8,16 @@ from test_rollout import make_model_dir
 from lmforge.config import from_dict
 from lmforge.errors import ConfigError
 from lmforge.modelio import load_model_dir
-from lmforge.rewards import RewardInput, RewardSpec, build_reward, format_reward, length_reward, math_reward
+from lmforge.rewards import (
+    RewardInput,
+    RewardSpec,
+    build_reward,
+    format_reward,
+    group_length_reward,
+    length_reward,
+    math_reward,
+    prompt_groups,
+)
 from lmforge.stages.grpo import GRPOConfig
 
 
@@ -66,3 +75,23 @@ def test_rewards_from_yaml_and_bad_kinds():
         from_dict(GRPOConfig, {"rewards": [{"kind": "maths"}]}, "r.yaml")
     with pytest.raises(ConfigError, match="needs path"):
         from_dict(GRPOConfig, {"rewards": [{"kind": "model"}]}, "r.yaml")
+
+
+def test_group_length_reward_by_hand():
+    # group 0: lengths 10 (right), 20 (right), 30 (wrong); group 1: all 5 -> 0
+    r = group_length_reward([10, 20, 30, 5, 5], [True, True, False, True, False], [0, 0, 0, 1, 1])
+    assert r.tolist() == [0.5, 0.0, -0.5, 0.0, 0.0]
+    # a short wrong answer gains nothing: min(0, lambda)
+    assert group_length_reward([10, 30], [False, True], [0, 0]).tolist() == [0.0, -0.5]
+    assert prompt_groups([[1], [1], [2], [2], [1]]) == [0, 0, 1, 1, 2]
+
+
+def test_concise_reward_beside_correctness_keeps_right_above_wrong():
+    reward = build_reward([RewardSpec(kind="math"), RewardSpec(kind="concise", weight=0.5)])
+    inp = RewardInput(prompts=["q"] * 4, completions=["The answer is 4.", "The answer is 4.", "The answer is 5.",
+                                                      "The answer is 5."],
+                      answers=["4"] * 4, prompt_ids=[[1]] * 4, completion_ids=[[0] * 3, [0] * 9, [0] * 3, [0] * 9])
+    total, parts = reward(inp)
+    assert parts["concise"].tolist() == [0.5, -0.5, 0.0, -0.5]
+    assert total.tolist() == [1.25, 0.75, 0.0, -0.25]
+    assert min(total[:2]) > max(total[2:])

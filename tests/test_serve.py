@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from lmforge.apps.serve import ServeConfig, make_server
+from lmforge.apps.serve import APIError, ChatModel, ServeConfig, make_server, reasoning_budgets
 from lmforge.constitutional.judges import ChatParams, LocalModel, OpenAIEndpoint
 from lmforge.data.chat import encode_prompt
 from lmforge.generation import SamplingParams, generate
@@ -96,7 +96,8 @@ def test_greedy_completion_is_the_engines(url, loaded):
     (choice,) = out["choices"]
     assert choice["message"] == {"role": "assistant", "content": expected.text}
     assert choice["finish_reason"] == expected.finish_reason == "length" and choice["logprobs"] is None
-    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 8, "total_tokens": len(ids) + 8}
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 8, "total_tokens": len(ids) + 8,
+                            "completion_tokens_details": {"reasoning_tokens": expected.thinking_tokens}}
     # max_completion_tokens is the newer name; the server default (max_new_tokens=8) applies without either
     _, short = request(url, "/v1/chat/completions", {"messages": MESSAGES, "temperature": 0,
                                                      "max_completion_tokens": 3})
@@ -278,3 +279,29 @@ def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(model_dir, loa
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_reasoning_effort_and_max_thinking_tokens_set_the_engines_budget(model_dir, loaded, tmp_path):
+    chat = ChatModel(*loaded, ServeConfig(model=str(model_dir), verbose=False))
+    ask = {"messages": MESSAGES}
+    assert chat.prepare(ask)[1].thinking_budget is None  # no budget unless asked
+    assert chat.prepare({**ask, "reasoning_effort": "low"})[1].thinking_budget == 16
+    assert chat.prepare({**ask, "reasoning_effort": "high"})[1].thinking_budget == 160
+    assert chat.prepare({**ask, "reasoning_effort": "high", "max_thinking_tokens": 5})[1].thinking_budget == 5
+    with pytest.raises(APIError, match="reasoning_effort"):
+        chat.prepare({**ask, "reasoning_effort": "extreme"})
+    with pytest.raises(APIError, match="max_thinking_tokens"):
+        chat.prepare({**ask, "max_thinking_tokens": -1})
+    assert reasoning_budgets(ServeConfig(model=str(model_dir), reasoning_budgets=[1, 2, 3]))["medium"] == 2
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"reasoning_effort_budgets": {"low": 4, "medium": 12, "high": 40}}))
+    assert reasoning_budgets(ServeConfig(model=str(tmp_path)))["high"] == 40
+
+
+def test_usage_counts_reasoning_tokens_as_the_engine_does(url, loaded):
+    body = {"messages": MESSAGES, "temperature": 0, "max_tokens": 8, "max_thinking_tokens": 3}
+    status, out = request(url, "/v1/chat/completions", body)
+    _, (expected,) = engine(loaded, SamplingParams(max_new_tokens=8, temperature=0, thinking_budget=3))
+    assert status == 200 and out["choices"][0]["message"]["content"] == expected.text
+    assert out["usage"]["completion_tokens_details"] == {"reasoning_tokens": expected.thinking_tokens}
+    assert expected.thinking_tokens <= 3

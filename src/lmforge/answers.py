@@ -106,8 +106,20 @@ def format_answer(answer) -> str:
     return f"{ANSWER_PREFIX} {answer}."
 
 
+def strip_thinking(text: str) -> str:
+    """The text after the think block: an answer inside ``<think> ... </think>`` never counts.
+
+    After the last ``</think>`` (also when the prompt opened the block and the text holds only its close);
+    a ``<think>`` never closed (thinking cut off) leaves only what came before it.
+    """
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    return text.split("<think>", 1)[0] if "<think>" in text else text
+
+
 def extract_answer(text: str) -> str | None:
     """The canonical final answer in ``text``, or None when there is none (see the module docstring)."""
+    text = strip_thinking(text) if text else text
     answer = _find_answer(text) if text else None
     if answer is None or len(answer) > MAX_ANSWER_CHARS:
         return None

@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lmforge.answers import extract_answer, is_correct, normalize_answer
-from lmforge.data import tinyworld
+from lmforge.data import thinkworld, tinyworld
 from lmforge.data.chat import (
     check_messages,
     encode_prompt,  # the one prompt encoder (SFT's bos rule); eval.py uses it
@@ -47,7 +47,7 @@ from lmforge.generation import Completion, SamplingParams, generate
 from lmforge.objectives.rl import kl_estimate
 from lmforge.scoring import completion_logprobs, reward_scores
 
-TASKS = ("tinyworld", "gsm8k", "svamp", "math500", "jsonl")
+TASKS = ("tinyworld", "thinkworld", "gsm8k", "svamp", "math500", "jsonl")
 
 
 # ---- statistics ----
@@ -231,23 +231,27 @@ def _windows(tokenizer, data, seq_len: int, split: str) -> tuple[Iterator[list[i
 
 def task_accuracy(model, tokenizer, rows: Sequence[dict], *, chat: bool = True, max_new_tokens: int = 256,
                   n: int = 1, temperature: float | None = None, batch_size: int = 32, seed: int = 0,
-                  n_boot: int = 1000, format_check: Callable[[str], bool] | None = None) -> dict:
+                  n_boot: int = 1000, format_check: Callable[[str], bool] | None = None,
+                  thinking_budget: int | None = None, min_thinking_tokens: int = 0) -> dict:
     """Answer every row ({"prompt" or "messages", "answer"}) and check it with answers.is_correct.
 
     n samples per row (greedy when n = 1; temperature 1 by default when n > 1). Returns:
     accuracy, format_rate (share of responses with an extractable answer, or that pass ``format_check``, a task's
     stricter rule such as tinyworld.is_formatted): {"value", "ci", "n"}, bootstrapped
     over rows (a row's n samples count as one mean, so the interval is not fooled by correlated samples);
-    pass_at_n when n > 1; mean_response_tokens; hacking_probes' keys; records: one per (row, sample) with
-    prompt, response, answer, predicted, correct, tokens, finish_reason; and ``completions`` (the engine's
-    objects, for callers that score them further).
+    pass_at_n when n > 1; mean_response_tokens, mean_thinking_tokens (inside the think block; the rest is the
+    answer); hacking_probes' keys; records: one per (row, sample) with prompt, response, answer, predicted,
+    correct, tokens, thinking_tokens, finish_reason; ``completions`` (the engine's objects, for callers that
+    score them further); and, when rows carry a "level", ``by_level``: {level: {"accuracy", "mean_thinking_tokens",
+    "mean_response_tokens"}}. thinking_budget / min_thinking_tokens: budget forcing (generation.SamplingParams).
     """
     if not rows:
         raise ValueError("task_accuracy needs at least one row")
     prompts = [row["messages"] if "messages" in row else row["prompt"] for row in rows]
     ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
     temp = (0.0 if n == 1 else 1.0) if temperature is None else temperature
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, n=n, seed=seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, n=n, seed=seed,
+                            thinking_budget=thinking_budget, min_thinking_tokens=min_thinking_tokens)
     was_training = model.training
     results = generate_all(model.eval(), ids, params, tokenizer, batch_size, label="answers")
     model.train(was_training)
@@ -262,18 +266,35 @@ def task_accuracy(model, tokenizer, rows: Sequence[dict], *, chat: bool = True, 
             oks.append(ok)
             fmts.append(format_check(text) if format_check is not None else predicted is not None)
             records.append({"prompt": prompt_text(prompt), "response": text, "answer": gold, "predicted": predicted,
-                            "correct": ok, "tokens": len(c.token_ids), "finish_reason": c.finish_reason,
-                            **({"sample": j} if n > 1 else {})})
+                            "correct": ok, "tokens": len(c.token_ids), "thinking_tokens": c.thinking_tokens or 0,
+                            "finish_reason": c.finish_reason, **({"sample": j} if n > 1 else {}),
+                            **({"level": row["level"]} if "level" in row else {})})
         correct_rows.append(oks)
         formatted_rows.append(fmts)
     flat = [c for row in results for c in row]
     out = {"accuracy": rate([np.mean(r) for r in correct_rows], n_boot, seed),
            "format_rate": rate([np.mean(r) for r in formatted_rows], n_boot, seed),
            "mean_response_tokens": float(np.mean([len(c.token_ids) for c in flat])),
+           "mean_thinking_tokens": float(np.mean([c.thinking_tokens or 0 for c in flat])),
            **hacking_probes(flat), "records": records, "completions": results,
            "per_problem": [float(np.mean(r)) for r in correct_rows]}
     if n > 1:
         out["pass_at_n"] = rate([float(any(r)) for r in correct_rows], n_boot, seed)
+    if rows and all("level" in row for row in rows):
+        out["by_level"] = by_level(rows, out["per_problem"], results, n_boot, seed)
+    return out
+
+
+def by_level(rows: Sequence[dict], per_problem: Sequence[float], results: Sequence[Sequence[Completion]],
+             n_boot: int = 1000, seed: int = 0) -> dict:
+    """Accuracy (with its interval) and mean thinking / response tokens of the rows of each difficulty level."""
+    out = {}
+    for level in sorted({row["level"] for row in rows}):
+        idx = [i for i, row in enumerate(rows) if row["level"] == level]
+        flat = [c for i in idx for c in results[i]]
+        out[level] = {"accuracy": rate([per_problem[i] for i in idx], n_boot, seed),
+                      "mean_thinking_tokens": float(np.mean([c.thinking_tokens or 0 for c in flat])),
+                      "mean_response_tokens": float(np.mean([len(c.token_ids) for c in flat]))}
     return out
 
 
@@ -414,6 +435,9 @@ def load_task(task: str, path: str = "", limit: int = 0, seed: int = 0) -> list[
     if task == "tinyworld":
         return [{"prompt": r["prompt"], "answer": r["answer"], "id": i}
                 for i, r in enumerate(tinyworld.eval_rows(n=limit or 200, seed=seed))]
+    if task == "thinkworld":  # limit = problems per difficulty level
+        return [{"prompt": r["prompt"], "answer": r["answer"], "level": r["level"], "id": i}
+                for i, r in enumerate(thinkworld.eval_rows(per_level=limit or 40, seed=seed))]
     if not path:
         raise ValueError(f"task={task} needs data=PATH (a .jsonl or .jsonl.gz file)")
     if not Path(path).is_file():

@@ -40,6 +40,7 @@ from lmforge.cpu_decode import PackedDecodeStep, column_major_weights, packable,
 from lmforge.model import KVCache, Transformer
 from lmforge.modelio import eos_ids
 from lmforge.scoring import left_pad
+from lmforge.thinking import ThinkTags, new_state
 
 Draw = Callable[[list[int] | None], torch.Tensor]  # live-row positions (None = all) -> uniforms in [0, 1)
 
@@ -60,6 +61,8 @@ class SamplingParams:
     logprobs_temperature: float = 1.0  # the log-probs are of softmax(logits / this): RL uses its sampling temperature
     compile: bool = False  # torch.compile'd fixed-shape decode step: 10-40 s of warm-up on a 2-core CPU, once
     static_cache: bool | None = None  # fixed-shape decode uncompiled; None = the growing cache (faster on CPU)
+    thinking_budget: int | None = None  # most tokens inside <think> ... </think>; then the close is forced (s1)
+    min_thinking_tokens: int = 0  # a close before this many thinking tokens becomes "Wait" (s1's extension)
 
     def validate(self) -> None:
         checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
@@ -70,6 +73,10 @@ class SamplingParams:
                   (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
                   (self.n >= 1, "n must be >= 1"),
                   (self.logprobs_temperature > 0, "logprobs_temperature must be > 0"),
+                  (self.thinking_budget is None or self.thinking_budget >= 0, "thinking_budget must be >= 0"),
+                  (0 <= self.min_thinking_tokens <= (self.thinking_budget if self.thinking_budget is not None
+                                                     else self.min_thinking_tokens),
+                   "min_thinking_tokens must be in [0, thinking_budget]"),
                   (all(s for s in self.stop_strings), "stop_strings may not contain an empty string")]
         for ok, message in checks:
             if not ok:
@@ -77,7 +84,7 @@ class SamplingParams:
 
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "n",
-                 "stop_strings", "seed", "compile")
+                 "stop_strings", "seed", "compile", "thinking_budget", "min_thinking_tokens")
 
 
 def sampling_params_from(cfg, **extra) -> SamplingParams:
@@ -95,6 +102,9 @@ class Completion:
     finish_reason: str  # "stop" (stop token or stop string) or "length"
     text: str | None = None  # with a tokenizer: special tokens skipped, cut before a stop string
     logprobs: list[float] | None = None  # with return_logprobs: raw model log p(token | prefix), one per token
+    thinking_tokens: int | None = None  # with a tokenizer: tokens inside the think block (the rest is the answer)
+    forced_close: bool = False  # the thinking budget closed the think block
+    waits: int = 0  # "Wait" extensions inserted (min_thinking_tokens)
 
 
 # ---- sampling filters: pure functions on (B, V) logits; -inf marks a dropped token ----
@@ -308,6 +318,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, tokeniz
         raise ValueError(f"prompt token ids must be in [0, {vocab}) (the model's vocab_size)")
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode with")
+    if (params.thinking_budget is not None or params.min_thinking_tokens) and tokenizer is None:
+        raise ValueError("a thinking budget needs a tokenizer (to find <think> and </think>)")
     static = params.compile or (params.static_cache if params.static_cache is not None else STATIC_BY_DEFAULT)
     packed = not static and packable(model, len(prompts) * params.n)
     with nullcontext() if packed else column_major_weights(model), torch.inference_mode():
@@ -366,6 +378,7 @@ def _decode(model, prompts, params: SamplingParams, tokenizer, eos_token_ids, pa
     logprobs_out: list[list[float]] = [[] for _ in live]
     finish, texts = ["length"] * len(live), [None] * len(live)
     window = 4 * max(map(len, params.stop_strings), default=0) + 4  # tokens enough to spell any stop string
+    thinking = think_states(tokenizer, prompts, fan.tolist(), params)  # one budget state machine per row
 
     def draw(batch_rows: list[int] | None) -> torch.Tensor:
         rows = live if batch_rows is None else [live[j] for j in batch_rows]
@@ -374,6 +387,8 @@ def _decode(model, prompts, params: SamplingParams, tokenizer, eos_token_ids, pa
     for step in range(steps):
         picked = sample_tokens(apply_repetition_penalty(logits, seen, params.repetition_penalty)
                                if seen is not None else logits, params, draw)
+        if thinking is not None:
+            picked = force_thinking(picked, live, thinking)
         if params.return_logprobs:
             scaled = logits / params.logprobs_temperature if params.logprobs_temperature != 1.0 else logits
             lps = (scaled.gather(-1, picked[:, None]).squeeze(-1) - scaled.logsumexp(-1)).tolist()
@@ -409,9 +424,39 @@ def _decode(model, prompts, params: SamplingParams, tokenizer, eos_token_ids, pa
         if tokenizer is not None and text is None:
             ids = tokens_out[r][:-1] if finish[r] == "stop" else tokens_out[r]  # the stop token is not text
             text = tokenizer.decode(ids, skip_special_tokens=True)
+        state = thinking[r] if thinking is not None else None
         results[p].append(Completion(tokens_out[r], finish[r], text,
-                                     logprobs_out[r] if params.return_logprobs else None))
+                                     logprobs_out[r] if params.return_logprobs else None,
+                                     state.thinking_tokens if state else None, bool(state and state.forced_close),
+                                     state.waits if state else 0))
     return results
+
+
+def think_states(tokenizer, prompts, fan: list[int], params: SamplingParams):
+    """The thinking state machine of every output row (lmforge.thinking), or None without a tokenizer that can
+    spell the tags. With no budget the machines only count; with one they force the close and the "Wait"."""
+    if tokenizer is None or not hasattr(tokenizer, "encode"):
+        return None
+    tags = think_tags(tokenizer)
+    return [new_state(tags, prompts[p], params.thinking_budget, params.min_thinking_tokens) for p in fan]
+
+
+def think_tags(tokenizer) -> ThinkTags:
+    cached = getattr(tokenizer, "_lmforge_think_tags", None)
+    if cached is None:
+        cached = ThinkTags.from_tokenizer(tokenizer)
+        try:
+            tokenizer._lmforge_think_tags = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def force_thinking(picked: torch.Tensor, live: list[int], states) -> torch.Tensor:
+    """The sampled tokens with each live row's thinking machine applied (a forced close, a "Wait")."""
+    sampled = picked.tolist()
+    emitted = [states[r].step(t) for r, t in zip(live, sampled)]
+    return picked if emitted == sampled else torch.tensor(emitted, dtype=picked.dtype, device=picked.device)
 
 
 STATIC_BY_DEFAULT = False  # uncompiled, the growing cache measured faster on CPU (see StaticDecoder)

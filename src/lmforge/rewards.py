@@ -5,6 +5,9 @@
              (default: it ends with the arithmetic world's "The answer is X." line), else 0
     length   the completion's length in tokens (weight < 0: a length penalty; weight > 0: a flawed reward
              that pays for rambling, see recipes/reward_hacking.yaml)
+    concise  a length term relative to the group (Kimi k1.5's length reward, in the spirit of TOPS): within the
+             completions of one prompt, lambda = 0.5 - (L - L_min) / (L_max - L_min); a right answer gets lambda
+             (the shortest right one gains most), a wrong one min(0, lambda); all lengths equal: 0
     model    a trained reward model's scalar (its ``score`` head at the last token of prompt + completion)
 
 A recipe lists them with weights, ``rewards: [{kind: math, weight: 1.0}, {kind: length, weight: -0.01}]``;
@@ -24,13 +27,13 @@ from lmforge.answers import ANSWER_PREFIX, is_correct
 from lmforge.modelio import load_model_dir
 from lmforge.scoring import reward_scores
 
-KINDS = ("math", "format", "length", "model")
+KINDS = ("math", "format", "length", "concise", "model")
 DEFAULT_FORMAT = rf"{ANSWER_PREFIX} [^\n]+\.\s*$"
 
 
 @dataclass
 class RewardSpec:
-    kind: Literal["math", "format", "length", "model"] = "math"
+    kind: Literal["math", "format", "length", "concise", "model"] = "math"
     weight: float = 1.0
     path: str = ""  # model: the reward model directory
     pattern: str = ""  # format: regex a well-formed completion matches (re.search); empty = DEFAULT_FORMAT
@@ -76,6 +79,41 @@ def length_reward(inp: RewardInput) -> torch.Tensor:
     return torch.tensor([float(len(ids)) for ids in inp.completion_ids])
 
 
+def group_length_reward(lengths: list[int], correct: list[bool], groups: list[int]) -> torch.Tensor:
+    """Kimi k1.5's length reward (Kimi Team 2025), relative to each group (``groups[i]``: completion i's group).
+
+        lambda_i = 0.5 - (L_i - min_g L) / (max_g L - min_g L)      (0 when every length in the group is equal)
+        r_i = lambda_i if completion i is right, else min(0, lambda_i)
+
+    With a weight below 1 beside a 0/1 correctness reward, a right answer always outscores a wrong one, and among
+    right answers the shortest gains most: the policy learns to think as long as a problem needs, and no longer.
+    """
+    out = []
+    for i, (length, ok) in enumerate(zip(lengths, correct, strict=True)):
+        mates = [lengths[j] for j in range(len(lengths)) if groups[j] == groups[i]]
+        lo, hi = min(mates), max(mates)
+        lam = 0.5 - (length - lo) / (hi - lo) if hi > lo else 0.0
+        out.append(lam if ok else min(0.0, lam))
+    return torch.tensor(out)
+
+
+def prompt_groups(prompt_ids: list[list[int]]) -> list[int]:
+    """Group index of each completion: runs of the same prompt (the G samples of a prompt are contiguous)."""
+    groups, g = [], -1
+    for i, p in enumerate(prompt_ids):
+        if i == 0 or p != prompt_ids[i - 1]:
+            g += 1
+        groups.append(g)
+    return groups
+
+
+def concise_reward(inp: RewardInput) -> torch.Tensor:
+    if any(a is None for a in inp.answers):
+        raise ValueError("the concise reward needs an answer for every prompt")
+    correct = [is_correct(c, a) for c, a in zip(inp.completions, inp.answers)]
+    return group_length_reward([len(ids) for ids in inp.completion_ids], correct, prompt_groups(inp.prompt_ids))
+
+
 def model_reward(reward_model, pad_id: int, batch_size: int = 16) -> RewardFn:
     """A reward model's scalar read at the last token of prompt + completion (scoring.reward_scores)."""
     def reward(inp: RewardInput) -> torch.Tensor:
@@ -115,6 +153,8 @@ def build_reward(specs: list[RewardSpec], *, pad_id: int = 0, device="cpu") -> C
             fn = format_reward(spec.pattern)
         elif spec.kind == "length":
             fn = length_reward
+        elif spec.kind == "concise":
+            fn = concise_reward
         else:
             reward_model = load_model_dir(spec.path, device=device, num_labels=1).eval()
             if not bool(reward_model.score.weight.any()):

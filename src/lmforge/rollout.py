@@ -47,8 +47,10 @@ from lmforge.objectives.rl import (
     kl_estimate,
     masked_mean,
     overlong_penalty,
+    process_advantages,
     rloo_advantages,
 )
+from lmforge.prm import process_rewards
 from lmforge.rewards import RewardInput, build_reward
 from lmforge.scoring import to_device
 from lmforge.train.checkpointing import latest_checkpoint
@@ -690,12 +692,13 @@ def sample_groups(cfg, objective: Objective, policy, tokenizer, rows: list[dict]
 # ---- GRPO / RLOO: the rollout and the loss ----
 
 def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list[list[int]], reward,
-                 device, rank: int = 0, world_size: int = 1):
+                 device, rank: int = 0, world_size: int = 1, prm=None):
     """GRPO's / RLOO's ``make_rollout(iteration, plan) -> (buffer, stats)`` for a RolloutStream (``cfg``: a
     stages.grpo.GRPOConfig): sample (sample_groups), old and reference log-probs, group-relative advantages.
 
     ``reward`` is a rewards.CombinedReward or any callable RewardInput -> (total, {name: part}); ``tokenizer``
-    may be None (completions are then scored as space-joined token ids, prompts padded with 0).
+    may be None (completions are then scored as space-joined token ids, prompts padded with 0). ``prm``: a
+    prm.PRMScorer whose step scores give per-token advantages (process supervision) instead of ``reward``'s.
     """
     objective = resolve_objective(cfg)
     env_cls = load_environment(cfg.environment) if cfg.environment else None
@@ -720,7 +723,12 @@ def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list
                 buffer["old_logprobs"], entropy = scored["logprobs"], scored["entropy"]
             buffer["ref_logprobs"] = score_buffer(policy_scores(ref, T), buffer, batches, device, autocast,
                                                   cfg.pack)["logprobs"]
-        buffer["advantages"] = group_advantages(cfg, samples.rewards)
+        if prm is not None:
+            step_rewards, ends = process_rewards(prm, samples.prompt_ids, samples.completion_ids, samples.texts)
+            buffer["advantages"] = process_advantages(step_rewards, ends, G, buffer["labels"].shape[1])
+            stats["process/step_reward"] = sum(map(sum, step_rewards)) / max(sum(map(len, step_rewards)), 1)
+        else:
+            buffer["advantages"] = group_advantages(cfg, samples.rewards)
         mask = buffer["response_mask"]
         if not one_update:
             stats["entropy"] = masked_mean(entropy, mask).item()

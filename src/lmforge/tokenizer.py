@@ -21,8 +21,8 @@ from pathlib import Path
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.data.sources import clean_text, read_documents, source_signature
 from lmforge.errors import DataError
@@ -39,15 +39,27 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# ChatML that knows a think block (Qwen3's convention): ``enable_thinking=False`` opens and closes an empty
+# ``<think>`` block in the generation prompt, so the model answers at once; otherwise the model opens it itself.
+THINK_TOKENS = ("<think>", "</think>")
+CHATML_THINK_TEMPLATE = CHATML_TEMPLATE.replace(
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n</think>\n' }}{% endif %}"
+    "{% endif %}")
+
 # End-of-text names used by common tokenizer families, for directories whose config names no eos.
 _EOS_GUESSES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                    think_tokens: bool = False) -> Tokenizer:
     """Byte-level BPE: every byte is in the base alphabet, so any text round-trips exactly.
 
     No normalizer (NFC and friends belong to data cleaning; a tokenizer that rewrites text cannot round-trip)
     and no prefix space (so ``encode("a") + encode("b")`` is ``encode("ab")`` at a word boundary).
+    think_tokens: add ``<think>`` and ``</think>`` as single tokens (ids after the vocabulary), kept when
+    decoding with skip_special_tokens (as Qwen3 and DeepSeek-R1 keep theirs), and the thinking chat template.
     """
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
@@ -59,7 +71,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=SPECIAL_TOKENS, show_progress=False, initial_alphabet=alphabet)
     tok.train_from_iterator(texts, trainer=trainer)
-    return Tokenizer(tok, bos="<|endoftext|>", eos="<|endoftext|>", pad="<|pad|>", chat_template=CHATML_TEMPLATE)
+    if think_tokens:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    return Tokenizer(tok, bos="<|endoftext|>", eos="<|endoftext|>", pad="<|pad|>",
+                     chat_template=CHATML_THINK_TEMPLATE if think_tokens else CHATML_TEMPLATE)
 
 
 class Tokenizer:
@@ -215,13 +230,15 @@ def training_texts(data: str, text_field: str = "text", max_docs: int = 0, max_c
 
 
 def train_corpus_tokenizer(data: str, out_dir: str | Path, vocab_size: int = 2048, *, text_field: str = "text",
-                           min_frequency: int = 2, max_docs: int = 0, max_chars: int = 0) -> Tokenizer:
+                           min_frequency: int = 2, max_docs: int = 0, max_chars: int = 0,
+                           think_tokens: bool = False) -> Tokenizer:
     """Train byte-level BPE on the corpus ``data`` (file, dir, glob, builtin:NAME, hf:...) and save it in out_dir;
     returns the Tokenizer. Reused without training when out_dir holds one trained with the same settings on
-    unchanged data (recorded in tokenizer_training.json); otherwise (re)trained."""
+    unchanged data (recorded in tokenizer_training.json); otherwise (re)trained. think_tokens: <think> and
+    </think> as single tokens and the thinking chat template (train_tokenizer)."""
     out = Path(out_dir)
     settings = {"data": data, "text_field": text_field, "vocab_size": vocab_size, "min_frequency": min_frequency,
-                "max_docs": max_docs, "max_chars": max_chars}
+                "max_docs": max_docs, "max_chars": max_chars} | ({"think_tokens": True} if think_tokens else {})
     signature = {"settings": settings, "data_signature": source_signature(data)}
     record = out / TRAINING_FILE
     if (out / "tokenizer.json").exists() and record.exists():
@@ -239,7 +256,7 @@ def train_corpus_tokenizer(data: str, out_dir: str | Path, vocab_size: int = 204
             stats["chars"] += len(doc)
             yield doc
 
-    tok = train_tokenizer(counted(), vocab_size, min_frequency)
+    tok = train_tokenizer(counted(), vocab_size, min_frequency, think_tokens=think_tokens)
     if stats["docs"] == 0:
         raise DataError(f"{data}: no non-empty documents to train a tokenizer on")
     tok.save(out)

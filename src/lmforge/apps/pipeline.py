@@ -51,10 +51,19 @@ STAGES: dict[str, str] = {
     # studies rather than models: their plots go into the report
     "dpo_sweep": "dpo",  # KL drift vs margin for several betas
     "reward_hacking": "grpo",  # a length-paying reward, with/without KL
+    # the reasoning recipe (recipes/reasoning.yaml): thinking SFT, reward models of steps and outcomes, RL, sweeps
+    "prm": "prm",  # process reward model
+    "orm": "prm",  # outcome reward model (target: outcome)
+    "grpo_outcome": "grpo",  # verifier reward
+    "grpo_process": "grpo",  # the PRM's step rewards
+    "grpo_length": "grpo",  # verifier + group-relative length
+    "budget_sweep": "think",  # accuracy vs thinking tokens per level
+    "compute_sweep": "think",  # majority vs PRM best-of-N vs beam
 }
 DEFAULT_STAGES = ("pretrain", "midtrain", "sft", "reward", "dpo", "grpo", "ppo")  # a recipe's pipeline.stages picks
 BASE_STAGES = ("pretrain", "midtrain")  # probed with raw text; the rest through the chat template
-TUNED_STAGES = ("dpo", "kto", "online_dpo", "grpo", "ppo")  # measured against the SFT model (KL, reference accuracy)
+TUNED_STAGES = ("dpo", "kto", "online_dpo", "grpo", "ppo", "grpo_outcome", "grpo_process", "grpo_length")
+SCORER_STAGES = ("reward", "prm", "orm")  # models that score answers rather than write them: no task accuracy
 
 
 @dataclass
@@ -145,6 +154,8 @@ def evaluate_stage(stage: str, model_dir: Path, pcfg: PipelineConfig, sft_dir: P
     """Held-out task accuracy (and KL / preference accuracy where they mean something) of one stage's model."""
     e = pcfg.eval
     is_reward = stage == "reward"
+    if stage in SCORER_STAGES and not is_reward:
+        return {}
     cfg = EvalConfig(
         model=str(model_dir), task="" if is_reward else e.task, data=e.data, limit=e.limit,
         chat=stage not in BASE_STAGES, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,

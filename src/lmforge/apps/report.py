@@ -33,7 +33,10 @@ The report shows:
    moving average), val_loss with markers, one panel per stage and one row per group (pre-training, SFT,
    preference, RL; matplotlib, Agg backend);
 5. lm-evaluation-harness results, when a stage's eval has them;
-6. every PNG found in a stage directory (or its eval/), captioned with the stage and the file name.
+6. every PNG found in a stage directory (or its eval/), captioned with the stage and the file name;
+7. after the stage table, accuracy and thinking tokens per difficulty level of every stage whose eval has
+   ``by_level``, and the tables a stage writes in ``tables.json`` (``[{"title", "headers", "rows"}]``: the
+   reasoning recipe's budget sweep, search comparison and PRM metrics).
 
 report.md refers to PNGs by relative path (loss_curves.png is written next to it); report.html embeds them as
 base64, so it is one file to send around. The same inputs always give byte-identical output.
@@ -56,8 +59,9 @@ from lmforge.config import parse_cli
 from lmforge.errors import DataError
 from lmforge.train.tracking import log_report
 
-STAGE_ORDER = ("tokenizer", "pretrain", "midtrain", "sft", "reward", "dpo", "ipo", "simpo", "orpo", "kto",
-               "online_dpo", "constitutional", "ppo", "grpo", "rloo", "dpo_sweep", "reward_hacking", "eval", "think",
+STAGE_ORDER = ("tokenizer", "pretrain", "midtrain", "sft", "reward", "prm", "orm", "dpo", "ipo", "simpo", "orpo",
+               "kto", "online_dpo", "constitutional", "ppo", "grpo", "rloo", "grpo_outcome", "grpo_process",
+               "grpo_length", "dpo_sweep", "reward_hacking", "budget_sweep", "compute_sweep", "eval", "think",
                "scaling")
 COLUMNS = [  # (header, summary / eval.json keys, metrics.jsonl keys, format)
     ("loss", ("val_loss", "eval_loss", "loss", "train_loss"), ("val_loss", "eval_loss", "loss"), "{:.3f}"),
@@ -96,6 +100,7 @@ class Stage:
     metrics: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
+    tables: list[dict] = field(default_factory=list)  # tables.json: [{"title", "headers", "rows"}]
 
 
 # ---- reading ----
@@ -165,6 +170,8 @@ def collect_stages(run_dir: str | Path) -> list[Stage]:
         stage.samples = own + [s for s in _samples(stage.evaluation, files[2].parent)
                                if s["prompt"] not in {o["prompt"] for o in own}]
         stage.plots = sorted(d.glob("*.png")) + sorted((d / "eval").glob("*.png"))
+        if (d / "tables.json").exists():
+            stage.tables = _tables(d / "tables.json")
         stages.append(stage)
     return sorted(stages, key=lambda s: (_stage_order(run_dir).get(s.name, len(STAGE_ORDER) + 1), s.name))
 
@@ -186,6 +193,18 @@ def _pipeline_order(run_dir: Path) -> list[str]:
         return list(json.loads((run_dir / "pipeline.json").read_text())["stages"])
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return []
+
+
+def _tables(path: Path) -> list[dict]:
+    try:
+        tables = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(tables, list) or not all(isinstance(t, dict) and {"title", "headers", "rows"} <= set(t)
+                                               for t in tables):
+        raise DataError(f"{path}: expected a list of {{\"title\", \"headers\", \"rows\"}} tables")
+    return [{"title": str(t["title"]), "headers": [str(h) for h in t["headers"]],
+             "rows": [[str(c) for c in row] for row in t["rows"]]} for t in tables]
 
 
 # ---- content ----
@@ -223,6 +242,33 @@ def stage_table(stages: list[Stage]) -> tuple[list[str], list[list[str]]]:
     keep = [j for j in range(len(COLUMNS)) if any(row[j] != MISSING for row in cells)]
     return ["stage"] + [COLUMNS[j][0] for j in keep], [[s.name] + [row[j] for j in keep]
                                                        for s, row in zip(stages, cells)]
+
+
+def level_table(stages: list[Stage]) -> dict | None:
+    """Accuracy (95% interval) and mean thinking tokens per difficulty level of every stage whose eval has
+    ``by_level`` (the reasoning recipe): one row per stage, one column per level. None when no stage has one."""
+    with_levels = [s for s in stages if isinstance(s.evaluation.get("by_level"), dict) and s.evaluation["by_level"]]
+    if not with_levels:
+        return None
+    levels = sorted({str(k) for s in with_levels for k in s.evaluation["by_level"]}, key=lambda k: (len(k), k))
+
+    def cell(r) -> str:
+        if not isinstance(r, dict) or not isinstance(r.get("accuracy"), dict):
+            return MISSING
+        a, ci = r["accuracy"], r["accuracy"].get("ci") or [float("nan")] * 2
+        return f"{a['value']:.0%} [{ci[0]:.0%}, {ci[1]:.0%}], {r.get('mean_thinking_tokens', float('nan')):.1f} tok"
+
+    rows = [[s.name] + [cell({str(k): v for k, v in s.evaluation["by_level"].items()}.get(k)) for k in levels]
+            for s in with_levels]
+    return {"title": "accuracy [95% CI] and mean thinking tokens by difficulty level (held-out, greedy)",
+            "headers": ["stage"] + [f"level {k}" for k in levels], "rows": rows}
+
+
+def extra_tables(stages: list[Stage]) -> list[tuple[str, dict]]:
+    """(heading, table) for the by-level table and every stage's tables.json, in stage order."""
+    levels = level_table(stages)
+    out = [(levels["title"], levels)] if levels else []
+    return out + [(f"{s.name}: {t['title']}", t) for s in stages for t in s.tables]
 
 
 def sample_grid(stages: list[Stage], max_prompts: int = MAX_PROMPTS) -> tuple[list[str], list[list[str]]]:
@@ -350,6 +396,8 @@ def render_markdown(title: str, run_dir: Path, stages: list[Stage], loss_png: Pa
     rel = lambda p: Path(os.path.relpath(p, out_dir)).as_posix()
     lines = [f"# {_md(title)}", "", f"Run directory: `{run_dir.as_posix()}`; {len(stages)} stages.", "", "## Stages", ""]
     lines += _md_table(*stage_table(stages))
+    for heading, t in extra_tables(stages):
+        lines += ["", f"### {_md(heading)}", ""] + _md_table(t["headers"], t["rows"])
     if demos:
         lines += ["", "## What the stages changed", "", DEMO_INTRO, ""]
         lines += [f"- **{_md(d.kind)}**: {_md(d.rule)}." for d in demos] + [""]
@@ -396,6 +444,8 @@ def render_html(title: str, run_dir: Path, stages: list[Stage], loss_png: Path |
     parts = [f"<h1>{_h(title)}</h1>",
              f'<p class="meta">Run directory: <code>{_h(run_dir.as_posix())}</code>; {len(stages)} stages.</p>',
              "<h2>Stages</h2>", _html_table(*stage_table(stages))]
+    for heading, t in extra_tables(stages):
+        parts += [f"<h3>{_h(heading)}</h3>", _html_table(t["headers"], t["rows"])]
     if demos:
         parts += ["<h2>What the stages changed</h2>", f"<p>{_h(DEMO_INTRO)}</p>",
                   "<ul>" + "".join(f"<li><b>{_h(d.kind)}</b>: {_h(d.rule)}.</li>" for d in demos) + "</ul>",

@@ -6,7 +6,9 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (messages, max_tokens / max_completion_tokens,
 temperature, top_p, n, stop, seed, stream, logprobs + top_logprobs; top_k, min_p and repetition_penalty as
-vLLM's extra parameters), ``GET /health``, and ``GET /`` (the chat page). Prompts are the chat template's render
+vLLM's extra parameters; for models with a think block ``reasoning_effort`` low / medium / high and
+``max_thinking_tokens``, budgets the engine enforces, with ``usage.completion_tokens_details.reasoning_tokens``),
+``GET /health``, and ``GET /`` (the chat page). Prompts are the chat template's render
 of the messages (data.chat.encode_prompt, exactly as SFT trained); one request generates at a time (a lock),
 while the threads of the HTTP server accept and parse others. The standard library is the whole HTTP stack.
 
@@ -25,7 +27,7 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -39,6 +41,8 @@ from lmforge.modelio import DTYPES, load_model_and_tokenizer
 from lmforge.tokenizer import CHATML_TEMPLATE
 
 CHAT_PAGE = Path(__file__).resolve().parent.parent / "assets" / "chat.html"
+EFFORTS = ("low", "medium", "high")
+REASONING_BUDGETS = {"low": 16, "medium": 48, "high": 160}  # thinking tokens: roughly 1x / 3x / 10x
 MAX_BODY = 8 << 20  # bytes of a request body
 
 
@@ -50,6 +54,9 @@ class ServeConfig:
     model_name: str = ""  # the name /v1/models reports; "" = the directory's name (its parent's for .../model)
     max_new_tokens: int = 256  # when a request sets no max_tokens (always capped by the context left)
     max_top_logprobs: int = 20  # the largest top_logprobs a request may ask for (OpenAI allows 20)
+    # reasoning_effort low / medium / high -> thinking budgets (1x / 3x / 10x); [] = the model's
+    # generation_config.json "reasoning_effort_budgets" ({"low": N, ...}), else REASONING_BUDGETS
+    reasoning_budgets: list[int] = field(default_factory=list)
     api_key: str = ""  # if set (or env LMFORGE_API_KEY), /v1/* requests need `Authorization: Bearer <api_key>`
     device: str = "auto"
     dtype: str = "float32"  # float32 | bfloat16 | float16
@@ -62,6 +69,9 @@ class ServeConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_new_tokens < 1 or self.max_top_logprobs < 0:
             raise ValueError("max_new_tokens must be >= 1 and max_top_logprobs >= 0")
+        if self.reasoning_budgets and (len(self.reasoning_budgets) != 3 or min(self.reasoning_budgets) < 0):
+            raise ValueError(f"reasoning_budgets must be three budgets >= 0 (low, medium, high), got "
+                             f"{self.reasoning_budgets}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
@@ -124,6 +134,42 @@ def sampling_params(body: dict, prompt_len: int, context: int, cfg: ServeConfig)
     return params
 
 
+def thinking_budget(body: dict, budgets: dict[str, int]) -> int | None:
+    """The request's thinking budget: ``max_thinking_tokens``, else its ``reasoning_effort`` mapped through
+    ``budgets``; None when it asks for neither (the model thinks as long as it likes)."""
+    explicit = _field(body, "max_thinking_tokens", None, int, lambda v: v >= 0, "an integer >= 0")
+    if explicit is not None:
+        return explicit
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return None
+    if effort not in budgets:
+        raise APIError(400, f"'reasoning_effort' must be one of {', '.join(budgets)}, got {effort!r:.40}")
+    return budgets[effort]
+
+
+def reasoning_budgets(cfg: ServeConfig) -> dict[str, int]:
+    """low / medium / high budgets: the config's, the model directory's generation_config.json, or the default."""
+    if cfg.reasoning_budgets:
+        return dict(zip(EFFORTS, cfg.reasoning_budgets))
+    path = Path(cfg.model) / "generation_config.json"
+    try:
+        given = json.loads(path.read_text()).get("reasoning_effort_budgets") if path.is_file() else None
+    except (OSError, ValueError):
+        given = None
+    if isinstance(given, dict) and all(isinstance(given.get(e), int) for e in EFFORTS):
+        return {e: given[e] for e in EFFORTS}
+    return dict(REASONING_BUDGETS)
+
+
+def usage(prompt_len: int, completions) -> dict:
+    """OpenAI's usage block; thinking tokens as completion_tokens_details.reasoning_tokens."""
+    used = sum(len(c.token_ids) for c in completions)
+    thinking = sum(c.thinking_tokens or 0 for c in completions)
+    return {"prompt_tokens": prompt_len, "completion_tokens": used, "total_tokens": prompt_len + used,
+            "completion_tokens_details": {"reasoning_tokens": thinking}}
+
+
 # ---- the model behind the endpoints ----
 
 class ChatModel:
@@ -135,6 +181,7 @@ class ChatModel:
         self.name = cfg.model_name or (path.parent.name if path.name == "model" else path.name)
         self.created = int(time.time())
         self.lock = threading.Lock()
+        self.budgets = reasoning_budgets(cfg)
         self.stop_strings = []  # ChatML over a vocabulary without its end-of-turn token: stop at its text
         if "<|im_end|>" in (tokenizer.chat_template or CHATML_TEMPLATE) and tokenizer.token_to_id("<|im_end|>") is None:
             self.stop_strings = ["<|im_end|>"]
@@ -150,6 +197,7 @@ class ChatModel:
         ids = encode_prompt(self.tokenizer, request_messages(body))
         params = sampling_params(body, len(ids), self.model.config.max_position_embeddings, self.cfg)
         params.stop_strings = params.stop_strings + self.stop_strings
+        params.thinking_budget = thinking_budget(body, self.budgets)
         top = None
         if _field(body, "logprobs", False, bool):
             top = _field(body, "top_logprobs", 0, int, lambda v: 0 <= v <= self.cfg.max_top_logprobs,
@@ -193,10 +241,8 @@ class ChatModel:
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                     "logprobs": self.logprobs(ids, c.token_ids, top) if top is not None else None,
                     "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
-        used = sum(len(c.token_ids) for c in completions)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.name, "choices": choices,
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
+                "model": self.name, "choices": choices, "usage": usage(len(ids), completions)}
 
     def stream(self, body: dict, send) -> None:
         """A streaming request: ``send(chunk)`` for each chat.completion.chunk, text as it is generated.
@@ -232,9 +278,7 @@ class ChatModel:
                 send(chunk(i, {"content": c.text[len(shown[i]):]}))
             send(chunk(i, {}, c.finish_reason))
         if (body.get("stream_options") or {}).get("include_usage"):
-            used = sum(len(c.token_ids) for c in completions)
-            send(head | {"choices": [], "usage": {"prompt_tokens": len(ids), "completion_tokens": used,
-                                                  "total_tokens": len(ids) + used}})
+            send(head | {"choices": [], "usage": usage(len(ids), completions)})
 
 
 # ---- HTTP ----

@@ -49,9 +49,12 @@ VERBS: dict[str, Verb] = {
                  "GRPOConfig", "run_grpo"),
     "ppo": Verb("lmforge.stages.ppo", "PPO RLHF: policy, reference, reward model, critic; GAE, KL penalty",
                 "PPOConfig", "run_ppo"),
+    "prm": Verb("lmforge.stages.prm", "process reward model on stepwise data or policy traces (step checker / "
+                "Monte-Carlo labels); first-error F1", "PRMConfig", "run_prm"),
     "sample": Verb("lmforge.stages.sample", "print continuations of a prompt from any checkpoint"),
     "generate": Verb("lmforge.stages.generate", "sample completions for a file of prompts (jsonl in, jsonl out)"),
-    "think": Verb("lmforge.stages.think", "inference-time scaling: best-of-N, self-consistency, thinking budgets"),
+    "think": Verb("lmforge.stages.think", "inference-time scaling: best-of-N, self-consistency, thinking budgets",
+                   "ThinkConfig", "run_think"),
     "constitutional": Verb("lmforge.apps.constitutional_run", "constitutional AI: revise (critique->revision SFT "
                            "data), label (RLAIF soft preferences), eval"),
     "scaling": Verb("lmforge.stages.scaling", "scaling laws: sweep, fit L(N,D), compute-optimal N and D"),

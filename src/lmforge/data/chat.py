@@ -197,17 +197,35 @@ def _missing_bos(tokenizer, ids: list[int]) -> int | None:
     return bos if bos is not None and (not ids or ids[0] != bos) else None
 
 
-def encode_chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+EMPTY_THINK = "<think>\n</think>\n"  # an empty think block: answer at once (Qwen3's enable_thinking=False)
+
+
+def generation_prompt(tokenizer, messages: list[dict], thinking: bool | None = None) -> str:
+    """The rendered conversation with the assistant turn opened. thinking=None leaves the think block to the model;
+    False closes an empty one (the template's ``enable_thinking=False`` when it knows it, else EMPTY_THINK
+    appended); True opens it (``<think>`` + newline), so the model starts thinking at once."""
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    if thinking is False:
+        closed = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
+        return closed if closed != text else text + EMPTY_THINK
+    if thinking:
+        return text + "<think>\n"
+    return text
+
+
+def encode_chat_prompt(tokenizer, messages: list[dict], thinking: bool | None = None) -> list[int]:
     """Token ids that ask a model for the next assistant turn: the template with the generation prompt, tokenized
     as :func:`tokenize_conversation` tokenizes a training conversation (one encode of the render, the same bos
     rule), so inference sees the very prefix SFT trained on. Unlike training it needs no assistant spans, so
-    templates that rewrite earlier turns (dropping past reasoning) still render a prompt."""
-    ids, _ = encode_with_offsets(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+    templates that rewrite earlier turns (dropping past reasoning) still render a prompt. ``thinking``: see
+    :func:`generation_prompt`."""
+    ids, _ = encode_with_offsets(tokenizer, generation_prompt(tokenizer, messages, thinking))
     bos = _missing_bos(tokenizer, ids)
     return [bos] + ids if bos is not None else ids
 
 
-def encode_prompt(tokenizer, prompt, chat: bool = True, system: str = "", add_bos: bool = True) -> list[int]:
+def encode_prompt(tokenizer, prompt, chat: bool = True, system: str = "", add_bos: bool = True,
+                  thinking: bool | None = None) -> list[int]:
     """THE token ids a model is asked to continue; every stage that prompts a model (generate, sample, chat, think,
     eval, the RL rollouts, constitutional AI's local models) encodes through here, so that a prompt is
     token-identical to what the model trained on.
@@ -217,7 +235,8 @@ def encode_prompt(tokenizer, prompt, chat: bool = True, system: str = "", add_bo
     assistant turn opened, with SFT's bos rule (:func:`encode_chat_prompt`). Without chat the text (for messages,
     the last user turn) is a raw document start as pre-training saw it: ``tokenizer.encode(text, add_bos=True)``,
     the document-start token (bos, else ``<|endoftext|>``, else eos) first, as data/shards.py stores documents;
-    ``add_bos=False`` leaves that token out.
+    ``add_bos=False`` leaves that token out. thinking (chat only): None leaves the think block to the model, False
+    asks for an answer with an empty think block, True opens the block (:func:`generation_prompt`).
     """
     if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
         return list(prompt)
@@ -229,7 +248,7 @@ def encode_prompt(tokenizer, prompt, chat: bool = True, system: str = "", add_bo
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system:
         messages = [{"role": "system", "content": system}] + messages
-    return encode_chat_prompt(tokenizer, messages)
+    return encode_chat_prompt(tokenizer, messages, thinking)
 
 
 def tokenize_prompt_completion(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:

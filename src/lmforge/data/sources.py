@@ -86,7 +86,7 @@ def read_documents(spec: str, text_field: str = "text", split_txt_on_blank_lines
 def source_files(spec: str) -> list[Path]:
     """The local files a spec reads, in reading order ([] for ``hf:`` specs)."""
     if spec.startswith(GENERATED):  # the generator's code: the signature changes when the data would
-        return [Path(__file__).parent / "tinyworld.py"]
+        return [Path(__file__).parent / "tinyworld.py", Path(__file__).parent / "thinkworld.py"]
     if spec.startswith("builtin:"):
         return [builtin_path(spec.removeprefix("builtin:"))]
     if spec.startswith("hf:"):

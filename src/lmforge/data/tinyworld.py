@@ -36,6 +36,7 @@ import re
 from dataclasses import dataclass
 
 from lmforge.answers import ANSWER_PREFIX, format_answer
+from lmforge.data import thinkworld
 from lmforge.errors import DataError
 
 TEST_FRACTION = 0.1  # share of all possible problems held out for evaluation
@@ -268,6 +269,7 @@ SOURCES = {  # builtin:tinyworld/NAME -> the rows it serves
     "rl_hard": lambda: [{"prompt": _user(p.question), "answer": str(p.answer), "question": p.question}
                         for p in problems(2000, "train", 7, max_digits=3)],
     "eval_hard": lambda: eval_rows(200, max_digits=3),  # held-out, up to 3 digits (beyond the model unaided)
+    **thinkworld.SOURCES,  # think_*: the thinking world with difficulty levels (lmforge.data.thinkworld)
 }
 
 

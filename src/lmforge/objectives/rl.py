@@ -195,6 +195,32 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
     return centred.reshape(rewards.shape)
 
 
+def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int]], group_size: int, length: int,
+                       eps: float = 1e-4) -> torch.Tensor:
+    """GRPO with process supervision (Shao et al. 2024, DeepSeekMath section 4.1.3), as a (B * G, length) tensor.
+
+    Each completion i has step rewards r_i1..r_iK (a process reward model's scores) whose steps end at tokens
+    end_i1 < ... < end_iK. Within a group of G completions every step reward is normalised by the mean and std
+    of ALL the group's step rewards, r~ = (r - mean) / (std + eps), and token t's advantage is the sum of the
+    normalised rewards of the steps that end at or after it, A_it = sum_{k: end_ik >= t} r~_ik: a token is
+    credited with everything that follows it. Tokens after the last step end get 0. A group with one step
+    reward in all gets 0 (no std).
+    """
+    if len(step_rewards) % group_size or len(step_rewards) != len(step_ends):
+        raise ValueError(f"{len(step_rewards)} completions with {len(step_ends)} step lists do not make groups "
+                         f"of {group_size}")
+    out = torch.zeros(len(step_rewards), length)
+    for g in range(0, len(step_rewards), group_size):
+        flat = torch.tensor([r for rows in step_rewards[g:g + group_size] for r in rows], dtype=torch.float32)
+        if flat.numel() < 2:
+            continue
+        mean, std = flat.mean(), flat.std()
+        for i in range(g, g + group_size):
+            for r, end in zip(step_rewards[i], step_ends[i], strict=True):
+                out[i, :min(end, length - 1) + 1] += (r - mean) / (std + eps)
+    return out
+
+
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024): A_i = r_i - mean_{j != i} r_j.
 

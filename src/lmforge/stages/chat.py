@@ -6,7 +6,8 @@ Three ways to talk:
   printf 'Hi!\\nAnd then?\\n' | lmforge chat runs/smollm2  piped stdin: one user turn per line, history kept
 In the REPL and in piped input, ``/reset`` forgets the conversation (the system prompt stays) and ``/exit``
 ends it. ``save=chat.jsonl`` appends each conversation as a ``{"messages": [...]}`` row (the SFT format).
-When the history no longer fits the context, the oldest turns are dropped (the system prompt is kept).
+When the history no longer fits the context, the oldest turns are dropped (the system prompt is kept); an answer's
+think block is shown but not kept in the history. ``thinking_budget=N`` caps each answer's thinking.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lmforge.answers import strip_thinking
 from lmforge.config import parse_cli
 from lmforge.data.chat import encode_prompt, render
 from lmforge.errors import ConfigError
@@ -41,6 +43,8 @@ class ChatConfig:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int = 0  # each turn samples with seed + turn number, so a conversation replays exactly
+    thinking_budget: int | None = None  # most tokens inside <think> ... </think>; then the close is forced (s1)
+    min_thinking_tokens: int = 0  # a close before this many thinking tokens becomes "Wait"
     max_context: int = 0  # tokens of prompt + answer; 0 = the model's max_position_embeddings
     save: str = ""  # append the conversation to this .jsonl as {"messages": [...]}
     device: str = "auto"
@@ -122,7 +126,8 @@ class ChatSession:
         if on_text is not None and completion.text.startswith(shown[0]) and len(completion.text) > len(shown[0]):
             on_text(completion.text[len(shown[0]):])  # a last, incomplete character: shown as the final text has it
         answer = completion.text.strip()
-        self.messages.append({"role": "assistant", "content": answer})
+        # the history keeps the answer, not the thinking before it, as reasoning models' templates drop it
+        self.messages.append({"role": "assistant", "content": strip_thinking(answer).strip() or answer})
         self.turn += 1
         return answer
 

@@ -1,6 +1,9 @@
 """``lmforge eval``: score a checkpoint; every metric is optional and runs when its inputs are given.
 
-    task=tinyworld|gsm8k|svamp|math500|jsonl [data=FILE]   accuracy, format rate, response length, hacking probes
+    task=tinyworld|thinkworld|gsm8k|svamp|math500|jsonl [data=FILE]   accuracy, format rate, response length,
+                       hacking probes; rows with a "level" (thinkworld) also get accuracy by difficulty level
+    thinking_budget=N  budget forcing for models with a think block (min_thinking_tokens=M: "Wait" below M);
+                       thinking and answer tokens are counted apart
     reference=DIR      KL(model || reference) on the model's own samples; the reference's accuracy and length, and
                        accuracy_gain: model minus reference, paired over the same problems, with its interval
     reward_model=DIR   mean reward of the answers; with prefs=FILE its preference accuracy; the judge for compare
@@ -39,9 +42,11 @@ from lmforge.scoring import reward_scores
 @dataclass
 class EvalConfig:
     model: str = ""  # the model to evaluate: a model directory (or hub id)
-    task: str = ""  # tinyworld | gsm8k | svamp | math500 | jsonl; empty: no task accuracy
-    data: str = ""  # the task's .jsonl / .jsonl.gz (every task but tinyworld)
-    limit: int = 100  # first N problems, pairs and prompts (0 = all)
+    task: str = ""  # tinyworld | thinkworld | gsm8k | svamp | math500 | jsonl; empty: no task accuracy
+    data: str = ""  # the task's .jsonl / .jsonl.gz (every task but tinyworld and thinkworld)
+    limit: int = 100  # first N problems, pairs and prompts (0 = all); thinkworld: problems per level
+    thinking_budget: int | None = None  # most thinking tokens per answer (forced </think>); None = no budget
+    min_thinking_tokens: int = 0  # an earlier </think> becomes "Wait" (s1)
     chat: bool = True  # prompts through the chat template; false: raw text (base models)
     max_new_tokens: int = 256
     n: int = 1  # samples per problem; n > 1 samples at temperature 1 and adds pass@n
@@ -69,7 +74,7 @@ class EvalConfig:
             raise ValueError("model=DIR is required")
         if self.task and self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.task not in ("", "tinyworld") and not self.data:
+        if self.task not in ("", "tinyworld", "thinkworld") and not self.data:
             raise ValueError(f"task={self.task} needs data=PATH (its .jsonl or .jsonl.gz file)")
         if self.data and not self.task:
             raise ValueError("data=... needs task=... to say how to read it (jsonl for prompt/answer rows)")
@@ -118,7 +123,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     reference = load(cfg.reference) if cfg.reference else None
     judge = load(cfg.reward_model, num_labels=1) if cfg.reward_model else None
     common = dict(batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed)
-    task_kw = {}
+    task_kw = {"thinking_budget": cfg.thinking_budget, "min_thinking_tokens": cfg.min_thinking_tokens}
     if cfg.task == "tinyworld":  # its stricter format: one answer, stated last
 
         task_kw["format_check"] = is_formatted
@@ -129,7 +134,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         summary |= {"task": cfg.task, "data": cfg.data, "problems": len(rows)}
         res = ev.task_accuracy(model, tok, rows, chat=cfg.chat, max_new_tokens=cfg.max_new_tokens, n=cfg.n,
                                **common, **task_kw)
-        summary |= {k: res[k] for k in ("accuracy", "format_rate", "pass_at_n") if k in res}
+        summary |= {k: res[k] for k in ("accuracy", "format_rate", "pass_at_n", "mean_thinking_tokens", "by_level")
+                    if k in res}
         ref_res = None
         if reference is not None:
             ref_res = ev.task_accuracy(reference, tok, rows, chat=cfg.chat, max_new_tokens=cfg.max_new_tokens,
@@ -227,6 +233,7 @@ def _perplexity_data(spec: str):
 ROWS = [  # (summary key, label, format); dict values {"value", "ci", "n"} get their interval printed
     ("accuracy", "accuracy", "{:.1%}"), ("pass_at_n", "pass@n", "{:.1%}"), ("format_rate", "format rate", "{:.1%}"),
     ("reference_accuracy", "reference accuracy", "{:.1%}"), ("mean_response_tokens", "response tokens", "{:.1f}"),
+    ("mean_thinking_tokens", "  of which thinking", "{:.1f}"),
     ("reference_mean_length", "reference response tokens", "{:.1f}"), ("length_ratio", "length / reference", "{:.2f}"),
     ("truncated_rate", "hit max_new_tokens", "{:.1%}"), ("repetition_rate_4gram", "repeated 4-grams", "{:.1%}"),
     ("reward", "mean reward", "{:.3f}"), ("reference_reward", "reference mean reward", "{:.3f}"),
@@ -253,6 +260,10 @@ def print_summary(summary: dict, out_dir: Path) -> None:
             table.add_row(label, fmt.format(v), "", "")
     if "wins" in summary:
         table.add_row("wins / ties / losses", f"{summary['wins']} / {summary['ties']} / {summary['losses']}", "", "")
+    for level, r in (summary.get("by_level") or {}).items():
+        a = r["accuracy"]
+        table.add_row(f"level {level} accuracy ({r['mean_thinking_tokens']:.0f} thinking tokens)",
+                      f"{a['value']:.1%}", f"[{a['ci'][0]:.1%}, {a['ci'][1]:.1%}]", str(a["n"]))
     console = Console()
     if len(table.rows):
         console.print(table)

@@ -2,7 +2,8 @@
 
 Each input row is ``{"prompt": "raw text"}`` or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (rendered
 with the model's chat template, ending in the assistant's turn); other fields are kept. Each output row is the
-input row plus ``completions``: ``[{"text", "tokens", "finish_reason"[, "token_ids", "logprobs"]}]``, n per row.
+input row plus ``completions``: ``[{"text", "tokens", "finish_reason"[, "thinking_tokens", "answer_tokens"]
+[, "token_ids", "logprobs"]}]``, n per row. ``thinking_budget=N`` caps the tokens inside a think block.
 Rows (.jsonl, or .json / .parquet) are read and checked before the model loads, so a bad row costs nothing: the
 error names file:line and the field. Prompts are encoded as the model was trained (data/prompts.py).
 """
@@ -37,6 +38,8 @@ class GenerateConfig:
     n: int = 1  # completions per prompt
     stop_strings: list[str] = field(default_factory=list)
     seed: int = 0
+    thinking_budget: int | None = None  # most tokens inside <think> ... </think>; then the close is forced (s1)
+    min_thinking_tokens: int = 0  # a close before this many thinking tokens becomes "Wait"
     batch_size: int = 32  # prompts per engine call (each brings n rows)
     add_bos: bool = True  # raw-text prompts start with bos as pre-training documents do (messages: SFT's rule)
     logprobs: bool = False  # also write token_ids and their raw model log-probabilities
@@ -60,6 +63,8 @@ class GenerateConfig:
 
 def completion_record(c, with_logprobs: bool) -> dict:
     record = {"text": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+    if c.thinking_tokens:
+        record |= {"thinking_tokens": c.thinking_tokens, "answer_tokens": len(c.token_ids) - c.thinking_tokens}
     if with_logprobs:
         record |= {"token_ids": c.token_ids, "logprobs": [round(x, 5) for x in c.logprobs]}
     return record

@@ -32,7 +32,8 @@ from typing import Literal
 
 from lmforge.atomic import write_atomic
 from lmforge.config import parse_cli
-from lmforge.modelio import write_model_files
+from lmforge.modelio import load_model_dir, write_model_files
+from lmforge.prm import PRMScorer
 from lmforge.rewards import RewardSpec
 from lmforge.rollout import (
     RLDataConfig,
@@ -91,6 +92,8 @@ class GRPOConfig:
     environment: str = ""
     max_env_steps: int = 16  # an episode not done after this many environment steps is an error
     pack: bool = True  # packed rollouts (document masks) instead of padded rows in the policy/reference forwards
+    process_reward: str = ""  # a PRM directory: process supervision (per-step advantages) instead of outcome
+    process_prefix: str = "<think>\n"  # what the PRM reads before the first step (as it trained)
     compile_generation: bool = False  # torch.compile the rollouts' decode step: 10-40 s of warm-up on 2 cores
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, schedule="constant",
                                                                    max_steps=100, batch_size=64,
@@ -125,8 +128,12 @@ def run_grpo(cfg: GRPOConfig) -> dict:
 
     rl = start_rl_run(cfg)
     policy, tokenizer, out_dir, dist = rl.policy, rl.tokenizer, rl.out_dir, rl.dist
+    prm = None
+    if cfg.process_reward:
+        prm = PRMScorer(load_model_dir(cfg.process_reward, device=dist.device, num_labels=1).eval(), tokenizer,
+                        prefix=cfg.process_prefix)
     stream = RolloutStream(grpo_rollout(cfg, policy, rl.ref, tokenizer, rl.rows, rl.prompt_ids, rl.reward,
-                                        dist.device, dist.rank, dist.world_size),
+                                        dist.device, dist.rank, dist.world_size, prm=prm),
                            epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
                            resume_dir=rl.resume_dir, accumulation=cfg.train.accumulation(dist.world_size),
                            packed=cfg.pack)

@@ -29,6 +29,8 @@ class SampleConfig:
     n: int = 1
     stop_strings: list[str] = field(default_factory=list)
     seed: int = 0
+    thinking_budget: int | None = None  # most tokens inside <think> ... </think>; then the close is forced (s1)
+    min_thinking_tokens: int = 0  # a close before this many thinking tokens becomes "Wait"
     compile: bool = False  # torch.compile the decode step: 10-40 s of warm-up on a 2-core CPU, for long samples
     device: str = "auto"
     dtype: str = "float32"  # float32 | bfloat16 | float16

@@ -8,14 +8,21 @@ Input rows: ``{"prompt": str, "answer": ...}`` or ``{"messages": [...], "answer"
     best_of_n         the completion a reward model (reward_model=DIR) or the DPO implicit reward against
                       reference_model=DIR likes best
     adaptive          sample round_size at a time; stop a problem when its top answer holds `threshold` of votes
+    budget_sweep      thinking budgets (budget forcing): accuracy and thinking tokens per difficulty level for
+                      each of `budgets`, "Wait" until each of `wait_minimums`, and adaptive thinking (think a
+                      step at a time, stop when the probed answer's probability reaches `adaptive_threshold`)
+    prm_best_of_n     majority voting vs best-of-N ranked by a PRM (prm=DIR; min / prod / last step) and by an
+                      outcome RM (orm=DIR), N = 1, 2, 4, ... n, at their generated tokens
+    beam              the same, plus PRM-guided step-level beam search at each of `beams` (width x expand)
 
-Writes results.jsonl (per problem) or sweep.json + accuracy_vs_samples.png into out_dir.
+Writes results.jsonl (per problem) or sweep.json + accuracy_vs_samples.png into out_dir; budget_sweep writes
+budget_sweep.json + accuracy_vs_thinking_tokens.png, prm_best_of_n / beam compute.json + accuracy_vs_compute.png.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,14 +30,17 @@ from rich.console import Console
 from rich.table import Table
 
 from lmforge import inference_scaling as scaling
+from lmforge import reasoning, step_search
 from lmforge.answers import answers_match, extract_answer
 from lmforge.config import parse_cli
-from lmforge.data.prompts import encode_prompt_row, read_prompt_rows
+from lmforge.data.chat import check_messages, encode_prompt
+from lmforge.data.rows import read_rows
 from lmforge.errors import DataError
 from lmforge.generation import sampling_params_from
 from lmforge.modelio import DTYPES, load_model_and_tokenizer, load_model_dir
+from lmforge.prm import PRMScorer
 
-METHODS = ("sweep", "self_consistency", "best_of_n", "adaptive")
+METHODS = ("sweep", "self_consistency", "best_of_n", "adaptive", "budget_sweep", "prm_best_of_n", "beam")
 
 
 @dataclass
@@ -50,6 +60,18 @@ class ThinkConfig:
     top_k: int = 0
     top_p: float = 0.95
     seed: int = 0
+    thinking_budget: int | None = None  # budget forcing for sweep / self_consistency / best_of_n / adaptive
+    min_thinking_tokens: int = 0
+    budgets: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 24, 32, 48])  # budget_sweep (+ no budget)
+    wait_minimums: list[int] = field(default_factory=list)  # budget_sweep: "Wait" until this many thinking tokens
+    adaptive_threshold: float = 0.9  # budget_sweep: adaptive thinking stops at this answer probability; 0 = off
+    adaptive_budget: int = 96
+    prm: str = ""  # prm_best_of_n / beam: a process reward model (lmforge prm)
+    orm: str = ""  # ... and an outcome reward model (lmforge prm target=outcome)
+    prm_prefix: str = "<think>\n"  # what the PRM reads before the first step (as it trained)
+    beams: list[list[int]] = field(default_factory=lambda: [[2, 2], [2, 4], [4, 4]])  # beam: [width, expand]
+    levels: list[int] = field(default_factory=list)  # only problems of these levels (rows with "level")
+    per_level: int = 0  # only the first this many problems of each level (0 = all)
     limit: int = 0  # only the first `limit` problems (0 = all)
     add_bos: bool = True
     device: str = "auto"
@@ -61,6 +83,10 @@ class ThinkConfig:
                 raise ValueError(f"{key}=... is required")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method in ("prm_best_of_n", "beam") and not self.prm:
+            raise ValueError(f"{self.method} needs prm=DIR (a process reward model: lmforge prm)")
+        if any(len(b) != 2 or min(b) < 1 for b in self.beams):
+            raise ValueError(f"beams must be [width, expand] pairs of positive integers, got {self.beams}")
         if self.method == "best_of_n" and not (self.reward_model or self.reference_model):
             raise ValueError("best_of_n needs a scorer: reward_model=DIR or reference_model=DIR")
         if self.reward_model and self.reference_model:
@@ -71,19 +97,53 @@ class ThinkConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
-def read_problems(path: str, limit: int = 0) -> list[dict]:
-    rows = read_prompt_rows(path)
-    for where, row in rows:
+def read_problems(path: str, limit: int = 0, levels=(), per_level: int = 0) -> list[dict]:
+    """Problem rows with an answer, {"prompt": str | messages, "answer"} or {"messages", "answer"}, from a file
+    (.jsonl / .json / .parquet) or builtin:tinyworld/NAME; a bad row names file:line and the field."""
+    if not path.startswith("builtin:") and not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    for row, where in read_rows(path):
+        prompt = row.get("messages", row.get("prompt"))
+        if isinstance(prompt, list):
+            check_messages(prompt, where, "messages" if "messages" in row else "prompt", need_assistant=False)
+        elif not isinstance(prompt, str):
+            raise DataError(f"{where}: a problem needs a 'prompt' (string or messages) or 'messages' "
+                            f"(fields: {', '.join(row) or 'none'})")
         if "answer" not in row:
             raise DataError(f"{where}: a problem needs an 'answer' field (fields: {', '.join(row)})")
+        if not levels or row.get("level") in levels:
+            rows.append(row)
+    if per_level:
+        kept, counts = [], {}
+        for r in rows:
+            counts[r.get("level")] = counts.get(r.get("level"), 0) + 1
+            if counts[r.get("level")] <= per_level:
+                kept.append(r)
+        rows = kept
     rows = rows[:limit] if limit else rows
-    return [row for _, row in rows]
+    if not rows:
+        raise DataError(f"{path}: no problems" + (f" at levels {list(levels)}" if levels else ""))
+    return rows
+
+
+def problem_prompt(tok, row: dict, add_bos: bool = True) -> list[int]:
+    """A problem's prompt ids: "messages" or a message-list "prompt" through the chat template, a string
+    "prompt" as raw text after the document-start token (as `lmforge generate` reads rows)."""
+    prompt = row["messages"] if "messages" in row else row["prompt"]
+    if isinstance(prompt, list):
+        return encode_prompt(tok, prompt)
+    return encode_prompt(tok, prompt, chat=False, add_bos=add_bos)
 
 
 def run_think(cfg: ThinkConfig) -> dict:
-    problems = read_problems(cfg.input, cfg.limit)
+    problems = read_problems(cfg.input, cfg.limit, cfg.levels, cfg.per_level)
     model, tok = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
-    prompts = [encode_prompt_row(tok, row, cfg.add_bos) for row in problems]
+    if cfg.method == "budget_sweep":
+        return run_budget_sweep(cfg, model, tok, problems)
+    if cfg.method in ("prm_best_of_n", "beam"):
+        return run_compute_sweep(cfg, model, tok, problems)
+    prompts = [problem_prompt(tok, row, cfg.add_bos) for row in problems]
     golds = [str(row["answer"]) for row in problems]
     params = sampling_params_from(cfg, n=1)  # cfg.n is the budget: each method asks for its own n
     scorer = None
@@ -129,6 +189,8 @@ def run_think(cfg: ThinkConfig) -> dict:
 
 
 def print_summary(summary: dict) -> None:
+    if summary["method"] in ("budget_sweep", "prm_best_of_n", "beam"):
+        return print_reasoning(summary)
     table = Table(title=f"lmforge think: {summary['method']} on {summary['problems']} problems")
     for column in ("method", "N", "accuracy", "samples / problem", "tokens / problem"):
         table.add_column(column, justify="left" if column == "method" else "right")
@@ -138,6 +200,82 @@ def print_summary(summary: dict) -> None:
                       f"{r['mean_tokens']:.0f}")
     Console().print(table)
     print(summary.get("plot") or summary.get("results"))
+
+
+# ---- thinking budgets and PRM search ----
+
+def run_budget_sweep(cfg: ThinkConfig, model, tok, problems: list[dict]) -> dict:
+    """Accuracy and thinking tokens per level at each budget, with "Wait" minimums and adaptive thinking;
+    budget_sweep.json, accuracy_vs_thinking_tokens.png, and paired gains (same problems) per level."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budgets = [*cfg.budgets, None]
+    table, outcomes = reasoning.budget_sweep(model, tok, problems, budgets, wait_minimums=cfg.wait_minimums,
+                                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    if cfg.adaptive_threshold > 0:
+        adaptive = reasoning.AdaptiveConfig(budget=cfg.adaptive_budget, threshold=cfg.adaptive_threshold)
+        rows, correct, _ = reasoning.adaptive_rows(model, tok, problems, adaptive, seed=cfg.seed)
+        table += rows
+        outcomes[rows[0]["setting"]] = correct
+    paired = reasoning.paired_gains(problems, outcomes, "no budget", seed=cfg.seed)
+    summary = {"method": "budget_sweep", "problems": len(problems), "table": table, "paired_vs_no_budget": paired}
+    (out_dir / "budget_sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "tables.json").write_text(json.dumps(reasoning.sweep_tables(table, paired), indent=2) + "\n")
+    summary["plot"] = str(reasoning.plot_budget_sweep(table, out_dir / "accuracy_vs_thinking_tokens.png",
+                                                      title=f"{Path(cfg.model).parent.name}: held-out problems"))
+    return summary
+
+
+def run_compute_sweep(cfg: ThinkConfig, model, tok, problems: list[dict]) -> dict:
+    """Majority voting vs PRM / ORM best-of-N (and beam search) at equal generated tokens; compute.json and
+    accuracy_vs_compute.png."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = [problem_prompt(tok, row, cfg.add_bos) for row in problems]
+    golds = [str(row["answer"]) for row in problems]
+    device = model.lm_head.weight.device
+
+    def scorer(path):
+        return PRMScorer(load_model_dir(path, device=device, num_labels=1).eval(), tok, prefix=cfg.prm_prefix)
+
+    prm, orm = scorer(cfg.prm), (scorer(cfg.orm) if cfg.orm else None)
+    ns = [2 ** i for i in range(cfg.n.bit_length()) if 2 ** i <= cfg.n]
+    table, outcomes = step_search.compute_sweep(model, tok, prompts, golds, ns, prm=prm, orm=orm,
+                                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                                seed=cfg.seed)
+    if cfg.method == "beam":
+        rows, beam_outcomes = step_search.beam_rows(model, tok, prompts, golds, prm, [tuple(b) for b in cfg.beams],
+                                                    seed=cfg.seed, temperature=cfg.temperature)
+        table += rows
+        outcomes |= beam_outcomes
+    paired = step_search.paired_vs_majority(table, outcomes, seed=cfg.seed)
+    summary = {"method": cfg.method, "problems": len(problems), "table": table, "paired_vs_majority": paired}
+    (out_dir / "compute.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "tables.json").write_text(json.dumps(step_search.compute_tables(table, paired), indent=2) + "\n")
+    summary["plot"] = str(step_search.plot_compute(table, out_dir / "accuracy_vs_compute.png",
+                                                   title=f"{len(problems)} held-out problems"))
+    return summary
+
+
+def print_reasoning(summary: dict) -> None:
+    console = Console()
+    if summary["method"] == "budget_sweep":
+        table = Table(title=f"lmforge think: thinking budgets on {summary['problems']} problems")
+        for column in ("setting", "level", "accuracy", "95% CI", "thinking tokens", "generated tokens"):
+            table.add_column(column, justify="left" if column == "setting" else "right")
+        for r in summary["table"]:
+            table.add_row(r["setting"], str(r["level"]), f"{r['accuracy']:.1%}",
+                          f"[{r['ci'][0]:.1%}, {r['ci'][1]:.1%}]", f"{r['mean_thinking_tokens']:.1f}",
+                          f"{r['mean_generated_tokens']:.1f}")
+    else:
+        table = Table(title=f"lmforge think: {summary['method']} on {summary['problems']} problems")
+        for column in ("method", "N", "accuracy", "95% CI", "generated tokens"):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for r in summary["table"]:
+            table.add_row(r["method"], str(r["n"]), f"{r['accuracy']:.1%}", f"[{r['ci'][0]:.1%}, {r['ci'][1]:.1%}]",
+                          f"{r['mean_generated_tokens']:.0f}")
+    console.print(table)
+    print(summary.get("plot"))
 
 
 def main(argv: list[str]) -> int:

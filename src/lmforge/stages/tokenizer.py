@@ -24,6 +24,7 @@ class TokenizerStageConfig:
     min_frequency: int = 2  # a pair must occur this often to become a merge
     max_docs: int = 0  # train on at most this many documents (0 = all); BPE needs a sample, not everything
     max_chars: int = 0  # ... and at most this many characters (0 = no limit)
+    think_tokens: bool = False  # add <think> / </think> as single tokens, with the thinking chat template
     out_dir: str = "runs/tiny/tokenizer"
 
     def validate(self) -> None:
@@ -38,7 +39,8 @@ def run_tokenizer(cfg: TokenizerStageConfig) -> Tokenizer:
     """Train and save into cfg.out_dir (tokenizer.train_corpus_tokenizer); returns the Tokenizer. Reused without
     training when out_dir holds one trained with the same settings on unchanged data."""
     return train_corpus_tokenizer(cfg.data, cfg.out_dir, cfg.vocab_size, text_field=cfg.text_field,
-                                  min_frequency=cfg.min_frequency, max_docs=cfg.max_docs, max_chars=cfg.max_chars)
+                                  min_frequency=cfg.min_frequency, max_docs=cfg.max_docs, max_chars=cfg.max_chars,
+                                  think_tokens=cfg.think_tokens)
 
 
 def compression(tok, cfg: TokenizerStageConfig, sample_chars: int = 200_000) -> tuple[float, str]:

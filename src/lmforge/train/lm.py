@@ -48,6 +48,7 @@ class PretrainConfig:
     out_dir: str = "runs/tiny/pretrain"
     tokenizer: str = ""  # an existing tokenizer/model dir; empty: train one into out_dir/tokenizer
     vocab_size: int = 2048  # for a tokenizer trained here
+    think_tokens: bool = False  # ... with <think> and </think> as single tokens and the thinking chat template
     init_from: str = ""  # continue from a model directory instead of a random init
     seq_len: int = 256
     data: DataConfig = field(default_factory=DataConfig)
@@ -67,7 +68,8 @@ def prepare_tokenizer(cfg: PretrainConfig, out_dir: Path, dist: DistInfo) -> Tok
         return load_tokenizer(cfg.tokenizer)
     tok_dir = out_dir / "tokenizer"
     if dist.is_main:  # reused when trained with the same settings on unchanged data; retrained otherwise
-        train_corpus_tokenizer(cfg.data.source, tok_dir, cfg.vocab_size, text_field=cfg.data.text_field)
+        train_corpus_tokenizer(cfg.data.source, tok_dir, cfg.vocab_size, text_field=cfg.data.text_field,
+                               think_tokens=cfg.think_tokens)
     barrier()
     return Tokenizer.load(tok_dir)
 
