@@ -1,8 +1,8 @@
 """The four exercises of docs/exercises.md, each one command, run end to end on a tiny configuration so the page
 cannot rot: DPO against the SFT baseline (1), the customer-service constitution through the whole constitutional
 loop (2), and the Chinchilla-optimal size for 10^23 FLOPs with the numbers the page quotes (4). Exercise 3's
-command, `lmforge pipeline --config reasoning`, belongs to the reasoning recipe, which is not merged yet: the page
-says so and links to its README section; its end-to-end test comes with that recipe."""
+command, `lmforge pipeline --config reasoning`, is run end to end on a micro budget by tests/test_reasoning_cli.py;
+here the page must name it and link to the README's Reasoning section."""
 
 import json
 import re
@@ -25,7 +25,9 @@ def test_the_page_is_linked_from_the_readme_and_names_every_command():
                     "lmforge constitutional run --config constitutional_customer_service",
                     "lmforge pipeline --config reasoning", "lmforge scaling optimal --flops 1e23"):
         assert command in doc, command
-    assert "{{" not in doc and "](../README.md#reasoning)" in doc  # exercise 3 points at the recipe's section
+    section = "../README.md#reasoning-thinking-budgets-process-reward-models-step-level-search"
+    assert "{{" not in doc and f"]({section})" in doc  # exercise 3 points at the recipe's section
+    assert "\n## Reasoning: thinking budgets, process reward models, step-level search\n" in readme  # the anchor's heading
 
 
 @pytest.mark.slow
