@@ -85,11 +85,12 @@ def verb_args(verb, model, root, good, out):
         "import": ["import", str(model), f"out_dir={out / 'imported'}"],
         "export": ["export", "gguf", str(model), f"out={out / 'model.gguf'}"],
         "push": ["push", f"model={model}", "repo_id=someone/tiny", "license=mit", "dry_run=true"],
+        "prm": ["prm", f"model={model}", "num_problems=2", "eval_num_problems=2", f"out_dir={out}"],
     }[verb]
 
 
 MODEL_VERBS = ("chat", "sample", "generate", "think", "eval", "sft", "reward", "dpo", "kto", "grpo", "ppo",
-               "online-dpo", "midtrain", "pretrain", "quantize", "serve", "import", "export", "push")
+               "online-dpo", "midtrain", "pretrain", "quantize", "serve", "import", "export", "push", "prm")
 CASES = [(verb, kind) for verb in MODEL_VERBS for kind in ("truncated", "no_config")] + \
         [(verb, kind) for verb in ("sft", "eval", "chat", "serve", "quantize", "pretrain")
          for kind in ("pickle_only", "bad_config", "bad_tokenizer")]
