@@ -24,10 +24,11 @@ from lmforge.data.chat import read_sft_rows
 from lmforge.data.preference import read_pairs, read_unpaired
 from lmforge.data.prompts import read_prompt_rows, read_rl_prompts
 from lmforge.data.sources import read_documents
+from lmforge.data.stepwise import read_stepwise
 from lmforge.errors import DataError
 
 FIELDS = ["text", "messages", "role", "content", "prompt", "completion", "chosen", "rejected", "label", "score",
-          "answer", "label_confidence", "id"]
+          "answer", "label_confidence", "id", "completions", "labels"]
 ROLES = ["user", "assistant", "system", "tool", "", " "]
 
 scalars = (st.none() | st.booleans() | st.integers(-2, 2) | st.floats() | st.sampled_from(ROLES)
@@ -137,6 +138,12 @@ def test_unpaired_kto_rows(file):
 @given(files())
 def test_rl_prompts(file):
     check(read_rl_prompts, *file)
+
+
+@FUZZ
+@given(files())
+def test_stepwise_prm_rows(file):
+    check(read_stepwise, *file)
 
 
 @FUZZ
