@@ -24,6 +24,7 @@ import torch
 
 from lmforge.answers import answers_match, extract_answer
 from lmforge.evaluation import rate
+from lmforge.figures import save_figure
 from lmforge.generation import Completion, SamplingParams, generate
 from lmforge.scoring import reward_scores, sequence_logprobs
 
@@ -205,12 +206,7 @@ def plot_accuracy(table: list[dict], path: str | Path, title: str = "inference-t
     by_tokens.set_xlabel("generated (thinking) tokens per problem")
     by_tokens.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- scorers ----

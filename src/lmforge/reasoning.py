@@ -23,6 +23,7 @@ import numpy as np
 from lmforge.answers import answers_match, extract_answer
 from lmforge.data.chat import encode_prompt
 from lmforge.evaluation import generate_all, rate, task_accuracy
+from lmforge.figures import save_figure
 from lmforge.generation import SamplingParams, think_tags
 from lmforge.inference_scaling import majority
 from lmforge.modelio import eos_ids
@@ -255,9 +256,4 @@ def plot_budget_sweep(table: list[dict], path: str | Path, title: str = "accurac
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

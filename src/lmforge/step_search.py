@@ -21,6 +21,7 @@ import numpy as np
 
 from lmforge.answers import answers_match, extract_answer
 from lmforge.evaluation import generate_all, rate
+from lmforge.figures import save_figure
 from lmforge.generation import SamplingParams, think_tags
 from lmforge.inference_scaling import majority
 from lmforge.objectives.prm import aggregate_steps
@@ -216,9 +217,4 @@ def plot_compute(table: list[dict], path: str | Path, title: str = "accuracy vs 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -57,6 +57,7 @@ import yaml
 from lmforge.apps.demos import Demo, choose_demos
 from lmforge.config import parse_cli
 from lmforge.errors import DataError
+from lmforge.figures import save_figure
 from lmforge.train.tracking import log_report
 
 STAGE_ORDER = ("tokenizer", "pretrain", "midtrain", "sft", "reward", "prm", "orm", "dpo", "ipo", "simpo", "orpo",
@@ -354,11 +355,7 @@ def plot_loss_curves(stages: list[Stage], path: Path) -> Path | None:
             ax.set(xlabel="step", ylabel="loss" if col == 0 else None)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same inputs, same bytes
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100, metadata={"Software": None})  # no version stamp: same inputs, same bytes
 
 
 def pyplot():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.figures import save_figure
 from lmforge.scaling.laws import ChinchillaLaw, ComputeLaw, IsoFlopFit, tokens_per_param_rule
 
 
@@ -152,9 +153,4 @@ def _save(plt, fig, path: Path) -> Path:
         for axis in (ax.xaxis, ax.yaxis):
             if axis.get_scale() == "log":
                 axis.set_minor_formatter(NullFormatter())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

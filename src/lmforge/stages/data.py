@@ -31,6 +31,7 @@ from lmforge.config import parse_cli, save_config
 from lmforge.data.shards import SHARD_TOKENS, StreamingShards, tokenizer_fingerprint
 from lmforge.data.sources import LINE_COUNTS, FilterConfig, iter_filtered, read_documents, source_signature
 from lmforge.errors import ConfigError
+from lmforge.figures import save_figure
 from lmforge.modelio import load_tokenizer
 
 
@@ -208,10 +209,7 @@ def plot_histogram(report: dict, path: Path) -> Path | None:
     ax.set(xscale="log", xlabel=f"{report['length_unit']} per kept document", ylabel="documents",
            title=f"{report['documents_kept']:,} kept documents")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100, metadata={"Software": None})
 
 
 def print_report(report: dict) -> None:

@@ -41,6 +41,7 @@ from lmforge.data.preference import (
     pair_length,
 )
 from lmforge.errors import DataError
+from lmforge.figures import save_figure
 from lmforge.modelio import check_context, load_model_and_tokenizer, save_model_dir, write_model_files
 from lmforge.scoring import (
     evaluate_pairs,
@@ -249,11 +250,7 @@ def plot_sweep(rows: list[dict], path: Path, loss_type: str = "sigmoid") -> Path
         ax.set_xlabel("KL(pi || pi_ref) per token, held-out chosen answers")
         ax.set_ylabel(label)
     fig.suptitle(f"{loss_type}: drift from the reference vs preference margin")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------------- output

@@ -32,6 +32,7 @@ from typing import Literal
 
 from lmforge.atomic import write_atomic
 from lmforge.config import parse_cli
+from lmforge.figures import save_figure
 from lmforge.modelio import load_model_dir, write_model_files
 from lmforge.prm import PRMScorer
 from lmforge.rewards import RewardSpec
@@ -189,11 +190,7 @@ def plot_runs(runs: dict[str, Path], path: Path) -> Path:
             ax.set_title(title)
             ax.set_xlabel("optimizer step")
     axes[0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str]) -> int:
