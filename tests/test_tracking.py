@@ -15,6 +15,8 @@ from lmforge_cli import lmforge
 from PIL import Image
 
 from lmforge.apps.pipeline import stage_config
+from lmforge.stages.grpo import GRPOConfig
+from lmforge.stages.online_dpo import OnlineDPOConfig, round_tracking
 from lmforge.train.loop import TrainConfig, train
 from lmforge.train.metrics import read_metrics
 from lmforge.train.runs import config_hash
@@ -161,3 +163,45 @@ def test_turning_a_tracker_on_retrains_no_pipeline_stage():
     plain = stage_config("sft", "tiny", [])
     tracked = stage_config("sft", "tiny", ["train.report_to=[jsonl,wandb]", "train.run_name=x"])
     assert config_hash(plain) == config_hash(tracked) != config_hash(stage_config("sft", "tiny", ["train.lr=1e-4"]))
+
+
+def test_eval_on_start_reaches_the_trackers_once_and_leaves_training_as_it_was(tmp_path, offline):
+    def rng_eating_eval(model):  # sampling in an eval draws from torch's generator: it must not shift training
+        torch.rand(7)
+        return {"val_loss": 1.5}
+
+    def noisy_loss(model, batch):  # and so may training (dropout, sampled rollouts): here a random loss scale
+        loss, metrics = lm_loss(model, batch)
+        return loss * (1 + torch.rand(())), metrics
+
+    def fit(out, **kw):
+        torch.manual_seed(0)
+        model = TinyLM()
+        cfg = TrainConfig(lr=1e-2, warmup_steps=1, batch_size=4, micro_batch_size=4, log_every=1, eval_every=2,
+                          save_every=2, seed=0, report_to=["jsonl", "wandb"], **kw)
+        train(model, noisy_loss, Stream(), cfg, out, save_model=weights_saver(model), eval_fn=rng_eating_eval,
+              run_config=Stage())
+        return model
+
+    plain = fit(tmp_path / "a" / "sft", max_steps=4)
+    started = fit(tmp_path / "b" / "sft", max_steps=4, eval_on_start=True)
+    for p, q in zip(plain.parameters(), started.parameters()):
+        assert torch.equal(p, q)
+    first = read_metrics(tmp_path / "b" / "sft")[0]
+    assert first["step"] == 0 and first["val_loss"] == 1.5
+    assert history(wandb_records(tmp_path / "b" / "sft"))[0]["val_loss"] == 1.5
+    assert 0 not in history(wandb_records(tmp_path / "a" / "sft"))
+
+    fit(tmp_path / "b" / "sft", max_steps=6, eval_on_start=True)  # a resumed run does not evaluate step 0 again
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "sft")].count(0) == 1
+
+
+def test_rl_stages_evaluate_at_start_by_default_and_a_round_joins_its_stage_group(tmp_path, offline):
+    assert GRPOConfig().train.eval_on_start is None and TrainConfig().eval_on_start is None  # the stage decides
+    cfg = OnlineDPOConfig(out_dir=str(tmp_path / "tiny" / "online_dpo"))
+    assert round_tracking(cfg, 2) == {"run_name": "tiny/online_dpo/round_2", "tracking_group": "tiny"}
+
+    out = tmp_path / "tiny" / "online_dpo" / "round_2"
+    run(out, report_to=["jsonl", "wandb"], **round_tracking(cfg, 2))
+    (start,) = [r.run for r in wandb_records(out) if r.WhichOneof("record_type") == "run"]
+    assert start.display_name == "tiny/online_dpo/round_2" and start.run_group == "tiny"

@@ -56,7 +56,7 @@ from lmforge.scoring import to_device
 from lmforge.train.checkpointing import latest_checkpoint
 from lmforge.train.dist import all_reduce_mean
 from lmforge.train.loop import autocast_context
-from lmforge.train.metrics import MetricsLogger, read_metrics
+from lmforge.train.metrics import read_metrics
 from lmforge.train.runs import Run, log, start_run
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids")  # (N, P + R) tensors
@@ -805,11 +805,6 @@ class RLRun:
     def resume_dir(self) -> Path | None:
         """The checkpoint a rerun resumes from (None: a fresh run); RolloutStream reads its buffer from there."""
         return latest_checkpoint(self.out_dir / "checkpoints")
-
-    def log_start_eval(self) -> None:
-        """The eval metrics at step 0 (the starting point of every curve), on a fresh run, on the main process."""
-        if self.eval_fn is not None and self.dist.is_main and self.resume_dir() is None:
-            MetricsLogger(self.out_dir, tensorboard=False, start_step=0).log(0, self.eval_fn())
 
 
 def start_rl_run(cfg) -> RLRun:

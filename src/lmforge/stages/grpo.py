@@ -149,10 +149,9 @@ def run_grpo(cfg: GRPOConfig) -> dict:
         if data is not stream:
             data.save(path)
 
-    rl.log_start_eval()
     result = train(policy, grpo_loss_fn(cfg), data, cfg.train, out_dir, save_model=save_model,
                    eval_fn=rl.eval_fn, dist=dist, tokens_per_batch_fn=batch_tokens,
-                   run_config=cfg, description=cfg.algorithm)
+                   run_config=cfg, description=cfg.algorithm, eval_on_start=True)
     summary = rl_summary(out_dir, result, cfg.algorithm) if dist.is_main else {}
     return finish_run(rl.run, summary, policy, tokenizer)
 

@@ -40,7 +40,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -236,7 +236,7 @@ def train_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, pairs: list, ev
     steps = max(1, math.ceil(cfg.epochs * len(pairs) / cfg.train.batch_size)) if cfg.epochs > 0 \
         else cfg.train.max_steps
     tcfg = replace(cfg.train, max_steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps),
-                   seed=cfg.train.seed + k)
+                   seed=cfg.train.seed + k, **round_tracking(cfg, k))
     loss_fn = dpo_loss_fn(cfg)  # the loss options are `lmforge dpo`'s
     batches = Batches(pairs, micro, collate, tcfg.seed, dist.rank, dist.world_size, length=pair_length)
 
@@ -353,8 +353,10 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
     reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
     eval_fn = accuracy_eval(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens) if eval_rows \
         else (lambda _model=None: {})
-    metrics = MetricsLogger(out_dir, enabled=dist.is_main, tensorboard=False,
-                            start_step=done[-1]["step"] + 1 if done else 0)
+    metrics = MetricsLogger(out_dir, enabled=dist.is_main, start_step=done[-1]["step"] + 1 if done else 0,
+                            report_to=[r for r in cfg.train.report_to if r != "tensorboard"],  # rounds: TB has them
+                            run_name=cfg.train.run_name, project=cfg.train.tracking_project,
+                            group=cfg.train.tracking_group, config=asdict(cfg))
     if not done:  # round 0: where the curve starts
         row = {"round": 0, "step": 0, **eval_fn(), "seconds": round(time.time() - t0, 1), "fingerprint": digest}
         finish_round(out_dir / "round_0", row, metrics, dist)
@@ -406,6 +408,14 @@ def run_round(cfg: OnlineDPOConfig, k: int, policy, tokenizer, rows, prompt_ids,
     return {**row, "step": steps_before + result.step, "steps": result.step, "trained": True,
             "reference": ref_dir, "loss": result.metrics.get("loss"), **on_pairs,
             **{key: v for key, v in ev.items() if key.startswith("eval/")}, "seconds": round(time.time() - t0, 1)}
+
+
+def round_tracking(cfg: OnlineDPOConfig, k: int) -> dict:
+    """A round's tracker run: named "<stage run>/round_k" in the group of the stage's run (e.g. "tiny"), so the
+    rounds sit with the stage's own run (its round-by-round rows) and the pipeline's other stages."""
+    out = Path(cfg.out_dir).resolve()
+    name = cfg.train.run_name or f"{out.parent.name}/{out.name}"
+    return {"run_name": f"{name}/round_{k}", "tracking_group": cfg.train.tracking_group or out.parent.name}
 
 
 def finish_round(round_dir: Path, row: dict, metrics, dist) -> None:

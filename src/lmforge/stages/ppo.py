@@ -256,10 +256,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
         tokenizer.save(path)
         stream.save_buffer(path)
 
-    rl.log_start_eval()
     result = train(model, ppo_loss_fn(cfg), stream, cfg.train, out_dir, save_model=save_model, eval_fn=rl.eval_fn,
                    dist=dist, tokens_per_batch_fn=batch_tokens, run_config=cfg,
-                   description="ppo")
+                   description="ppo", eval_on_start=True)
     summary = {}
     if dist.is_main:
         summary = rl_summary(out_dir, result, "ppo", reward_key="objective/rlhf_reward")

@@ -69,6 +69,9 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     eval_every: int = 100  # 0 = only at the end
+    # evaluate before the first step too (a fresh run), logged at step 0 (TRL's eval_on_start); None: the
+    # stage's default (GRPO and PPO: true, their summaries start the accuracy curve there; the others: false)
+    eval_on_start: bool | None = None
     eval_batches: int = 20  # read by the stages' eval functions
     save_every: int = 500  # 0 = only at the end
     keep_checkpoints: int = 2  # step directories kept; 0 = all
@@ -87,6 +90,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: list(DEFAULT_REPORT_TO))
     run_name: str = ""  # the trackers' run name; empty: "<run dir>/<stage dir>", e.g. "tiny/sft"
     tracking_project: str = "lmforge"  # W&B project / MLflow experiment
+    tracking_group: str = ""  # the W&B run group; empty: the run directory (out_dir's parent), e.g. "tiny"
 
     def validate(self) -> None:
         checks = [
@@ -160,7 +164,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir: str | Path, *,
           save_model=None, eval_fn=None, dist: DistInfo | None = None, tokens_per_batch_fn=None, on_eval=None,
           on_log=None, run_config=None, flops_per_token: float | None = None,
-          description: str = "train") -> TrainResult:
+          description: str = "train", eval_on_start: bool = False) -> TrainResult:
     """Optimise ``model`` for ``cfg.max_steps`` steps, resuming from ``out_dir/checkpoints`` if there are some.
 
     loss_fn(model, batch) -> (scalar loss, {name: float|tensor}): ``model`` may be DDP/compile-wrapped
@@ -175,6 +179,7 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
     tokens_per_batch_fn(batch) -> this rank's tokens in a micro-batch (default: elements of ``input_ids`` or of
         the first tensor), summed over ranks for tokens/s; flops_per_token defaults to
         model.flops_per_token(seq_len of the first batch) for MFU.
+    eval_on_start: the stage's default for cfg.eval_on_start (which wins when set): evaluate before step 1.
     on_log(step, metrics): every logged step, main rank. run_config: the stage's resolved config, written into
         every checkpoint (default: cfg); out_dir/config.yaml is the stage's (train/runs.py start_run).
 
@@ -187,6 +192,8 @@ def train(model: torch.nn.Module, loss_fn, train_data, cfg: TrainConfig, out_dir
     and after it evaluate / checkpoint / a stop on a signal (after_step).
     """
     cfg.validate()
+    if cfg.eval_on_start is None:
+        cfg = dataclasses.replace(cfg, eval_on_start=eval_on_start)
     dist = dist or init_distributed(cfg.device)
     _configure_backends(cfg, dist)
     accum = cfg.accumulation(dist.world_size)
@@ -215,6 +222,8 @@ def _train(model, loss_fn, train_data, cfg: TrainConfig, out_dir: Path, dist: Di
         with signals, progress:
             for note in notes:
                 progress.print(note)
+            if start_eval(s):
+                evaluate_at_start(s, progress)
             while s.step < cfg.max_steps:
                 lr = lr_at(s.step, cfg)
                 for group in s.optimizer.param_groups:
@@ -311,6 +320,7 @@ def _start(model, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, s
             notes.append(f"resume=false: starting from step 0; checkpoints in {ckpt_root} get overwritten")
         _seed_everything(cfg.seed + dist.rank)
 
+    fresh_start_eval = cfg.eval_on_start and eval_fn is not None and resumed is None
     # ddp: DDP around model; fsdp: a sharded copy of it (net), model itself parked on the CPU until the end
     wrapped = wrap_model(model, dist, cfg.parallel, reshard_after_forward=cfg.reshard_after_forward,
                          bf16=use_bf16(cfg, dist.device))
@@ -324,8 +334,9 @@ def _start(model, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, s
         optimizer=optimizer, params=[p for p in net.parameters() if p.requires_grad], train_data=train_data,
         # start_step: what a kill left past the checkpoint (or, with none, past step 0) is logged again, so it
         # goes first: the file equals an unbroken run's
-        logger=MetricsLogger(out_dir, enabled=dist.is_main, start_step=step + 1, report_to=cfg.report_to,
-                             run_name=cfg.run_name, project=cfg.tracking_project,
+        logger=MetricsLogger(out_dir, enabled=dist.is_main, start_step=0 if fresh_start_eval else step + 1,
+                             report_to=cfg.report_to, run_name=cfg.run_name, project=cfg.tracking_project,
+                             group=cfg.tracking_group,
                              config=_as_dict(run_config if run_config is not None else cfg)),
         ckpt_root=ckpt_root, run_config=run_config if run_config is not None else cfg, save_model=save_model,
         eval_fn=eval_fn, on_eval=on_eval,
@@ -444,6 +455,19 @@ def sync_model(s: LoopState) -> None:
     if s.sharded and s.synced != s.step:
         gather_weights(s.net, s.model)
         s.synced = s.step
+
+
+def start_eval(s: LoopState) -> bool:
+    """train.eval_on_start on a fresh run: the curve's starting point (a resumed run logged it already)."""
+    return s.cfg.eval_on_start and s.eval_fn is not None and s.result.resumed_from is None and s.step == 0
+
+
+def evaluate_at_start(s: LoopState, progress: ProgressDisplay) -> None:
+    """The step-0 evaluation, through the loop's logger (so the trackers get it too). Sampling in eval_fn must
+    not move the training's random streams: the run trains exactly as it would without eval_on_start."""
+    cuda = [s.dist.device] if torch.device(s.dist.device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        evaluate(s, progress)
 
 
 def evaluate(s: LoopState, progress: ProgressDisplay) -> dict:

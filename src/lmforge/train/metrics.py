@@ -37,7 +37,7 @@ class MetricsLogger:
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
                  start_step: int | None = None, report_to=None, run_name: str = "", project: str = "lmforge",
-                 config: dict | None = None):
+                 config: dict | None = None, group: str = ""):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.writers: list = []
@@ -50,7 +50,8 @@ class MetricsLogger:
             restart = start_step - 1
         if report_to is None:
             report_to = [r for r in DEFAULT_REPORT_TO if tensorboard or r != "tensorboard"]
-        self.writers = open_writers(report_to, RunInfo(Path(out_dir), run_name, project, config or {}, restart))
+        self.writers = open_writers(report_to, RunInfo(Path(out_dir), run_name, project, config or {}, restart,
+                                                      group))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -101,7 +101,7 @@ def finish_run(run: Run, summary: dict, model=None, tokenizer=None) -> dict:
 # ---------------------------------------------------------------------------------------------- skip what is done
 
 
-TRACKING_KEYS = ("report_to", "run_name", "tracking_project")  # where metrics go, not what a stage computes
+TRACKING_KEYS = ("report_to", "run_name", "tracking_project", "tracking_group")  # where metrics go, not what a stage computes
 
 
 def config_hash(cfg) -> str:

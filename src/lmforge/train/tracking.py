@@ -49,6 +49,7 @@ class RunInfo:
     project: str = "lmforge"  # W&B project / MLflow experiment
     config: dict = field(default_factory=dict)  # the stage's resolved config
     resume_step: int | None = None  # a restart from this step's checkpoint
+    run_group: str = ""  # default: the run directory's name (out_dir's parent), e.g. "tiny"
 
     @property
     def display_name(self) -> str:
@@ -57,7 +58,7 @@ class RunInfo:
 
     @property
     def group(self) -> str:
-        return Path(self.out_dir).resolve().parent.name
+        return self.run_group or Path(self.out_dir).resolve().parent.name
 
 
 class Writer(Protocol):
