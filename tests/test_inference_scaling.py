@@ -3,6 +3,7 @@
 import json
 import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,9 +20,11 @@ from lmforge.inference_scaling import (
     overoptimisation,
     plot_accuracy,
     reward_model_scorer,
+    rl_overoptimisation,
     self_consistency,
 )
 from lmforge.model import ModelConfig, Transformer
+from lmforge.modelio import load_model_and_tokenizer, save_model_dir
 from lmforge.scoring import sequence_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -163,3 +166,43 @@ def test_overoptimisation_picks_by_the_proxy_and_reports_the_gold_of_the_pick():
     assert [r["proxy"]["value"] for r in rows] == pytest.approx([0.2, 0.6, 0.85])  # picks 0,0 / 1,0 / 1,3
     assert [r["gold"]["value"] for r in rows] == [0.5, 0.0, 0.5]  # the proxy rises, the gold dips
     assert rows[0]["sqrt_kl"] == 0.0 and rows[2]["sqrt_kl"] == pytest.approx(math.sqrt(math.log(4) - 0.75))
+
+
+def test_rl_overoptimisation_pairs_each_evaluation_with_the_rollout_of_the_policy_it_evaluated():
+    rows = [{"step": 0, "eval/accuracy": 0.5},
+            {"step": 1, "objective/scores": 0.1, "objective/kl": 0.0, "loss": 1.0},
+            {"step": 2, "objective/scores": 0.4, "objective/kl": 1.0},
+            {"step": 2, "eval/accuracy": 0.75},
+            {"step": 3, "objective/scores": 0.9, "objective/kl": 4.0},
+            {"step": 3, "eval/accuracy": 0.25}]
+    assert rl_overoptimisation(rows) == [
+        {"step": 0, "sqrt_kl": 0.0, "proxy": 0.1, "gold": 0.5},  # step 0's policy generated step 1's rollout
+        {"step": 2, "sqrt_kl": 2.0, "proxy": 0.9, "gold": 0.75},
+        {"step": 3, "sqrt_kl": 2.0, "proxy": 0.9, "gold": 0.25}]  # the last: its own step's rollout
+    assert rl_overoptimisation([{"step": 0, "eval/accuracy": 0.5}]) == []
+
+
+def test_think_cli_overoptimisation_writes_both_curves_and_names_a_bad_rl_run(tiny_model_dir, tmp_path, capsys):
+    model_dir = tiny_model_dir("oo", text="1 + 2 = 3. The answer is 3.\n4 + 4 = 8. The answer is 8.\n")
+    policy, tok = load_model_and_tokenizer(str(model_dir), "cpu")
+    torch.manual_seed(1)
+    save_model_dir(tmp_path / "rm", Transformer(replace(policy.config, num_labels=1)), tok)
+    ppo = tmp_path / "ppo"
+    ppo.mkdir()
+    (ppo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 0, "eval/accuracy": 0.5}, {"step": 1, "objective/scores": 0.2, "objective/kl": 0.25},
+        {"step": 1, "eval/accuracy": 0.4}]))
+    rows = [{"prompt": "1 + 2 =", "answer": 3}, {"messages": [{"role": "user", "content": "4 + 4"}], "answer": "8"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    base = ["think", "method=overoptimisation", f"model={model_dir}", f"input={tmp_path / 'p.jsonl'}",
+            "max_new_tokens=6", "device=cpu", "n=4", f"reward_model={tmp_path / 'rm'}", f"out_dir={tmp_path / 'o'}"]
+    assert main([*base, f"rl_run={ppo}"]) == 0
+    result = json.loads((tmp_path / "o" / "overoptimisation.json").read_text())
+    assert [r["n"] for r in result["best_of_n"]] == [1, 2, 4] and result["problems"] == 2
+    assert [(r["step"], r["gold"]) for r in result["rl"]] == [(0, 0.5), (1, 0.4)]
+    assert (tmp_path / "o" / "overoptimisation.png").stat().st_size > 0
+    assert len(json.loads((tmp_path / "o" / "tables.json").read_text())) == 2
+    assert "best-of-N against the reward model" in capsys.readouterr().out
+    assert main([*base, f"rl_run={tmp_path}"]) == 2  # no metrics.jsonl there
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    assert main(base[:-2] + [f"out_dir={tmp_path / 'x'}"]) == 2  # no proxy: reward_model is required

@@ -13,7 +13,7 @@ MODEL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_hidde
          "model.num_attention_heads=4", "model.num_key_value_heads=2"]
 TRAIN = ["train.warmup_steps=1", "train.eval_every=0", "train.save_every=0", "train.log_every=5",
          "train.num_threads=1"]
-STAGES = "[pretrain,midtrain,sft,reward,dpo,grpo,ppo,dpo_sweep,reward_hacking]"
+STAGES = "[pretrain,midtrain,sft,reward,dpo,grpo,ppo,dpo_sweep,reward_hacking,overoptimisation]"
 
 
 def micro_overrides(run_dir) -> list[str]:
@@ -40,6 +40,7 @@ def micro_overrides(run_dir) -> list[str]:
         "reward_hacking.train.max_steps=2", "reward_hacking.max_new_tokens=16", "reward_hacking.prompts_per_rollout=2",
         "reward_hacking.num_generations=4", "reward_hacking.train.batch_size=8", "reward_hacking.train.micro_batch_size=8",
         "reward_hacking.data.eval_size=4", "reward_hacking.train.eval_every=1"]
+    out += ["overoptimisation.limit=8", "overoptimisation.n=4", "overoptimisation.max_new_tokens=16"]
     return out
 
 
@@ -58,7 +59,7 @@ def test_micro_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     record = json.loads((run / "pipeline.json").read_text())
     stages = record["stages"]
     assert list(stages) == ["pretrain", "midtrain", "sft", "reward", "dpo", "grpo", "ppo", "dpo_sweep",
-                            "reward_hacking"]
+                            "reward_hacking", "overoptimisation"]
 
     pre, sft = stages["pretrain"], stages["sft"]
     assert pre["summary"]["val_loss"] < pre["summary"]["unigram_baseline"]
@@ -82,6 +83,9 @@ def test_micro_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     assert "## What the stages changed" in md and "no stage right" in md  # demo problems chosen by rule
     assert "dpo_sweep/kl_vs_margin.png" in md and "reward_hacking/length_accuracy.png" in md  # the studies' plots
     assert "| dpo_sweep |" not in md  # plot-only studies stay out of the stage table
+    over = json.loads((run / "overoptimisation" / "overoptimisation.json").read_text())
+    assert [r["n"] for r in over["best_of_n"]] == [1, 2, 4] and [r["step"] for r in over["rl"]] == [0, 2]
+    assert "overoptimisation/overoptimisation.png" in md and "PPO against the reward model" in md
     assert "vs SFT" in md and stages["dpo"]["eval"]["accuracy_gain"] is not None  # paired gain over SFT
 
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)  # everything is done: skipped

@@ -4,7 +4,8 @@
     self_consistency  sample n, majority vote over their final answers (Wang et al. 2022)
     adaptive_budget   sample in rounds; stop a problem once its top answer holds threshold of the votes
     accuracy_vs_samples   the sweep: accuracy and tokens spent for N = 1, 2, 4, ... (+ a plot)
-    overoptimisation  best-of-N's proxy and gold rewards against sqrt(KL) (Gao et al. 2022)
+    overoptimisation  best-of-N's proxy and gold rewards against sqrt(KL) (Gao et al. 2022); rl_overoptimisation
+                      the same read from an RL run's metrics (PPO against the reward model); plot_overoptimisation
 
 Answers come from ``extract(text)`` (default ``answers.extract_answer``). Without a tokenizer a completion's
 text is its token ids joined by spaces, which lets tests script answers on tiny random models.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.answers import answers_match, extract_answer
+from lmforge.answers import answers_match, extract_answer, is_correct
 from lmforge.evaluation import rate
 from lmforge.figures import save_figure
 from lmforge.generation import Completion, SamplingParams, generate
@@ -253,3 +254,62 @@ def overoptimisation(proxy: torch.Tensor, gold: torch.Tensor, ns: list[int]) -> 
                      "proxy": rate(proxy.gather(1, pick)[:, 0].tolist()),
                      "gold": rate(gold.gather(1, pick)[:, 0].tolist())})
     return rows
+
+
+def proxy_and_gold(model, prompts: list[list[int]], golds: list, n: int, scorer: Scorer,
+                   params: SamplingParams | None = None, *, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` samples per prompt, sampled once: (proxy, gold), each (prompts, n): the scorer's reward of every
+    sample and 1.0 where its final answer is right (answers.is_correct), 0.0 where not."""
+    outs = generate(model, prompts, replace(params or SamplingParams(), n=n), tokenizer=tokenizer)
+    pairs = [(p, c.token_ids) for p, cs in zip(prompts, outs) for c in cs]
+    proxy = torch.tensor(score_pairs(scorer, pairs), dtype=torch.float64).view(len(prompts), n)
+    gold = torch.tensor([[float(is_correct(completion_text(c), g)) for c in cs] for cs, g in zip(outs, golds)])
+    return proxy, gold
+
+
+def rl_overoptimisation(rows: list[dict], proxy_key: str = "objective/scores", kl_key: str = "objective/kl",
+                        gold_key: str = "eval/accuracy") -> list[dict]:
+    """An RL run trained against a proxy reward (PPO against the reward model), from its metrics.jsonl rows: at
+    every evaluated step s, the gold reward (held-out accuracy of the policy after s updates) beside the proxy
+    reward and the KL(pi || pi_ref) per sequence (sum over tokens) of the rollout that policy generated, i.e.
+    the first logged step after s (the last evaluation, with no step after it, takes its own step's rollout)."""
+    logged = [r for r in rows if isinstance(r.get(proxy_key), (int, float)) and isinstance(r.get(kl_key),
+                                                                                          (int, float))]
+    out = []
+    for r in rows:
+        if not isinstance(r.get(gold_key), (int, float)) or not logged:
+            continue
+        after = [x for x in logged if x["step"] > r["step"]] or [x for x in logged if x["step"] == r["step"]]
+        if not after:
+            continue
+        rollout = after[0]
+        out.append({"step": r["step"], "sqrt_kl": math.sqrt(max(rollout[kl_key], 0.0)),
+                    "proxy": rollout[proxy_key], "gold": r[gold_key]})
+    return out
+
+
+def plot_overoptimisation(best_of: list[dict], rl: list[dict], path: str | Path, title: str = "") -> Path:
+    """Gold (left axis) and proxy (right axis) reward against sqrt(KL): best-of-N, and the RL run if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("best-of-N (KL = log N - (N-1)/N)", best_of)] + ([("PPO against the reward model", rl)] if rl else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    lines = []
+    for ax, (name, rows) in zip(axes[0], panels):
+        x = [r["sqrt_kl"] for r in rows]
+        gold = [r["gold"]["value"] if isinstance(r["gold"], dict) else r["gold"] for r in rows]
+        proxy = [r["proxy"]["value"] if isinstance(r["proxy"], dict) else r["proxy"] for r in rows]
+        twin = ax.twinx()
+        lines = ax.plot(x, gold, marker="o", color="C0", label="gold: verifier accuracy") + \
+            twin.plot(x, proxy, marker="s", color="C1", label="proxy: reward model score")
+        ax.set_xlabel("sqrt KL")
+        ax.set_ylabel("gold", color="C0")
+        twin.set_ylabel("proxy", color="C1")
+        ax.set_title(name, fontsize=10)
+    fig.legend(lines, [line.get_label() for line in lines], loc="lower center", ncol=2, fontsize=8)
+    fig.suptitle(title or "reward-model over-optimisation (Gao et al. 2022)")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return save_figure(fig, path)

@@ -1,7 +1,7 @@
 """``lmforge pipeline``: the whole recipe, stage after stage, each starting from the previous stage's model.
 
     tokenizer+pretrain -> midtrain -> SFT -> reward model -> DPO -> GRPO -> PPO -> online DPO
-        -> (studies: beta sweep, reward hacking) -> report
+        -> (studies: beta sweep, reward hacking, reward-model over-optimisation) -> report
 
 Every stage reads its own section of the recipe (the built-in ``tiny`` by default) and writes
 ``<run_dir>/<stage>/`` (model/, summary.json, metrics.jsonl, config.yaml). After each stage the pipeline evaluates
@@ -51,6 +51,7 @@ STAGES: dict[str, str] = {
     # studies rather than models: their plots go into the report
     "dpo_sweep": "dpo",  # KL drift vs margin for several betas
     "reward_hacking": "grpo",  # a length-paying reward, with/without KL
+    "overoptimisation": "think",  # best-of-N and PPO against the reward model, judged by the verifier
     # the reasoning recipe (recipes/reasoning.yaml): thinking SFT, reward models of steps and outcomes, RL, sweeps
     "prm": "prm",  # process reward model
     "orm": "prm",  # outcome reward model (target: outcome)

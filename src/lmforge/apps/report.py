@@ -62,8 +62,8 @@ from lmforge.train.tracking import log_report
 
 STAGE_ORDER = ("tokenizer", "pretrain", "midtrain", "sft", "reward", "prm", "orm", "dpo", "ipo", "simpo", "orpo",
                "kto", "online_dpo", "constitutional", "ppo", "grpo", "rloo", "grpo_outcome", "grpo_process",
-               "grpo_length", "dpo_sweep", "reward_hacking", "budget_sweep", "compute_sweep", "eval", "think",
-               "scaling")
+               "grpo_length", "dpo_sweep", "reward_hacking", "overoptimisation", "budget_sweep", "compute_sweep",
+               "eval", "think", "scaling")
 COLUMNS = [  # (header, summary / eval.json keys, metrics.jsonl keys, format)
     ("loss", ("val_loss", "eval_loss", "loss", "train_loss"), ("val_loss", "eval_loss", "loss"), "{:.3f}"),
     ("accuracy", ("accuracy", "eval/accuracy last"), ("eval/accuracy",), "{:.1%}"),
@@ -136,7 +136,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _samples(summary: dict, stage_dir: Path) -> list[dict]:
-    samples = [s for s in summary.get("samples") or [] if isinstance(s, dict) and "response" in s]
+    given = summary.get("samples")  # demo answers; a study may use the key for a count
+    samples = [s for s in given if isinstance(s, dict) and "response" in s] if isinstance(given, list) else []
     if not samples and isinstance(summary.get("sample"), str):  # one answer to the config's sample_prompt
         prompt = ""
         if (stage_dir / "config.yaml").exists():

@@ -14,9 +14,14 @@ Input rows: ``{"prompt": str, "answer": ...}`` or ``{"messages": [...], "answer"
     prm_best_of_n     majority voting vs best-of-N ranked by a PRM (prm=DIR; min / prod / last step) and by an
                       outcome RM (orm=DIR), N = 1, 2, 4, ... n, at their generated tokens
     beam              the same, plus PRM-guided step-level beam search at each of `beams` (width x expand)
+    overoptimisation  reward-model over-optimisation (Gao et al. 2022): best-of-N against the reward model
+                      (reward_model=DIR, the proxy) judged by the answer checker (the gold reward), N = 1, 2, 4,
+                      ... n at temperature 1, against sqrt(KL); with rl_run=DIR also an RL run trained against that
+                      reward model (PPO), read from its metrics.jsonl
 
 Writes results.jsonl (per problem) or sweep.json + accuracy_vs_samples.png into out_dir; budget_sweep writes
-budget_sweep.json + accuracy_vs_thinking_tokens.png, prm_best_of_n / beam compute.json + accuracy_vs_compute.png.
+budget_sweep.json + accuracy_vs_thinking_tokens.png, prm_best_of_n / beam compute.json + accuracy_vs_compute.png,
+overoptimisation overoptimisation.json + overoptimisation.png.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from rich.table import Table
 from lmforge import inference_scaling as scaling
 from lmforge import reasoning, step_search
 from lmforge.answers import answers_match, extract_answer
+from lmforge.atomic import write_atomic
 from lmforge.config import parse_cli
 from lmforge.data.chat import check_messages, encode_prompt
 from lmforge.data.rows import read_rows
@@ -39,8 +45,10 @@ from lmforge.errors import DataError
 from lmforge.generation import sampling_params_from
 from lmforge.modelio import DTYPES, load_model_and_tokenizer, load_model_dir
 from lmforge.prm import PRMScorer
+from lmforge.train.metrics import read_metrics
 
-METHODS = ("sweep", "self_consistency", "best_of_n", "adaptive", "budget_sweep", "prm_best_of_n", "beam")
+METHODS = ("sweep", "self_consistency", "best_of_n", "adaptive", "budget_sweep", "prm_best_of_n", "beam",
+           "overoptimisation")
 
 
 @dataclass
@@ -52,6 +60,7 @@ class ThinkConfig:
     n: int = 8  # samples per problem (the largest N of a sweep, the budget of adaptive)
     reward_model: str = ""  # scorer for best_of_n: a reward model directory (score head) ...
     reference_model: str = ""  # ... or the DPO implicit reward beta * (log pi - log pi_ref) against this model
+    rl_run: str = ""  # overoptimisation: an RL run directory trained against reward_model (its metrics.jsonl)
     beta: float = 0.1
     threshold: float = 0.75  # adaptive: vote share that closes a problem
     round_size: int = 2  # adaptive: samples per round
@@ -87,6 +96,8 @@ class ThinkConfig:
             raise ValueError(f"{self.method} needs prm=DIR (a process reward model: lmforge prm)")
         if any(len(b) != 2 or min(b) < 1 for b in self.beams):
             raise ValueError(f"beams must be [width, expand] pairs of positive integers, got {self.beams}")
+        if self.method == "overoptimisation" and not self.reward_model:
+            raise ValueError("overoptimisation needs reward_model=DIR (the proxy reward)")
         if self.method == "best_of_n" and not (self.reward_model or self.reference_model):
             raise ValueError("best_of_n needs a scorer: reward_model=DIR or reference_model=DIR")
         if self.reward_model and self.reference_model:
@@ -166,6 +177,9 @@ def run_think(cfg: ThinkConfig) -> dict:
                                      title=f"{Path(cfg.model).name}: {len(problems)} problems")
         return {"method": "sweep", "problems": len(problems), "table": table, "plot": str(plot)}
 
+    if cfg.method == "overoptimisation":
+        return run_overoptimisation(cfg, model, tok, prompts, golds, scorer, params)
+
     if cfg.method == "best_of_n":
         picks = scaling.best_of_n(model, prompts, cfg.n, scorer, params, tokenizer=tok)
         predicted = [extract_answer(p.completion.text or "") for p in picks]
@@ -188,7 +202,48 @@ def run_think(cfg: ThinkConfig) -> dict:
             "mean_tokens": sum(e["tokens"] for e in extra) / len(extra), "results": str(out_dir / "results.jsonl")}
 
 
+def run_overoptimisation(cfg: ThinkConfig, model, tok, prompts, golds, scorer, params) -> dict:
+    """Best-of-N's proxy and gold rewards vs sqrt(KL), and an RL run's (rl_run); overoptimisation.json, its
+    tables and overoptimisation.png."""
+    out_dir = Path(cfg.out_dir)
+    proxy, gold = scaling.proxy_and_gold(model, prompts, golds, cfg.n, scorer, params, tokenizer=tok)
+    ns = [2 ** i for i in range(cfg.n.bit_length()) if 2 ** i <= cfg.n]
+    best_of = scaling.overoptimisation(proxy, gold, ns)
+    if cfg.rl_run and not (Path(cfg.rl_run) / "metrics.jsonl").is_file():
+        raise DataError(f"{cfg.rl_run}: no metrics.jsonl (rl_run must be a PPO run's out_dir)")
+    rl = scaling.rl_overoptimisation(read_metrics(cfg.rl_run)) if cfg.rl_run else []
+    if cfg.rl_run and not rl:
+        raise DataError(f"{Path(cfg.rl_run) / 'metrics.jsonl'}: no evaluated steps with objective/scores and "
+                        "objective/kl (rl_run must be a finished PPO run against the reward model)")
+    peak = max(best_of, key=lambda r: r["gold"]["value"])
+    summary = {"method": "overoptimisation", "problems": len(prompts), "samples_per_problem": cfg.n,
+               "best_of_n": best_of, "rl": rl, "gold_peak_n": peak["n"], "gold_at_peak": peak["gold"]["value"],
+               "gold_at_max_n": best_of[-1]["gold"]["value"], "proxy_at_max_n": best_of[-1]["proxy"]["value"]}
+    write_atomic(out_dir / "overoptimisation.json", json.dumps(summary, indent=2) + "\n")
+    cell = lambda v: f"{v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"  # noqa: E731
+    tables = [{"title": f"best-of-N against the reward model, {len(prompts)} problems x {cfg.n} samples",
+               "headers": ["N", "sqrt KL", "proxy (RM score)", "gold (accuracy)"],
+               "rows": [[str(r["n"]), f"{r['sqrt_kl']:.3f}", cell(r["proxy"]), cell(r["gold"])] for r in best_of]}]
+    if rl:
+        tables.append({"title": "PPO against the reward model (rollout KL and RM score, held-out accuracy)",
+                       "headers": ["step", "sqrt KL", "proxy (RM score)", "gold (accuracy)"],
+                       "rows": [[str(r["step"]), f"{r['sqrt_kl']:.3f}", f"{r['proxy']:.3f}", f"{r['gold']:.3f}"]
+                                for r in rl]})
+    write_atomic(out_dir / "tables.json", json.dumps(tables, indent=2) + "\n")
+    summary["plot"] = str(scaling.plot_overoptimisation(best_of, rl, out_dir / "overoptimisation.png"))
+    return summary
+
+
 def print_summary(summary: dict) -> None:
+    if summary["method"] == "overoptimisation":
+        for t in json.loads((Path(summary["plot"]).parent / "tables.json").read_text()):
+            table = Table(title=t["title"])
+            for h in t["headers"]:
+                table.add_column(h, justify="right")
+            for row in t["rows"]:
+                table.add_row(*row)
+            Console().print(table)
+        return print(summary["plot"])
     if summary["method"] in ("budget_sweep", "prm_best_of_n", "beam"):
         return print_reasoning(summary)
     table = Table(title=f"lmforge think: {summary['method']} on {summary['problems']} problems")
