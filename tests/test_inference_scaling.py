@@ -176,9 +176,9 @@ def test_rl_overoptimisation_pairs_each_evaluation_with_the_rollout_of_the_polic
             {"step": 3, "objective/scores": 0.9, "objective/kl": 4.0},
             {"step": 3, "eval/accuracy": 0.25}]
     assert rl_overoptimisation(rows) == [
-        {"step": 0, "sqrt_kl": 0.0, "proxy": 0.1, "gold": 0.5},  # step 0's policy generated step 1's rollout
-        {"step": 2, "sqrt_kl": 2.0, "proxy": 0.9, "gold": 0.75},
-        {"step": 3, "sqrt_kl": 2.0, "proxy": 0.9, "gold": 0.25}]  # the last: its own step's rollout
+        {"step": 0, "kl": 0.0, "sqrt_kl": 0.0, "proxy": 0.1, "gold": 0.5},  # step 0's policy made step 1's rollout
+        {"step": 2, "kl": 4.0, "sqrt_kl": 2.0, "proxy": 0.9, "gold": 0.75},
+        {"step": 3, "kl": 4.0, "sqrt_kl": 2.0, "proxy": 0.9, "gold": 0.25}]  # the last: its own step's rollout
     assert rl_overoptimisation([{"step": 0, "eval/accuracy": 0.5}]) == []
 
 

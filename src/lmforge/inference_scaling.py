@@ -272,7 +272,8 @@ def rl_overoptimisation(rows: list[dict], proxy_key: str = "objective/scores", k
     """An RL run trained against a proxy reward (PPO against the reward model), from its metrics.jsonl rows: at
     every evaluated step s, the gold reward (held-out accuracy of the policy after s updates) beside the proxy
     reward and the KL(pi || pi_ref) per sequence (sum over tokens) of the rollout that policy generated, i.e.
-    the first logged step after s (the last evaluation, with no step after it, takes its own step's rollout)."""
+    the first logged step after s (the last evaluation, with no step after it, takes its own step's rollout).
+    "kl" is the estimate as logged (k1: it can dip below 0 near the reference); sqrt_kl clips it at 0."""
     logged = [r for r in rows if isinstance(r.get(proxy_key), (int, float)) and isinstance(r.get(kl_key),
                                                                                           (int, float))]
     out = []
@@ -283,29 +284,33 @@ def rl_overoptimisation(rows: list[dict], proxy_key: str = "objective/scores", k
         if not after:
             continue
         rollout = after[0]
-        out.append({"step": r["step"], "sqrt_kl": math.sqrt(max(rollout[kl_key], 0.0)),
+        out.append({"step": r["step"], "kl": rollout[kl_key], "sqrt_kl": math.sqrt(max(rollout[kl_key], 0.0)),
                     "proxy": rollout[proxy_key], "gold": r[gold_key]})
     return out
 
 
 def plot_overoptimisation(best_of: list[dict], rl: list[dict], path: str | Path, title: str = "") -> Path:
-    """Gold (left axis) and proxy (right axis) reward against sqrt(KL): best-of-N, and the RL run if given."""
+    """Gold (left axis) and proxy (right axis) reward: best-of-N against sqrt(KL), the RL run (if given) against
+    its training step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("best-of-N (KL = log N - (N-1)/N)", best_of)] + ([("PPO against the reward model", rl)] if rl else [])
+    # best-of-N against sqrt(KL), as Gao et al. plot it; the RL run against its step (a rollout's KL estimate is
+    # noisy and need not grow step by step: the table beside the plot lists it)
+    panels = [("best-of-N (KL = log N - (N-1)/N)", "sqrt KL", "sqrt_kl", best_of)]
+    panels += [("PPO against the reward model", "training step", "step", rl)] if rl else []
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     lines = []
-    for ax, (name, rows) in zip(axes[0], panels):
-        x = [r["sqrt_kl"] for r in rows]
+    for ax, (name, xlabel, xkey, rows) in zip(axes[0], panels):
+        x = [r[xkey] for r in rows]
         gold = [r["gold"]["value"] if isinstance(r["gold"], dict) else r["gold"] for r in rows]
         proxy = [r["proxy"]["value"] if isinstance(r["proxy"], dict) else r["proxy"] for r in rows]
         twin = ax.twinx()
         lines = ax.plot(x, gold, marker="o", color="C0", label="gold: verifier accuracy") + \
             twin.plot(x, proxy, marker="s", color="C1", label="proxy: reward model score")
-        ax.set_xlabel("sqrt KL")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("gold", color="C0")
         twin.set_ylabel("proxy", color="C1")
         ax.set_title(name, fontsize=10)

@@ -226,8 +226,8 @@ def run_overoptimisation(cfg: ThinkConfig, model, tok, prompts, golds, scorer, p
                "rows": [[str(r["n"]), f"{r['sqrt_kl']:.3f}", cell(r["proxy"]), cell(r["gold"])] for r in best_of]}]
     if rl:
         tables.append({"title": "PPO against the reward model (rollout KL and RM score, held-out accuracy)",
-                       "headers": ["step", "sqrt KL", "proxy (RM score)", "gold (accuracy)"],
-                       "rows": [[str(r["step"]), f"{r['sqrt_kl']:.3f}", f"{r['proxy']:.3f}", f"{r['gold']:.3f}"]
+                       "headers": ["step", "KL (nats / sequence)", "proxy (RM score)", "gold (accuracy)"],
+                       "rows": [[str(r["step"]), f"{r['kl']:.3f}", f"{r['proxy']:.3f}", f"{r['gold']:.3f}"]
                                 for r in rl]})
     write_atomic(out_dir / "tables.json", json.dumps(tables, indent=2) + "\n")
     summary["plot"] = str(scaling.plot_overoptimisation(best_of, rl, out_dir / "overoptimisation.png"))
