@@ -445,14 +445,17 @@ class Samples:
         return self
 
 
-def sample_and_score(policy, tokenizer, rows: list[dict], prompt_ids: list[list[int]], params, reward) -> Samples:
-    """Generate ``params.n`` completions per prompt with the policy (eval mode) and score them with ``reward``.
+def sample_and_score(policy, tokenizer, rows: list[dict], prompt_ids: list[list[int]], params, reward,
+                     outs: list[list[Completion]] | None = None) -> Samples:
+    """Generate ``params.n`` completions per prompt with the policy (eval mode), unless ``outs`` holds them
+    already (generated ahead), and score them with ``reward``.
 
     Non-finite rewards are an error naming the reward, never a silent NaN in the advantages.
     """
-    with eval_mode(policy):
-        outs = generate(policy, prompt_ids, params, tokenizer=tokenizer,
-                        pad_id=tokenizer.pad_id if tokenizer is not None else 0)
+    if outs is None:
+        with eval_mode(policy):
+            outs = generate(policy, prompt_ids, params, tokenizer=tokenizer,
+                            pad_id=tokenizer.pad_id if tokenizer is not None else 0)
     n = params.n
     flat = [c for row in outs for c in row]
     rep_rows = [r for r in rows for _ in range(n)]
@@ -643,9 +646,22 @@ def group_advantages(cfg, rewards: torch.Tensor) -> torch.Tensor:
 
 # ---- GRPO / RLOO: sampling groups (DAPO's dynamic sampling) ----
 
+def draw_plan(cfg, objective: Objective, n_rows: int, iteration: int, r: int = 0, rank: int = 0,
+              world_size: int = 1) -> tuple[list[int], SamplingParams]:
+    """Round ``r`` of rollout ``iteration``: (prompt indices, SamplingParams), a pure function of its arguments, so
+    a resumed run and a generation worker running ahead (async_rollout.py) draw exactly the same."""
+    idx = prompt_indices(n_rows, iteration, cfg.prompts_per_rollout,
+                         cfg.train.seed if r == 0 else f"{cfg.train.seed}/refill/{r}", rank, world_size)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=cfg.num_generations,
+                            seed=hash_seed(cfg.train.seed, iteration, rank, *(("refill", r) if r else ())),
+                            compile=cfg.compile_generation, return_logprobs=objective.tis_cap > 0,
+                            logprobs_temperature=cfg.temperature)
+    return idx, params
+
+
 def sample_groups(cfg, objective: Objective, policy, tokenizer, rows: list[dict], prompt_ids: list[list[int]],
                   reward, iteration: int, rank: int = 0, world_size: int = 1,
-                  env_cls=None) -> tuple[Samples, dict]:
+                  env_cls=None, sampler=None) -> tuple[Samples, dict]:
     """The rollout's prompts_per_rollout groups of num_generations samples, scored and shaped, and their stats
     (with ``env_cls``, whole trajectories in cfg.environment: :func:`sample_trajectories`).
 
@@ -654,20 +670,17 @@ def sample_groups(cfg, objective: Objective, policy, tokenizer, rows: list[dict]
     short is topped up with dropped groups (counted in dynamic_sampling/flat_groups). Every draw is a pure
     function of (seed, iteration, round, rank), so a resumed run draws the same. The stats (reward, ...) are the
     first round's, an unbiased sample of the policy; num_gen_batches counts the generate calls (verl's name).
+    ``sampler`` (async_rollout.AheadSampler): the first round's completions were generated ahead, in a worker.
     """
     G, P = cfg.num_generations, cfg.prompts_per_rollout
     rounds = objective.max_refill_rounds + 1 if objective.dynamic_sampling else 1
     kept, flat, stats = None, [], {}
     for r in range(rounds):
-        idx = prompt_indices(len(rows), iteration, P, cfg.train.seed if r == 0 else f"{cfg.train.seed}/refill/{r}",
-                             rank, world_size)
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=G,
-                                seed=hash_seed(cfg.train.seed, iteration, rank, *(("refill", r) if r else ())),
-                                compile=cfg.compile_generation, return_logprobs=objective.tis_cap > 0,
-                                logprobs_temperature=cfg.temperature)
+        idx, params = draw_plan(cfg, objective, len(rows), iteration, r, rank, world_size)
         if env_cls is None:
+            outs = sampler.completions(iteration) if sampler is not None and r == 0 else None  # generated ahead
             drawn = sample_and_score(policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx], params,
-                                     reward)
+                                     reward, outs)
         else:
             drawn = sample_trajectories(policy, tokenizer, [rows[i] for i in idx], [prompt_ids[i] for i in idx],
                                         params, env_cls, cfg.environment, cfg.max_env_steps)
@@ -692,13 +705,14 @@ def sample_groups(cfg, objective: Objective, policy, tokenizer, rows: list[dict]
 # ---- GRPO / RLOO: the rollout and the loss ----
 
 def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list[list[int]], reward,
-                 device, rank: int = 0, world_size: int = 1, prm=None):
+                 device, rank: int = 0, world_size: int = 1, prm=None, sampler=None):
     """GRPO's / RLOO's ``make_rollout(iteration, plan) -> (buffer, stats)`` for a RolloutStream (``cfg``: a
     stages.grpo.GRPOConfig): sample (sample_groups), old and reference log-probs, group-relative advantages.
 
     ``reward`` is a rewards.CombinedReward or any callable RewardInput -> (total, {name: part}); ``tokenizer``
     may be None (completions are then scored as space-joined token ids, prompts padded with 0). ``prm``: a
     prm.PRMScorer whose step scores give per-token advantages (process supervision) instead of ``reward``'s.
+    ``sampler``: an async_rollout.AheadSampler generating ahead in a worker (cfg.rollout_staleness).
     """
     objective = resolve_objective(cfg)
     env_cls = load_environment(cfg.environment) if cfg.environment else None
@@ -710,7 +724,7 @@ def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list
 
     def make_rollout(iteration: int, plan):
         samples, stats = sample_groups(cfg, objective, policy, tokenizer, rows, prompt_ids, reward, iteration,
-                                       rank, world_size, env_cls)
+                                       rank, world_size, env_cls, sampler)
         buffer = pack_rollout(samples.prompt_ids, samples.completion_ids, pad_id, samples.masks)
         if samples.logprobs is not None:
             buffer["rollout_logprobs"] = padded_rows(samples.logprobs, buffer["labels"].shape[1])

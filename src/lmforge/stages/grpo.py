@@ -26,10 +26,12 @@ length and accuracy against step for each: the reward-hacking experiment of reci
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from lmforge.async_rollout import AheadSampler, GenerationWorker
 from lmforge.atomic import write_atomic
 from lmforge.config import parse_cli
 from lmforge.figures import save_figure
@@ -40,9 +42,11 @@ from lmforge.rollout import (
     RLDataConfig,
     RolloutStream,
     batch_tokens,
+    draw_plan,
     grpo_loss_fn,
     grpo_rollout,
     print_rl_summary,
+    resolve_objective,
     rl_summary,
     start_rl_run,
 )
@@ -93,6 +97,11 @@ class GRPOConfig:
     environment: str = ""
     max_env_steps: int = 16  # an episode not done after this many environment steps is an error
     pack: bool = True  # packed rollouts (document masks) instead of padded rows in the policy/reference forwards
+    # asynchronous rollouts (async_rollout.py): 0 = each rollout is generated, in this process, by the weights that
+    # then train on it; s >= 1 = a worker process generates rollout k+s while the policy trains on rollout k
+    # (s steps off-policy, as verl / prime-rl; pair it with tis_cap to correct for the stale sampler)
+    rollout_staleness: int = 0
+    rollout_threads: int = 1  # the worker's CPU threads (it generates on the CPU)
     process_reward: str = ""  # a PRM directory: process supervision (per-step advantages) instead of outcome
     process_prefix: str = "<think>\n"  # what the PRM reads before the first step (as it trained)
     compile_generation: bool = False  # torch.compile the rollouts' decode step: 10-40 s of warm-up on 2 cores
@@ -110,6 +119,10 @@ class GRPOConfig:
                   (self.max_refill_rounds >= 0 and self.overlong_penalty >= 0 and self.tis_cap >= 0,
                    "max_refill_rounds, overlong_penalty and tis_cap must be >= 0"),
                   (self.max_env_steps >= 1, f"max_env_steps must be >= 1, got {self.max_env_steps}"),
+                  (self.rollout_staleness >= 0 and self.rollout_threads >= 1,
+                   "rollout_staleness must be >= 0 and rollout_threads >= 1"),
+                  (not (self.rollout_staleness and self.environment),
+                   "rollout_staleness > 0 does not run environments yet (multi-turn episodes generate in-process)"),
                   (self.overlong_buffer is None or 0 <= self.overlong_buffer < self.max_new_tokens,
                    f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens})"),
                   (rows % self.train.batch_size == 0,
@@ -133,8 +146,9 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     if cfg.process_reward:
         prm = PRMScorer(load_model_dir(cfg.process_reward, device=dist.device, num_labels=1).eval(), tokenizer,
                         prefix=cfg.process_prefix)
+    sampler = ahead_sampler(cfg, rl)
     stream = RolloutStream(grpo_rollout(cfg, policy, rl.ref, tokenizer, rl.rows, rl.prompt_ids, rl.reward,
-                                        dist.device, dist.rank, dist.world_size, prm=prm),
+                                        dist.device, dist.rank, dist.world_size, prm=prm, sampler=sampler),
                            epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
                            resume_dir=rl.resume_dir, accumulation=cfg.train.accumulation(dist.world_size),
                            packed=cfg.pack)
@@ -148,12 +162,39 @@ def run_grpo(cfg: GRPOConfig) -> dict:
         stream.save_buffer(path)
         if data is not stream:
             data.save(path)
+        if sampler is not None:
+            sampler.save(path)
 
-    result = train(policy, grpo_loss_fn(cfg), data, cfg.train, out_dir, save_model=save_model,
-                   eval_fn=rl.eval_fn, dist=dist, tokens_per_batch_fn=batch_tokens,
-                   run_config=cfg, description=cfg.algorithm, eval_on_start=True)
+    try:
+        result = train(policy, grpo_loss_fn(cfg), data, cfg.train, out_dir, save_model=save_model,
+                       eval_fn=rl.eval_fn, dist=dist, tokens_per_batch_fn=batch_tokens,
+                       run_config=cfg, description=cfg.algorithm, eval_on_start=True)
+    finally:
+        if sampler is not None:
+            sampler.close()
     summary = rl_summary(out_dir, result, cfg.algorithm) if dist.is_main else {}
     return finish_run(rl.run, summary, policy, tokenizer)
+
+
+def ahead_sampler(cfg: GRPOConfig, rl) -> AheadSampler | None:
+    """cfg.rollout_staleness > 0: a worker process generating each rollout's first round ahead of training
+    (draw_plan: the same prompts and seeds the in-process loop would use), resumed from the newest checkpoint."""
+    if cfg.rollout_staleness == 0:
+        return None
+    if rl.dist.world_size > 1:
+        raise ValueError("rollout_staleness > 0 runs in one process for now (a worker beside it); under torchrun "
+                         "use rollout_staleness=0")
+    objective = resolve_objective(cfg)
+
+    def job(k: int):
+        idx, params = draw_plan(cfg, objective, len(rl.rows), k)
+        return [rl.prompt_ids[i] for i in idx], params
+
+    steps_per_rollout = cfg.epochs * cfg.prompts_per_rollout * cfg.num_generations // cfg.train.batch_size
+    sampler = AheadSampler(GenerationWorker(rl.policy, rl.tokenizer, cfg.rollout_threads), rl.policy,
+                           cfg.rollout_staleness, job, last=math.ceil(cfg.train.max_steps / steps_per_rollout) - 1)
+    sampler.load(rl.resume_dir())
+    return sampler
 
 
 def run_beta_comparison(cfg: GRPOConfig) -> dict:
