@@ -109,6 +109,12 @@ def shard_model(model: torch.nn.Module, info: DistInfo, *, reshard_after_forward
     one per block; LoRA-wrapped ones too) gets its own ``fully_shard``, then the root takes everything else.
     A module without such a list is one unit (the root). Parameter names do not change, so the copy's
     state_dict keys are the plain model's; gather_weights copies trained weights back into ``model``.
+
+    The root (embeddings, final norm, lm_head, score heads) stays gathered from its forward to the end of the
+    backward (FSDP2's own default for the root): the preference, reward and RL losses apply the lm_head or the
+    score head to the hidden states the forward returns, outside the forward, and those weights must then be
+    whole tensors. Their gradients accumulate into the gathered parameters and are reduce-scattered by the
+    root's post-backward, which FSDP2 runs at the end of backward. Blocks follow ``reshard_after_forward``.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -122,7 +128,7 @@ def shard_model(model: torch.nn.Module, info: DistInfo, *, reshard_after_forward
               if name.rsplit(".", 1)[-1] == "layers" and isinstance(mod, torch.nn.ModuleList) for block in mod]
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    fully_shard(sharded, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(sharded, mesh=mesh, mp_policy=mp)  # reshard_after_forward unset: the root stays gathered (above)
     return sharded
 
 
@@ -156,7 +162,7 @@ def refuse_fsdp(train_cfg, stage: str) -> None:
     if getattr(train_cfg, "parallel", "ddp") == "fsdp":
         raise ConfigError(f"train.parallel=fsdp: lmforge {stage} applies model weights outside the model's "
                           "forward (or generates while training), which FSDP's sharded parameters do not allow; "
-                          "use train.parallel=ddp (pretrain, midtrain and sft support fsdp)")
+                          "use train.parallel=ddp (pretrain, midtrain, sft, dpo, kto and reward support fsdp)")
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
