@@ -13,10 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.errors import ConfigError
 from lmforge.modelio import load_model_dir
 from lmforge.train.checkpointing import load_checkpoint
-from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig
 from lmforge.train.metrics import read_metrics
 from lmforge.train.optim import build_optimizer
@@ -44,18 +42,9 @@ def close(a, b, tol=1e-5):
     return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < tol
 
 
-def test_parallel_is_validated_and_rl_stages_refuse_fsdp():
+def test_parallel_is_validated():
     with pytest.raises(ValueError, match=r"unknown parallel 'zero' \(ddp, fsdp\)"):
         TrainConfig(parallel="zero").validate()
-    refuse_fsdp(TrainConfig(), "grpo")  # ddp: fine
-    with pytest.raises(ConfigError, match="train.parallel=fsdp: lmforge grpo .* use train.parallel=ddp"):
-        refuse_fsdp(TrainConfig(parallel="fsdp"), "grpo")
-
-
-def test_grpo_cli_refuses_fsdp_with_one_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lmforge", "grpo", f"out_dir={tmp_path}", "train.parallel=fsdp"],
-                          env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "train.parallel=fsdp" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -22,7 +22,6 @@ import torch
 import torch.distributed as td
 from torch.nn.parallel import DistributedDataParallel
 
-from lmforge.errors import ConfigError
 from lmforge.model import unwrap  # noqa: F401  (train.dist.unwrap: the loop and stages take it from here)
 from lmforge.modelio import pick_device
 
@@ -156,15 +155,6 @@ def gather_weights(sharded: torch.nn.Module, model: torch.nn.Module) -> None:
             targets[name].copy_(full_tensor(t.detach()))
 
 
-def refuse_fsdp(train_cfg, stage: str) -> None:
-    """Stages that use the model's weights outside its forward (a head applied to returned hidden states,
-    generation during training) cannot run on sharded parameters: one clear error instead of a hang."""
-    if getattr(train_cfg, "parallel", "ddp") == "fsdp":
-        raise ConfigError(f"train.parallel=fsdp: lmforge {stage} applies model weights outside the model's "
-                          "forward (or generates while training), which FSDP's sharded parameters do not allow; "
-                          "use train.parallel=ddp (pretrain, midtrain, sft, dpo, kto and reward support fsdp)")
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Element-wise sum over ranks (a copy; the input is untouched). NCCL needs the values on the GPU."""
     if not is_distributed():
@@ -183,6 +173,16 @@ def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
     if not is_distributed():
         return float(value)
     return float(all_reduce_sum(torch.tensor(float(value), dtype=torch.float64))) / td.get_world_size()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable; CPU tensors too), in rank order, on every rank: a collective under torchrun,
+    ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * td.get_world_size()
+    td.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:
