@@ -113,3 +113,33 @@ def test_pretrain_cli_under_torchrun_with_fsdp(tmp_path):
             assert torch.equal(t, last[name]), name
     state = json.loads((out / "checkpoints" / "step_0000008" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["train_config"]["parallel"] == "fsdp"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_node_start_up_on_localhost_equals_one_node(tmp_path):
+    """torchrun --nnodes=2 with one process per node, both nodes on this machine (GLOO_SOCKET_IFNAME=lo, as a
+    cluster names its interface): the same run as 2 processes on one node, loss for loss."""
+    args = ["-m", "lmforge", "pretrain", "data.filters.max_chars=2000", "seq_len=32", "vocab_size=320",
+            "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
+            "model.num_attention_heads=2", "model.num_key_value_heads=1", "train.max_steps=4", "train.batch_size=4",
+            "train.micro_batch_size=2", "train.warmup_steps=1", "train.eval_every=0", "train.save_every=0",
+            "train.log_every=1", "sample_tokens=4", "train.parallel=fsdp"]
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", *args,
+                               f"out_dir={tmp_path / 'two_nodes'}"], env={**ENV, "GLOO_SOCKET_IFNAME": "lo"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    torchrun(*args, f"out_dir={tmp_path / 'one_node'}")
+    for key in ("loss", "grad_norm"):
+        two, one = logged(tmp_path / "two_nodes", key), logged(tmp_path / "one_node", key)
+        assert len(two) == 4 and two[0] != two[-1] and close(two, one, 1e-6), (two, one)
+    state = json.loads((tmp_path / "two_nodes" / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
