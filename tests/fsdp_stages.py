@@ -58,6 +58,7 @@ def jobs(fx: Path) -> dict[str, tuple]:
         "dpo_cut": (dpo, [*preference(fx), "train.max_steps=4", "beta=0.1"], 2),
         "dpo_sync": (dpo, [*preference(fx), "train.max_steps=4", "sync_ref_model=true", "ref_model_sync_steps=1",
                      "ref_model_mixup_alpha=0.5"], None),  # a live reference that follows the policy
+        "dpo_bf16": (dpo, [*preference(fx), "train.max_steps=4", "train.dtype=bfloat16"], None),  # mixed precision
         "kto": (kto, [*preference(fx), "train.max_steps=4"], None),
         "reward": (reward, [*preference(fx), "train.max_steps=4"], None),
         "grpo": (grpo, [*grpo_args, "train.max_steps=8"], None),  # 4 steps per rollout
