@@ -13,10 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.errors import ConfigError
 from lmforge.modelio import load_model_dir
 from lmforge.train.checkpointing import load_checkpoint
-from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig
 from lmforge.train.metrics import read_metrics
 from lmforge.train.optim import build_optimizer
@@ -44,18 +42,9 @@ def close(a, b, tol=1e-5):
     return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < tol
 
 
-def test_parallel_is_validated_and_preference_and_rl_stages_refuse_fsdp():
+def test_parallel_is_validated():
     with pytest.raises(ValueError, match=r"unknown parallel 'zero' \(ddp, fsdp\)"):
         TrainConfig(parallel="zero").validate()
-    refuse_fsdp(TrainConfig(), "dpo")  # ddp: fine
-    with pytest.raises(ConfigError, match="train.parallel=fsdp: lmforge dpo .* use train.parallel=ddp"):
-        refuse_fsdp(TrainConfig(parallel="fsdp"), "dpo")
-
-
-def test_dpo_cli_refuses_fsdp_with_one_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lmforge", "dpo", f"out_dir={tmp_path}", "train.parallel=fsdp"],
-                          env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "train.parallel=fsdp" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
@@ -124,3 +113,33 @@ def test_pretrain_cli_under_torchrun_with_fsdp(tmp_path):
             assert torch.equal(t, last[name]), name
     state = json.loads((out / "checkpoints" / "step_0000008" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["train_config"]["parallel"] == "fsdp"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_node_start_up_on_localhost_equals_one_node(tmp_path):
+    """torchrun --nnodes=2 with one process per node, both nodes on this machine (GLOO_SOCKET_IFNAME=lo, as a
+    cluster names its interface): the same run as 2 processes on one node, loss for loss."""
+    args = ["-m", "lmforge", "pretrain", "data.filters.max_chars=2000", "seq_len=32", "vocab_size=320",
+            "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
+            "model.num_attention_heads=2", "model.num_key_value_heads=1", "train.max_steps=4", "train.batch_size=4",
+            "train.micro_batch_size=2", "train.warmup_steps=1", "train.eval_every=0", "train.save_every=0",
+            "train.log_every=1", "sample_tokens=4", "train.parallel=fsdp"]
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", *args,
+                               f"out_dir={tmp_path / 'two_nodes'}"], env={**ENV, "GLOO_SOCKET_IFNAME": "lo"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    torchrun(*args, f"out_dir={tmp_path / 'one_node'}")
+    for key in ("loss", "grad_norm"):
+        two, one = logged(tmp_path / "two_nodes", key), logged(tmp_path / "one_node", key)
+        assert len(two) == 4 and two[0] != two[-1] and close(two, one, 1e-6), (two, one)
+    state = json.loads((tmp_path / "two_nodes" / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2

@@ -54,7 +54,7 @@ from lmforge.prm import process_rewards
 from lmforge.rewards import RewardInput, build_reward
 from lmforge.scoring import to_device
 from lmforge.train.checkpointing import latest_checkpoint
-from lmforge.train.dist import all_reduce_mean
+from lmforge.train.dist import all_reduce_mean, gather_objects
 from lmforge.train.loop import autocast_context
 from lmforge.train.metrics import read_metrics
 from lmforge.train.runs import Run, log, start_run
@@ -319,11 +319,13 @@ class RolloutStream:
         self.make_rollout, self.epochs, self.micro_batch_size, self.seed = make_rollout, epochs, micro_batch_size, seed
         self.resume_dir, self.on_rollout, self.accumulation = resume_dir, on_rollout, accumulation
         self.packed = packed
+        self.whole_weights = nullcontext  # the loop's whole_weights under fsdp (train/loop.py lend_whole_weights)
         self.iteration, self.epoch, self.position = 0, 0, 0  # iteration = rollouts made so far
         self.buffer: dict | None = None
         self.stats: dict = {}
         self._batches: list[torch.Tensor] = []
         self._step_tokens: list[float] = []
+        self._buffers: list[dict | None] = []  # every rank's buffer, gathered by state_dict for save_buffer
 
     def __iter__(self):
         return self
@@ -336,8 +338,9 @@ class RolloutStream:
     def next_buffer(self) -> None:
         """Roll out buffer number ``iteration`` (the stage's make_rollout) and plan its first epoch."""
         iteration = self.iteration
-        self.buffer, self.stats = self.make_rollout(iteration, lambda n: epoch_micro_batches(
-            n, self.micro_batch_size, self.seed, iteration, 0))
+        with self.whole_weights():  # fsdp: the loop gathers the current policy for the rollout (train/loop.py)
+            self.buffer, self.stats = self.make_rollout(iteration, lambda n: epoch_micro_batches(
+                n, self.micro_batch_size, self.seed, iteration, 0))
         if self.on_rollout is not None:
             self.on_rollout(self.iteration, self.stats)
         self.iteration += 1
@@ -359,12 +362,22 @@ class RolloutStream:
         return batch
 
     def state_dict(self) -> dict:
+        """The position (JSON). Every rank calls it for a checkpoint (train/checkpointing.py), before rank 0 runs
+        save_model: under torchrun it also gathers every rank's buffer (each rank rolled out its own rows), which
+        :meth:`save_buffer` then writes."""
+        self._buffers = gather_objects(self.buffer)
         return {"iteration": self.iteration, "epoch": self.epoch, "position": self.position,
                 "stats": dict(self.stats), "has_buffer": self.buffer is not None}
 
     def save_buffer(self, directory: Path) -> None:
-        if self.buffer is not None:
-            save_file({k: v.contiguous() for k, v in self.buffer.items()}, str(Path(directory) / BUFFER_FILE))
+        """The buffer into ``directory``: one process's as is, rank r's under "rank{r}." in a multi-process run."""
+        buffers = self._buffers or [self.buffer]
+        if len(buffers) == 1:
+            tensors = dict(buffers[0] or {})
+        else:
+            tensors = {f"rank{r}.{k}": v for r, b in enumerate(buffers) for k, v in (b or {}).items()}
+        if tensors:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(directory) / BUFFER_FILE))
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration, self.epoch, self.position = state["iteration"], state["epoch"], state["position"]
@@ -375,9 +388,20 @@ class RolloutStream:
             if directory is None or not (Path(directory) / BUFFER_FILE).exists():
                 raise FileNotFoundError(f"resuming mid-rollout needs {BUFFER_FILE} in the checkpoint "
                                         f"({directory}), and it is missing")
-            self.buffer = load_file(str(Path(directory) / BUFFER_FILE))
+            self.buffer = own_buffer(load_file(str(Path(directory) / BUFFER_FILE)))
             if self.epoch < self.epochs:
                 self._plan(self.iteration - 1, self.epoch)
+
+
+def own_buffer(tensors: dict) -> dict:
+    """This rank's rows of a saved rollout buffer (save_buffer: "rank{r}."-prefixed under torchrun)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    prefix = f"rank{rank}."
+    mine = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    if not mine and any(k.startswith("rank") and "." in k for k in tensors):
+        raise FileNotFoundError(f"{BUFFER_FILE} holds no rows for rank {rank}: resume with the number of "
+                                "processes that wrote it")
+    return mine or tensors
 
 
 def step_token_counts(response_mask: torch.Tensor, batches: list[torch.Tensor], accumulation: int) -> list[float]:

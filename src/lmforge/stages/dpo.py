@@ -51,7 +51,6 @@ from lmforge.scoring import (
     token_kl,
 )
 from lmforge.train.checkpointing import latest_checkpoint
-from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, autocast_context, train
 from lmforge.train.preference import REFERENCE_FREE, check_loss_options, dpo_loss_fn
 from lmforge.train.reference import ReferenceSync, check_sync_options
@@ -172,8 +171,6 @@ def train_policy(cfg: DPOConfig, model, tokenizer, train_pairs, eval_pairs, dist
 
 def run_dpo(cfg: DPOConfig) -> dict:
     """Train with the configured loss (or run the beta sweep when ``betas`` is set); returns the summary."""
-    refuse_fsdp(cfg.train, "dpo")
-
     if cfg.betas:
         return run_sweep(cfg)
     run = start_run(cfg)

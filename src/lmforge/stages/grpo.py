@@ -50,7 +50,6 @@ from lmforge.rollout import (
     rl_summary,
     start_rl_run,
 )
-from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, train
 from lmforge.train.metrics import read_metrics
 from lmforge.train.reference import ReferenceSync, check_sync_options
@@ -136,7 +135,6 @@ class GRPOConfig:
 
 def run_grpo(cfg: GRPOConfig) -> dict:
     """Train (or resume) and return a summary; with ``compare_beta`` run once per beta and plot."""
-    refuse_fsdp(cfg.train, "grpo")
     if cfg.compare_beta:
         return run_beta_comparison(cfg)
 

@@ -35,7 +35,6 @@ from lmforge.errors import DataError
 from lmforge.modelio import check_context, load_model_and_tokenizer, write_model_files
 from lmforge.objectives import kto_loss
 from lmforge.scoring import completion_logps, evaluate_pairs, precompute_reference
-from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, autocast_context, train
 from lmforge.train.runs import finish_run, round_metrics, start_run
 
@@ -89,7 +88,6 @@ def store_example_logps(chunk: list, values: dict) -> None:
 
 
 def run_kto(cfg: KTOConfig) -> dict:
-    refuse_fsdp(cfg.train, "kto")
     run = start_run(cfg)
     dist = run.dist
     model, tokenizer = load_model_and_tokenizer(cfg.model, dist.device)

@@ -66,7 +66,6 @@ from lmforge.rollout import (
     sample_and_score,
 )
 from lmforge.scoring import evaluate_pairs, precompute_reference, store_pair_logps
-from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, autocast_context, train
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.preference import REFERENCE_FREE, check_loss_options, dpo_loss_fn
@@ -331,7 +330,6 @@ def start_over(out_dir: Path) -> None:
 
 def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
     """Run (or resume, or extend) the rounds; returns the summary with every round's numbers."""
-    refuse_fsdp(cfg.train, "online-dpo")
     run = start_run(cfg)  # config.yaml (a start-over keeps it), the seed
     dist, out_dir, t0 = run.dist, run.out_dir, run.t0
     digest = fingerprint(cfg)
@@ -467,5 +465,7 @@ def print_summary(summary: dict) -> None:
 def main(argv: list[str]) -> int:
     cfg = parse_cli(argv, OnlineDPOConfig, prog="lmforge online-dpo", description=__doc__, default_recipe="tiny",
                     section="online_dpo")
-    print_summary(run_online_dpo(cfg))
+    summary = run_online_dpo(cfg)
+    if summary:  # {} on the other ranks under torchrun
+        print_summary(summary)
     return 0

@@ -56,7 +56,6 @@ from lmforge.rollout import (
     score_buffer,
     start_rl_run,
 )
-from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, autocast_context, train
 from lmforge.train.runs import finish_run
 
@@ -240,7 +239,6 @@ def ppo_loss_fn(cfg: PPOConfig):
 
 
 def run_ppo(cfg: PPOConfig) -> dict:
-    refuse_fsdp(cfg.train, "ppo")
     rl = start_rl_run(cfg)
     policy, tokenizer, out_dir, dist = rl.policy, rl.tokenizer, rl.out_dir, rl.dist
     critic = load_model_dir(critic_source(cfg), device=dist.device, num_labels=1)

@@ -36,7 +36,6 @@ from lmforge.errors import DataError
 from lmforge.modelio import check_context, load_model_and_tokenizer, write_model_files
 from lmforge.objectives import bradley_terry_loss
 from lmforge.scoring import evaluate_pairs, reward_scores, sequence_rewards
-from lmforge.train.dist import refuse_fsdp
 from lmforge.train.loop import TrainConfig, train
 from lmforge.train.runs import finish_run, round_metrics, start_run
 
@@ -73,7 +72,6 @@ def reward_loss_fn(cfg: RewardConfig):
 
 def run_reward(cfg: RewardConfig) -> dict:
     """Train the reward model; returns the summary (eval accuracy and margin, data counts, model dir)."""
-    refuse_fsdp(cfg.train, "reward")
     run = start_run(cfg)
     dist = run.dist
     model, tokenizer = load_model_and_tokenizer(cfg.model, "cpu", num_labels=1)  # the head's init: CPU RNG

@@ -22,7 +22,6 @@ import torch
 import torch.distributed as td
 from torch.nn.parallel import DistributedDataParallel
 
-from lmforge.errors import ConfigError
 from lmforge.model import unwrap  # noqa: F401  (train.dist.unwrap: the loop and stages take it from here)
 from lmforge.modelio import pick_device
 
@@ -109,6 +108,12 @@ def shard_model(model: torch.nn.Module, info: DistInfo, *, reshard_after_forward
     one per block; LoRA-wrapped ones too) gets its own ``fully_shard``, then the root takes everything else.
     A module without such a list is one unit (the root). Parameter names do not change, so the copy's
     state_dict keys are the plain model's; gather_weights copies trained weights back into ``model``.
+
+    The root (embeddings, final norm, lm_head, score heads) stays gathered from its forward to the end of the
+    backward (FSDP2's own default for the root): the preference, reward and RL losses apply the lm_head or the
+    score head to the hidden states the forward returns, outside the forward, and those weights must then be
+    whole tensors. Their gradients accumulate into the gathered parameters and are reduce-scattered by the
+    root's post-backward, which FSDP2 runs at the end of backward. Blocks follow ``reshard_after_forward``.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -122,7 +127,7 @@ def shard_model(model: torch.nn.Module, info: DistInfo, *, reshard_after_forward
               if name.rsplit(".", 1)[-1] == "layers" and isinstance(mod, torch.nn.ModuleList) for block in mod]
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    fully_shard(sharded, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(sharded, mesh=mesh, mp_policy=mp)  # reshard_after_forward unset: the root stays gathered (above)
     return sharded
 
 
@@ -150,15 +155,6 @@ def gather_weights(sharded: torch.nn.Module, model: torch.nn.Module) -> None:
             targets[name].copy_(full_tensor(t.detach()))
 
 
-def refuse_fsdp(train_cfg, stage: str) -> None:
-    """Stages that use the model's weights outside its forward (a head applied to returned hidden states,
-    generation during training) cannot run on sharded parameters: one clear error instead of a hang."""
-    if getattr(train_cfg, "parallel", "ddp") == "fsdp":
-        raise ConfigError(f"train.parallel=fsdp: lmforge {stage} applies model weights outside the model's "
-                          "forward (or generates while training), which FSDP's sharded parameters do not allow; "
-                          "use train.parallel=ddp (pretrain, midtrain and sft support fsdp)")
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Element-wise sum over ranks (a copy; the input is untouched). NCCL needs the values on the GPU."""
     if not is_distributed():
@@ -177,6 +173,16 @@ def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
     if not is_distributed():
         return float(value)
     return float(all_reduce_sum(torch.tensor(float(value), dtype=torch.float64))) / td.get_world_size()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable; CPU tensors too), in rank order, on every rank: a collective under torchrun,
+    ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * td.get_world_size()
+    td.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

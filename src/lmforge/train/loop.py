@@ -343,7 +343,28 @@ def _start(model, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, s
         result=TrainResult(step=step, tokens=tokens, skipped_steps=skipped, resumed_from=resumed),
         step=step, tokens=tokens, skipped=skipped, last_saved=step if resumed is not None else None,
         final_eval=final_eval, flops_per_token=flops_per_token)
+    lend_whole_weights(s)
     return s, notes
+
+
+def lend_whole_weights(s: LoopState) -> None:
+    """fsdp: a data stream that reads the policy's weights while training (an RL rollout generating from it, a
+    reference following it) declares a ``whole_weights`` attribute (a no-op context by default); the loop sets
+    it to :func:`whole_weights`, so the stream reads the current weights and not the ones parked at the start."""
+    if s.sharded and hasattr(s.train_data, "whole_weights"):
+        s.train_data.whole_weights = lambda: whole_weights(s)
+
+
+@contextlib.contextmanager
+def whole_weights(s: LoopState):
+    """Inside: ``s.model`` holds the sharded copy's current whole weights, on the device (every rank must enter
+    it at the same point: the gather is a collective); after it, the plain model goes back to the CPU."""
+    sync_model(s)
+    s.model.to(s.dist.device)
+    try:
+        yield s.model
+    finally:
+        s.model.to("cpu")
 
 
 def forward_backward(s: LoopState, loss_fn, accum: int, count_tokens) -> tuple[torch.Tensor, dict, int]:

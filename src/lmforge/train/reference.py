@@ -17,6 +17,7 @@ resumed run is the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,6 +61,19 @@ class ReferenceSync:
         self.every, self.alpha, self.accumulation, self.resume_dir = every, alpha, accumulation, resume_dir
         self.position = 0
         self.syncs = 0
+        self._whole_weights = contextlib.nullcontext
+
+    @property
+    def whole_weights(self):
+        """fsdp: the loop's context that puts the current whole weights into ``policy`` (train/loop.py
+        lend_whole_weights); passed on to the wrapped stream when it reads the policy too (an RL rollout)."""
+        return self._whole_weights
+
+    @whole_weights.setter
+    def whole_weights(self, context) -> None:
+        self._whole_weights = context
+        if hasattr(self.data, "whole_weights"):
+            self.data.whole_weights = context
 
     def __iter__(self):
         return self
@@ -67,7 +81,8 @@ class ReferenceSync:
     def __next__(self):
         step, first = divmod(self.position, self.accumulation)
         if first == 0 and step > 0 and step % self.every == 0:
-            mix_into(self.reference, self.policy, self.alpha)
+            with self.whole_weights():
+                mix_into(self.reference, self.policy, self.alpha)
             self.syncs += 1
         batch = next(self.data)
         self.position += 1
