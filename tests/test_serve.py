@@ -189,7 +189,7 @@ def test_the_constitutional_openai_judge_works_against_it(url, loaded):
     ({"messages": [{"role": "user", "content": 3}]}, "'content' must be a string"),
     ({"messages": MESSAGES, "max_tokens": 0}, "'max_tokens' must be an integer >= 1"),
     ({"messages": MESSAGES, "temperature": "hot"}, "'temperature' must be a number >= 0"),
-    ({"messages": MESSAGES, "n": True}, "'n' must be an integer >= 1"),
+    ({"messages": MESSAGES, "n": True}, "'n' must be an integer in [1, 16]"),
     ({"messages": MESSAGES, "stop": [""]}, "'stop' must be"),
     ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 10_000}, "'top_logprobs' must be an integer in"),
     ({"messages": MESSAGES, "logprobs": True, "stream": True}, "not supported with stream"),
@@ -260,15 +260,14 @@ def test_cli_errors_are_exit_2(tmp_path):
     assert out.returncode == 2 and "lmforge serve" in out.stderr
 
 
-def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(model_dir, loaded, capsys):
+def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(model_dir, loaded, capsys, monkeypatch):
     server, base = start(ServeConfig(model=str(model_dir), port=0, verbose=False), loaded)
-    chat = server.RequestHandlerClass.chat
 
-    def failing(ids, params, on_token=None):
+    def failing(model, prompts, params, tokenizer=None, pad_id=0, on_token=None):
         on_token(0, loaded[1].encode("A")[0])
         raise RuntimeError("out of memory")
 
-    chat.generate = failing
+    monkeypatch.setattr("lmforge.apps.serve.generate", failing)  # the engine's generate
     try:
         status, text = request(base, "/v1/chat/completions", {"messages": MESSAGES, "stream": True})
         chunks = sse_chunks(text)
