@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from lmforge import generation
-from lmforge.apps.serve import ServeConfig, make_server
+from lmforge.apps.serve import Metrics, ServeConfig, make_server
 from lmforge.modelio import load_model_and_tokenizer
 
 MESSAGES = [{"role": "user", "content": "Response A or B?"}]
@@ -348,6 +348,18 @@ def test_metrics_are_prometheus_text_and_count_what_happened(loaded):
         assert samples["lmforge_time_to_first_token_seconds_sum"] > 0
     finally:
         s.stop()
+
+
+def test_tokens_per_second_is_over_the_last_10_s_of_scrapes():
+    now = [0.0]
+    metrics = Metrics(clock=lambda: now[0])
+    rates = []
+    for t, generated in ((0, 0), (4, 400), (8, 1200), (12, 1600), (30, 1600)):
+        now[0] = t
+        rates.append(metrics.tokens_per_second(generated))
+    # 0 s: no rate yet; 4 s: 400 / 4; 8 s: 1200 / 8; 12 s: from the newest sample at least 10 s old (0 s),
+    # 1600 / 12; 30 s: from the previous scrape (12 s), 0 / 18
+    assert rates == [0.0, 100.0, 150.0, pytest.approx(1600 / 12), 0.0]
 
 
 def check_stream(text: str, n: int) -> None:

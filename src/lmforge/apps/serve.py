@@ -109,11 +109,9 @@ class ServeConfig:
                              f"{self.reasoning_budgets}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for key in ("max_n", "max_request_tokens", "max_body", "max_connections"):
+        for key in ("max_n", "max_request_tokens", "max_body", "max_queued", "max_connections"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_queued < 0:
-            raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
         for key in ("read_timeout", "idle_timeout", "request_timeout"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0 seconds, got {getattr(self, key)}")
@@ -357,8 +355,8 @@ class Metrics:
     TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
     RATE_WINDOW = 10.0  # seconds over which lmforge_tokens_per_second is averaged
 
-    def __init__(self):
-        self.lock = threading.Lock()
+    def __init__(self, clock=time.monotonic):
+        self.lock, self.clock = threading.Lock(), clock
         self.ttft = [0] * len(self.TTFT_BUCKETS)
         self.ttft_sum, self.ttft_count = 0.0, 0
         self.responses: collections.Counter[int] = collections.Counter()
@@ -381,8 +379,10 @@ class Metrics:
             self.cancelled += 1
 
     def tokens_per_second(self, generated: int) -> float:
-        """Tokens generated per second since the oldest sample within RATE_WINDOW (samples: each call)."""
-        now = time.monotonic()
+        """Tokens generated per second since the newest earlier sample at least RATE_WINDOW old (each call is a
+        sample, i.e. a scrape), else since the oldest: over the last 10 s or a little more when scraped more often,
+        else since the previous scrape."""
+        now = self.clock()
         with self.lock:
             self.samples.append((now, generated))
             while len(self.samples) > 2 and self.samples[1][0] < now - self.RATE_WINDOW:
