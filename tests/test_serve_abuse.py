@@ -259,9 +259,11 @@ def test_a_full_queue_answers_429_with_retry_after(loaded, slow):
     slow.clear()  # the first request runs and waits; the next two queue
     try:
         with ThreadPoolExecutor(3) as pool:
-            waiting = [pool.submit(call, s.port, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2})
-                       for _ in range(3)]
-            wait_until(lambda: (s.chat.engine.stats()["running"], s.chat.engine.stats()["queued"]) == (1, 2))
+            waiting = []
+            for queued in (0, 1, 2):  # one at a time: the first runs (held), then two queue
+                waiting.append(pool.submit(call, s.port, "/v1/chat/completions",
+                                           {"messages": MESSAGES, "max_tokens": 2}))
+                wait_until(lambda q=queued: (s.chat.engine.stats()["running"], s.chat.engine.stats()["queued"]) == (1, q))
             for stream in (False, True):  # a stream is refused before it begins: a JSON 429 too
                 status, headers, out = call(s.port, body={"messages": MESSAGES, "max_tokens": 2, "stream": stream})
                 assert status == 429 and int(headers["Retry-After"]) >= 1, out

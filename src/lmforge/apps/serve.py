@@ -688,6 +688,28 @@ class Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # headers and body: no Nagle wait
         self.reader = DeadlineReader(self.connection, self.chat.cfg.idle_timeout)
         self.rfile = io.BufferedReader(self.reader)
+        self.unread = False  # a body left unread: the connection is closed with a lingering close
+
+    def finish(self):
+        super().finish()
+        if self.unread:
+            self.linger()
+
+    def linger(self) -> None:
+        """Close with unread input and the kernel sends a reset, which can destroy the answer before the client
+        reads it; so shut our side first, then read and drop what the client still sends, at most 1 MiB / 1 s
+        (a lingering close, as nginx's lingering_close)."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            end, dropped = time.monotonic() + 1.0, 0
+            while dropped < 1 << 20 and (left := end - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        except OSError:
+            pass
 
     def handle_one_request(self):
         """Wait idle_timeout for a request to begin; from its first byte, read_timeout for its headers + body."""
@@ -748,7 +770,7 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0].rstrip("/") or "/"
         self.streaming = False  # once the event stream has begun, an error can only be one more event
         if method != "POST" and (self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding")):
-            self.close_connection = True  # a body we do not read would be taken for the next request
+            self.close_connection = self.unread = True  # a body we do not read would be taken for the next request
         chat = path == "/v1/chat/completions"
         try:
             if path.startswith("/v1/") and not self.authorized():
@@ -811,12 +833,12 @@ class Handler(BaseHTTPRequestHandler):
         try:
             length = self.body_length()
         except APIError:
-            self.close_connection = True  # the body is not read: the connection cannot carry another request
+            self.close_connection = self.unread = True  # the body is not read: no next request on this one
             raise
         try:
             data = self.rfile.read(length)
         except TimeoutError:
-            self.close_connection = True
+            self.close_connection = self.unread = True
             raise APIError(408, f"the request body did not arrive within read_timeout="
                                 f"{self.chat.cfg.read_timeout:g} s", "timeout") from None
         self.reader.deadline = None
@@ -834,7 +856,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.body_length()
         except APIError as e:
-            self.close_connection = True
+            self.close_connection = self.unread = True
             self.send_error_json(e)
             return False
         return super().handle_expect_100()
