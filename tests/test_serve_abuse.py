@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from lmforge import generation
 from lmforge.apps.serve import Metrics, ServeConfig, make_server
 from lmforge.modelio import load_model_and_tokenizer
 
@@ -226,25 +225,19 @@ def test_caps_types_and_unsupported_fields_are_400s_naming_the_field(served, fie
         assert len(out["choices"]) == fields.get("n", 1)
 
 
-@pytest.fixture
-def slow(monkeypatch):
-    """The engine's generate at one token per 20 ms, never stopping at end-of-text, each request held until the
-    returned event is set (it starts set)."""
-    gate = threading.Event()
-    gate.set()
+def slowed(served, gate: threading.Event | None = None) -> None:
+    """Tokens reach serve at most one per 20 ms, and only while ``gate`` is set. on_token runs on the engine's
+    thread, so this holds the engine itself, whichever engine is behind the seam."""
+    submit = served.chat.engine.submit
 
-    def slow_generate(model, prompts, params, *, tokenizer=None, pad_id=0, on_token=None):
-        assert gate.wait(30)
-
+    def slow_submit(ids, params, on_token=None):
         def paced(row, token_id):
+            assert gate is None or gate.wait(30)
             time.sleep(0.02)
             on_token(row, token_id)
+        return submit(ids, params, paced)
 
-        return generation.generate(model, prompts, params, tokenizer=tokenizer, pad_id=pad_id, eos_token_ids=[],
-                                   on_token=paced)
-
-    monkeypatch.setattr("lmforge.apps.serve.generate", slow_generate)
-    return gate
+    served.chat.engine.submit = slow_submit
 
 
 def recorded(engine) -> list:
@@ -254,9 +247,9 @@ def recorded(engine) -> list:
     return submitted
 
 
-def test_a_full_queue_answers_429_with_retry_after(loaded, slow):
-    s = Served(loaded, max_queued=2)
-    slow.clear()  # the first request runs and waits; the next two queue
+def test_a_full_queue_answers_429_with_retry_after(loaded):
+    s, gate = Served(loaded, max_queued=2), threading.Event()
+    slowed(s, gate)  # the first request runs and waits at its first token; the next two queue
     try:
         with ThreadPoolExecutor(3) as pool:
             waiting = []
@@ -268,44 +261,46 @@ def test_a_full_queue_answers_429_with_retry_after(loaded, slow):
                 status, headers, out = call(s.port, body={"messages": MESSAGES, "max_tokens": 2, "stream": stream})
                 assert status == 429 and int(headers["Retry-After"]) >= 1, out
                 assert out["error"]["type"] == "rate_limit_error" and "2 requests are queued" in out["error"]["message"]
-            slow.set()
+            gate.set()
             assert [w.result()[0] for w in waiting] == [200, 200, 200]
         still_served(s.port)
     finally:
-        slow.set()
+        gate.set()
         s.stop()
 
 
-def test_a_client_that_disconnects_cancels_its_request(loaded, slow):
+def test_a_client_that_disconnects_cancels_its_request(loaded):
     s = Served(loaded, max_request_tokens=200)
+    slowed(s)
     submitted, engine = recorded(s.chat.engine), s.chat.engine
     try:
         for stream in (True, False):
-            body = json.dumps({"messages": MESSAGES, "max_tokens": 200, "stream": stream}).encode()
+            body = json.dumps({"messages": MESSAGES, "max_tokens": 200, "temperature": 0, "stream": stream}).encode()
+            start = engine.stats()["generated_tokens"]
             with socket.create_connection(("127.0.0.1", s.port), timeout=20) as c:
                 c.sendall(post_head(str(len(body))) + body)
-                wait_until(lambda: engine.stats()["generated_tokens"] >= 3)
+                wait_until(lambda s0=start: engine.stats()["generated_tokens"] >= s0 + 3)  # it is generating
                 if stream:
                     assert c.recv(65536).startswith(b"HTTP/1.1 200 OK")
             before = engine.stats()["generated_tokens"]
-            wait_until(lambda: submitted[-1].done)  # 200 tokens would take 4 s; the close is seen within 0.1 s
+            wait_until(lambda: submitted[-1].done)  # greedy runs 200 tokens here (4 s); the close is seen in 0.1 s
             generated = engine.stats()["generated_tokens"]
             assert type(submitted[-1].error).__name__ == "Cancelled" and submitted[-1].completions is None
             assert generated - before < 50, generated
-            s.chat.engine.generated = 0
         still_served(s.port)
         assert "lmforge_requests_cancelled_total 2" in call(s.port, "/metrics")[2]
     finally:
         s.stop()
 
 
-def test_request_timeout_cancels_the_request(loaded, slow):
+def test_request_timeout_cancels_the_request(loaded):
     s = Served(loaded, request_timeout=0.3)
+    slowed(s)
     submitted = recorded(s.chat.engine)
     try:
-        status, _, out = call(s.port, body={"messages": MESSAGES, "max_tokens": 60})  # 60 tokens: 1.2 s
+        status, _, out = call(s.port, body={"messages": MESSAGES, "max_tokens": 60, "temperature": 0})  # 1.2 s
         assert status == 504 and out["error"]["type"] == "timeout" and "request_timeout=0.3 s" in out["error"]["message"]
-        status, _, text = call(s.port, body={"messages": MESSAGES, "max_tokens": 60, "stream": True})
+        status, _, text = call(s.port, body={"messages": MESSAGES, "max_tokens": 60, "temperature": 0, "stream": True})
         events = [line[6:] for line in text.split("\n") if line]
         assert status == 200 and events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "timeout"
         wait_until(lambda: all(r.done for r in submitted))
