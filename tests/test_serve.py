@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from lmforge.apps.serve import APIError, ChatModel, ServeConfig, make_server, reasoning_budgets
+from lmforge.apps.serve import APIError, ChatModel, Request, ServeConfig, make_server, reasoning_budgets
 from lmforge.constitutional.judges import ChatParams, LocalModel, OpenAIEndpoint
 from lmforge.data.chat import encode_prompt
 from lmforge.generation import SamplingParams, generate
@@ -189,7 +189,7 @@ def test_the_constitutional_openai_judge_works_against_it(url, loaded):
     ({"messages": [{"role": "user", "content": 3}]}, "'content' must be a string"),
     ({"messages": MESSAGES, "max_tokens": 0}, "'max_tokens' must be an integer >= 1"),
     ({"messages": MESSAGES, "temperature": "hot"}, "'temperature' must be a number >= 0"),
-    ({"messages": MESSAGES, "n": True}, "'n' must be an integer >= 1"),
+    ({"messages": MESSAGES, "n": True}, "'n' must be an integer in [1, 16]"),
     ({"messages": MESSAGES, "stop": [""]}, "'stop' must be"),
     ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 10_000}, "'top_logprobs' must be an integer in"),
     ({"messages": MESSAGES, "logprobs": True, "stream": True}, "not supported with stream"),
@@ -260,15 +260,35 @@ def test_cli_errors_are_exit_2(tmp_path):
     assert out.returncode == 2 and "lmforge serve" in out.stderr
 
 
+class FailingEngine:
+    """The engine seam (submit / start / stop / stats), failing every request after one token as a model that ran
+    out of memory would."""
+
+    def __init__(self, token_id: int):
+        self.token_id = token_id
+
+    def submit(self, prompt_ids, params, on_token=None):
+        request = Request(prompt_ids, params, on_token)
+        on_token(0, self.token_id)
+        request.error = RuntimeError("out of memory")
+        request._done.set()
+        return request
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def stats(self):
+        return {"queued": 0, "running": 0, "generated_tokens": 1}
+
+
 def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(model_dir, loaded, capsys):
-    server, base = start(ServeConfig(model=str(model_dir), port=0, verbose=False), loaded)
-    chat = server.RequestHandlerClass.chat
-
-    def failing(ids, params, on_token=None):
-        on_token(0, loaded[1].encode("A")[0])
-        raise RuntimeError("out of memory")
-
-    chat.generate = failing
+    server = make_server(ServeConfig(model=str(model_dir), port=0, verbose=False), *loaded,
+                         engine=FailingEngine(loaded[1].encode("A")[0]))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         status, text = request(base, "/v1/chat/completions", {"messages": MESSAGES, "stream": True})
         chunks = sse_chunks(text)
