@@ -56,6 +56,7 @@ from lmforge.sampling import (  # noqa: F401  (re-exported: callers import the s
     think_states,
     think_tags,
 )
+from lmforge.scheduler import Scheduler
 from lmforge.scoring import left_pad
 
 # ---- the engine ----
@@ -156,7 +157,22 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, tokeniz
     static = params.compile or (params.static_cache if params.static_cache is not None else STATIC_BY_DEFAULT)
     packed = not static and packable(model, len(prompts) * params.n)
     with nullcontext() if packed else column_major_weights(model), torch.inference_mode():
-        return _decode(model, prompts, params, tokenizer, eos_token_ids, pad_id, on_token, static, packed)
+        if static or not SCHEDULED_BY_DEFAULT:
+            return _decode(model, prompts, params, tokenizer, eos_token_ids, pad_id, on_token, static, packed)
+        return batch_scheduler(model, prompts, params, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
+                               pad_id=pad_id).generate(prompts, params, on_token)
+
+
+def batch_scheduler(model, prompts: list[list[int]], params: SamplingParams, *, max_running: int | None = None,
+                    block_size: int = 16, **kwargs) -> Scheduler:
+    """A Scheduler sized for one batch of prompts: a KV pool for every row at full length (so nothing is ever
+    preempted), all rows running at once unless ``max_running`` says fewer, every prompt prefilled in the first
+    step (nothing is decoding yet that a chunk limit would protect)."""
+    longest = max(map(len, prompts)) + params.max_new_tokens
+    rows = len(prompts) * params.n if max_running is None else min(max_running, len(prompts) * params.n)
+    per_row = -(-longest // block_size) + 1
+    return Scheduler(model, kv_tokens=(rows + params.n) * per_row * block_size, block_size=block_size,
+                     max_running=rows, prefill_chunk=max(sum(map(len, prompts)), 1), **kwargs)
 
 
 def _decode(model, prompts, params: SamplingParams, tokenizer, eos_token_ids, pad_id, on_token, static: bool,
@@ -266,6 +282,7 @@ def _decode(model, prompts, params: SamplingParams, tokenizer, eos_token_ids, pa
 
 
 STATIC_BY_DEFAULT = False  # uncompiled, the growing cache measured faster on CPU (see StaticDecoder)
+SCHEDULED_BY_DEFAULT = True  # the growing-cache path runs on lmforge.scheduler (False: the static batch below)
 
 
 def compiled_step(model):

@@ -55,6 +55,8 @@ class Request:
                  on_token: Callable[[int, int], None] | None = None, think=None):
         self.prompt_ids, self.params, self.streams, self.stop_ids = prompt_ids, params, streams, stop_ids
         self.on_token, self.think = on_token, think  # think: one thinking state machine per sample, or None
+        # tokens enough to spell any stop string (only those are decoded each step); 0 = no stop strings
+        self.window = 4 * max(map(len, params.stop_strings)) + 4 if params.stop_strings else 0
         self.completions: list[Completion] | None = None
         self.error: BaseException | None = None
         self.cancelled = False
@@ -403,7 +405,7 @@ class Scheduler:
         B, P, T = len(work), max(s.computed for s, _ in work), max(c for _, c in work)
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         mask, positions = torch.zeros(B, P + T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
-        past = torch.zeros(B, P, dtype=torch.long)  # pool slots of the past keys (slot 0 under padding)
+        past = torch.full((B, P), self.pool.zero_slot, dtype=torch.long)  # pool slots of the past keys
         for i, (seq, c) in enumerate(work):
             ids[i, T - c:] = torch.tensor(seq.tokens[seq.computed:seq.computed + c])
             positions[i, T - c:] = torch.arange(seq.computed, seq.computed + c)
@@ -495,7 +497,7 @@ class Scheduler:
         rows = self.batch = list(self.decoding)
         W = max(s.computed for s in rows)
         room = max(1, min(64, max(s.request.params.max_new_tokens - len(s.generated) for s in rows)))
-        slots = torch.zeros(len(rows), W, dtype=torch.long)
+        slots = torch.full((len(rows), W), self.pool.zero_slot, dtype=torch.long)
         for i, s in enumerate(rows):
             slots[i, W - s.computed:] = torch.tensor(self.pool.slots(s.table, 0, s.computed))
         self.mirror = KVCache(self.model.config, len(rows), W + room, device=self.device, dtype=self.dtype)
@@ -532,6 +534,7 @@ class Scheduler:
                 lps = (scaled.gather(-1, picked[:, None]).squeeze(-1) - scaled.logsumexp(-1)).tolist()
             for seq, token, lp in zip(seqs, picked.tolist(), lps):
                 self._emit(seq, token, lp)
+            self.counts["generated_tokens"] += len(seqs)
 
     def _penalised(self, logits: torch.Tensor, seqs: list[Sequence], params: SamplingParams) -> torch.Tensor:
         if params.repetition_penalty == 1.0:
@@ -543,14 +546,13 @@ class Scheduler:
         return apply_repetition_penalty(logits, torch.stack([s.seen for s in seqs]), params.repetition_penalty)
 
     def _emit(self, seq: Sequence, token: int, logprob: float | None) -> None:
-        request, params = seq.request, seq.request.params
+        request = seq.request
         seq.tokens.append(token)
         seq.generated.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
         if seq.seen is not None:
             seq.seen[token] = True
-        self.counts["generated_tokens"] += 1
         if request.on_token is not None:
             try:
                 request.on_token(seq.sample, token)
@@ -558,12 +560,12 @@ class Scheduler:
                 if request.raise_callback_errors:
                     raise
                 request.cancel()  # a client that went away: dropped at the next step
-        window = 4 * max(map(len, params.stop_strings), default=0) + 4
         if token in request.stop_ids:
             self._finish(seq, "stop")
-        elif params.stop_strings and (cut := _stop_string_cut(self.tokenizer, seq.generated, params, window)):
+        elif request.window and (cut := _stop_string_cut(self.tokenizer, seq.generated, request.params,
+                                                          request.window)):
             self._finish(seq, "stop", cut[0])
-        elif len(seq.generated) == params.max_new_tokens:
+        elif len(seq.generated) == request.params.max_new_tokens:
             self._finish(seq, "length")
         elif seq.state != "decode":
             seq.state = "decode"
