@@ -1,6 +1,6 @@
 """The continuous-batching scheduler vs the static batch, on the shapes lmforge generates.
 
-    python bench/bench_scheduler.py [--models tiny smollm2] [--smollm2 /tmp/smollm2] [--repeats 2]
+    python bench/bench_scheduler.py [--models tiny smollm2] [--smollm2 /tmp/smollm2] [--repeats 2] [--threads 1]
 
 Both sides run in this process, alternating, best wall time of --repeats runs after a warm-up; each side is
 lmforge.generation.generate with SCHEDULED_BY_DEFAULT False (the static batch: left-pad, one prefill, rows
@@ -155,8 +155,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["tiny", "smollm2"])
     ap.add_argument("--smollm2", default="/tmp/smollm2", help="a dir from `lmforge import smollm2 out_dir=...`")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
         model = tiny_model() if name == "tiny" else load_model_dir(args.smollm2).eval()

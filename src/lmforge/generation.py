@@ -137,12 +137,15 @@ class StaticDecoder:
 
 def generate(model, prompts: list[list[int]], params: SamplingParams, *, tokenizer=None,
              eos_token_ids: list[int] | None = None, pad_id: int = 0,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[Completion]]:
+             on_token: Callable[[int, int], None] | None = None,
+             max_running: int | None = None) -> list[list[Completion]]:
     """Complete every prompt ``params.n`` times. Returns completions[prompt][sample].
 
     eos_token_ids: ids that end a completion besides params.stop_token_ids (default: the tokenizer's
     end-of-document and end-of-turn ids; [] generates exactly max_new_tokens unless a stop fires).
     on_token(row, token_id): streaming callback, row = prompt_index * n + sample_index.
+    max_running: most rows decoding at once (None = all); on the scheduler the next prompt takes a finished
+    row's place at once, on the static batch the prompts run in batches of max_running // n.
     """
     params.validate()
     vocab = model.config.vocab_size
@@ -155,12 +158,18 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, tokeniz
     if (params.thinking_budget is not None or params.min_thinking_tokens) and tokenizer is None:
         raise ValueError("a thinking budget needs a tokenizer (to find <think> and </think>)")
     static = params.compile or (params.static_cache if params.static_cache is not None else STATIC_BY_DEFAULT)
-    packed = not static and packable(model, len(prompts) * params.n)
+    rows = len(prompts) * params.n if max_running is None else min(max_running, len(prompts) * params.n)
+    packed = not static and packable(model, rows)
     with nullcontext() if packed else column_major_weights(model), torch.inference_mode():
-        if static or not SCHEDULED_BY_DEFAULT:
-            return _decode(model, prompts, params, tokenizer, eos_token_ids, pad_id, on_token, static, packed)
-        return batch_scheduler(model, prompts, params, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
-                               pad_id=pad_id).generate(prompts, params, on_token)
+        if not static and SCHEDULED_BY_DEFAULT:
+            return batch_scheduler(model, prompts, params, max_running=rows, tokenizer=tokenizer,
+                                   eos_token_ids=eos_token_ids, pad_id=pad_id).generate(prompts, params, on_token)
+        size, out = max(rows // params.n, 1), []
+        for start in range(0, len(prompts), size):
+            callback = (lambda r, t, base=start * params.n: on_token(base + r, t)) if on_token is not None else None
+            out += _decode(model, prompts[start:start + size], params, tokenizer, eos_token_ids, pad_id, callback,
+                           static, packed)
+        return out
 
 
 def batch_scheduler(model, prompts: list[list[int]], params: SamplingParams, *, max_running: int | None = None,

@@ -144,6 +144,72 @@ class BlockAllocator:
             self.by_key[key], self.key_of[block] = block, key
 
 
+class DecodeMirror:
+    """The decoding rows' keys and values in one contiguous, right-aligned cache, for the packed decode step.
+
+    Storage has room for ``capacity`` rows; the live rows are its first B (``cache`` views them, so the step's
+    batched matmuls see exactly B rows). Every row writes its next key at the same column ``cache.length``; a
+    row with fewer positions is left-padded (``key_mask`` 0) and has its own RoPE ``position``. A row that leaves
+    is replaced by the last row (one row copied, not the whole cache); a row that joins is gathered from the pool
+    into the next free row. Rebuilt from the pool only when a joining row is longer than the mirror is wide, or
+    the columns run out.
+    """
+
+    def __init__(self, config, capacity: int, width: int, room: int, device, dtype):
+        L, kv, d = config.num_hidden_layers, config.num_key_value_heads, config.resolved_head_dim
+        self.k = torch.zeros(L, capacity, kv, width + room, d, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.position = torch.zeros(capacity, 1, dtype=torch.long, device=device)
+        self.key_mask = torch.ones(capacity, width + room, dtype=torch.long, device=device)
+        self.cache = KVCache(config, 0, 0, device=device, dtype=dtype)
+        self.cache.length = width
+        self.rows: list[Sequence] = []
+        self.uniform = True  # every row has cache.length positions: no mask, default positions
+        self._view()
+
+    def _view(self) -> None:
+        B = len(self.rows)
+        self.cache.k, self.cache.v = self.k[:, :B], self.v[:, :B]
+
+    def fits(self, joining: list[Sequence]) -> bool:
+        return (self.cache.length < self.k.shape[3] and len(self.rows) + len(joining) <= self.k.shape[1]
+                and all(s.computed <= self.cache.length for s in joining))
+
+    def add(self, joining: list[Sequence], pool: PagedKVPool) -> None:
+        """Gather the joining rows' positions from the pool, right-aligned at the current width."""
+        W, B, b = self.cache.length, len(self.rows), len(joining)
+        slots = torch.full((b, W), pool.zero_slot, dtype=torch.long)
+        for i, s in enumerate(joining):
+            slots[i, W - s.computed:] = torch.tensor(pool.slots(s.table, 0, s.computed))
+            self.uniform = self.uniform and s.computed == W
+        self.k[:, B:B + b, :, :W], self.v[:, B:B + b, :, :W] = pool.gather(slots.to(self.k.device))
+        self.position[B:B + b, 0] = torch.tensor([s.computed for s in joining])
+        self.key_mask[B:B + b] = 1
+        for i, s in enumerate(joining):
+            self.key_mask[B + i, :W - s.computed] = 0
+        self.rows += joining
+        self._view()
+
+    def drop(self, leaving: set[int]) -> None:
+        """Remove the rows whose id is in ``leaving``: each hole is filled by the current last row."""
+        for i in sorted((i for i, s in enumerate(self.rows) if id(s) in leaving), reverse=True):
+            last = len(self.rows) - 1
+            if i != last:
+                for t in (self.k, self.v):
+                    t[:, i] = t[:, last]
+                self.position[i], self.key_mask[i] = self.position[last], self.key_mask[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        self._view()
+
+    def inputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(key mask over length + 1 columns, positions) for the step; None, None when every row is aligned."""
+        if self.uniform:
+            return None, None
+        B = len(self.rows)
+        return self.key_mask[:B, :self.cache.length + 1], self.position[:B]
+
+
 class Scheduler:
     """Continuous batching over a paged KV pool; ``step`` runs one iteration, ``start`` a thread that steps.
 
@@ -170,9 +236,7 @@ class Scheduler:
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []
         self.requests: list[Request] = []
-        self.batch: list[Sequence] = []  # the mirror's rows, in order
-        self.mirror: KVCache | None = None
-        self.position = self.key_mask = None
+        self.mirror: DecodeMirror | None = None
         self._intake: list[Request] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -455,61 +519,45 @@ class Scheduler:
         """One token through the model for every decoding row: (rows, their next-token logits)."""
         self._grow_tables()
         if not self.decoding:
-            self.batch, self.mirror = [], None
+            self.mirror = None
             return [], None
-        self._sync_mirror()
-        cache, W = self.mirror, self.mirror.length
-        tokens = torch.tensor([s.tokens[-1] for s in self.batch], device=self.device)
-        mask = self.key_mask[:, :W + 1] if self.key_mask is not None else None
+        mirror = self._sync_mirror()
+        cache, rows, W = mirror.cache, list(mirror.rows), mirror.cache.length
+        tokens = torch.tensor([s.tokens[-1] for s in rows], device=self.device)
+        mask, position = mirror.inputs()
         if self.packed is not None:
-            hidden = self.packed(tokens, mask, self.position, cache)
+            hidden = self.packed(tokens, mask, position, cache)
         else:
-            hidden = self.model(tokens[:, None], attention_mask=mask, position_ids=self.position, cache=cache,
+            hidden = self.model(tokens[:, None], attention_mask=mask, position_ids=position, cache=cache,
                                 return_hidden=True)[:, -1]
         logits = self.head(hidden)
-        slots = [s.table[s.computed // self.block_size] * self.block_size + s.computed % self.block_size
-                 for s in self.batch]
+        bs = self.block_size
+        slots = [s.table[s.computed // bs] * bs + s.computed % bs for s in rows]
         self.pool.write(torch.tensor(slots, device=self.device), cache.k[:, :, :, W], cache.v[:, :, :, W])
-        for seq in self.batch:
+        for seq in rows:
             seq.computed += 1
-        if self.position is not None:
-            self.position += 1
-        return list(self.batch), logits
+        mirror.position[:len(rows)] += 1
+        return rows, logits
 
-    def _sync_mirror(self) -> None:
-        """Make the mirror hold exactly the decoding rows: drop rows that left; rebuild from the pool when a row
-        joined or there is no room for the next column."""
-        rows = self.decoding
-        room = self.mirror is not None and self.mirror.length < self.mirror.max_len
-        if room and rows == self.batch:
-            return
-        where = {id(s): i for i, s in enumerate(self.batch)}
-        if room and all(id(s) in where for s in rows):
-            idx = torch.tensor([where[id(s)] for s in rows], device=self.device)
-            self.mirror.select(idx)
-            self.position = self.position[idx] if self.position is not None else None
-            self.key_mask = self.key_mask[idx] if self.key_mask is not None else None
-            self.batch = list(rows)
-            return
-        self._rebuild_mirror()
-
-    def _rebuild_mirror(self) -> None:
-        rows = self.batch = list(self.decoding)
-        W = max(s.computed for s in rows)
-        room = max(1, min(64, max(s.request.params.max_new_tokens - len(s.generated) for s in rows)))
-        slots = torch.full((len(rows), W), self.pool.zero_slot, dtype=torch.long)
-        for i, s in enumerate(rows):
-            slots[i, W - s.computed:] = torch.tensor(self.pool.slots(s.table, 0, s.computed))
-        self.mirror = KVCache(self.model.config, len(rows), W + room, device=self.device, dtype=self.dtype)
-        self.mirror.k[:, :, :, :W], self.mirror.v[:, :, :, :W] = self.pool.gather(slots.to(self.device))
-        self.mirror.length = W
-        self.position = self.key_mask = None
-        if any(s.computed != W for s in rows):
-            self.position = torch.tensor([[s.computed] for s in rows], device=self.device)
-            self.key_mask = torch.ones(len(rows), W + room, dtype=torch.long, device=self.device)
-            for i, s in enumerate(rows):
-                self.key_mask[i, :W - s.computed] = 0
+    def _sync_mirror(self) -> DecodeMirror:
+        """Make the mirror hold exactly the decoding rows (drop those that left, add those that joined)."""
+        mirror = self.mirror
+        current = {id(s) for s in self.decoding}
+        if mirror is not None:
+            mirror.drop({id(s) for s in mirror.rows} - current)
+            held = {id(s) for s in mirror.rows}
+            joining = [s for s in self.decoding if id(s) not in held]
+            if mirror.fits(joining):
+                if joining:
+                    mirror.add(joining, self.pool)
+                return mirror
+        W = max(s.computed for s in self.decoding)
+        room = max(1, min(64, max(s.request.params.max_new_tokens - len(s.generated) for s in self.decoding)))
+        self.mirror = DecodeMirror(self.model.config, max(self.max_running, len(self.decoding)), W, room,
+                                   self.device, self.dtype)
+        self.mirror.add(list(self.decoding), self.pool)
         self.counts["mirror_rebuilds"] += 1
+        return self.mirror
 
     # ---- sampling and finishing ----
 
@@ -609,4 +657,4 @@ class Scheduler:
                 self._free(seq)
                 seq.state = "done"
             request._finish(error=error)
-        self.requests, self.waiting, self.batch, self.mirror = [], deque(), [], None
+        self.requests, self.waiting, self.mirror = [], deque(), None
