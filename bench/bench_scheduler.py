@@ -7,6 +7,7 @@ lmforge.generation.generate with SCHEDULED_BY_DEFAULT False (the static batch: l
 leaving) or True (lmforge.scheduler), unless said otherwise:
 
 - decode:   16 rows, 64-token prompts, 128 new tokens, no stop: the packed CPU decode step's speed (tokens/s)
+            (plus the scheduler with the mirror rebuilt from the pool every step: a paged gather per step)
 - uneven:   16 rows, 24-token prompts, sampled, up to 128 new tokens; ~1/40 of the vocabulary ends a row, so
             lengths are uneven (both sides drop a finished row at once)
 - arrivals: 48 requests arriving 4 at a time every 0.15 s (uneven as above): the static side serves what has
@@ -33,6 +34,7 @@ from lmforge import generation
 from lmforge.generation import SamplingParams, batch_scheduler, generate
 from lmforge.model import ModelConfig, Transformer
 from lmforge.modelio import load_model_dir
+from lmforge.scheduler import DecodeMirror
 
 
 def tiny_model() -> Transformer:
@@ -59,6 +61,15 @@ def run(model, prompts, params, eos, scheduled: bool, **sched):
         with torch.inference_mode():
             return batch_scheduler(model, prompts, params, eos_token_ids=eos, **sched).generate(prompts, params)
     return generate(model, prompts, params, eos_token_ids=eos)
+
+
+def gather_every_step(model, prompts, params, eos):
+    """The scheduler with its decode mirror rebuilt from the paged pool at every step."""
+    fits, DecodeMirror.fits = DecodeMirror.fits, lambda self, joining: False
+    try:
+        return run(model, prompts, params, eos, True)
+    finally:
+        DecodeMirror.fits = fits
 
 
 def static_eval(model, prompts, params, eos):
@@ -135,9 +146,14 @@ def bench_model(name: str, model, repeats: int) -> list[tuple]:
     for case, (prompts, params, stop) in cases.items():
         fns = {"static": lambda p=prompts, q=params, s=stop: run(model, p, q, s, False),
                "scheduler": lambda p=prompts, q=params, s=stop: run(model, p, q, s, True)}
+        if case == "decode":
+            fns["gather"] = lambda p=prompts, q=params, s=stop: gather_every_step(model, p, q, s)
         best, outs = timed(fns, repeats)
         n_tok = tokens(outs["static"])
         rows.append((name, case, best["static"], best["scheduler"], n_tok, same(outs["static"], outs["scheduler"])))
+        if case == "decode":
+            rows.append((name, "decode, paged gather every step", best["static"], best["gather"], n_tok,
+                         same(outs["static"], outs["gather"])))
     prompts, params = prompts_of(vocab, 200, 12, 30, seed=2), SamplingParams(max_new_tokens=48, temperature=0)
     fns = {"static": lambda: static_eval(model, prompts, params, eos),
            "scheduler": lambda: run(model, prompts, params, eos, True, max_running=32)}
