@@ -19,7 +19,11 @@ leaving) or True (lmforge.scheduler), unless said otherwise:
 - rollout:  GRPO's rollout shape: 8 prompts x n=8, temperature 1, 64 new tokens, log-probs, seeded.
 
 Every case checks that both sides produced the same tokens (greedy and seeded sampling), and says so.
-A random model does not write the task's answers, so these are shapes and timings, not accuracies.
+A random model does not write the task's answers, so these are shapes and timings, not accuracies; with
+``--run-dir runs/tiny`` (a finished `lmforge pipeline`) the SFT model runs the pipeline's own eval
+(evaluation.task_accuracy on the 200 held-out problems, 48 new tokens, greedy, batch 32) and a GRPO rollout
+(8 tinyworld/rl prompts x 8 samples, temperature 1, 64 new tokens, log-probs, seed 0; the share of correct
+answers is its math reward), both ways, with the accuracies.
 """
 
 from __future__ import annotations
@@ -31,9 +35,13 @@ import time
 import torch
 
 from lmforge import generation
+from lmforge.answers import is_correct
+from lmforge.data import tinyworld
+from lmforge.data.chat import encode_prompt
+from lmforge.evaluation import load_task, task_accuracy
 from lmforge.generation import SamplingParams, batch_scheduler, generate
 from lmforge.model import ModelConfig, Transformer
-from lmforge.modelio import load_model_dir
+from lmforge.modelio import load_model_and_tokenizer, load_model_dir
 from lmforge.scheduler import DecodeMirror
 
 
@@ -166,11 +174,45 @@ def bench_model(name: str, model, repeats: int) -> list[tuple]:
     return rows
 
 
+def bench_pipeline(run_dir: str, repeats: int) -> list[tuple]:
+    """The tiny pipeline's SFT model: its eval and a GRPO rollout, static vs scheduler, with the numbers out."""
+    model, tok = load_model_and_tokenizer(f"{run_dir}/sft/model", "cpu")
+    model.eval()
+    rows_eval = load_task("tinyworld", limit=200)
+    rl = tinyworld.rl_rows(8)
+    ids = [encode_prompt(tok, r["prompt"], True) for r in rl]
+    params = SamplingParams(max_new_tokens=64, n=8, seed=0, return_logprobs=True)
+
+    def evaluate(scheduled: bool):
+        generation.SCHEDULED_BY_DEFAULT = scheduled
+        return task_accuracy(model, tok, rows_eval, max_new_tokens=48, batch_size=32, n_boot=10)
+
+    def rollout(scheduled: bool):
+        generation.SCHEDULED_BY_DEFAULT = scheduled
+        return generate(model, ids, params, tokenizer=tok, pad_id=tok.pad_id)
+
+    out = []
+    best, outs = timed({"static": lambda: evaluate(False), "scheduler": lambda: evaluate(True)}, repeats)
+    acc = [outs[k]["accuracy"]["value"] for k in ("static", "scheduler")]
+    n_tok = sum(len(c.token_ids) for row in outs["static"]["completions"] for c in row)
+    out.append(("tiny SFT", "eval (200 problems)", best["static"], best["scheduler"], n_tok,
+                f"{same(outs['static']['completions'], outs['scheduler']['completions'])}; accuracy "
+                f"{acc[0]:.3f} vs {acc[1]:.3f}"))
+    best, outs = timed({"static": lambda: rollout(False), "scheduler": lambda: rollout(True)}, repeats)
+    reward = [sum(is_correct(c.text, r["answer"]) for r, row in zip(rl, outs[k]) for c in row) / 64
+              for k in ("static", "scheduler")]
+    out.append(("tiny SFT", "GRPO rollout (8 x 8)", best["static"], best["scheduler"], tokens(outs["static"]),
+                f"{same(outs['static'], outs['scheduler'])}; math reward {reward[0]:.3f} vs {reward[1]:.3f}"))
+    generation.SCHEDULED_BY_DEFAULT = True
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["tiny", "smollm2"])
+    ap.add_argument("--models", nargs="*", default=["tiny", "smollm2"])
     ap.add_argument("--smollm2", default="/tmp/smollm2", help="a dir from `lmforge import smollm2 out_dir=...`")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--run-dir", default="", help="a finished tiny pipeline's run dir (its sft/model is used)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,6 +220,8 @@ def main() -> None:
     for name in args.models:
         model = tiny_model() if name == "tiny" else load_model_dir(args.smollm2).eval()
         rows += bench_model(name, model, args.repeats)
+    if args.run_dir:
+        rows += bench_pipeline(args.run_dir, args.repeats)
     print("| model | case | static s | scheduler s | speed-up | new tokens | same tokens |")
     print("|---|---|---:|---:|---:|---:|---|")
     for name, case, a, b, n, ok in rows:

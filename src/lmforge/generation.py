@@ -176,12 +176,14 @@ def batch_scheduler(model, prompts: list[list[int]], params: SamplingParams, *, 
                     block_size: int = 16, **kwargs) -> Scheduler:
     """A Scheduler sized for one batch of prompts: a KV pool for every row at full length (so nothing is ever
     preempted), all rows running at once unless ``max_running`` says fewer, every prompt prefilled in the first
-    step (nothing is decoding yet that a chunk limit would protect)."""
+    step (nothing is decoding yet that a chunk limit would protect); later prompts join a quarter of the rows at a
+    time (min_admit: fewer prefill forwards, measured faster on CPU than joining one by one)."""
     longest = max(map(len, prompts)) + params.max_new_tokens
     rows = len(prompts) * params.n if max_running is None else min(max_running, len(prompts) * params.n)
     per_row = -(-longest // block_size) + 1
     return Scheduler(model, kv_tokens=(rows + params.n) * per_row * block_size, block_size=block_size,
-                     max_running=rows, prefill_chunk=max(sum(map(len, prompts)), 1), **kwargs)
+                     max_running=rows, prefill_chunk=max(sum(map(len, prompts)), 1),
+                     min_admit=max(1, rows // 4), **kwargs)
 
 
 def _decode(model, prompts, params: SamplingParams, tokenizer, eos_token_ids, pad_id, on_token, static: bool,

@@ -215,16 +215,21 @@ class Scheduler:
 
     kv_tokens: the pool's budget (rounded down to whole blocks); max_running: most sequences (samples) prefilling
     or decoding at once; prefill_chunk: most prompt tokens prefilled per step (the rest waits for later steps, so
-    running rows keep decoding). ``step`` and ``generate`` are not to be called while ``start``'s thread runs.
+    running rows keep decoding); min_admit: while rows are decoding, admit only once this many places are free
+    (or the whole queue fits): fewer, larger prefill forwards, each of which has a fixed cost on a CPU (1 = admit
+    at every step, the lowest latency). ``step`` and ``generate`` are not to be called while ``start``'s thread
+    runs.
     """
 
     def __init__(self, model, tokenizer=None, *, eos_token_ids: list[int] | None = None, pad_id: int = 0,
-                 kv_tokens: int = 16384, block_size: int = 16, max_running: int = 32, prefill_chunk: int = 512):
+                 kv_tokens: int = 16384, block_size: int = 16, max_running: int = 32, prefill_chunk: int = 512,
+                 min_admit: int = 1):
         if block_size < 1 or kv_tokens < block_size or max_running < 1 or prefill_chunk < 1:
             raise ValueError(f"need block_size >= 1, kv_tokens >= block_size, max_running >= 1 and prefill_chunk"
                              f" >= 1, got {block_size}, {kv_tokens}, {max_running}, {prefill_chunk}")
         self.model, self.tokenizer, self.pad_id = model, tokenizer, pad_id
         self.max_running, self.prefill_chunk, self.block_size = max_running, prefill_chunk, block_size
+        self.min_admit = min_admit
         w = model.lm_head.weight
         self.device, self.dtype = w.device, w.dtype
         self.pool = PagedKVPool(model.config, kv_tokens // block_size, block_size, self.device, self.dtype)
@@ -368,6 +373,9 @@ class Scheduler:
     def _admit(self) -> None:
         """Admit queued sequences in order while their prompt blocks are free and the batch has room."""
         bs = self.block_size
+        free = self.max_running - self._running()
+        if self.decoding and self.waiting and free < min(self.min_admit, sum(s.fan for s in self.waiting)):
+            return
         while self.waiting:
             seq = self.waiting[0]
             if self._running() and self._running() + seq.fan > self.max_running:
