@@ -20,7 +20,8 @@ the batch (up to float rounding of the batch shape, as in generation.generate).
 Decoding speed on CPU: the packed decode step (cpu_decode.PackedDecodeStep) reads a contiguous cache. The running
 rows' keys are therefore mirrored in one right-aligned ``KVCache`` (every row writes at the same column, left
 padding masked, a position per row), gathered from the pool only when a row joins or the mirror is full; rows
-that leave are dropped from it; each step's new keys go to both (one index_put per step into the pool).
+that leave are dropped from it; a step's new keys go to the mirror only, and are written to the pool when the
+mirror is rebuilt (a row that leaves frees its blocks, so it needs none).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class Sequence:
         self.table: list[int] = []  # block ids, position p in block table[p // block_size]
         self.reserved: list[int] = []  # blocks for the n - 1 copies of a shared partial last prompt block
         self.hashes: list[int] = []  # chained hash of each full block registered for prefix sharing
-        self.computed = 0  # positions whose keys and values are in the pool
+        self.computed = 0  # positions whose keys and values are computed (in the pool, or the decode mirror)
+        self.pooled = 0  # of those, the ones written to the pool (the mirror's are flushed when it is rebuilt)
         self.generated: list[int] = []
         self.logprobs: list[float] = []
         self.seen: torch.Tensor | None = None  # (V,) bool, for the repetition penalty
@@ -201,6 +203,20 @@ class DecodeMirror:
                 self.rows[i] = self.rows[last]
             self.rows.pop()
         self._view()
+
+    def flush(self, pool: PagedKVPool) -> None:
+        """Write the positions computed here since each row joined to the pool (before the mirror is dropped;
+        rows that leave need none: their blocks are freed)."""
+        W, rows, cols, slots = self.cache.length, [], [], []
+        for i, s in enumerate(self.rows):
+            rows += [i] * (s.computed - s.pooled)
+            cols += range(W - s.computed + s.pooled, W)
+            slots += pool.slots(s.table, s.pooled, s.computed)
+            s.pooled = s.computed
+        if slots:
+            r, c = torch.tensor(rows, device=self.k.device), torch.tensor(cols, device=self.k.device)
+            pool.write(torch.tensor(slots, device=self.k.device), self.k[:, r, :, c].transpose(0, 1),
+                       self.v[:, r, :, c].transpose(0, 1))
 
     def inputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(key mask over length + 1 columns, positions) for the step; None, None when every row is aligned."""
@@ -416,7 +432,7 @@ class Scheduler:
 
     def _free(self, seq: Sequence) -> None:
         self.blocks.release(seq.table + seq.reserved)
-        seq.table, seq.reserved, seq.hashes, seq.computed = [], [], [], 0
+        seq.table, seq.reserved, seq.hashes, seq.computed, seq.pooled = [], [], [], 0, 0
         if seq.state == "prefill":
             self.prefilling.remove(seq)
         elif seq.state == "decode":
@@ -499,6 +515,7 @@ class Scheduler:
             cols += range(P + T - c, P + T)
             slots += self.pool.slots(seq.table, seq.computed, seq.computed + c)
             seq.computed += c
+            seq.pooled = seq.computed
         r, c = torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)
         self.pool.write(torch.tensor(slots, device=self.device), cache.k[:, r, :, c].transpose(0, 1),
                         cache.v[:, r, :, c].transpose(0, 1))
@@ -515,7 +532,8 @@ class Scheduler:
                 block = leader.reserved.pop()
                 self.pool.copy_block(leader.table[full], block, rest)
                 seq.table.append(block)
-            seq.hashes, seq.computed, seq.order = list(leader.hashes), leader.computed, leader.order
+            seq.hashes, seq.computed, seq.pooled, seq.order = (list(leader.hashes), leader.computed,
+                                                                leader.computed, leader.order)
             samples.append(seq)
         leader.fan = 1
         leader.request.sequences = samples
@@ -530,7 +548,7 @@ class Scheduler:
             self.mirror = None
             return [], None
         mirror = self._sync_mirror()
-        cache, rows, W = mirror.cache, list(mirror.rows), mirror.cache.length
+        cache, rows = mirror.cache, list(mirror.rows)
         tokens = torch.tensor([s.tokens[-1] for s in rows], device=self.device)
         mask, position = mirror.inputs()
         if self.packed is not None:
@@ -539,9 +557,6 @@ class Scheduler:
             hidden = self.model(tokens[:, None], attention_mask=mask, position_ids=position, cache=cache,
                                 return_hidden=True)[:, -1]
         logits = self.head(hidden)
-        bs = self.block_size
-        slots = [s.table[s.computed // bs] * bs + s.computed % bs for s in rows]
-        self.pool.write(torch.tensor(slots, device=self.device), cache.k[:, :, :, W], cache.v[:, :, :, W])
         for seq in rows:
             seq.computed += 1
         mirror.position[:len(rows)] += 1
@@ -559,8 +574,9 @@ class Scheduler:
                 if joining:
                     mirror.add(joining, self.pool)
                 return mirror
+            mirror.flush(self.pool)
         W = max(s.computed for s in self.decoding)
-        room = max(1, min(64, max(s.request.params.max_new_tokens - len(s.generated) for s in self.decoding)))
+        room = max(1, min(1024, max(s.request.params.max_new_tokens - len(s.generated) for s in self.decoding)))
         self.mirror = DecodeMirror(self.model.config, max(self.max_running, len(self.decoding)), W, room,
                                    self.device, self.dtype)
         self.mirror.add(list(self.decoding), self.pool)
