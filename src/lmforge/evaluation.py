@@ -130,13 +130,16 @@ def prompt_text(prompt) -> str:
 
 def generate_all(model, prompts: list[list[int]], params: SamplingParams, tokenizer=None, batch_size: int = 32,
                  label: str = "generate") -> list[list[Completion]]:
-    """``generate`` in batches of prompts, with a progress bar; completions[prompt][sample]."""
+    """``generate`` with at most ``batch_size`` prompts' rows running at once (continuous batching: the next
+    prompt takes a finished row's place), with a progress bar; completions[prompt][sample]. The bar moves every
+    4 x batch_size prompts (one generate call each)."""
     out: list[list[Completion]] = []
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
     with progress(label, len(prompts)) as advance:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            out += generate(model, chunk, params, tokenizer=tokenizer, pad_id=pad_id)
+        for start in range(0, len(prompts), 4 * batch_size):
+            chunk = prompts[start:start + 4 * batch_size]
+            out += generate(model, chunk, params, tokenizer=tokenizer, pad_id=pad_id,
+                            max_running=batch_size * params.n)
             advance(len(chunk))
     return out
 

@@ -261,6 +261,50 @@ class KVCache:
             self.v = self.v[:, rows]
 
 
+class PagedKVPool:
+    """Keys and values of many sequences in fixed-size blocks (paged attention, Kwon et al. 2023, vLLM).
+
+    Storage is (layers, num_blocks * block_size, kv_heads, head_dim): block b holds slots
+    [b * block_size, (b + 1) * block_size). A sequence owns a block table (block ids in order); its position p
+    lives at slot table[p // block_size] * block_size + p % block_size, so a sequence grows a block at a time,
+    blocks are shared by reference (a common prompt prefix), and the memory is fixed whatever the lengths.
+    """
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device=None, dtype=torch.float32):
+        # one extra block past the last, kept at zero: the slot that padding reads (``zero_slot``); the others
+        # start uninitialised (every position is written before it is read)
+        shape = (config.num_hidden_layers, (num_blocks + 1) * block_size, config.num_key_value_heads,
+                 config.resolved_head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.zero_slot = num_blocks * block_size
+        self.k[:, self.zero_slot:].zero_()
+        self.v[:, self.zero_slot:].zero_()
+
+    def slots(self, table: list[int], start: int, end: int) -> list[int]:
+        """Flat slots of positions [start, end) of the sequence with block table ``table``."""
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots (B, T) -> keys, values (layers, B, kv_heads, T, head_dim), the layout of ``KVCache``."""
+        flat, shape = slots.reshape(-1), (self.k.shape[0], *slots.shape, *self.k.shape[2:])
+        return (self.k.index_select(1, flat).view(shape).permute(0, 1, 3, 2, 4),
+                self.v.index_select(1, flat).view(shape).permute(0, 1, 3, 2, 4))
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (layers, N, kv_heads, head_dim) at flat slots (N,)."""
+        self.k.index_copy_(1, slots, k)
+        self.v.index_copy_(1, slots, v)
+
+    def copy_block(self, src: int, dst: int, count: int) -> None:
+        """Copy the first ``count`` slots of block ``src`` into block ``dst`` (copy on write of a shared tail)."""
+        a, b = src * self.block_size, dst * self.block_size
+        self.k[:, b:b + count] = self.k[:, a:a + count]
+        self.v[:, b:b + count] = self.v[:, a:a + count]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

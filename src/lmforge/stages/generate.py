@@ -40,7 +40,7 @@ class GenerateConfig:
     seed: int = 0
     thinking_budget: int | None = None  # most tokens inside <think> ... </think>; then the close is forced (s1)
     min_thinking_tokens: int = 0  # a close before this many thinking tokens becomes "Wait"
-    batch_size: int = 32  # prompts per engine call (each brings n rows)
+    batch_size: int = 32  # prompts running at once (each brings n rows); the next takes a finished one's place
     add_bos: bool = True  # raw-text prompts start with bos as pre-training documents do (messages: SFT's rule)
     logprobs: bool = False  # also write token_ids and their raw model log-probabilities
     compile: bool = False  # torch.compile the decode step: 10-40 s of warm-up on a 2-core CPU, for long jobs
@@ -88,10 +88,11 @@ def run_generate(cfg: GenerateConfig) -> dict:
                TimeRemainingColumn())
     with out_path.open("w", encoding="utf-8") as out, Progress(*columns, transient=True) as progress:
         task = progress.add_task("generate", total=len(rows), rate="")
-        for start in range(0, len(rows), cfg.batch_size):
-            batch = generate(model, prompts[start:start + cfg.batch_size], params, tokenizer=tok,
-                             pad_id=tok.pad_id)
-            for row, completions in zip(rows[start:start + cfg.batch_size], batch):
+        chunk = 4 * cfg.batch_size  # prompts per engine call: written (and the bar moved) after each call
+        for start in range(0, len(rows), chunk):
+            batch = generate(model, prompts[start:start + chunk], params, tokenizer=tok, pad_id=tok.pad_id,
+                             max_running=cfg.batch_size * cfg.n)
+            for row, completions in zip(rows[start:start + chunk], batch):
                 records = [completion_record(c, cfg.logprobs) for c in completions]
                 out.write(json.dumps({**row, "completions": records}, ensure_ascii=False) + "\n")
                 tokens += sum(r["tokens"] for r in records)
