@@ -14,11 +14,12 @@ import urllib.request
 
 import pytest
 
-from lmforge.apps.serve import APIError, ChatModel, Request, ServeConfig, make_server, reasoning_budgets
+from lmforge.apps.serve import APIError, ChatModel, ServeConfig, make_server, reasoning_budgets
 from lmforge.constitutional.judges import ChatParams, LocalModel, OpenAIEndpoint
 from lmforge.data.chat import encode_prompt
 from lmforge.generation import SamplingParams, generate
 from lmforge.modelio import load_model_and_tokenizer
+from lmforge.scheduler import Request
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Response A or B?"}]
 
@@ -268,10 +269,9 @@ class FailingEngine:
         self.token_id = token_id
 
     def submit(self, prompt_ids, params, on_token=None):
-        request = Request(prompt_ids, params, on_token)
+        request = Request(prompt_ids, params, streams=[], stop_ids=set(), on_token=on_token)
         on_token(0, self.token_id)
-        request.error = RuntimeError("out of memory")
-        request._done.set()
+        request._finish(error=RuntimeError("out of memory"))
         return request
 
     def start(self):

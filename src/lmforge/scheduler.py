@@ -326,7 +326,10 @@ class Scheduler:
             self._thread = None
 
     def stats(self) -> dict:
-        return dict(queued=len(self.waiting) + len(self._intake), running=len(self.prefilling) + len(self.decoding),
+        # running: sequences admitted and not finished, those being sampled this very step included (a stats()
+        # from another thread, e.g. serve's /metrics, may come while the step hands out their tokens)
+        running = sum(q.state in ("prefill", "ready", "decode") for r in list(self.requests) for q in list(r.sequences))
+        return dict(queued=len(self.waiting) + len(self._intake), running=running,
                     kv_blocks_used=self.blocks.used, kv_blocks_total=self.blocks.total,
                     block_size=self.block_size, **self.counts)
 

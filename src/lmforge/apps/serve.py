@@ -18,9 +18,10 @@ n x max_tokens, the context), the wait (``max_queued`` requests queued, then 429
 (``request_timeout``; a client that goes away cancels its request). Unknown fields and fields that would change
 the output but are not implemented (tools, response_format, logit_bias, penalties) are 400s naming the field.
 
-Requests go to the engine through a small seam (``submit`` -> Request, ``wait``, ``cancel``, ``stats``); here it is
-SerialEngine, one generate at a time on a worker thread. The standard library is the whole HTTP stack (see
-bench/bench_http_stack.py and the README for why).
+Requests go to the engine through a small seam (``submit`` -> Request, ``wait``, ``cancel``, ``stats``): the
+continuous-batching scheduler (lmforge.scheduler), so many requests decode together, each streamed, joining and
+leaving the batch between decode steps, with their KV cache in blocks under ``kv_tokens``. The standard library is
+the whole HTTP stack (see bench/bench_http_stack.py and the README for why).
 
 Log-probabilities are those of the raw model (temperature 1), from one teacher-forced forward pass over prompt
 + completion; ``top_logprobs`` lists the k most likely tokens at each generated position, so the OpenAI judge
@@ -53,8 +54,9 @@ import torch
 from lmforge.config import parse_cli
 from lmforge.data.chat import check_messages, encode_prompt
 from lmforge.errors import DataError
-from lmforge.generation import SamplingParams, generate
+from lmforge.generation import SamplingParams
 from lmforge.modelio import DTYPES, load_model_and_tokenizer
+from lmforge.scheduler import Request, Scheduler
 from lmforge.tokenizer import CHATML_TEMPLATE
 
 CHAT_PAGE = Path(__file__).resolve().parent.parent / "assets" / "chat.html"
@@ -93,6 +95,10 @@ class ServeConfig:
     read_timeout: float = 30.0  # seconds for a request's headers and body to arrive, from its first byte
     idle_timeout: float = 15.0  # seconds a connection may send nothing (keep-alive, or a stalled read / write)
     request_timeout: float = 600.0  # seconds a request may queue + generate; then it is cancelled (504)
+    # ---- the continuous-batching scheduler (lmforge.scheduler) every request runs on ----
+    kv_tokens: int = 16384  # the KV cache's budget in tokens (fixed-size blocks); a request that cannot fit -> 400
+    max_running: int = 32  # sequences (a request's n samples count n) decoding together
+    prefill_chunk: int = 512  # prompt tokens prefilled per step, so running streams keep decoding
     device: str = "auto"
     dtype: str = "float32"  # float32 | bfloat16 | float16
     verbose: bool = True  # log one line per request to stderr
@@ -109,7 +115,8 @@ class ServeConfig:
                              f"{self.reasoning_budgets}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for key in ("max_n", "max_request_tokens", "max_body", "max_queued", "max_connections"):
+        for key in ("max_n", "max_request_tokens", "max_body", "max_queued", "max_connections", "kv_tokens",
+                    "max_running", "prefill_chunk"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("read_timeout", "idle_timeout", "request_timeout"):
@@ -248,103 +255,10 @@ def usage(prompt_len: int, completions) -> dict:
             "completion_tokens_details": {"reasoning_tokens": thinking}}
 
 
-# ---- the engine seam: submit -> Request; wait / cancel; stats ----
+# ---- the engine seam: submit -> scheduler.Request; wait / cancel; stats ----
 
 class Cancelled(Exception):
     """The error of a request cancelled before it finished."""
-
-
-class Request:
-    """One submitted generation: ``completions`` (list[Completion]) once done, or ``error``."""
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_token=None):
-        self.prompt_ids, self.params, self.on_token = prompt_ids, params, on_token
-        self.completions, self.error, self.cancelled = None, None, False
-        self._done = threading.Event()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Ask the engine to stop: a queued request never starts, a running one stops at its next token."""
-        self.cancelled = True
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-
-class SerialEngine:
-    """The scheduler's interface on the plainest engine: a worker thread takes requests in arrival order and runs
-    generation.generate on each, one at a time. on_token(sample, token) runs on that thread; an exception in it,
-    or cancel(), stops the request at its next token (Cancelled)."""
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-        self.queue: collections.deque[Request] = collections.deque()
-        self.cond = threading.Condition()
-        self.running, self.generated, self.stopping, self.thread = 0, 0, False, None
-
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_token=None) -> Request:
-        request = Request(prompt_ids, params, on_token)
-        with self.cond:
-            self.queue.append(request)
-            self.cond.notify()
-        return request
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            for request in self.queue:
-                request.cancel()
-            self.cond.notify()
-        if self.thread is not None:
-            self.thread.join(timeout=30)
-
-    def stats(self) -> dict:
-        with self.cond:
-            return {"queued": len(self.queue), "running": self.running, "generated_tokens": self.generated}
-
-    def _loop(self) -> None:
-        while True:
-            with self.cond:
-                self.cond.wait_for(lambda: self.queue or self.stopping)
-                if not self.queue:
-                    return
-                request = self.queue.popleft()
-                self.running = 1
-            try:
-                self._run(request)
-            finally:
-                with self.cond:
-                    self.running = 0
-                request._done.set()
-
-    def _run(self, request: Request) -> None:
-        def on_token(row: int, token_id: int) -> None:
-            if request.cancelled:
-                raise Cancelled("the request was cancelled")
-            with self.cond:
-                self.generated += 1
-            if request.on_token is not None:
-                try:
-                    request.on_token(row, token_id)
-                except Exception as e:
-                    request.cancel()
-                    raise Cancelled(f"on_token failed: {e!r}") from e
-
-        try:
-            if request.cancelled:
-                raise Cancelled("the request was cancelled")
-            request.completions = generate(self.model, [request.prompt_ids], request.params,
-                                           tokenizer=self.tokenizer, pad_id=self.tokenizer.pad_id,
-                                           on_token=on_token)[0]
-        except Exception as e:  # Cancelled, or a model failure the request's waiter re-raises
-            request.error = e
 
 
 # ---- /metrics ----
@@ -441,7 +355,8 @@ class ChatModel:
         path = Path(cfg.model).resolve()  # runs/tiny/sft/model is served as "sft"
         self.name = cfg.model_name or (path.parent.name if path.name == "model" else path.name)
         self.created = int(time.time())
-        self.engine = engine or SerialEngine(model, tokenizer)
+        self.engine = engine or Scheduler(model, tokenizer, pad_id=tokenizer.pad_id, kv_tokens=cfg.kv_tokens,
+                                          max_running=cfg.max_running, prefill_chunk=cfg.prefill_chunk)
         self.metrics = Metrics()
         self.lock = threading.Lock()  # the logprobs forward passes, one at a time
         self.admit = threading.Lock()  # the queue-length check and the submit, as one step
@@ -492,7 +407,10 @@ class ChatModel:
                 wait = min(600, max(1, math.ceil(self.mean_seconds * (queued + 1))))
                 raise APIError(429, f"the server is busy: {queued} requests are queued; retry in {wait} s",
                                "rate_limit_error", headers={"Retry-After": str(wait)})
-            return Job(self.engine.submit(ids, params, on_token), events, started)
+            try:
+                return Job(self.engine.submit(ids, params, on_token), events, started)
+            except ValueError as e:  # the engine's own checks: a request larger than the whole KV budget
+                raise APIError(400, str(e), "invalid_request_error") from None
 
     def wait(self, job: Job, on_token=None, alive=lambda: True) -> list:
         """The completions of a submitted job; on_token(row, token) is called on this (the handler's) thread as
@@ -517,6 +435,8 @@ class ChatModel:
         self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.monotonic() - job.started)
         if request.error is not None:
             raise request.error
+        if request.completions is None:  # cancelled by the engine (an on_token failure), not by this thread
+            raise Cancelled("the request was cancelled")
         return request.completions
 
     @staticmethod
@@ -898,7 +818,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(cfg: ServeConfig, model=None, tokenizer=None, engine=None) -> BoundedHTTPServer:
     """A bound (not yet serving) server for cfg.model, or for an already loaded model and tokenizer; its engine
-    (SerialEngine unless given) is started, and stopped by server_close()."""
+    (a scheduler.Scheduler unless given) is started, and stopped by server_close()."""
     cfg.validate()
     cfg = replace(cfg, api_key=cfg.api_key or os.environ.get("LMFORGE_API_KEY", ""))  # env: kept out of `ps`
     if model is None:
