@@ -3,7 +3,7 @@
     python bench/bench_serve_overhead.py [--tokens 128] [--repeats 5]
 
 A random model (hidden 256, 4 layers, 4/2 heads, FFN 688) is served in this process (make_server on a thread,
-SerialEngine); the same chat prompt is completed greedily ``--repeats`` times each way, alternating: through
+the scheduler); the same chat prompt is completed greedily ``--repeats`` times each way, alternating: through
 HTTP with stream=true (the server's tokenizer, stop strings and SSE framing included) and with
 generation.generate on the encoded prompt (an on_token callback timing the first token). Greedy, so both produce
 the same tokens; the table gives the medians of the time to the first token and of tokens/s.
