@@ -220,8 +220,9 @@ def test_cli_configs_pass_the_compile_switch_to_generate(tmp_path, monkeypatch):
     ppo = PPOConfig(out_dir=str(tmp_path / "ppo"), model=str(policy), compile_generation=True,
                     data=RLDataConfig(source=str(data), eval_source=str(data), eval_size=2),
                     rewards=[RewardSpec(kind="model", path=str(rm))], prompts_per_rollout=2,
-                    train=TrainConfig(max_steps=1, batch_size=2, micro_batch_size=2, device="cpu", num_threads=1,
-                                      eval_every=0, save_every=0))
+                    train=TrainConfig(max_steps=1, warmup_steps=0, batch_size=2, micro_batch_size=2, device="cpu",
+                                      num_threads=1, eval_every=0, save_every=0,
+                                      eval_on_start=False))  # straight to the rollout; the eval is checked below
     with pytest.raises(Seen):
         run_ppo(ppo)
     run = lmforge.rollout.start_rl_run(ppo)

@@ -60,11 +60,15 @@ def count_fives(inp):
     return r, {"fives": r}
 
 
-def run_toy(out, cfg: GRPOConfig, reward=count_fives, loss_fn=None):
+def run_toy(out, cfg: GRPOConfig, reward=count_fives, loss_fn=None, make_sampler=None):
+    """GRPO on four fixed prompts of a 16-token model; ``make_sampler(policy)``: an async_rollout.AheadSampler
+    generating the rollouts ahead (test_async_rollout.py), saved in every checkpoint and closed at the end."""
     policy = tiny_model(vocab=16)
     ref = deepcopy(policy).eval().requires_grad_(False)
     rows = [{"prompt": "p", "answer": None}] * 4
-    stream = RolloutStream(grpo_rollout(cfg, policy, ref, None, rows, [[1, 2], [3], [4, 6, 7], [8]], reward, torch.device("cpu")),
+    sampler = make_sampler(policy) if make_sampler is not None else None
+    stream = RolloutStream(grpo_rollout(cfg, policy, ref, None, rows, [[1, 2], [3], [4, 6, 7], [8]], reward,
+                                        torch.device("cpu"), sampler=sampler),
                            epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
                            resume_dir=lambda: latest_checkpoint(out / "checkpoints"),
                            accumulation=cfg.train.accumulation(1))
@@ -72,8 +76,13 @@ def run_toy(out, cfg: GRPOConfig, reward=count_fives, loss_fn=None):
     def save_model(path):
         save_weights(policy, str(path / "model.safetensors"))
         stream.save_buffer(path)
-
-    train(policy, loss_fn or grpo_loss_fn(cfg), stream, cfg.train, out, save_model=save_model)
+        if sampler is not None:
+            sampler.save(path)
+    try:
+        train(policy, loss_fn or grpo_loss_fn(cfg), stream, cfg.train, out, save_model=save_model)
+    finally:
+        if sampler is not None:
+            sampler.close()
     return policy
 
 
