@@ -158,7 +158,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, tokeniz
     if (params.thinking_budget is not None or params.min_thinking_tokens) and tokenizer is None:
         raise ValueError("a thinking budget needs a tokenizer (to find <think> and </think>)")
     static = params.compile or (params.static_cache if params.static_cache is not None else STATIC_BY_DEFAULT)
-    rows = len(prompts) * params.n if max_running is None else min(max_running, len(prompts) * params.n)
+    rows = running_rows(prompts, params, max_running)
     packed = not static and packable(model, rows)
     with nullcontext() if packed else column_major_weights(model), torch.inference_mode():
         if not static and SCHEDULED_BY_DEFAULT:
@@ -172,6 +172,12 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, tokeniz
         return out
 
 
+def running_rows(prompts: list[list[int]], params: SamplingParams, max_running: int | None) -> int:
+    """Rows decoding at once: every prompt's n samples, or at most max_running."""
+    rows = len(prompts) * params.n
+    return rows if max_running is None else min(max_running, rows)
+
+
 def batch_scheduler(model, prompts: list[list[int]], params: SamplingParams, *, max_running: int | None = None,
                     block_size: int = 16, **kwargs) -> Scheduler:
     """A Scheduler sized for one batch of prompts: a KV pool for every row at full length (so nothing is ever
@@ -179,7 +185,7 @@ def batch_scheduler(model, prompts: list[list[int]], params: SamplingParams, *, 
     step (nothing is decoding yet that a chunk limit would protect); later prompts join a quarter of the rows at a
     time (min_admit: fewer prefill forwards, measured faster on CPU than joining one by one)."""
     longest = max(map(len, prompts)) + params.max_new_tokens
-    rows = len(prompts) * params.n if max_running is None else min(max_running, len(prompts) * params.n)
+    rows = running_rows(prompts, params, max_running)
     per_row = -(-longest // block_size) + 1
     return Scheduler(model, kv_tokens=(rows + params.n) * per_row * block_size, block_size=block_size,
                      max_running=rows, prefill_chunk=max(sum(map(len, prompts)), 1),

@@ -352,7 +352,7 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
     eval_fn = accuracy_eval(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens) if eval_rows \
         else (lambda _model=None: {})
     metrics = MetricsLogger(out_dir, enabled=dist.is_main, start_step=done[-1]["step"] + 1 if done else 0,
-                            report_to=[r for r in cfg.train.report_to if r != "tensorboard"],  # rounds: TB has them
+                            tensorboard=False, report_to=cfg.train.report_to,  # the rounds' own runs have TB
                             run_name=cfg.train.run_name, project=cfg.train.tracking_project,
                             group=cfg.train.tracking_group, config=asdict(cfg))
     if not done:  # round 0: where the curve starts

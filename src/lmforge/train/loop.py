@@ -222,7 +222,7 @@ def _train(model, loss_fn, train_data, cfg: TrainConfig, out_dir: Path, dist: Di
         with signals, progress:
             for note in notes:
                 progress.print(note)
-            if start_eval(s):
+            if start_eval(cfg, s.eval_fn, s.result.resumed_from):
                 evaluate_at_start(s, progress)
             while s.step < cfg.max_steps:
                 lr = lr_at(s.step, cfg)
@@ -320,7 +320,6 @@ def _start(model, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, s
             notes.append(f"resume=false: starting from step 0; checkpoints in {ckpt_root} get overwritten")
         _seed_everything(cfg.seed + dist.rank)
 
-    fresh_start_eval = cfg.eval_on_start and eval_fn is not None and resumed is None
     # ddp: DDP around model; fsdp: a sharded copy of it (net), model itself parked on the CPU until the end
     wrapped = wrap_model(model, dist, cfg.parallel, reshard_after_forward=cfg.reshard_after_forward,
                          bf16=use_bf16(cfg, dist.device))
@@ -334,8 +333,8 @@ def _start(model, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, s
         optimizer=optimizer, params=[p for p in net.parameters() if p.requires_grad], train_data=train_data,
         # start_step: what a kill left past the checkpoint (or, with none, past step 0) is logged again, so it
         # goes first: the file equals an unbroken run's
-        logger=MetricsLogger(out_dir, enabled=dist.is_main, start_step=0 if fresh_start_eval else step + 1,
-                             report_to=cfg.report_to, run_name=cfg.run_name, project=cfg.tracking_project,
+        logger=MetricsLogger(out_dir, enabled=dist.is_main,
+                             start_step=0 if start_eval(cfg, eval_fn, resumed) else step + 1, report_to=cfg.report_to, run_name=cfg.run_name, project=cfg.tracking_project,
                              group=cfg.tracking_group,
                              config=_as_dict(run_config if run_config is not None else cfg)),
         ckpt_root=ckpt_root, run_config=run_config if run_config is not None else cfg, save_model=save_model,
@@ -478,9 +477,9 @@ def sync_model(s: LoopState) -> None:
         s.synced = s.step
 
 
-def start_eval(s: LoopState) -> bool:
+def start_eval(cfg: TrainConfig, eval_fn, resumed: Path | None) -> bool:
     """train.eval_on_start on a fresh run: the curve's starting point (a resumed run logged it already)."""
-    return s.cfg.eval_on_start and s.eval_fn is not None and s.result.resumed_from is None and s.step == 0
+    return bool(cfg.eval_on_start) and eval_fn is not None and resumed is None
 
 
 def evaluate_at_start(s: LoopState, progress: ProgressDisplay) -> None:

@@ -32,7 +32,7 @@ class MetricsLogger:
     Only the main rank should write (``enabled=is_main``); a disabled logger does nothing. ``start_step``: the
     run (re)starts there, so rows an earlier attempt logged at steps >= start_step are dropped from the file, and
     the trackers resume the earlier attempt's run (TensorBoard purging from start_step); None appends to whatever
-    is there. ``tensorboard=False`` drops TensorBoard from the default writers (small side logs).
+    is there. ``tensorboard=False`` drops TensorBoard from the writers (small side logs).
     """
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
@@ -48,8 +48,8 @@ class MetricsLogger:
         if start_step is not None and self.path.exists():
             drop_rows_from(self.path, start_step)
             restart = start_step - 1
-        if report_to is None:
-            report_to = [r for r in DEFAULT_REPORT_TO if tensorboard or r != "tensorboard"]
+        report_to = [r for r in (DEFAULT_REPORT_TO if report_to is None else report_to)
+                     if tensorboard or r != "tensorboard"]
         self.writers = open_writers(report_to, RunInfo(Path(out_dir), run_name, project, config or {}, restart,
                                                       group))
 
