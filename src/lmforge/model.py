@@ -7,6 +7,8 @@ Parameter names are exactly those of Hugging Face's ``LlamaForCausalLM`` (``mode
 same architecture with other settings. Extras for alignment work: position ids and document ids for packed
 sequences (attention never crosses a document boundary), a key-padding mask for left-padded batches, a
 preallocated KV cache for generation, and an optional scalar ``score`` head for reward models and critics.
+Packed forwards attend either through SDPA with a dense (B, 1, T, T) document mask or through FlexAttention with a
+block-sparse mask built from the document ids (``Transformer.packed_attention``, see packed_backend).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.objectives.lm import fused_linear_cross_entropy
@@ -326,8 +330,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # grouped-query attention: each kv head serves n_heads // n_kv_heads query heads (SDPA indexes, never copies)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        if isinstance(mask, BlockMask):
+            y = flex_attend(q, k, v, mask, gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def decode(self, x, cos, sin, keys, values, slot: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -390,6 +398,9 @@ class Transformer(nn.Module):
         # Recompute each block's activations in backward instead of storing them: activation memory drops from
         # O(layers) blocks to about one, for roughly one extra forward pass of compute. Training forwards only.
         self.gradient_checkpointing = False
+        # How packed (document_ids) forwards attend: "sdpa" (dense mask), "flex" (block mask) or "auto" (flex on
+        # CUDA, sdpa on CPU; see packed_backend). Set from train.packed_attention by the loop.
+        self.packed_attention = "auto"
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
@@ -466,7 +477,11 @@ class Transformer(nn.Module):
                 length = int(position_ids.max()) + 1  # the longest packed document, as transformers sees it
         self._extend_rope(past + T)
         cos, sin = self._rope(position_ids, past, T, length)
-        mask = build_attention_mask(T, past, attention_mask, document_ids, input_ids.device)
+        if document_ids is not None and packed_backend(self.packed_attention, input_ids.device,
+                                                       attention_mask is not None or past > 0) == "flex":
+            mask = document_block_mask(document_ids)
+        else:
+            mask = build_attention_mask(T, past, attention_mask, document_ids, input_ids.device)
 
         x = self.model.embed_tokens(input_ids)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
@@ -586,3 +601,96 @@ def build_attention_mask(T: int, past: int, attention_mask: torch.Tensor | None,
         mask = mask & attention_mask.bool()[:, None, None, :]
         mask = mask | (k_pos[None, :] == q_pos[:, None])[None, None]
     return mask
+
+
+PACKED_ATTENTION = ("auto", "sdpa", "flex")
+FLEX_BLOCK = 128  # FlexAttention's default tile: the block mask says, per (query tile, key tile), none/some/all
+
+
+def packed_backend(mode: str, device: torch.device, padded: bool) -> str:
+    """"flex" or "sdpa" for a packed forward under ``mode`` (PACKED_ATTENTION) on ``device``; ``padded``: the
+    forward also has a key-padding mask or a KV cache, which only the dense mask handles.
+
+    auto is flex on CUDA (fused kernels that skip the tiles across documents; the dense mask turns SDPA's flash
+    kernel off) and sdpa elsewhere: on CPU torch 2.13's flex_attention has no backward and, eager, is slower than
+    SDPA with the mask (bench/bench_packed_attention.py). flex never falls back: it raises where it cannot run.
+    """
+    if mode not in PACKED_ATTENTION:
+        raise ValueError(f"packed_attention must be one of {', '.join(PACKED_ATTENTION)}, got {mode!r}")
+    if mode == "auto":
+        return "flex" if device.type == "cuda" and not padded else "sdpa"
+    if mode == "flex" and padded:
+        raise ValueError("packed_attention=flex takes document ids alone (padding is a document of its own), "
+                         "not an attention_mask or a KV cache")
+    return mode
+
+
+def set_packed_attention(module: nn.Module, mode: str) -> None:
+    """Set ``packed_attention`` on every Transformer inside ``module`` (a policy, a policy + critic pair)."""
+    packed_backend(mode, torch.device("cpu"), False)  # validates the name
+    for m in module.modules():
+        if isinstance(m, Transformer):
+            m.packed_attention = mode
+
+
+def document_block_mask(document_ids: torch.Tensor, block: int = FLEX_BLOCK) -> BlockMask:
+    """FlexAttention's BlockMask for causal attention inside each packed document, built from the document ids
+    (B, T) in O(T x documents) memory, never a (T, T) mask: a key tile is skipped unless it shares a document
+    with the query tile (and is not after it), and marked full (no per-element mask) when both tiles lie inside
+    one document, none past T, and the key tile is strictly before the query tile (create_block_mask's tiles). Same visible pairs as build_attention_mask.
+    """
+    B, T = document_ids.shape
+    n = -(-T // block)
+    ids = document_ids - document_ids.amin(dim=1, keepdim=True)  # >= 0 per row (rollout padding is -1)
+    counts = F.one_hot(ids, int(ids.max()) + 1).to(torch.float32)  # (B, T, docs)
+    counts = F.pad(counts, (0, 0, 0, n * block - T)).view(B, n, block, -1).sum(2)  # tokens of a doc per tile
+    present = (counts > 0).to(torch.float32)
+    shares = (present @ present.transpose(1, 2)) > 0  # (B, n, n): query tile i and key tile j share a document
+    below = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril(-1)
+    diagonal = torch.eye(n, dtype=torch.bool, device=ids.device)
+    single = (present.sum(-1) == 1) & (counts.sum(-1) == block)  # one document, no position past T
+    doc = counts.argmax(-1)
+    full = below & single[:, :, None] & single[:, None, :] & (doc[:, :, None] == doc[:, None, :])
+    partial = ((shares & below) | diagonal) & ~full
+    # mask_mod may read positions past T (the last tile's tail): there the id matches no real document
+    padded = F.pad(document_ids, (0, n * block - T), value=int(document_ids.min()) - 1)
+
+    def same_document(b, h, q, k):
+        return (k <= q) & (padded[b, q] == padded[b, k])
+
+    def tiles(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True)  # the tiles to visit first, in order
+        return m.sum(-1).to(torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    (num, idx), (full_num, full_idx) = tiles(partial), tiles(full)
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=same_document,
+                                    seq_lengths=(T, T))
+
+
+_compiled_flex: dict = {}  # device type -> torch.compile'd flex_attention
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask,
+                gqa: bool) -> torch.Tensor:
+    """flex_attention(q, k, v) under ``block_mask``, compiled (fused kernels; eager, flex materialises the
+    scores). On CPU torch 2.13's flex_attention refuses inputs that need gradients, so a CPU forward that needs
+    them runs flex's own operator eagerly (its reference math, which has a backward): the same masked attention,
+    as slow as dense attention or slower; it is what makes the flex path testable on CPU."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu" and needs_grad:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("packed_attention=flex: torch.compile cannot build flex attention's backward on "
+                               "CPU; use packed_attention=sdpa (or auto) on CPU, or train.compile=false")
+        out, _, _ = flex_attention_op(q, k, v, _score_identity, block_mask.as_tuple(), q.shape[-1] ** -0.5, {})
+        return out
+    if torch.compiler.is_compiling():  # inside a compiled model: dynamo fuses the call itself
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    kind = q.device.type
+    if kind not in _compiled_flex:  # CPU: one kernel per shape (inductor's dynamic-shape CPU flex kernel failed
+        # to build at T=2048 in torch 2.13); elsewhere shapes that change (RL packed widths) turn dynamic
+        _compiled_flex[kind] = torch.compile(flex_attention, dynamic=False if kind == "cpu" else None)
+    return _compiled_flex[kind](q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def _score_identity(score, b, h, q, k):
+    return score

@@ -37,7 +37,7 @@ from lmforge.data.prompts import read_rl_prompts, render_prompt
 from lmforge.environments import Episode, load_environment
 from lmforge.errors import DataError
 from lmforge.generation import Completion, SamplingParams, generate
-from lmforge.model import unwrap
+from lmforge.model import set_packed_attention, unwrap
 from lmforge.modelio import load_model_and_tokenizer
 from lmforge.objectives.lm import chunked_token_logprobs
 from lmforge.objectives.rl import (
@@ -856,6 +856,7 @@ def start_rl_run(cfg) -> RLRun:
     run = start_run(cfg)
     dist = run.dist
     policy, ref, tokenizer = load_policy_and_ref(cfg.model, cfg.ref_model, dist.device)
+    set_packed_attention(ref, cfg.train.packed_attention)  # the loop sets the policy's (and a critic's)
     rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
     check_answers(rows + eval_rows, cfg.rewards)
     reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)

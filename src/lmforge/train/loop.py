@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import RunError
-from lmforge.model import unwrap
+from lmforge.model import PACKED_ATTENTION, set_packed_attention, unwrap
 from lmforge.scoring import to_device
 from lmforge.train.checkpointing import (
     latest_checkpoint,
@@ -79,6 +79,9 @@ class TrainConfig:
     seed: int = 0
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA with bf16, else fp32
     compile: bool = False
+    # packed batches (document ids): sdpa (dense document mask) | flex (FlexAttention block mask) | auto (flex on
+    # CUDA, sdpa on CPU, where flex has no backward); model.packed_backend, bench/bench_packed_attention.py
+    packed_attention: Literal["auto", "sdpa", "flex"] = "auto"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (ddp) or shard (fsdp, FSDP2) the model
     reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (less memory)
     nan_policy: Literal["stop", "skip"] = "stop"
@@ -118,6 +121,8 @@ class TrainConfig:
             (self.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0 (0 = all), got {self.keep_checkpoints}"),
             (self.max_skipped_steps >= 0, f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}"),
             (self.dtype in ("auto", "float32", "bfloat16"), f"unknown dtype {self.dtype!r}"),
+            (self.packed_attention in PACKED_ATTENTION,
+             f"unknown packed_attention {self.packed_attention!r} ({', '.join(PACKED_ATTENTION)})"),
             (self.nan_policy in ("stop", "skip"), f"unknown nan_policy {self.nan_policy!r}"),
             (self.parallel in PARALLEL, f"unknown parallel {self.parallel!r} ({', '.join(PARALLEL)})"),
             (self.num_threads >= 0, f"num_threads must be >= 0 (0 = torch's default), got {self.num_threads}"),
@@ -306,6 +311,7 @@ def _start(model, train_data, cfg: TrainConfig, out_dir: Path, dist: DistInfo, s
     model (ddp / fsdp), build the optimizer and the logger. Returns the state and the notes to print."""
     ckpt_root = out_dir / "checkpoints"
     model.to(dist.device)
+    set_packed_attention(model, cfg.packed_attention)
     step, tokens, skipped, notes, final_eval = 0, 0, 0, [], None
     resumed = latest_checkpoint(ckpt_root, warn=dist.is_main) if cfg.resume else None
     if resumed is not None:
