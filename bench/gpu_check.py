@@ -11,10 +11,14 @@ Rows:
                          H100 SXM and H200 989 TFLOPs). Beside it nanochat's published MFU, ~41-46% as issue 19 quotes
                          it (their figure, not measured here; their N and FLOP count may differ from ours).
   sft / dpo / grpo       `lmforge <stage>` on the SmolLM2 model directory (--smollm2; the row is skipped without one)
-                         with the stages' built-in data: optimizer steps/s, the median of the logged step times after
+                         with the stages' built-in data (sft and grpo packed, train.packed_attention=flex on CUDA;
+                         the CPU smoke run leaves them at auto, i.e. sdpa): optimizer steps/s, the median of the logged step times after
                          the first two (compile and warm-up).
   decode b1 / b16 / b64  generation.generate, sampled, no stop tokens: new tokens/s over the batch (CUDA-graph decode,
                          SamplingParams.compile, on CUDA).
+  packed sdpa / flex     forward + backward of the first config on packed rows (16 documents of uneven lengths per
+                         row): SDPA with the dense document mask vs FlexAttention's block mask (train.packed_attention),
+                         tokens/s, peak memory and the flex loss's difference from sdpa's.
   fsdp2 = plain          3 AdamW steps sharded by FSDP2 over a 1-process group against the plain model: the largest
                          loss difference (should be ~0).
 Peak memory is torch.cuda.max_memory_allocated per row (CUDA only). No GPU numbers exist yet: the table is to be taken
@@ -51,8 +55,9 @@ LLAMA = {"124M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 NANOCHAT = "nanochat ~41-46% MFU (published)"
 FULL = dict(vocab=32768, seq=2048, batch={"124M": 16, "350M": 8}, steps=10, stage_steps=12, decode_tokens=128,
-            configs=LLAMA)
-SMOKE = dict(vocab=256, seq=64, batch={"tiny": 2}, steps=2, stage_steps=3, decode_tokens=4, configs={"tiny": TINY})
+            configs=LLAMA, packed_docs=16)
+SMOKE = dict(vocab=256, seq=64, batch={"tiny": 2}, steps=2, stage_steps=3, decode_tokens=4, configs={"tiny": TINY},
+             packed_docs=4)
 
 
 def peak_memory(device: torch.device) -> float | None:
@@ -103,6 +108,40 @@ def pretrain_row(name: str, shape: dict, s: dict, device: torch.device, bf16: bo
     return {"row": f"pretrain {name}", "value": tok_s, "unit": "tokens/s", "params_M": n / 1e6,
             "mfu": 6 * n * tok_s / peak if peak else None, "peak_mib": peak_memory(device),
             "reference": NANOCHAT if device.type == "cuda" else ""}
+
+
+def packed_attention_rows(s: dict, device: torch.device, bf16: bool) -> list[dict]:
+    """Forward + backward of a packed batch (``packed_docs`` documents of uneven lengths per row) with
+    packed_attention = sdpa (dense document mask) and = flex (block mask): tokens/s, peak memory and the largest
+    loss difference. On CUDA the flex side is compiled flex_attention; on the CPU (smoke) its eager operator."""
+    name, shape = next(iter(s["configs"].items()))
+    torch.manual_seed(0)
+    model = llama(shape, s["vocab"], s["seq"]).to(device)
+    batch, seq, g = s["batch"][name], s["seq"], torch.Generator().manual_seed(0)
+    cuts = [torch.randperm(seq - 1, generator=g)[:s["packed_docs"] - 1].add(1).sort().values for _ in range(batch)]
+    docs = torch.stack([torch.bucketize(torch.arange(seq), c, right=True) for c in cuts]).to(device)
+    tokens = torch.randint(0, s["vocab"], (batch, seq), device=device)
+    cfg = TrainConfig(dtype="bfloat16" if bf16 else "float32", device=str(device))
+    rows, losses = [], {}
+    for side in ("sdpa", "flex"):
+        model.packed_attention = side
+        reset_memory(device)
+        t0 = 0.0
+        for step in range(2 * s["steps"]):
+            if step == s["steps"]:
+                sync(device)
+                t0 = time.perf_counter()
+            with autocast_context(cfg, device):
+                loss = model(tokens, labels=tokens, document_ids=docs)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            losses[side] = loss.item()
+        sync(device)
+        rows.append({"row": f"packed {side} fwd+bwd", "value": batch * seq * s["steps"] / (time.perf_counter() - t0),
+                     "unit": "tokens/s", "peak_mib": peak_memory(device),
+                     "reference": f"{s['packed_docs']} docs/row, seq {seq}"})
+    rows[1]["reference"] += f", |loss - sdpa's| {abs(losses['flex'] - losses['sdpa']):.1e}"
+    return rows
 
 
 def fsdp_row(device: torch.device) -> dict:
@@ -160,6 +199,8 @@ def stage_row(stage: str, model_dir: Path, steps: int, work: Path, smoke: bool) 
     args = [f"model={model_dir}", f"out_dir={out}", f"train.max_steps={steps}", "train.log_every=1",
             "train.eval_every=0", "train.save_every=0", "train.warmup_steps=0", "train.report_to=[jsonl]",
             *STAGE_ARGS[stage]]
+    if stage in ("sft", "grpo") and not smoke:  # packed batches: measure them through FlexAttention (auto's
+        args.append("train.packed_attention=flex")  # CUDA choice, named so that the row says what it ran)
     if smoke:
         args += ["train.batch_size=4", "train.micro_batch_size=4", "train.device=cpu"]
         args += {"sft": ["max_examples=64", "seq_len=64"], "dpo": ["data.max_rows=64"],
@@ -208,6 +249,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     s = SMOKE if args.smoke else FULL
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     rows = [pretrain_row(name, shape, s, device, bf16=cuda, compile=cuda) for name, shape in s["configs"].items()]
+    rows += packed_attention_rows(s, device, bf16=cuda)
     rows.append(fsdp_row(device))
     model_dir = micro_model_dir(work / "micro") if args.smoke else Path(args.smollm2)
     if (model_dir / "config.json").exists():

@@ -18,12 +18,14 @@ def test_gpu_check_smoke_prints_every_row(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["row"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
-    assert list(rows) == ["pretrain tiny", "fsdp2 = plain (3 steps)", "sft steps/s", "dpo steps/s", "grpo steps/s",
+    assert list(rows) == ["pretrain tiny", "packed sdpa fwd+bwd", "packed flex fwd+bwd", "fsdp2 = plain (3 steps)", "sft steps/s", "dpo steps/s", "grpo steps/s",
                           "decode b1", "decode b16", "decode b64"]
     for name, r in rows.items():
         assert name.startswith("fsdp2") or r["value"] > 0, r
         assert name in proc.stdout
     assert rows["fsdp2 = plain (3 steps)"]["value"] < 1e-6
+    assert "|loss - sdpa's| " in rows["packed flex fwd+bwd"]["reference"]
+    assert float(rows["packed flex fwd+bwd"]["reference"].rsplit(" ", 1)[1]) < 1e-5
     assert rows["pretrain tiny"]["mfu"] is None  # no peak FLOPs on a CPU: MFU is not made up
     proc = subprocess.run([sys.executable, str(BENCH)], env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
                           text=True, timeout=120)
