@@ -30,38 +30,49 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 1
              "Why is the sky blue?", "Write a haiku about rain.", "What is a prime number?", "Spell 'cat'."]
 
 
-def stream(port: int, question: str, tokens: int) -> tuple[float, list[float], int]:
-    """(time to the first content chunk, gaps between content chunks, completion tokens) of one request."""
+def stream(port: int, question: str, tokens: int) -> dict:
+    """One streamed, greedy chat request: the arrival time of each content chunk (s from sending), the text, and
+    the completion tokens the server's usage reports (0 when it sends none)."""
     body = {"messages": [{"role": "user", "content": question}], "max_tokens": tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    stamps, used = [], 0
+    stamps, text, used = [], [], 0
     for line in conn.getresponse():
         if not line.startswith(b"data: {"):
             continue
         chunk = json.loads(line[6:])
         if chunk.get("usage"):
             used = chunk["usage"]["completion_tokens"]
-        elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+        if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
             stamps.append(time.perf_counter() - start)
+            text.append(chunk["choices"][0]["delta"]["content"])
     conn.close()
-    return (stamps[0] if stamps else float("nan")), [b - a for a, b in zip(stamps, stamps[1:])], used
+    return {"stamps": stamps, "text": "".join(text), "used": used}
 
 
-def load(port: int, clients: int, requests: int, tokens: int) -> dict:
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
+
+
+def load(port: int, clients: int, requests: int, tokens: int, count=lambda r: r["used"]) -> dict:
+    """``clients`` threads each send ``requests`` requests back to back. Tokens are ``count(result)`` (default: the
+    server's usage). Inter-token latency: "itl" per request, (last chunk - first chunk) / (tokens - 1), so servers
+    that put several tokens in one chunk are timed alike; "gap" is the median gap between chunks."""
     def client(c: int) -> list:
         return [stream(port, QUESTIONS[(c * requests + r) % len(QUESTIONS)], tokens) for r in range(requests)]
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [r for rows in pool.map(client, range(clients)) for r in rows]
     wall = time.perf_counter() - start
-    ttft = sorted(r[0] for r in results)
-    gaps = [g for r in results for g in r[1]]
-    return {"tokens/s": sum(r[2] for r in results) / wall, "ttft p50": statistics.median(ttft),
-            "ttft p95": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
-            "itl p50": statistics.median(gaps) if gaps else float("nan")}
+    ttft = [r["stamps"][0] for r in results if r["stamps"]]
+    gaps = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
+    itl = [(r["stamps"][-1] - r["stamps"][0]) / (count(r) - 1) for r in results if r["stamps"] and count(r) > 1]
+    return {"tokens/s": sum(map(count, results)) / wall, "ttft p50": pct(ttft, 0.5), "ttft p95": pct(ttft, 0.95),
+            "gap p50": statistics.median(gaps) if gaps else float("nan"), "itl p50": pct(itl, 0.5),
+            "itl p95": pct(itl, 0.95), "empty": sum(not r["stamps"] for r in results)}
 
 
 def main() -> None:
@@ -84,7 +95,7 @@ def main() -> None:
         for clients in map(int, args.clients.split(",")):
             r = load(port, clients, args.requests, args.tokens)
             print(f"| {name} | {clients} | {r['tokens/s']:,.1f} | {r['ttft p50']:.2f} | {r['ttft p95']:.2f} | "
-                  f"{1000 * r['itl p50']:.0f} |", flush=True)
+                  f"{1000 * r['gap p50']:.0f} |", flush=True)
         server.shutdown()
         server.server_close()
 
