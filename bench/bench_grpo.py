@@ -45,14 +45,15 @@ def build_model_dir(path: Path) -> None:
 
 
 def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int, compile_generation: bool = False,
-                  first_step: list | None = None) -> float:
+                  first_step: list | None = None, gradient_checkpointing: bool = False) -> float:
     tok = load_tokenizer(model_dir)
     policy, ref = load_model_dir(model_dir), load_model_dir(model_dir).eval().requires_grad_(False)
     cfg = GRPOConfig(prompts_per_rollout=4, num_generations=4, max_new_tokens=64, beta=0.04,
-                     compile_generation=compile_generation,
+                     compile_generation=compile_generation, gradient_checkpointing=gradient_checkpointing,
                      train=TrainConfig(lr=1e-6, schedule="constant", warmup_steps=0, max_steps=warmup + steps,
                                        batch_size=16, micro_batch_size=16, weight_decay=0.0, eval_every=0,
                                        save_every=0, log_every=1, device="cpu"))
+    policy.gradient_checkpointing = cfg.gradient_checkpointing  # as run_grpo sets it
     rows = [{"prompt": p, "answer": None} for p in PROMPTS]
     ids = [render_prompt(tok, p, chat_template=False) for p in PROMPTS]
 

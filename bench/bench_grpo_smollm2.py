@@ -1,13 +1,14 @@
 """GRPO on a real model: `lmforge grpo`'s code path vs TRL's GRPOTrainer (no vLLM) on SmolLM2-135M-Instruct.
 
     lmforge import smollm2 out_dir=runs/smollm2
-    python bench/bench_grpo_smollm2.py --model runs/smollm2 [--steps 2] [--warmup 1] [--threads 2]
+    python bench/bench_grpo_smollm2.py --model runs/smollm2 [--steps 2] [--warmup 1] [--threads 2] [--no-ckpt]
 
 The same model directory, prompts, lengths and settings for both (bench_grpo.py's: 4 prompts x 4 generations,
 exactly 64 new tokens, beta 0.04 so both score a frozen reference, one optimizer step per rollout, fp32 on CPU),
 each side in its own subprocess so that its peak memory (the process's resident-set high-water mark, getrusage)
 is its own; "train peak" subtracts the resident set just before training (after imports and loading). Prints
-prompts/s, s/step and peak memory side by side, and the ratios.
+prompts/s, s/step and peak memory side by side, and the ratios. The row "lmforge + gradient_checkpointing" (skipped
+with --no-ckpt) is lmforge with grpo's gradient_checkpointing=true (same losses and weights, less memory).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 import torch
 from bench_grpo import bench_lmforge, bench_trl
 
+CKPT = "lmforge + gradient_checkpointing"
+
 
 def rss_now_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -33,9 +36,12 @@ def rss_now_mb() -> float:
 def run_side(side: str, model: Path, steps: int, warmup: int) -> dict:
     before = rss_now_mb()
     with tempfile.TemporaryDirectory() as d:
-        fn = bench_lmforge if side == "lmforge" else bench_trl
         t0 = time.perf_counter()
-        prompts_per_s = fn(model, Path(d) / side, steps, warmup)
+        if side == "trl":
+            prompts_per_s = bench_trl(model, Path(d) / side, steps, warmup)
+        else:
+            prompts_per_s = bench_lmforge(model, Path(d) / "lmforge", steps, warmup,
+                                          gradient_checkpointing=side == CKPT)
         seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"prompts_per_s": prompts_per_s, "peak_mb": peak, "train_peak_mb": peak - before, "seconds": seconds}
@@ -47,14 +53,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--side", choices=["lmforge", "trl"], help=argparse.SUPPRESS)  # one side, in a subprocess
+    ap.add_argument("--no-ckpt", action="store_true", help="skip the gradient_checkpointing row")
+    ap.add_argument("--side", choices=["lmforge", CKPT, "trl"], help=argparse.SUPPRESS)  # one side, in a subprocess
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.side:
         print(json.dumps(run_side(args.side, Path(args.model), args.steps, args.warmup)))
         return
     results = {}
-    for side in ("lmforge", "trl"):
+    for side in ("lmforge", *([] if args.no_ckpt else [CKPT]), "trl"):
         proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
                                "--warmup", str(args.warmup), "--threads", str(args.threads), "--side", side],
                               capture_output=True, text=True)
@@ -69,10 +76,12 @@ def main() -> None:
     for side, r in results.items():
         print(f"{side:<36} {r['prompts_per_s']:>10.3f} {4 / r['prompts_per_s']:>8.1f} {r['peak_mb']:>9.0f} "
               f"{r['train_peak_mb']:>11.0f}")
-    ours, trl = results["lmforge"], results["trl"]
-    print(f"lmforge / TRL: {ours['prompts_per_s'] / trl['prompts_per_s']:.2f}x step throughput, "
-          f"{ours['peak_mb'] / trl['peak_mb']:.2f}x peak memory ({ours['train_peak_mb'] / trl['train_peak_mb']:.2f}x "
-          "train peak)")
+    trl = results["trl"]
+    for side, ours in results.items():
+        if side != "trl":
+            print(f"{side} / TRL: {ours['prompts_per_s'] / trl['prompts_per_s']:.2f}x step throughput, "
+                  f"{ours['peak_mb'] / trl['peak_mb']:.2f}x peak memory "
+                  f"({ours['train_peak_mb'] / trl['train_peak_mb']:.2f}x train peak)")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,13 @@ from lmforge_cli import lmforge
 from safetensors.torch import save_model as save_weights
 from test_rollout import make_model_dir, tiny_model, write_rl_prompts
 
+import lmforge.model as model_module
 from lmforge.config import load_config
+from lmforge.modelio import load_model_dir
 from lmforge.objectives.rl import grpo_advantages, grpo_loss
 from lmforge.rollout import RolloutStream, grpo_loss_fn, grpo_rollout
 from lmforge.stages.grpo import GRPOConfig
+from lmforge.stages.grpo import main as grpo_main
 from lmforge.stages.ppo import PPOConfig
 from lmforge.train.checkpointing import latest_checkpoint
 from lmforge.train.loop import TrainConfig, TrainingInterrupted, train
@@ -199,3 +202,23 @@ def test_builtin_recipes_parse():
     assert [(r.kind, r.weight > 0) for r in hacking.rewards] == [("math", True), ("length", True)]
     assert load_config(GRPOConfig, "tiny", section="grpo").rewards[0].kind == "math"
     assert load_config(PPOConfig, "tiny", section="ppo").rewards[0].kind == "model"
+
+
+def test_gradient_checkpointing_trains_the_same_weights_and_is_engaged(tmp_path, monkeypatch):
+    """grpo's gradient_checkpointing=true recomputes every block in the backward (lmforge.model.checkpoint is
+    called once per layer per training forward) and ends at the same losses and weights as the default run."""
+    calls = []
+    real = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = [a for a in micro(tmp_path) if not a.startswith("train.eval_every")] + ["train.eval_every=0",
+                                                                                    "train.max_steps=2"]
+    runs = {}
+    for on in (False, True):
+        calls.clear()
+        out = tmp_path / f"ckpt_{on}"
+        grpo_main([f"out_dir={out}", f"gradient_checkpointing={str(on).lower()}", *args])
+        runs[on] = ([r["loss"] for r in read_metrics(out) if "loss" in r], load_model_dir(out / "model"))
+        assert len(calls) == (2 * runs[on][1].config.num_hidden_layers if on else 0)  # 2 steps x every layer
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-6)
+    for (name, a), b in zip(runs[False][1].state_dict().items(), runs[True][1].state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
