@@ -9,6 +9,7 @@ from lmforge.data import thinkworld as tw
 from lmforge.data.chat import EMPTY_THINK, encode_prompt, generation_prompt, tokenize_conversation
 from lmforge.data.sources import read_documents
 from lmforge.evaluation import load_task
+from lmforge.thinking import ThinkState, ThinkTags
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -23,7 +24,7 @@ P = tw.Problem((7, 5, 9, 3), ("+", "-", "+"))
 def test_a_worked_solution_rewrites_the_chain_and_ends_in_the_answer():
     assert P.question == "What is 7+5-9+3?" and (P.level, P.answer) == (3, 6)
     assert tw.solution(P, "steps") == "<think>\n7+5-9+3\n12-9+3\n3+3\n6\n</think>\nThe answer is 6."
-    assert tw.solution(P, "direct") == "<think>\n</think>\nThe answer is 6."
+    assert tw.solution(P, "direct") == "<think></think>\nThe answer is 6."
     assert tw.parse_question(P.question) == P and tw.parse_question("What is 57 + 68?") is None
     assert tw.parse_question("Q: What is 1-1+9?") == tw.Problem((1, 1, 9), ("-", "+"))
 
@@ -109,7 +110,7 @@ def test_template_and_prompt_encoder_know_the_think_block(tok):
     assert generation_prompt(tok, messages, thinking=False) == plain + EMPTY_THINK  # the template's own
     assert generation_prompt(tok, messages, thinking=True) == plain + "<think>\n"
     ids = encode_prompt(tok, messages, thinking=False)
-    assert ids[-4:] == tok.encode("<think>\n</think>\n")
+    assert ids[-3:] == tok.encode("<think></think>\n")
     # a conversation with thinking trains on exactly the prefix the encoder gives at inference
     full, mask = tokenize_conversation(tok, messages + [{"role": "assistant", "content": tw.solution(
         tw.Problem((2, 3), ("+",)), "steps")}])
@@ -126,3 +127,15 @@ def test_a_template_without_enable_thinking_gets_the_empty_block_appended():
 def test_the_answer_in_the_thinking_never_counts():
     text = "<think>\n2+3\n5\nThe answer is 5.\n</think>\nThe answer is 6."
     assert extract_answer(text) == "6"
+
+
+def test_budget_zero_writes_the_direct_demonstrations_empty_block(tok):
+    """A budget of 0 forces the close right after the model's open: the text must be the direct demonstrations'
+    (and enable_thinking=False's) empty block, or budget 0 asks the model for something it never saw."""
+    tags = ThinkTags.from_tokenizer(tok)
+    direct = tok.encode(tw.solution(P, "direct"))
+    state = ThinkState(tags, max_tokens=0)
+    wants_to_think = [tags.open[0]] + tok.encode("\n7+5-9+3\n")  # the model would open a line of thinking
+    forced = [state.step(t) for t in wants_to_think][:2]
+    assert tok.decode(forced) == "<think></think>" and direct[:2] == forced
+    assert EMPTY_THINK.startswith(tok.decode(forced))

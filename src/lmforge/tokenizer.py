@@ -45,7 +45,7 @@ THINK_TOKENS = ("<think>", "</think>")
 CHATML_THINK_TEMPLATE = CHATML_TEMPLATE.replace(
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n</think>\n' }}{% endif %}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think></think>\n' }}{% endif %}"
     "{% endif %}")
 
 # End-of-text names used by common tokenizer families, for directories whose config names no eos.

@@ -197,7 +197,7 @@ def _missing_bos(tokenizer, ids: list[int]) -> int | None:
     return bos if bos is not None and (not ids or ids[0] != bos) else None
 
 
-EMPTY_THINK = "<think>\n</think>\n"  # an empty think block: answer at once (Qwen3's enable_thinking=False)
+EMPTY_THINK = "<think></think>\n"  # an empty think block, answer at once (enable_thinking=False); = thinking budget 0
 
 
 def generation_prompt(tokenizer, messages: list[dict], thinking: bool | None = None) -> str:

@@ -17,7 +17,7 @@ Each line is the line before with its first operation done: a copy and one small
 learns in minutes, whereas answering directly needs the whole chain at once. So thinking is what solves the hard
 levels. Demonstrations vary in length on purpose:
 
-    direct   an empty think block, the answer at once (what budget 0 asks of a model)
+    direct   an empty think block, ``<think></think>``, the answer at once (what budget 0 writes and asks for)
     steps    the rewrites, then the answer
     check    the rewrites, then ``Wait`` and a check of every operation (``12-9=3 ok``); a mistake found is
              corrected and the rewriting redone from there: ``wait: 12-9=3, not 4`` -> ``3+3`` -> ``6``
@@ -140,7 +140,9 @@ def result_of(lines: list[str]) -> int | None:
 
 
 def think_text(lines: list[str]) -> str:
-    return "\n".join([THINK_OPEN, *lines, THINK_CLOSE])
+    """``<think>\\n`` + one line each + ``</think>``; no lines: ``<think></think>``, exactly what a thinking budget
+    of 0 writes (the close forced right after the open), so budget 0 asks for the direct demonstrations' answer."""
+    return "\n".join([THINK_OPEN, *lines, THINK_CLOSE]) if lines else THINK_OPEN + THINK_CLOSE
 
 
 def solution(p: Problem, style: str = "steps", slip: tuple[int, int] | None = None) -> str:
