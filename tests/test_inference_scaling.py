@@ -22,6 +22,7 @@ from lmforge.inference_scaling import (
     reward_model_scorer,
     rl_overoptimisation,
     self_consistency,
+    weighted_majority,
 )
 from lmforge.model import ModelConfig, Transformer
 from lmforge.modelio import load_model_and_tokenizer, save_model_dir
@@ -45,6 +46,16 @@ def test_majority_counts_and_breaks_ties_by_first_seen():
     assert majority(["4", None, "5", "4"]) == ("4", 0.5, {"4": 2, "5": 1})
     assert majority(["7", "5", "5", "7"])[0] == "7"
     assert majority([None, None]) == (None, 0.0, {})
+
+
+def test_weighted_majority_sums_each_answers_weights():
+    # "5" has fewer votes than "4" (1 vs 2) but more weight (0.9 vs 0.3 + 0.4): the verifier overrules the count
+    assert weighted_majority(["4", "5", None, "4"], [0.3, 0.9, 5.0, 0.4]) == "5"
+    assert weighted_majority(["4", "5", "4"], [1.0, 1.0, 1.0]) == majority(["4", "5", "4"])[0]  # equal weights
+    assert weighted_majority(["7", "5"], [0.5, 0.5]) == "7"  # a tie goes to the first seen
+    assert weighted_majority([None], [1.0]) is None
+    with pytest.raises(ValueError):
+        weighted_majority(["4"], [0.1, 0.2])
 
 
 def test_self_consistency_picks_the_most_frequent_extracted_answer():

@@ -64,7 +64,7 @@ def test_prm_trains_on_stepwise_rows_then_ranks_samples_and_guides_beam_search(t
             "max_new_tokens=12", "levels=[4,5]", threads=1)
     summary = json.loads((out / "compute.json").read_text())
     methods = {r["method"] for r in summary["table"]}
-    assert methods == {"majority", "prm_min", "prm_prod", "prm_last", "orm", "pass@n", "beam"}
+    assert methods == {"majority", "prm_min", "prm_prod", "prm_last", "prm_vote", "orm", "pass@n", "beam"}
     assert summary["problems"] == 4
     assert all(r["mean_generated_tokens"] > 0 for r in summary["table"])
     assert (out / "accuracy_vs_compute.png").stat().st_size > 1000

@@ -67,6 +67,17 @@ def majority(answers: list[str | None]) -> tuple[str | None, float, dict[str, in
     return answer, count / len(answers), dict(votes)
 
 
+def weighted_majority(answers: list[str | None], weights: list[float]) -> str | None:
+    """The answer whose samples' weights sum highest: verifier-weighted voting (Li et al. 2023, "Making language
+    models better reasoners with step-aware verifier"; Math-Shepherd's PRM-weighted self-consistency, Wang et al.
+    2024). With equal weights it is majority voting; ties go to the answer seen first. None answers get no vote."""
+    totals: dict[str, float] = {}
+    for a, w in zip(answers, weights, strict=True):
+        if a is not None:
+            totals[a] = totals.get(a, 0.0) + float(w)
+    return max(totals, key=totals.__getitem__) if totals else None
+
+
 def score_pairs(scorer: Scorer, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
     batch = getattr(scorer, "score_batch", None)
     return list(batch(pairs)) if batch is not None else [float(scorer(p, c)) for p, c in pairs]

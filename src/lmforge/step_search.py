@@ -1,8 +1,9 @@
 """Spending samples with a process reward model: PRM-ranked best-of-N and PRM-guided step-level beam search.
 
     compute_sweep   draw N samples per problem once; for n = 1, 2, 4, ... N compare majority voting, best-of-n
-                    ranked by the PRM (min / prod / last step aggregation), by an outcome reward model, and
-                    pass@n, each at its mean generated tokens per problem
+                    ranked by the PRM (min / prod / last step aggregation), PRM-weighted voting (each sample votes
+                    for its answer with its min step score), by an outcome reward model, and pass@n, each at its
+                    mean generated tokens per problem
     beam_search     expand each of ``width`` beams by ``expand`` sampled next steps (one line of thinking), score
                     every candidate with the PRM, keep the best ``width``; a candidate that closes its think block
                     writes its answer and stays in the beam; the best finished one is the answer
@@ -23,7 +24,7 @@ from lmforge.answers import answers_match, extract_answer
 from lmforge.evaluation import generate_all, rate
 from lmforge.figures import save_figure
 from lmforge.generation import SamplingParams, think_tags
-from lmforge.inference_scaling import majority
+from lmforge.inference_scaling import majority, weighted_majority
 from lmforge.objectives.prm import aggregate_steps
 from lmforge.prm import PRMScorer
 from lmforge.reasoning import eos_list
@@ -74,6 +75,9 @@ def compute_sweep(model, tokenizer, prompts: list[list[int]], golds: Sequence, n
             for how in aggregations:
                 picks = [int(np.argmax([aggregate_steps(s, how) for s in probs[:n]])) for probs in step_probs]
                 add(f"prm_{how}", n, [r[k] for r, k in zip(right, picks)])
+            votes = [weighted_majority(a[:n], [aggregate_steps(s, "min") for s in probs[:n]])
+                     for a, probs in zip(answers, step_probs)]
+            add("prm_vote", n, [_correct(v, g) for v, g in zip(votes, golds)])
         if orm_probs is not None:
             add("orm", n, [r[int(np.argmax(s[:n]))] for r, s in zip(right, orm_probs)])
         add("pass@n", n, [float(any(r[:n])) for r in right])
