@@ -92,22 +92,30 @@ def pretrain_row(name: str, shape: dict, s: dict, device: torch.device, bf16: bo
     fwd = torch.compile(model) if compile else model
     batch = s["batch"][name]
     tokens = torch.randint(0, s["vocab"], (batch, s["seq"] + 1), device=device)
-    t0 = 0.0
-    for step in range(2 * s["steps"]):
-        if step == s["steps"]:
-            sync(device)
-            t0 = time.perf_counter()
+    def step():
         with autocast_context(cfg, device):
             loss = fwd(tokens[:, :-1], labels=tokens[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    sync(device)
-    tok_s = batch * s["seq"] * s["steps"] / (time.perf_counter() - t0)
+
+    tok_s = batch * s["seq"] * s["steps"] / timed_steps(step, s["steps"], device)
     peak = peak_flops(device)
     return {"row": f"pretrain {name}", "value": tok_s, "unit": "tokens/s", "params_M": n / 1e6,
             "mfu": 6 * n * tok_s / peak if peak else None, "peak_mib": peak_memory(device),
             "reference": NANOCHAT if device.type == "cuda" else ""}
+
+
+def timed_steps(step, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``step`` after as many untimed warm-up calls (compile, allocator, caches)."""
+    for _ in range(steps):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def packed_attention_rows(s: dict, device: torch.device, bf16: bool) -> list[dict]:
@@ -126,18 +134,15 @@ def packed_attention_rows(s: dict, device: torch.device, bf16: bool) -> list[dic
     for side in ("sdpa", "flex"):
         model.packed_attention = side
         reset_memory(device)
-        t0 = 0.0
-        for step in range(2 * s["steps"]):
-            if step == s["steps"]:
-                sync(device)
-                t0 = time.perf_counter()
+        def step(side=side):
             with autocast_context(cfg, device):
                 loss = model(tokens, labels=tokens, document_ids=docs)
             loss.backward()
             model.zero_grad(set_to_none=True)
             losses[side] = loss.item()
-        sync(device)
-        rows.append({"row": f"packed {side} fwd+bwd", "value": batch * seq * s["steps"] / (time.perf_counter() - t0),
+
+        seconds = timed_steps(step, s["steps"], device)
+        rows.append({"row": f"packed {side} fwd+bwd", "value": batch * seq * s["steps"] / seconds,
                      "unit": "tokens/s", "peak_mib": peak_memory(device),
                      "reference": f"{s['packed_docs']} docs/row, seq {seq}"})
     rows[1]["reference"] += f", |loss - sdpa's| {abs(losses['flex'] - losses['sdpa']):.1e}"
