@@ -143,3 +143,31 @@ def test_engine_min_thinking_replaces_an_early_close_with_wait():
     c = generate(model, prompts, params, tokenizer=IdTokenizer(), eos_token_ids=[])[0][0]
     assert c.token_ids[:5] == [W1, W2, W1, W2, CLOSE]
     assert (c.thinking_tokens, c.waits) == (4, 2)
+
+
+def test_num_waits_replaces_the_first_closes_however_long_the_thinking():
+    """s1's "ignore the end of thinking N times": the first num_waits closes become "Wait", the next one stands."""
+    state = ThinkState(TAGS, num_waits=2)
+    out = run(state, [OPEN, 1, 2, 3, CLOSE, 0, 4, CLOSE, 0, 5, CLOSE, 8])
+    assert out == [OPEN, 1, 2, 3, W1, W2, 4, W1, W2, 5, CLOSE, 8]
+    assert (state.waits, state.phase, state.thinking_tokens) == (2, "answer", 9)
+
+
+def test_num_waits_never_passes_the_budget():
+    state = ThinkState(TAGS, max_tokens=3, num_waits=5)
+    out = run(state, [OPEN, 1, CLOSE, 0, 0, 0])
+    assert out == [OPEN, 1, W1, W2, CLOSE, 0]
+    assert state.thinking_tokens == 3 and state.forced_close
+
+
+def test_engine_num_waits_writes_wait_k_times_then_lets_the_model_close():
+    model = tiny_model()
+    boost = torch.zeros(110)
+    boost[CLOSE] = 100.0  # the model closes at once, every time
+    model.lm_head.register_forward_hook(lambda module, args, out: out + boost)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, num_waits=2)
+    c = generate(model, [[5, OPEN]], params, tokenizer=IdTokenizer(), eos_token_ids=[])[0][0]
+    assert c.token_ids[:5] == [W1, W2, W1, W2, CLOSE]
+    assert (c.thinking_tokens, c.waits) == (4, 2)
+    with pytest.raises(ValueError, match="num_waits"):
+        SamplingParams(num_waits=-1).validate()

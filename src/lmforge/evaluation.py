@@ -235,7 +235,7 @@ def _windows(tokenizer, data, seq_len: int, split: str) -> tuple[Iterator[list[i
 def task_accuracy(model, tokenizer, rows: Sequence[dict], *, chat: bool = True, max_new_tokens: int = 256,
                   n: int = 1, temperature: float | None = None, batch_size: int = 32, seed: int = 0,
                   n_boot: int = 1000, format_check: Callable[[str], bool] | None = None,
-                  thinking_budget: int | None = None, min_thinking_tokens: int = 0) -> dict:
+                  thinking_budget: int | None = None, min_thinking_tokens: int = 0, num_waits: int = 0) -> dict:
     """Answer every row ({"prompt" or "messages", "answer"}) and check it with answers.is_correct.
 
     n samples per row (greedy when n = 1; temperature 1 by default when n > 1). Returns:
@@ -246,7 +246,7 @@ def task_accuracy(model, tokenizer, rows: Sequence[dict], *, chat: bool = True, 
     answer); hacking_probes' keys; records: one per (row, sample) with prompt, response, answer, predicted,
     correct, tokens, thinking_tokens, finish_reason; ``completions`` (the engine's objects, for callers that
     score them further); and, when rows carry a "level", ``by_level``: {level: {"accuracy", "mean_thinking_tokens",
-    "mean_response_tokens"}}. thinking_budget / min_thinking_tokens: budget forcing (generation.SamplingParams).
+    "mean_response_tokens"}}. thinking_budget / min_thinking_tokens / num_waits: budget forcing (generation.SamplingParams).
     """
     if not rows:
         raise ValueError("task_accuracy needs at least one row")
@@ -254,7 +254,8 @@ def task_accuracy(model, tokenizer, rows: Sequence[dict], *, chat: bool = True, 
     ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
     temp = (0.0 if n == 1 else 1.0) if temperature is None else temperature
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, n=n, seed=seed,
-                            thinking_budget=thinking_budget, min_thinking_tokens=min_thinking_tokens)
+                            thinking_budget=thinking_budget, min_thinking_tokens=min_thinking_tokens,
+                            num_waits=num_waits)
     was_training = model.training
     results = generate_all(model.eval(), ids, params, tokenizer, batch_size, label="answers")
     model.train(was_training)

@@ -155,7 +155,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, tokeniz
         raise ValueError(f"prompt token ids must be in [0, {vocab}) (the model's vocab_size)")
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode with")
-    if (params.thinking_budget is not None or params.min_thinking_tokens) and tokenizer is None:
+    if params.forces_thinking and tokenizer is None:
         raise ValueError("a thinking budget needs a tokenizer (to find <think> and </think>)")
     static = params.compile or (params.static_cache if params.static_cache is not None else STATIC_BY_DEFAULT)
     rows = running_rows(prompts, params, max_running)

@@ -47,25 +47,30 @@ def level_rows(rows: Sequence[dict], setting: str, per_problem: Sequence[float],
 
 
 def budget_sweep(model, tokenizer, rows: Sequence[dict], budgets: Sequence[int | None], *,
-                 wait_minimums: Sequence[int] = (), max_new_tokens: int = 256, batch_size: int = 64,
+                 wait_minimums: Sequence[int] = (), wait_counts: Sequence[int] = (), max_new_tokens: int = 256,
+                 batch_size: int = 64,
                  n_boot: int = 1000, seed: int = 0) -> tuple[list[dict], dict]:
     """Greedy answers at each thinking budget (None = no budget) and, for each of ``wait_minimums``, with no
-    budget but "Wait" forced until that many thinking tokens (s1's extension).
+    budget but "Wait" forced until that many thinking tokens (s1's extension), and for each k of ``wait_counts``,
+    with no budget and the model's first k closes replaced by "Wait" (s1's "ignore the end of thinking k times").
 
-    Returns (table, per_problem): table rows {"setting", "budget", "min_thinking", "level", "accuracy", "ci", "n",
+    Returns (table, per_problem): table rows {"setting", "budget", "min_thinking", "waits", "level", "accuracy", "ci", "n",
     "mean_thinking_tokens", "mean_generated_tokens"}; per_problem[setting] = the 0/1 outcomes in row order (for
     paired comparisons between settings).
     """
-    settings = [(f"budget={b}" if b is not None else "no budget", b, 0) for b in budgets]
-    settings += [(f"wait>={m}", None, m) for m in wait_minimums]
+    settings = [(f"budget={b}" if b is not None else "no budget", b, 0, 0) for b in budgets]
+    settings += [(f"wait>={m}", None, m, 0) for m in wait_minimums]
+    settings += [(f"wait x{k}", None, 0, k) for k in wait_counts]
     table, per_problem = [], {}
-    for name, budget, minimum in settings:
+    for name, budget, minimum, waits in settings:
         res = task_accuracy(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            n_boot=0, seed=seed, thinking_budget=budget, min_thinking_tokens=minimum)
+                            n_boot=0, seed=seed, thinking_budget=budget, min_thinking_tokens=minimum,
+                            num_waits=waits)
         flat = [row[0] for row in res["completions"]]
         per_problem[name] = res["per_problem"]
         table += level_rows(rows, name, res["per_problem"], [c.thinking_tokens or 0 for c in flat],
-                            [len(c.token_ids) for c in flat], n_boot, seed, budget=budget, min_thinking=minimum)
+                            [len(c.token_ids) for c in flat], n_boot, seed, budget=budget, min_thinking=minimum,
+                            waits=waits)
     return table, per_problem
 
 
@@ -197,7 +202,8 @@ def adaptive_rows(model, tokenizer, rows: Sequence[dict], cfg: AdaptiveConfig, n
                for r, row in zip(results, rows)]
     name = f"adaptive (p>={cfg.threshold:g})" if not cfg.probes else f"adaptive ({cfg.probes} probes)"
     table = level_rows(rows, name, correct, [r.thinking_tokens for r in results],
-                       [r.generated_tokens for r in results], n_boot, seed, budget=cfg.budget, min_thinking=0)
+                       [r.generated_tokens for r in results], n_boot, seed, budget=cfg.budget, min_thinking=0,
+                       waits=0)
     return table, correct, results
 
 
@@ -248,7 +254,7 @@ def plot_budget_sweep(table: list[dict], path: str | Path, title: str = "accurac
             elif r["setting"].startswith("adaptive"):
                 ax.scatter(r["mean_thinking_tokens"], r["accuracy"], marker="*", color=color, s=180,
                            edgecolors="black", linewidths=0.5)
-    ax.plot([], [], "s", color="grey", label='"Wait" until a minimum')
+    ax.plot([], [], "s", color="grey", label='"Wait" (until a minimum, or k times)')
     ax.plot([], [], "*", color="grey", markersize=12, label="adaptive thinking")
     ax.set_xlabel("thinking tokens per problem (mean)")
     ax.set_ylabel("accuracy (held-out)")

@@ -43,6 +43,12 @@ class SamplingParams:
     static_cache: bool | None = None  # fixed-shape decode uncompiled; None = the growing cache (faster on CPU)
     thinking_budget: int | None = None  # most tokens inside <think> ... </think>; then the close is forced (s1)
     min_thinking_tokens: int = 0  # a close before this many thinking tokens becomes "Wait" (s1's extension)
+    num_waits: int = 0  # the first num_waits closes of the think block become "Wait" (s1: ignore the end N times)
+
+    @property
+    def forces_thinking(self) -> bool:
+        """Budget forcing is on (a budget, a minimum or Wait extensions): the engine needs the think tags."""
+        return self.thinking_budget is not None or self.min_thinking_tokens > 0 or self.num_waits > 0
 
     def validate(self) -> None:
         checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
@@ -57,6 +63,7 @@ class SamplingParams:
                   (0 <= self.min_thinking_tokens <= (self.thinking_budget if self.thinking_budget is not None
                                                      else self.min_thinking_tokens),
                    "min_thinking_tokens must be in [0, thinking_budget]"),
+                  (self.num_waits >= 0, "num_waits must be >= 0"),
                   (all(s for s in self.stop_strings), "stop_strings may not contain an empty string")]
         for ok, message in checks:
             if not ok:
@@ -64,7 +71,7 @@ class SamplingParams:
 
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "n",
-                 "stop_strings", "seed", "compile", "thinking_budget", "min_thinking_tokens")
+                 "stop_strings", "seed", "compile", "thinking_budget", "min_thinking_tokens", "num_waits")
 
 
 def sampling_params_from(cfg, **extra) -> SamplingParams:
@@ -84,7 +91,7 @@ class Completion:
     logprobs: list[float] | None = None  # with return_logprobs: raw model log p(token | prefix), one per token
     thinking_tokens: int | None = None  # with a tokenizer: tokens inside the think block (the rest is the answer)
     forced_close: bool = False  # the thinking budget closed the think block
-    waits: int = 0  # "Wait" extensions inserted (min_thinking_tokens)
+    waits: int = 0  # "Wait" extensions inserted (min_thinking_tokens, num_waits)
 
 
 # ---- sampling filters: pure functions on (B, V) logits; -inf marks a dropped token ----
@@ -211,7 +218,7 @@ def think_states(tokenizer, prompts, fan: list[int], params: SamplingParams):
     if tokenizer is None or not hasattr(tokenizer, "encode"):
         return None
     tags = think_tags(tokenizer)
-    return [new_state(tags, prompts[p], params.thinking_budget, params.min_thinking_tokens) for p in fan]
+    return [new_state(tags, prompts[p], params.thinking_budget, params.min_thinking_tokens, params.num_waits) for p in fan]
 
 
 def think_tags(tokenizer) -> ThinkTags:

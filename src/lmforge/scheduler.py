@@ -343,7 +343,7 @@ class Scheduler:
             raise ValueError(f"prompt token ids must be in [0, {vocab}) (the model's vocab_size)")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode with")
-        if (params.thinking_budget is not None or params.min_thinking_tokens) and self.tokenizer is None:
+        if params.forces_thinking and self.tokenizer is None:
             raise ValueError("a thinking budget needs a tokenizer (to find <think> and </think>)")
         need = -(-(len(prompt_ids) + params.max_new_tokens) // self.block_size) + params.n - 1
         if need > self.blocks.total:
@@ -358,7 +358,7 @@ class Scheduler:
         think = None
         if self.tokenizer is not None and hasattr(self.tokenizer, "encode"):
             tags = think_tags(self.tokenizer)
-            think = [new_state(tags, prompt, params.thinking_budget, params.min_thinking_tokens)
+            think = [new_state(tags, prompt, params.thinking_budget, params.min_thinking_tokens, params.num_waits)
                      for _ in range(params.n)]
         request = Request(prompt, params, streams, stop_ids, on_token, think)
         request.raise_callback_errors = raise_errors

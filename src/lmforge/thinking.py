@@ -5,6 +5,8 @@ al. 2025, "s1: Simple test-time scaling") controls how long it thinks, with no t
 
     max_tokens   when the thinking reaches the budget, the close tag is forced and the model must answer
     min_tokens   when the model closes its thinking earlier, the close is replaced by "Wait" and it goes on
+    num_waits    the model's first ``num_waits`` closes are replaced by "Wait", however long it has thought
+                 (s1's "ignore the end of thinking N times": one more look at its own work per Wait)
 
 Thinking tokens are those strictly between the open and the close tag (a forced "Wait" counts; the tags do not),
 so a row never thinks more than ``max_tokens`` tokens. The machine sees only token ids: ``step(sampled)`` takes
@@ -82,6 +84,7 @@ class ThinkState:
     tags: ThinkTags
     max_tokens: int | None = None  # None: no budget
     min_tokens: int = 0
+    num_waits: int = 0  # the first num_waits closes become "Wait"
     phase: str = "before"
     thinking_tokens: int = 0
     forced_close: bool = False  # the budget closed the block
@@ -94,6 +97,8 @@ class ThinkState:
             raise ValueError(f"thinking budget must be >= 0, got {self.max_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min thinking tokens ({self.min_tokens}) above the budget ({self.max_tokens})")
+        if self.num_waits < 0:
+            raise ValueError(f"num_waits must be >= 0, got {self.num_waits}")
         if self.phase == "thinking":
             self._check_budget()
 
@@ -102,7 +107,7 @@ class ThinkState:
         forced = bool(self.queue)
         token = self.queue.popleft() if forced else sampled
         if self.phase == "thinking" and not forced and _completes(self.emitted, token, self.tags.close):
-            if self._real_thinking(len(self.tags.close)) < self.min_tokens:
+            if self._real_thinking(len(self.tags.close)) < self.min_tokens or self.waits < self.num_waits:
                 token = self._wait_instead()
         self.emitted.append(token)
         if self.phase == "before":
@@ -139,10 +144,11 @@ class ThinkState:
         self.queue.extend(self.tags.close[done:])
 
 
-def new_state(tags: ThinkTags, prompt_ids: list[int], max_tokens: int | None, min_tokens: int = 0) -> ThinkState:
+def new_state(tags: ThinkTags, prompt_ids: list[int], max_tokens: int | None, min_tokens: int = 0,
+              num_waits: int = 0) -> ThinkState:
     """A row's machine, starting inside the block when the prompt opened it."""
     phase = "thinking" if opened_in_prompt(prompt_ids, tags) else "before"
-    return ThinkState(tags, max_tokens, min_tokens, phase=phase)
+    return ThinkState(tags, max_tokens, min_tokens, num_waits, phase=phase)
 
 
 def count_thinking(token_ids: list[int], tags: ThinkTags, started_inside: bool = False) -> int:

@@ -30,7 +30,7 @@ lines before it (the labels of the PRM's stepwise data). Problems split into tra
 problem, so every source agrees on what is held out; the held-out set is stratified by level.
 
 Sources (``builtin:tinyworld/NAME``): ``think_text`` (documents for pre-training), ``think_sft``
-({"messages"}), ``think_rl`` and ``think_eval`` ({"prompt", "answer", "level"}), ``think_stepwise`` (TRL's
+({"messages"}), ``think_rl``, ``think_eval`` and ``think_eval_large`` ({"prompt", "answer", "level"}), ``think_stepwise`` (TRL's
 stepwise rows {"prompt", "completions", "labels"}, half of them with a slip).
 """
 
@@ -315,6 +315,9 @@ SOURCES = {  # builtin:tinyworld/NAME -> rows (registered in lmforge.data.tinywo
     "think_sft": sft_rows,
     "think_rl": rl_rows,
     "think_eval": eval_rows,
+    # 200 held-out problems at each of levels 2-5 (level 1 has fewer than 100 distinct held-out problems): for
+    # intervals a quarter as wide where 40 problems per level cannot tell two methods apart
+    "think_eval_large": lambda: [_problem_row(p) for p in stratified_test(200, levels=(2, 3, 4, 5))],
     "think_stepwise": stepwise_rows,
     "think_stepwise_eval": lambda: stepwise_rows(400, split="test"),
 }

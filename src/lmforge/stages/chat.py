@@ -45,6 +45,7 @@ class ChatConfig:
     seed: int = 0  # each turn samples with seed + turn number, so a conversation replays exactly
     thinking_budget: int | None = None  # most tokens inside <think> ... </think>; then the close is forced (s1)
     min_thinking_tokens: int = 0  # a close before this many thinking tokens becomes "Wait"
+    num_waits: int = 0  # the first num_waits closes of the think block become "Wait" (s1)
     max_context: int = 0  # tokens of prompt + answer; 0 = the model's max_position_embeddings
     save: str = ""  # append the conversation to this .jsonl as {"messages": [...]}
     device: str = "auto"

@@ -47,6 +47,7 @@ class EvalConfig:
     limit: int = 100  # first N problems, pairs and prompts (0 = all); thinkworld: problems per level
     thinking_budget: int | None = None  # most thinking tokens per answer (forced </think>); None = no budget
     min_thinking_tokens: int = 0  # an earlier </think> becomes "Wait" (s1)
+    num_waits: int = 0  # the first num_waits closes of the think block become "Wait" (s1)
     chat: bool = True  # prompts through the chat template; false: raw text (base models)
     max_new_tokens: int = 256
     n: int = 1  # samples per problem; n > 1 samples at temperature 1 and adds pass@n
@@ -123,7 +124,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     reference = load(cfg.reference) if cfg.reference else None
     judge = load(cfg.reward_model, num_labels=1) if cfg.reward_model else None
     common = dict(batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed)
-    task_kw = {"thinking_budget": cfg.thinking_budget, "min_thinking_tokens": cfg.min_thinking_tokens}
+    task_kw = {"thinking_budget": cfg.thinking_budget, "min_thinking_tokens": cfg.min_thinking_tokens,
+               "num_waits": cfg.num_waits}
     if cfg.task == "tinyworld":  # its stricter format: one answer, stated last
 
         task_kw["format_check"] = is_formatted

@@ -40,6 +40,7 @@ class GenerateConfig:
     seed: int = 0
     thinking_budget: int | None = None  # most tokens inside <think> ... </think>; then the close is forced (s1)
     min_thinking_tokens: int = 0  # a close before this many thinking tokens becomes "Wait"
+    num_waits: int = 0  # the first num_waits closes of the think block become "Wait" (s1)
     batch_size: int = 32  # prompts running at once (each brings n rows); the next takes a finished one's place
     add_bos: bool = True  # raw-text prompts start with bos as pre-training documents do (messages: SFT's rule)
     logprobs: bool = False  # also write token_ids and their raw model log-probabilities

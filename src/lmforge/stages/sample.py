@@ -31,6 +31,7 @@ class SampleConfig:
     seed: int = 0
     thinking_budget: int | None = None  # most tokens inside <think> ... </think>; then the close is forced (s1)
     min_thinking_tokens: int = 0  # a close before this many thinking tokens becomes "Wait"
+    num_waits: int = 0  # the first num_waits closes of the think block become "Wait" (s1)
     compile: bool = False  # torch.compile the decode step: 10-40 s of warm-up on a 2-core CPU, for long samples
     device: str = "auto"
     dtype: str = "float32"  # float32 | bfloat16 | float16

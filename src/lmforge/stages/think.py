@@ -9,7 +9,8 @@ Input rows: ``{"prompt": str, "answer": ...}`` or ``{"messages": [...], "answer"
                       reference_model=DIR likes best
     adaptive          sample round_size at a time; stop a problem when its top answer holds `threshold` of votes
     budget_sweep      thinking budgets (budget forcing): accuracy and thinking tokens per difficulty level for
-                      each of `budgets`, "Wait" until each of `wait_minimums`, and adaptive thinking (think a
+                      each of `budgets`, "Wait" until each of `wait_minimums`, "Wait" instead of the first k
+                      closes for each k of `wait_counts` (s1's "ignore the end of thinking"), and adaptive thinking (think a
                       step at a time, stop when the probed answer's probability reaches `adaptive_threshold`)
     prm_best_of_n     majority voting vs best-of-N ranked by a PRM (prm=DIR; min / prod / last step) and by an
                       outcome RM (orm=DIR), N = 1, 2, 4, ... n, at their generated tokens
@@ -71,8 +72,10 @@ class ThinkConfig:
     seed: int = 0
     thinking_budget: int | None = None  # budget forcing for sweep / self_consistency / best_of_n / adaptive
     min_thinking_tokens: int = 0
+    num_waits: int = 0  # the first num_waits closes of the think block become "Wait" (s1)
     budgets: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 24, 32, 48])  # budget_sweep (+ no budget)
     wait_minimums: list[int] = field(default_factory=list)  # budget_sweep: "Wait" until this many thinking tokens
+    wait_counts: list[int] = field(default_factory=list)  # budget_sweep: the first k closes become "Wait", each k
     adaptive_threshold: float = 0.9  # budget_sweep: adaptive thinking stops at this answer probability; 0 = off
     adaptive_budget: int = 96
     prm: str = ""  # prm_best_of_n / beam: a process reward model (lmforge prm)
@@ -266,7 +269,8 @@ def run_budget_sweep(cfg: ThinkConfig, model, tok, problems: list[dict]) -> dict
     out_dir.mkdir(parents=True, exist_ok=True)
     budgets = [*cfg.budgets, None]
     table, outcomes = reasoning.budget_sweep(model, tok, problems, budgets, wait_minimums=cfg.wait_minimums,
-                                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                                             wait_counts=cfg.wait_counts, max_new_tokens=cfg.max_new_tokens,
+                                             seed=cfg.seed)
     if cfg.adaptive_threshold > 0:
         adaptive = reasoning.AdaptiveConfig(budget=cfg.adaptive_budget, threshold=cfg.adaptive_threshold)
         rows, correct, _ = reasoning.adaptive_rows(model, tok, problems, adaptive, seed=cfg.seed)
