@@ -32,11 +32,12 @@ def thinker(tmp_path_factory):
 def test_budget_sweep_writes_a_table_per_level_and_the_plot(thinker):
     out = thinker / "sweep"
     lmforge("think", "method=budget_sweep", f"model={thinker / 'model'}", f"input={thinker / 'problems.jsonl'}",
-            f"out_dir={out}", "budgets=[0,4]", "wait_minimums=[3]", "adaptive_budget=6", "adaptive_threshold=0.5",
+            f"out_dir={out}", "budgets=[0,4]", "wait_minimums=[3]", "wait_counts=[1]", "adaptive_budget=6", "adaptive_threshold=0.5",
             "max_new_tokens=12", threads=1)
     summary = json.loads((out / "budget_sweep.json").read_text())
     settings = {r["setting"] for r in summary["table"]}
-    assert settings == {"budget=0", "budget=4", "no budget", "wait>=3", "adaptive (p>=0.5)"}
+    assert settings == {"budget=0", "budget=4", "no budget", "wait>=3", "wait x1", "adaptive (p>=0.5)"}
+    assert all(r["waits"] == (1 if r["setting"] == "wait x1" else 0) for r in summary["table"])
     assert {r["level"] for r in summary["table"]} == {*tw.LEVELS, "all"}
     for r in summary["table"]:  # budgets are never exceeded
         if r["setting"].startswith("budget="):

@@ -139,3 +139,15 @@ def test_budget_zero_writes_the_direct_demonstrations_empty_block(tok):
     forced = [state.step(t) for t in wants_to_think][:2]
     assert tok.decode(forced) == "<think></think>" and direct[:2] == forced
     assert EMPTY_THINK.startswith(tok.decode(forced))
+
+
+def test_the_large_held_out_set_extends_the_standard_one_and_stays_held_out():
+    from lmforge.data.tinyworld import source_rows
+
+    large, standard = source_rows("think_eval_large"), source_rows("think_eval")
+    assert [sum(r["level"] == lv for r in large) for lv in (1, 2, 3, 4, 5)] == [0, 200, 200, 200, 200]
+    for level in (2, 3, 4, 5):  # its first 40 of a level are think_eval's 40
+        assert [r["question"] for r in large if r["level"] == level][:40] == \
+            [r["question"] for r in standard if r["level"] == level]
+    train = {r["question"] for r in source_rows("think_rl")}
+    assert not train & {r["question"] for r in large}
