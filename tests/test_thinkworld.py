@@ -8,6 +8,7 @@ from lmforge.answers import extract_answer, is_correct
 from lmforge.data import thinkworld as tw
 from lmforge.data.chat import EMPTY_THINK, encode_prompt, generation_prompt, tokenize_conversation
 from lmforge.data.sources import read_documents
+from lmforge.data.tinyworld import source_rows
 from lmforge.evaluation import load_task
 from lmforge.thinking import ThinkState, ThinkTags
 from lmforge.tokenizer import Tokenizer, train_tokenizer
@@ -142,8 +143,6 @@ def test_budget_zero_writes_the_direct_demonstrations_empty_block(tok):
 
 
 def test_the_large_held_out_set_extends_the_standard_one_and_stays_held_out():
-    from lmforge.data.tinyworld import source_rows
-
     large, standard = source_rows("think_eval_large"), source_rows("think_eval")
     assert [sum(r["level"] == lv for r in large) for lv in (1, 2, 3, 4, 5)] == [0, 200, 200, 200, 200]
     for level in (2, 3, 4, 5):  # its first 40 of a level are think_eval's 40
