@@ -74,7 +74,7 @@ class PipelineEvalConfig:
     limit: int = 64  # held-out problems per stage
     max_new_tokens: int = 64
     prefs: str = ""  # held-out preference pairs for the reward model's accuracy
-    batch_size: int = 64
+    batch_size: int = 256  # rows answering at once: the scheduler refills finished rows, so width costs no padding
     # extra prompts every stage answers in the report; the report's demo problems are chosen from the held-out
     # answers by rule (apps/demos.py), so none are needed
     samples: list[str] = field(default_factory=list)
