@@ -14,10 +14,18 @@ from safetensors.torch import save_model as save_weights
 from test_rollout import make_model_dir, tiny_model, write_rl_prompts
 
 import lmforge.model as model_module
+import lmforge.rollout as rollout_module
 from lmforge.config import load_config
 from lmforge.modelio import load_model_dir
 from lmforge.objectives.rl import grpo_advantages, grpo_loss
-from lmforge.rollout import RolloutStream, grpo_loss_fn, grpo_rollout
+from lmforge.rollout import (
+    DiskReference,
+    RolloutStream,
+    grpo_loss_fn,
+    grpo_rollout,
+    pack_rollout,
+    reference_logprobs,
+)
 from lmforge.stages.grpo import GRPOConfig
 from lmforge.stages.grpo import main as grpo_main
 from lmforge.stages.ppo import PPOConfig
@@ -222,3 +230,53 @@ def test_gradient_checkpointing_trains_the_same_weights_and_is_engaged(tmp_path,
     assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-6)
     for (name, a), b in zip(runs[False][1].state_dict().items(), runs[True][1].state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_disk_reference_gives_the_log_probs_of_the_reference_in_memory(tmp_path):
+    """rollout.reference_logprobs with a DiskReference (ref_offload) loads the directory for the call and gives
+    exactly the log-probs of the same reference held in memory (not those of the policy that moved)."""
+    path = make_model_dir(tmp_path / "ref")
+    policy, ref = load_model_dir(path), load_model_dir(path).eval()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    vocab = ref.config.vocab_size
+    buffer = pack_rollout([[1, 2, 3], [4, 5], [6, 7, 8, 9]], [torch.randint(vocab, (n,), generator=g).tolist()
+                                                              for n in (5, 3, 6)], pad_id=0)
+    args = (1.0, buffer, [torch.arange(3)], torch.device("cpu"), None)
+    for packed in (False, True):
+        from_disk = reference_logprobs(DiskReference(path, "cpu"), *args, packed)
+        assert torch.equal(from_disk, reference_logprobs(ref, *args, packed))
+        assert not torch.allclose(from_disk, reference_logprobs(policy.eval(), *args, packed))
+
+
+def test_ref_offload_trains_the_same_and_loads_the_reference_once_per_rollout(tmp_path, monkeypatch):
+    """grpo's ref_offload=true keeps the reference in its directory (rollout.DiskReference), loaded once per
+    rollout for the reference forward and nowhere else, and ends at the same losses, KL and weights as the run
+    with the reference in memory; every rollout also trims the C heap at its 3 phase boundaries (and each training forward)."""
+    loads, trims = [], []
+    real_load = rollout_module.load_model_dir
+    monkeypatch.setattr(rollout_module, "load_model_dir", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    if rollout_module.MALLOC_TRIM is not None:
+        real_trim = rollout_module.MALLOC_TRIM
+        monkeypatch.setattr(rollout_module, "MALLOC_TRIM", lambda pad: trims.append(pad) or real_trim(pad))
+    args = [a for a in micro(tmp_path) if not a.startswith("train.eval_every")] + ["train.eval_every=0"]
+    runs = {}
+    for on in (False, True):
+        loads.clear()
+        out = tmp_path / f"offload_{on}"
+        grpo_main([f"out_dir={out}", f"ref_offload={str(on).lower()}", *args])
+        metrics = [r for r in read_metrics(out) if "loss" in r]
+        runs[on] = ([(r["loss"], r["kl"]) for r in metrics], load_model_dir(out / "model"))
+        assert len(loads) == (2 if on else 0)  # 4 steps of half a rollout: 2 rollouts, one load each
+    assert runs[True][0] == runs[False][0]
+    for (name, a), b in zip(runs[False][1].state_dict().items(), runs[True][1].state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    if rollout_module.MALLOC_TRIM is not None:
+        assert len(trims) == 2 * (2 * 3 + 4)  # both runs: 3 phase boundaries per rollout, 1 per training forward
+
+
+def test_ref_offload_refuses_a_reference_that_moves():
+    with pytest.raises(ValueError, match="ref_offload"):
+        GRPOConfig(ref_offload=True, sync_ref_model=True).validate()

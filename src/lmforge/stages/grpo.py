@@ -107,6 +107,10 @@ class GRPOConfig:
     # recompute each block's activations in the backward instead of keeping them (the same loss and gradients,
     # less peak memory, one more forward per step); honoured by Transformer.forward when training
     gradient_checkpointing: bool = False
+    # keep the frozen reference in its model directory, memory-mapped for each rollout's reference forward and
+    # released after (rollout.DiskReference): the same log-probs, one model's weights less resident memory during
+    # generation and training, one load per rollout (~0.3 s at 135M); not with sync_ref_model (it moves)
+    ref_offload: bool = False
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, schedule="constant",
                                                                    max_steps=100, batch_size=64,
                                                                    micro_batch_size=16, weight_decay=0.0,
@@ -127,6 +131,8 @@ class GRPOConfig:
                    "rollout_staleness > 0 does not run environments yet (multi-turn episodes generate in-process)"),
                   (self.overlong_buffer is None or 0 <= self.overlong_buffer < self.max_new_tokens,
                    f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens})"),
+                  (not (self.ref_offload and self.sync_ref_model),
+                   "ref_offload keeps the reference on disk, so it cannot follow the policy (sync_ref_model)"),
                   (rows % self.train.batch_size == 0,
                    f"train.batch_size ({self.train.batch_size}) must divide prompts_per_rollout x num_generations "
                    f"= {rows} (every optimizer step uses rows of one rollout)")]
