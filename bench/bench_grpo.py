@@ -22,7 +22,7 @@ from lmforge.data.prompts import render_prompt
 from lmforge.data.sources import read_documents
 from lmforge.model import ModelConfig, Transformer
 from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir
-from lmforge.rollout import RolloutStream, grpo_loss_fn, grpo_rollout
+from lmforge.rollout import DiskReference, RolloutStream, grpo_loss_fn, grpo_rollout
 from lmforge.stages.grpo import GRPOConfig
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig, train
@@ -45,11 +45,14 @@ def build_model_dir(path: Path) -> None:
 
 
 def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int, compile_generation: bool = False,
-                  first_step: list | None = None, gradient_checkpointing: bool = False) -> float:
+                  first_step: list | None = None, gradient_checkpointing: bool = False,
+                  ref_offload: bool = False) -> float:
     tok = load_tokenizer(model_dir)
-    policy, ref = load_model_dir(model_dir), load_model_dir(model_dir).eval().requires_grad_(False)
+    policy = load_model_dir(model_dir)
+    ref = DiskReference(model_dir, "cpu") if ref_offload else load_model_dir(model_dir).eval().requires_grad_(False)
     cfg = GRPOConfig(prompts_per_rollout=4, num_generations=4, max_new_tokens=64, beta=0.04,
                      compile_generation=compile_generation, gradient_checkpointing=gradient_checkpointing,
+                     ref_offload=ref_offload,
                      train=TrainConfig(lr=1e-6, schedule="constant", warmup_steps=0, max_steps=warmup + steps,
                                        batch_size=16, micro_batch_size=16, weight_decay=0.0, eval_every=0,
                                        save_every=0, log_every=1, device="cpu"))

@@ -8,7 +8,9 @@ exactly 64 new tokens, beta 0.04 so both score a frozen reference, one optimizer
 each side in its own subprocess so that its peak memory (the process's resident-set high-water mark, getrusage)
 is its own; "train peak" subtracts the resident set just before training (after imports and loading). Prints
 prompts/s, s/step and peak memory side by side, and the ratios. The row "lmforge + gradient_checkpointing" (skipped
-with --no-ckpt) is lmforge with grpo's gradient_checkpointing=true (same losses and weights, less memory).
+with --no-ckpt) is lmforge with grpo's gradient_checkpointing=true (same losses and weights, less memory); the row
+"lmforge + checkpointing + ref_offload" (also skipped with --no-ckpt) adds ref_offload=true (the reference read
+from its directory for each rollout's reference forward, not resident otherwise; the same log-probs).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from bench_grpo import bench_lmforge, bench_trl
 
 CKPT = "lmforge + gradient_checkpointing"
+OFFLOAD = "lmforge + checkpointing + ref_offload"
 
 
 def rss_now_mb() -> float:
@@ -41,7 +44,7 @@ def run_side(side: str, model: Path, steps: int, warmup: int) -> dict:
             prompts_per_s = bench_trl(model, Path(d) / side, steps, warmup)
         else:
             prompts_per_s = bench_lmforge(model, Path(d) / "lmforge", steps, warmup,
-                                          gradient_checkpointing=side == CKPT)
+                                          gradient_checkpointing=side in (CKPT, OFFLOAD), ref_offload=side == OFFLOAD)
         seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"prompts_per_s": prompts_per_s, "peak_mb": peak, "train_peak_mb": peak - before, "seconds": seconds}
@@ -53,15 +56,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-ckpt", action="store_true", help="skip the gradient_checkpointing row")
-    ap.add_argument("--side", choices=["lmforge", CKPT, "trl"], help=argparse.SUPPRESS)  # one side, in a subprocess
+    ap.add_argument("--no-ckpt", action="store_true", help="skip the gradient_checkpointing rows")
+    ap.add_argument("--side", choices=["lmforge", CKPT, OFFLOAD, "trl"], help=argparse.SUPPRESS)  # one side, in a subprocess
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.side:
         print(json.dumps(run_side(args.side, Path(args.model), args.steps, args.warmup)))
         return
     results = {}
-    for side in ("lmforge", *([] if args.no_ckpt else [CKPT]), "trl"):
+    for side in ("lmforge", *([] if args.no_ckpt else [CKPT, OFFLOAD]), "trl"):
         proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
                                "--warmup", str(args.warmup), "--threads", str(args.threads), "--side", side],
                               capture_output=True, text=True)
@@ -72,9 +75,9 @@ def main() -> None:
         load = f.read().split()[0]
     print(f"GRPO on {args.model}: 4 prompts x 4 generations x 64 new tokens, beta 0.04, fp32 CPU, {args.threads} "
           f"threads, {args.steps} timed steps after {args.warmup} warm-up; load average {load}")
-    print(f"{'implementation':<36} {'prompts/s':>10} {'s/step':>8} {'peak MiB':>9} {'train peak':>11}")
+    print(f"{'implementation':<38} {'prompts/s':>10} {'s/step':>8} {'peak MiB':>9} {'train peak':>11}")
     for side, r in results.items():
-        print(f"{side:<36} {r['prompts_per_s']:>10.3f} {4 / r['prompts_per_s']:>8.1f} {r['peak_mb']:>9.0f} "
+        print(f"{side:<38} {r['prompts_per_s']:>10.3f} {4 / r['prompts_per_s']:>8.1f} {r['peak_mb']:>9.0f} "
               f"{r['train_peak_mb']:>11.0f}")
     trl = results["trl"]
     for side, ours in results.items():
