@@ -13,7 +13,7 @@ run: install  ## the main job on the built-in tiny recipe
 	lmforge pipeline
 
 test: install lint  ## the whole suite, end-to-end CLI tests included
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=25  # the slowest tests, in every CI log
 
 lint:  ## ruff (imports at the top: PLC0415) and the layer contract in pyproject.toml (import-linter)
 	$(PYTHON) -m ruff check src tests bench

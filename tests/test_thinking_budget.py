@@ -6,6 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lmforge.generation
+import lmforge.scheduler
 from lmforge.generation import SamplingParams, generate
 from lmforge.model import ModelConfig, Transformer
 from lmforge.thinking import ThinkState, ThinkTags, count_thinking, new_state, opened_in_prompt
@@ -132,12 +134,26 @@ def test_engine_without_a_budget_is_unchanged_and_still_reports_thinking():
     assert tracked[0][0].thinking_tokens == count_thinking(tracked[0][0].token_ids, TAGS, started_inside=True)
 
 
-def test_engine_min_thinking_replaces_an_early_close_with_wait():
-    """A model that always closes at once: with a minimum the engine writes "Wait" instead, until the minimum."""
+def always_closing_model():
+    """A model whose likeliest next token is CLOSE everywhere, by far (a hook on the head's forward)."""
     model = tiny_model()
     boost = torch.zeros(110)
-    boost[CLOSE] = 100.0  # CLOSE is by far the likeliest next token everywhere
+    boost[CLOSE] = 100.0
     model.lm_head.register_forward_hook(lambda module, args, out: out + boost)
+    return model
+
+
+def generic_decode_only(monkeypatch):
+    """Decode through the model's forward: the packed CPU step reads the head's weights, not its forward, so it
+    would not see a hook on it."""
+    for module in (lmforge.generation, lmforge.scheduler):
+        monkeypatch.setattr(module, "packable", lambda model, rows: False)
+
+
+def test_engine_min_thinking_replaces_an_early_close_with_wait(monkeypatch):
+    """A model that always closes at once: with a minimum the engine writes "Wait" instead, until the minimum."""
+    generic_decode_only(monkeypatch)
+    model = always_closing_model()
     prompts = [[5, OPEN]]
     params = SamplingParams(max_new_tokens=10, temperature=0.0, thinking_budget=8, min_thinking_tokens=4)
     c = generate(model, prompts, params, tokenizer=IdTokenizer(), eos_token_ids=[])[0][0]
@@ -160,11 +176,9 @@ def test_num_waits_never_passes_the_budget():
     assert state.thinking_tokens == 3 and state.forced_close
 
 
-def test_engine_num_waits_writes_wait_k_times_then_lets_the_model_close():
-    model = tiny_model()
-    boost = torch.zeros(110)
-    boost[CLOSE] = 100.0  # the model closes at once, every time
-    model.lm_head.register_forward_hook(lambda module, args, out: out + boost)
+def test_engine_num_waits_writes_wait_k_times_then_lets_the_model_close(monkeypatch):
+    generic_decode_only(monkeypatch)
+    model = always_closing_model()
     params = SamplingParams(max_new_tokens=8, temperature=0.0, num_waits=2)
     c = generate(model, [[5, OPEN]], params, tokenizer=IdTokenizer(), eos_token_ids=[])[0][0]
     assert c.token_ids[:5] == [W1, W2, W1, W2, CLOSE]
