@@ -246,7 +246,8 @@ def task_accuracy(model, tokenizer, rows: Sequence[dict], *, chat: bool = True, 
     answer); hacking_probes' keys; records: one per (row, sample) with prompt, response, answer, predicted,
     correct, tokens, thinking_tokens, finish_reason; ``completions`` (the engine's objects, for callers that
     score them further); and, when rows carry a "level", ``by_level``: {level: {"accuracy", "mean_thinking_tokens",
-    "mean_response_tokens"}}. thinking_budget / min_thinking_tokens / num_waits: budget forcing (generation.SamplingParams).
+    "mean_response_tokens"}}. thinking_budget / min_thinking_tokens / num_waits: budget forcing
+    (generation.SamplingParams).
     """
     if not rows:
         raise ValueError("task_accuracy needs at least one row")

@@ -48,14 +48,13 @@ def level_rows(rows: Sequence[dict], setting: str, per_problem: Sequence[float],
 
 def budget_sweep(model, tokenizer, rows: Sequence[dict], budgets: Sequence[int | None], *,
                  wait_minimums: Sequence[int] = (), wait_counts: Sequence[int] = (), max_new_tokens: int = 256,
-                 batch_size: int = 64,
-                 n_boot: int = 1000, seed: int = 0) -> tuple[list[dict], dict]:
+                 batch_size: int = 64, n_boot: int = 1000, seed: int = 0) -> tuple[list[dict], dict]:
     """Greedy answers at each thinking budget (None = no budget) and, for each of ``wait_minimums``, with no
     budget but "Wait" forced until that many thinking tokens (s1's extension), and for each k of ``wait_counts``,
     with no budget and the model's first k closes replaced by "Wait" (s1's "ignore the end of thinking k times").
 
-    Returns (table, per_problem): table rows {"setting", "budget", "min_thinking", "waits", "level", "accuracy", "ci", "n",
-    "mean_thinking_tokens", "mean_generated_tokens"}; per_problem[setting] = the 0/1 outcomes in row order (for
+    Returns (table, per_problem): table rows {"setting", "budget", "min_thinking", "waits", "level", "accuracy",
+    "ci", "n", "mean_thinking_tokens", "mean_generated_tokens"}; per_problem[setting] = the 0/1 outcomes in row order (for
     paired comparisons between settings).
     """
     settings = [(f"budget={b}" if b is not None else "no budget", b, 0, 0) for b in budgets]

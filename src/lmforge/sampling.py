@@ -218,7 +218,8 @@ def think_states(tokenizer, prompts, fan: list[int], params: SamplingParams):
     if tokenizer is None or not hasattr(tokenizer, "encode"):
         return None
     tags = think_tags(tokenizer)
-    return [new_state(tags, prompts[p], params.thinking_budget, params.min_thinking_tokens, params.num_waits) for p in fan]
+    return [new_state(tags, prompts[p], params.thinking_budget, params.min_thinking_tokens, params.num_waits)
+            for p in fan]
 
 
 def think_tags(tokenizer) -> ThinkTags:

@@ -44,9 +44,8 @@ from lmforge.sampling import (
     force_thinking,
     row_streams,
     sample_tokens,
-    think_tags,
+    think_states,
 )
-from lmforge.thinking import new_state
 
 
 class Request:
@@ -355,11 +354,7 @@ class Scheduler:
 
     def _enqueue(self, prompt, params, streams, on_token, raise_errors: bool = False) -> Request:
         stop_ids = set(params.stop_token_ids) | self.stop_ids
-        think = None
-        if self.tokenizer is not None and hasattr(self.tokenizer, "encode"):
-            tags = think_tags(self.tokenizer)
-            think = [new_state(tags, prompt, params.thinking_budget, params.min_thinking_tokens, params.num_waits)
-                     for _ in range(params.n)]
+        think = think_states(self.tokenizer, [prompt], [0] * params.n, params)
         request = Request(prompt, params, streams, stop_ids, on_token, think)
         request.raise_callback_errors = raise_errors
         request.sequences = [Sequence(request, 0, list(prompt), params.n)]

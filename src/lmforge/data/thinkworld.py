@@ -30,8 +30,8 @@ lines before it (the labels of the PRM's stepwise data). Problems split into tra
 problem, so every source agrees on what is held out; the held-out set is stratified by level.
 
 Sources (``builtin:tinyworld/NAME``): ``think_text`` (documents for pre-training), ``think_sft``
-({"messages"}), ``think_rl``, ``think_eval`` and ``think_eval_large`` ({"prompt", "answer", "level"}), ``think_stepwise`` (TRL's
-stepwise rows {"prompt", "completions", "labels"}, half of them with a slip).
+({"messages"}), ``think_rl``, ``think_eval`` and ``think_eval_large`` ({"prompt", "answer", "level"}),
+``think_stepwise`` (TRL's stepwise rows {"prompt", "completions", "labels"}, half of them with a slip).
 """
 
 from __future__ import annotations
@@ -293,9 +293,9 @@ def rl_rows(n: int = 4000, seed: int = 0) -> list[dict]:
     return [_problem_row(p) for p in problems(n, "train", seed + 3)]
 
 
-def eval_rows(per_level: int = 40, seed: int = 0) -> list[dict]:
-    """Held-out problems, ``per_level`` of each level: {"prompt", "answer", "question", "level"}."""
-    return [_problem_row(p) for p in stratified_test(per_level, seed)]
+def eval_rows(per_level: int = 40, seed: int = 0, levels=LEVELS) -> list[dict]:
+    """Held-out problems, ``per_level`` of each of ``levels``: {"prompt", "answer", "question", "level"}."""
+    return [_problem_row(p) for p in stratified_test(per_level, seed, levels)]
 
 
 def stepwise_rows(n: int = 3000, seed: int = 0, slip_rate: float = 0.5, split: str = "train") -> list[dict]:
@@ -317,7 +317,7 @@ SOURCES = {  # builtin:tinyworld/NAME -> rows (registered in lmforge.data.tinywo
     "think_eval": eval_rows,
     # 200 held-out problems at each of levels 2-5 (level 1 has fewer than 100 distinct held-out problems): for
     # intervals a quarter as wide where 40 problems per level cannot tell two methods apart
-    "think_eval_large": lambda: [_problem_row(p) for p in stratified_test(200, levels=(2, 3, 4, 5))],
+    "think_eval_large": lambda: eval_rows(200, levels=(2, 3, 4, 5)),
     "think_stepwise": stepwise_rows,
     "think_stepwise_eval": lambda: stepwise_rows(400, split="test"),
 }

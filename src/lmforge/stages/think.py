@@ -10,8 +10,9 @@ Input rows: ``{"prompt": str, "answer": ...}`` or ``{"messages": [...], "answer"
     adaptive          sample round_size at a time; stop a problem when its top answer holds `threshold` of votes
     budget_sweep      thinking budgets (budget forcing): accuracy and thinking tokens per difficulty level for
                       each of `budgets`, "Wait" until each of `wait_minimums`, "Wait" instead of the first k
-                      closes for each k of `wait_counts` (s1's "ignore the end of thinking"), and adaptive thinking (think a
-                      step at a time, stop when the probed answer's probability reaches `adaptive_threshold`)
+                      closes for each k of `wait_counts` (s1's "ignore the end of thinking"), and adaptive
+                      thinking (think a step at a time, stop when the probed answer's probability reaches
+                      `adaptive_threshold`)
     prm_best_of_n     majority voting vs best-of-N ranked by a PRM (prm=DIR; min / prod / last step) and by an
                       outcome RM (orm=DIR), N = 1, 2, 4, ... n, at their generated tokens
     beam              the same, plus PRM-guided step-level beam search at each of `beams` (width x expand)
