@@ -18,6 +18,13 @@ leaving) or True (lmforge.scheduler), unless said otherwise:
             rows finish.
 - rollout:  GRPO's rollout shape: 8 prompts x n=8, temperature 1, 64 new tokens, log-probs, seeded.
 
+A second table compares two settings of the default (scheduled) path:
+
+- batch-1 decode: one 64-token prompt, 128 new tokens, greedy, through the model's forward (column-major weights,
+            what batch-1 generate did before) vs the packed CPU decode step (what it does now).
+- eval rows: the eval shape above (200 prompts), 64 vs 256 rows running at once (the pipeline's eval batch was 64,
+            now 256).
+
 Every case checks that both sides produced the same tokens (greedy and seeded sampling), and says so.
 A random model does not write the task's answers, so these are shapes and timings, not accuracies; with
 ``--run-dir runs/tiny`` (a finished `lmforge pipeline`) the SFT model runs the pipeline's own eval
@@ -31,10 +38,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 
-from lmforge import generation
+from lmforge import generation, scheduler
 from lmforge.answers import is_correct
 from lmforge.data import tinyworld
 from lmforge.data.chat import encode_prompt
@@ -78,6 +86,22 @@ def gather_every_step(model, prompts, params, eos):
         return run(model, prompts, params, eos, True)
     finally:
         DecodeMirror.fits = fits
+
+
+@contextmanager
+def without_packed_step():
+    """generate and the scheduler as if PackedDecodeStep did not apply: the model's forward decodes."""
+    saved = generation.packable, scheduler.packable
+    generation.packable = scheduler.packable = lambda model, rows: False
+    try:
+        yield
+    finally:
+        generation.packable, scheduler.packable = saved
+
+
+def forward_decode(model, prompts, params, eos):
+    with without_packed_step():
+        return run(model, prompts, params, eos, True)
 
 
 def static_eval(model, prompts, params, eos):
@@ -142,6 +166,9 @@ def arrivals(model, vocab: int, scheduled: bool, waves: int = 12, per_wave: int 
     return statistics.mean(latency), time.perf_counter() - t0
 
 
+OTHER: list[tuple] = []  # (model, comparison, A s, B s, new tokens, same tokens): the second table
+
+
 def bench_model(name: str, model, repeats: int) -> list[tuple]:
     vocab, rows = model.config.vocab_size, []
     eos = enders(vocab)
@@ -168,6 +195,17 @@ def bench_model(name: str, model, repeats: int) -> list[tuple]:
     best, outs = timed(fns, repeats)
     rows.append((name, "eval", best["static"], best["scheduler"], tokens(outs["static"]),
                  same(outs["static"], outs["scheduler"])))
+    fns = {"64": lambda: run(model, prompts, params, eos, True, max_running=64),
+           "256": lambda: run(model, prompts, params, eos, True, max_running=256)}
+    best, outs = timed(fns, repeats)
+    OTHER.append((name, "eval (200 prompts): 64 vs 256 rows at once", best["64"], best["256"],
+                  tokens(outs["64"]), same(outs["64"], outs["256"])))
+    prompt, params = prompts_of(vocab, 1, 64, 64, seed=3), SamplingParams(max_new_tokens=128, temperature=0)
+    fns = {"forward": lambda: forward_decode(model, prompt, params, []),
+           "packed": lambda: run(model, prompt, params, [], True)}
+    best, outs = timed(fns, repeats)
+    OTHER.append((name, "batch-1 decode: model forward vs packed step", best["forward"], best["packed"],
+                  tokens(outs["forward"]), same(outs["forward"], outs["packed"])))
     (lat_s, tot_s), (lat_c, tot_c) = arrivals(model, vocab, False), arrivals(model, vocab, True)
     rows.append((name, "arrivals", tot_s, tot_c, None, f"mean latency {lat_s:.2f} s vs {lat_c:.2f} s"))
     generation.SCHEDULED_BY_DEFAULT = True
@@ -198,6 +236,13 @@ def bench_pipeline(run_dir: str, repeats: int) -> list[tuple]:
     out.append(("tiny SFT", "eval (200 problems)", best["static"], best["scheduler"], n_tok,
                 f"{same(outs['static']['completions'], outs['scheduler']['completions'])}; accuracy "
                 f"{acc[0]:.3f} vs {acc[1]:.3f}"))
+    generation.SCHEDULED_BY_DEFAULT = True
+    best, outs = timed({b: lambda b=b: task_accuracy(model, tok, rows_eval, max_new_tokens=48, batch_size=b,
+                                                     n_boot=10) for b in (64, 256)}, repeats)
+    acc = [outs[b]["accuracy"]["value"] for b in (64, 256)]
+    OTHER.append(("tiny SFT", "eval (200 problems): 64 vs 256 rows at once", best[64], best[256],
+                  sum(len(c.token_ids) for row in outs[64]["completions"] for c in row),
+                  f"{same(outs[64]['completions'], outs[256]['completions'])}; accuracy {acc[0]:.3f} vs {acc[1]:.3f}"))
     best, outs = timed({"static": lambda: rollout(False), "scheduler": lambda: rollout(True)}, repeats)
     reward = [sum(is_correct(c.text, r["answer"]) for r, row in zip(rl, outs[k]) for c in row) / 64
               for k in ("static", "scheduler")]
@@ -222,11 +267,17 @@ def main() -> None:
         rows += bench_model(name, model, args.repeats)
     if args.run_dir:
         rows += bench_pipeline(args.run_dir, args.repeats)
-    print("| model | case | static s | scheduler s | speed-up | new tokens | same tokens |")
+    table(rows, "case", "static s", "scheduler s")
+    print()
+    table(OTHER, "comparison (A vs B)", "A s", "B s")
+
+
+def table(rows: list[tuple], case: str, a_name: str, b_name: str) -> None:
+    print(f"| model | {case} | {a_name} | {b_name} | speed-up | new tokens | same tokens |")
     print("|---|---|---:|---:|---:|---:|---|")
-    for name, case, a, b, n, ok in rows:
+    for name, label, a, b, n, ok in rows:
         extra = f"{n} ({n / a:.0f} vs {n / b:.0f} tok/s)" if n else ""
-        print(f"| {name} | {case} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {extra} | {ok} |")
+        print(f"| {name} | {label} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {extra} | {ok} |")
 
 
 if __name__ == "__main__":
