@@ -1,12 +1,15 @@
 """What `lmforge serve` costs over calling generate() directly: a streamed request vs the same generate call.
 
-    python bench/bench_serve_overhead.py [--tokens 128] [--repeats 5]
+    python bench/bench_serve_overhead.py [--model runs/smollm2] [--tokens 128] [--repeats 5]
 
-A random model (hidden 256, 4 layers, 4/2 heads, FFN 688) is served in this process (make_server on a thread,
-the scheduler); the same chat prompt is completed greedily ``--repeats`` times each way, alternating: through
-HTTP with stream=true (the server's tokenizer, stop strings and SSE framing included) and with
-generation.generate on the encoded prompt (an on_token callback timing the first token). Greedy, so both produce
-the same tokens; the table gives the medians of the time to the first token and of tokens/s.
+A model (``--model``; by default a random one: hidden 256, 4 layers, 4/2 heads, FFN 688) is served in this
+process, the same chat prompt completed greedily ``--repeats`` times each way: through HTTP with stream=true (the
+server's tokenizer, stop strings and SSE framing included), with the scheduler stepping on the main thread (HTTP
+and the client on other threads: how `lmforge serve` runs) and on a thread of its own (``make_server``'s
+default, how serve ran before), and with generation.generate on the encoded prompt (an on_token callback timing
+the first token). Each way runs as a block (its server made, warmed up, used and closed), and the three blocks
+run twice in turn. Greedy, so all produce the same tokens; the table gives the medians of the time to the first
+token and of tokens/s.
 """
 
 from __future__ import annotations
@@ -61,37 +64,62 @@ def direct(model, tok, tokens: int) -> tuple[float, float, int]:
     return first[0], time.perf_counter() - start, len(c.token_ids)
 
 
+def served(model, tok, path: str, tokens: int, repeats: int, engine_on_main: bool) -> list[tuple]:
+    """``repeats`` streamed requests (after a warm-up) to a server of its own, its engine on this (the main)
+    thread or on a thread of its own; the server is closed (its engine thread gone) before this returns."""
+    server = make_server(ServeConfig(model=path, port=0, verbose=False), model, tok, start_engine=not engine_on_main)
+    engine, port, rows = server.RequestHandlerClass.chat.engine, server.server_address[1], []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def client():
+        try:
+            served_stream(port, 8)
+            rows.extend(served_stream(port, tokens) for _ in range(repeats))
+        finally:
+            if engine_on_main:
+                engine.stop()
+
+    if engine_on_main:
+        threading.Thread(target=client).start()
+        engine.run()
+    else:
+        client()
+    server.shutdown()
+    server.server_close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="a model directory (default: a random tiny model)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    text = "The assistant answers the user. Response A or B? Thank you, that helps a lot today.\n"
-    tok = train_tokenizer([text] * 20, vocab_size=300)
-    torch.manual_seed(0)
-    path = Path(tempfile.mkdtemp()) / "model"
-    save_model_dir(path, Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=688,
-                                                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                                 max_position_embeddings=1024)), tok)
-    model, tok = load_model_and_tokenizer(str(path), device="cpu")
-    server = make_server(ServeConfig(model=str(path), port=0, verbose=False), model, tok)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
+    path = args.model
+    if not path:
+        text = "The assistant answers the user. Response A or B? Thank you, that helps a lot today.\n"
+        tok = train_tokenizer([text] * 20, vocab_size=300)
+        torch.manual_seed(0)
+        path = str(Path(tempfile.mkdtemp()) / "model")
+        save_model_dir(path, Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=256,
+                                                     intermediate_size=688, num_hidden_layers=4,
+                                                     num_attention_heads=4, num_key_value_heads=2,
+                                                     max_position_embeddings=1024)), tok)
+    model, tok = load_model_and_tokenizer(path, device="cpu")
+    model.eval()
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
-    runs = {"served": [], "direct": []}
-    served_stream(port, 8)
-    direct(model, tok, 8)  # warm-up
-    for _ in range(args.repeats):
-        runs["served"].append(served_stream(port, args.tokens))
-        runs["direct"].append(direct(model, tok, args.tokens))
-    print("| path | tokens | first token ms (median) | tokens/s (median) |")
-    print("|---|---|---|---|")
+    runs = {"served, engine on the main thread": [], "served, engine on its own thread": [], "direct": []}
+    for _ in range(2):
+        direct(model, tok, 8)  # warm-up
+        runs["direct"] += [direct(model, tok, args.tokens) for _ in range(args.repeats)]
+        runs["served, engine on the main thread"] += served(model, tok, path, args.tokens, args.repeats, True)
+        runs["served, engine on its own thread"] += served(model, tok, path, args.tokens, args.repeats, False)
+    print("| path | tokens | first token ms (median) | tokens/s (median) | ms/token (median) |")
+    print("|---|---|---|---|---|")
     for name, rows in runs.items():
         ttft = statistics.median(r[0] for r in rows)
         rate = statistics.median(r[2] / r[1] for r in rows)
-        print(f"| {name} | {rows[0][2]} | {1000 * ttft:.1f} | {rate:,.0f} |")
-    server.shutdown()
-    server.server_close()
+        print(f"| {name} | {rows[0][2]} | {1000 * ttft:.1f} | {rate:,.1f} | {1000 / rate:.1f} |")
 
 
 if __name__ == "__main__":

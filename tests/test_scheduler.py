@@ -2,6 +2,8 @@
 prefill, shared prefixes, preemption), the KV pool never exceeds its budget, and cancelled requests free their
 blocks."""
 
+import threading
+
 import pytest
 import torch
 
@@ -186,6 +188,28 @@ def test_the_background_thread_serves_submissions(model):
     assert [tokens(r.completions) for r in requests] == [tokens(alone(model, prompt(10 + i, 20 + i), GREEDY))
                                                          for i in range(3)]
     assert len(seen) == 3 * GREEDY.max_new_tokens and sched.stats()["generated_tokens"] == len(seen)
+
+
+def test_run_steps_on_the_calling_thread_until_stopped(model):
+    """serve's way: the engine loops on the main thread, requests come from other threads, stop() ends it."""
+    sched, results, threads = Scheduler(model, eos_token_ids=[]), [], set()
+    step = sched.step
+    sched.step = lambda: threads.add(threading.current_thread()) or step()
+
+    def client():
+        try:
+            results.extend(sched.submit(prompt(10 + i, 20 + i), GREEDY) for i in range(2))
+            assert all(r.wait(timeout=60) for r in results)
+        finally:
+            sched.stop()
+
+    other = threading.Thread(target=client)
+    other.start()
+    sched.run()
+    other.join()
+    assert threads == {threading.current_thread()}
+    assert [tokens(r.completions) for r in results] == [tokens(alone(model, prompt(10 + i, 20 + i), GREEDY))
+                                                        for i in range(2)]
 
 
 def test_a_request_larger_than_the_pool_is_refused(model):

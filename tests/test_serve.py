@@ -6,6 +6,7 @@ get OpenAI-style errors; the API key is enforced; the chat page is served."""
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -250,8 +251,11 @@ def test_cli_serves_until_stopped(model_dir):
         assert request(found[1], "/health") == (200, {"status": "ok", "model": "tiny-chat"})
         status, out = request(found[1], "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2})
         assert status == 200 and out["usage"]["completion_tokens"] <= 2
+        proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the main thread, where the engine steps: a clean stop
+        assert proc.wait(timeout=30) == 0
+        assert "Traceback" not in proc.stderr.read()
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(timeout=30)
 
 

@@ -309,12 +309,22 @@ class Scheduler:
             return bool(rows or self.waiting or self.prefilling or self.decoding or self._intake)
 
     def start(self) -> None:
-        """A background thread that steps while there is work and sleeps until a submit when there is none."""
+        """A background thread that steps while there is work and sleeps until a submit when there is none.
+
+        On CPU a step runs slower there than on the main thread (SmolLM2-135M batch 1: ~48 against ~33 ms;
+        bench/bench_serve_overhead.py): libgomp sees more OpenMP threads than cores once a second thread has its
+        own team (the main thread's stays), so its workers sleep between the ~600 small parallel regions of a
+        step instead of spinning. `lmforge serve` therefore calls ``run`` on its main thread instead."""
         if self._thread is not None:
             return
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
         self._thread.start()
+
+    def run(self) -> None:
+        """``start``'s loop on the calling thread, until ``stop()`` from another thread (or KeyboardInterrupt)."""
+        self._stopping = False
+        self._loop()
 
     def stop(self) -> None:
         with self._wake:
@@ -667,6 +677,8 @@ class Scheduler:
                 busy = self.step()
             except BaseException as error:  # noqa: BLE001  (every waiting client gets the error, not a hang)
                 self._fail_all(error)
+                if not isinstance(error, Exception):  # Ctrl-C or exit on the thread that runs the loop: stop
+                    raise
                 busy = False
             if not busy:
                 with self._wake:
