@@ -916,12 +916,8 @@ def start_rl_run(cfg) -> RLRun:
     """
     run = start_run(cfg)
     dist = run.dist
-    policy, ref, tokenizer = load_policy_and_ref(cfg.model, cfg.ref_model, dist.device,
+    policy, ref, tokenizer = load_policy_and_ref(cfg.model, cfg.ref_model, dist.device, cfg.train.packed_attention,
                                                  offload=getattr(cfg, "ref_offload", False))  # grpo's; ppo's stays
-    if isinstance(ref, DiskReference):
-        ref.packed_attention = cfg.train.packed_attention
-    else:
-        set_packed_attention(ref, cfg.train.packed_attention)  # the loop sets the policy's (and a critic's)
     rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
     check_answers(rows + eval_rows, cfg.rewards)
     reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
@@ -932,13 +928,17 @@ def start_rl_run(cfg) -> RLRun:
     return RLRun(run, policy, ref, tokenizer, rows, prompt_ids, eval_rows, eval_ids, reward, eval_fn)
 
 
-def load_policy_and_ref(policy_dir: str, ref_dir: str, device, offload: bool = False):
-    """(policy, frozen reference, tokenizer); the reference is the policy's directory unless ``ref_dir``, and
-    with ``offload`` a :class:`DiskReference` on it (loaded for each reference forward) instead of a model."""
+def load_policy_and_ref(policy_dir: str, ref_dir: str, device, packed_attention: str = "auto",
+                        offload: bool = False):
+    """(policy, frozen reference, tokenizer); the reference is the policy's directory unless ``ref_dir``, with
+    its attention set to ``packed_attention`` (the loop sets the policy's), and with ``offload`` a
+    :class:`DiskReference` on it (loaded for each reference forward) instead of a model."""
     policy, tokenizer = load_model_and_tokenizer(policy_dir, device)
     if offload:
-        return policy, DiskReference(check_model_dir(ref_dir or policy_dir), policy.lm_head.weight.device), tokenizer
+        path = check_model_dir(ref_dir or policy_dir)
+        return policy, DiskReference(path, policy.lm_head.weight.device, packed_attention), tokenizer
     ref = load_model_and_tokenizer(ref_dir or policy_dir, device)[0].requires_grad_(False)
+    set_packed_attention(ref, packed_attention)
     return policy, ref, tokenizer
 
 
