@@ -125,11 +125,13 @@ def test_static_decoder_compacts_at_half_and_keeps_min_rows():
     assert cache.batch_size == 2 and dec.rows.tolist() == [0]
 
 
+@pytest.mark.parametrize("rows", [3, 1], ids=["oneDNN layout", "one-row MKL layout"])
 @pytest.mark.parametrize("extra", [dict(), dict(attention_bias=True, tie_word_embeddings=False),
                                    dict(qkv_bias=True, num_key_value_heads=4)])
-def test_packed_decode_step_equals_the_model_forward(extra):
+def test_packed_decode_step_equals_the_model_forward(extra, rows):
     """PackedDecodeStep (folded norm gains and query scale, fused q/k/v and gate/up, bmm attention) against the
-    model's forward on a left-padded batch, for biases, an untied head and plain multi-head attention."""
+    model's forward on a left-padded batch, for biases, an untied head and plain multi-head attention, with the
+    weights laid out for 3 rows (oneDNN) and for one (MKL; any row count still works)."""
     cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2)
     torch.manual_seed(0)
@@ -143,7 +145,7 @@ def test_packed_decode_step_equals_the_model_forward(extra):
         ours, theirs = KVCache(model.config, 3, 8), KVCache(model.config, 3, 8)
         for c in (ours, theirs):
             model(ids, attention_mask=mask, position_ids=positions, cache=c)
-        step = PackedDecodeStep(model, 3)
+        step = PackedDecodeStep(model, rows)
         key_mask = torch.cat((mask, torch.ones(3, 3, dtype=torch.long)), 1)
         tokens, position = torch.tensor([17, 23, 40]), positions[:, -1:] + 1
         for _ in range(3):
