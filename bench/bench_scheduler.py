@@ -195,6 +195,18 @@ def bench_model(name: str, model, repeats: int) -> list[tuple]:
     best, outs = timed(fns, repeats)
     rows.append((name, "eval", best["static"], best["scheduler"], tokens(outs["static"]),
                  same(outs["static"], outs["scheduler"])))
+    second_table(name, model, repeats)
+    (lat_s, tot_s), (lat_c, tot_c) = arrivals(model, vocab, False), arrivals(model, vocab, True)
+    rows.append((name, "arrivals", tot_s, tot_c, None, f"mean latency {lat_s:.2f} s vs {lat_c:.2f} s"))
+    generation.SCHEDULED_BY_DEFAULT = True
+    return rows
+
+
+def second_table(name: str, model, repeats: int) -> list[tuple]:
+    """The A-vs-B rows (OTHER): eval with 64 vs 256 rows running, batch-1 decode through the forward vs packed."""
+    vocab, eos = model.config.vocab_size, enders(model.config.vocab_size)
+    generation.SCHEDULED_BY_DEFAULT = True
+    prompts, params = prompts_of(vocab, 200, 12, 30, seed=2), SamplingParams(max_new_tokens=48, temperature=0)
     fns = {"64": lambda: run(model, prompts, params, eos, True, max_running=64),
            "256": lambda: run(model, prompts, params, eos, True, max_running=256)}
     best, outs = timed(fns, repeats)
@@ -206,10 +218,7 @@ def bench_model(name: str, model, repeats: int) -> list[tuple]:
     best, outs = timed(fns, repeats)
     OTHER.append((name, "batch-1 decode: model forward vs packed step", best["forward"], best["packed"],
                   tokens(outs["forward"]), same(outs["forward"], outs["packed"])))
-    (lat_s, tot_s), (lat_c, tot_c) = arrivals(model, vocab, False), arrivals(model, vocab, True)
-    rows.append((name, "arrivals", tot_s, tot_c, None, f"mean latency {lat_s:.2f} s vs {lat_c:.2f} s"))
-    generation.SCHEDULED_BY_DEFAULT = True
-    return rows
+    return []
 
 
 def bench_pipeline(run_dir: str, repeats: int) -> list[tuple]:
@@ -259,12 +268,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--run-dir", default="", help="a finished tiny pipeline's run dir (its sft/model is used)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    ap.add_argument("--second-table-only", action="store_true", help="only the A-vs-B settings of the scheduler")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
         model = tiny_model() if name == "tiny" else load_model_dir(args.smollm2).eval()
-        rows += bench_model(name, model, args.repeats)
+        rows += (second_table(name, model, args.repeats) if args.second_table_only
+                 else bench_model(name, model, args.repeats))
     if args.run_dir:
         rows += bench_pipeline(args.run_dir, args.repeats)
     table(rows, "case", "static s", "scheduler s")
