@@ -13,9 +13,10 @@ import lmforge.scheduler
 import lmforge.stages.ppo
 import lmforge.stages.sample
 from lmforge.config import parse_cli
-from lmforge.cpu_decode import PackedDecodeStep, packed_head
+from lmforge.cpu_decode import PackedDecodeStep, packable, packed_head
 from lmforge.generation import SamplingParams, StaticDecoder, compiled_step, generate
 from lmforge.model import KVCache, ModelConfig, Transformer
+from lmforge.quant import quantize_model
 from lmforge.rewards import RewardSpec
 from lmforge.rollout import RLDataConfig
 from lmforge.stages.generate import GenerateConfig
@@ -153,6 +154,36 @@ def test_packed_decode_step_equals_the_model_forward(extra, rows):
                          cache=theirs)[:, 0]
             got = step.head(step(tokens, key_mask[:, :ours.length + 1], position, ours))
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            tokens, position = want.argmax(-1), position + 1
+
+
+@pytest.mark.parametrize("rows", [3, 1])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_decode_step_equals_the_forward_of_a_quantized_model(bits, rows):
+    """An `lmforge quantize`d model decodes through PackedDecodeStep too (fused QuantLinears, the query scale in
+    their scales, norms with their gains): the same logits as the quantized model's own forward."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, attention_bias=True)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3 if p.dim() < 2 else 0.1)
+    quantize_model(model, bits=bits, group_size=32)
+    assert packable(model, rows)
+    ids = torch.tensor([[0, 0, 5, 9, 13], [7, 2, 30, 41, 8], [0, 3, 4, 5, 6]])
+    mask = (ids != 0).long()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours, theirs = KVCache(model.config, 3, 8), KVCache(model.config, 3, 8)
+        for c in (ours, theirs):
+            model(ids, attention_mask=mask, position_ids=positions, cache=c)
+        step = PackedDecodeStep(model, rows)
+        key_mask = torch.cat((mask, torch.ones(3, 3, dtype=torch.long)), 1)
+        tokens, position = torch.tensor([17, 23, 40]), positions[:, -1:] + 1
+        for _ in range(3):
+            want = model(tokens[:, None], attention_mask=key_mask[:, :theirs.length + 1], position_ids=position,
+                         cache=theirs)[:, 0]
+            got = step.head(step(tokens, key_mask[:, :ours.length + 1], position, ours))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
             tokens, position = want.argmax(-1), position + 1
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model import KVCache, _rope_by_halves
+from lmforge.quant import QuantLinear
 
 
 def _mkldnn_fp32_cpu(model) -> bool:
@@ -69,14 +70,39 @@ def packed_head(model, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def packable(model, rows: int) -> bool:
-    """Whether ``PackedDecodeStep`` applies: fp32 on CPU, every projection a plain nn.Linear (LoRA-wrapped or
-    quantized layers keep the generic path). One row too: SmolLM2-135M's batch-1 step took 71-74 ms against the
-    generic forward's 85-97 ms (column-major MKL weights), a 4-layer d=256 model's 4.7-5.3 against 5.3-5.8 ms
-    (2 threads, same tokens; README, "Serve a model")."""
-    if rows < 1 or not _mkldnn_fp32_cpu(model) or not hasattr(model, "model"):
+    """Whether ``PackedDecodeStep`` applies: fp32 activations on CPU, a float output head, and the projections
+    either all plain nn.Linear or all ``quant.QuantLinear`` on their fused CPU kernel (LoRA-wrapped layers keep
+    the generic path). One row too: SmolLM2-135M's batch-1 step took 71-74 ms against the generic forward's
+    85-97 ms (column-major MKL weights), a 4-layer d=256 model's 4.7-5.3 against 5.3-5.8 ms (2 threads, same
+    tokens; README, "Serve a model")."""
+    if rows < 1 or not _mkldnn_fp32_cpu(model) or not hasattr(model, "model") or type(model.lm_head) is not nn.Linear:
         return False
     projections = [m for layer in model.model.layers for m in (*layer.self_attn.children(), *layer.mlp.children())]
-    return all(type(m) is nn.Linear for m in projections + [model.lm_head])
+    kinds = {type(m) for m in projections}
+    if kinds == {QuantLinear}:
+        return len({(m.bits, m.group_size) for m in projections}) == 1 and all(
+            m._kernel_dtype(m.weight_scale) is not None for m in projections)
+    return kinds == {nn.Linear}
+
+
+def fused_quant(layers: list[QuantLinear], row_scale: torch.Tensor | None = None) -> QuantLinear:
+    """One QuantLinear for several with the same input (q, k, v; gate, up): their output rows stacked, each row's
+    scale (and int4 minimum) times ``row_scale`` (exact: W = lo + q s, so c W = c lo + q (c s)), bias likewise."""
+    first = layers[0]
+    fused = QuantLinear(first.in_features, sum(m.out_features for m in layers), first.bits, first.group_size,
+                        any(m.bias is not None for m in layers), first.weight.device, first.weight_scale.dtype)
+    fused.use_kernel, fused.kernel_dtype = first.use_kernel, first.kernel_dtype
+    fused.eval()
+    scale = row_scale if row_scale is not None else torch.ones(fused.out_features)
+    fused.weight = torch.cat([m.weight for m in layers])
+    shape = (-1, 1) if first.bits == 4 else (-1,)
+    fused.weight_scale = torch.cat([m.weight_scale for m in layers]) * scale.view(shape)
+    if first.bits == 4:
+        fused.weight_min = torch.cat([m.weight_min for m in layers]) * scale.view(shape)
+    if fused.bias is not None:
+        fused.bias = torch.cat([m.bias if m.bias is not None else m.weight_scale.new_zeros(m.out_features)
+                                for m in layers]) * scale
+    return fused
 
 
 class PackedDecodeStep:
@@ -87,10 +113,15 @@ class PackedDecodeStep:
     row count the kernels are tuned for, any count works. For one row the weights are laid out for MKL's kernel
     instead of oneDNN's: on SmolLM2's shapes, 30 layers of distinct weights, MKL on (in, out) matrices took 20 ms
     a step's matmuls against oneDNN's 29 ms at one row, and 54 against 39 ms at 16 rows (2-core Intel Xeon; the
-    crossover is at 2-3 rows), so a batch-1 step went from ~36 to ~26 ms. Constant factors are folded into the packed weights,
-    exactly in real arithmetic: each RMSNorm gain g into the columns of the matmul that follows it
-    (W (g * x) = (W diag g) x, the final norm's into the head) and the attention scale 1/sqrt(d) into the query
-    rows (RoPE is linear), so a step runs ~40 small ops per layer fewer than the model's forward.
+    crossover is at 2-3 rows), so a batch-1 step went from ~36 to ~26 ms. Constant factors are folded into the
+    packed weights, exactly in real arithmetic: each RMSNorm gain g into the columns of the matmul that follows
+    it (W (g * x) = (W diag g) x, the final norm's into the head) and the attention scale 1/sqrt(d) into the
+    query rows (RoPE is linear), so a step runs ~40 small ops per layer fewer than the model's forward.
+
+    Quantized projections (``lmforge quantize``) are fused the same way (q, k, v into one QuantLinear, gate and up
+    into another; the query scale in their scales), their norms keep their gains (a gain cannot be folded into
+    int4 groups without re-quantizing), and the float head is packed as above: SmolLM2 int4 at batch 1 went from
+    ~22 to ~15 ms a token against the generic forward (README, "Serve a model").
     """
 
     def __init__(self, model, rows: int):
@@ -102,20 +133,28 @@ class PackedDecodeStep:
         self.eps = cfg.rms_norm_eps
         self.layers = []
         pack, self._linear = (_pack_one_row, _linear_one_row) if rows == 1 else (_pack_onednn, _linear)
+
+        def project(parts: list[nn.Module], gain: torch.Tensor, row_scale: torch.Tensor | None = None):
+            """(x -> x @ W.T + b for the parts stacked, the gain the norm before it keeps: None if folded)."""
+            scale = row_scale if row_scale is not None else torch.ones(sum(p.out_features for p in parts))
+            if type(parts[0]) is QuantLinear:
+                return fused_quant(parts, row_scale), gain
+            bias = (torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in parts])
+                    * scale if any(p.bias is not None for p in parts) else None)
+            w = torch.cat([p.weight for p in parts]).mul_(scale[:, None])  # in place: one temporary copy, not three
+            packed = pack(w.mul_(gain) if gain is not None else w, rows)
+            return (lambda x: self._linear(x, packed, bias)), None
+
         with torch.no_grad():
             for block in model.model.layers:
                 a, mlp = block.self_attn, block.mlp
                 qkv = (a.q_proj, a.k_proj, a.v_proj)
                 rows_scale = torch.ones(sum(p.out_features for p in qkv))
                 rows_scale[:a.q_proj.out_features] = self.head_dim ** -0.5
-                bias = (torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in qkv])
-                        * rows_scale if any(p.bias is not None for p in qkv) else None)
-                w_qkv = torch.cat([p.weight for p in qkv]) * block.input_layernorm.weight * rows_scale[:, None]
-                w_gate_up = (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-                             * block.post_attention_layernorm.weight)
-                self.layers.append(dict(qkv=pack(w_qkv, rows), qkv_bias=bias, o=pack(a.o_proj.weight, rows),
-                                        o_bias=a.o_proj.bias, gate_up=pack(w_gate_up, rows),
-                                        down=pack(mlp.down_proj.weight, rows)))
+                w_qkv, in_gain = project(list(qkv), block.input_layernorm.weight, rows_scale)
+                w_gate_up, post_gain = project([mlp.gate_proj, mlp.up_proj], block.post_attention_layernorm.weight)
+                self.layers.append(dict(qkv=w_qkv, in_gain=in_gain, o=project([a.o_proj], None)[0],
+                                        gate_up=w_gate_up, post_gain=post_gain, down=project([mlp.down_proj], None)[0]))
             self.lm_head = pack(model.lm_head.weight * model.model.norm.weight, rows)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -138,20 +177,19 @@ class PackedDecodeStep:
             cos, sin = cos[:, None], sin[:, None]
         padded = (key_mask[:, None, None, :L] == 0) if key_mask is not None else None  # (B, 1, 1, L)
         H, kv, d = self.n_heads, self.n_kv, self.head_dim
-        norm = lambda t: F.rms_norm(t, (t.shape[-1],), eps=self.eps)  # noqa: E731  (gains are in the weights)
-        linear = self._linear
+        norm = lambda t, gain=None: F.rms_norm(t, (t.shape[-1],), gain, self.eps)  # noqa: E731
         x = m.model.embed_tokens(tokens)
         for i, w in enumerate(self.layers):
-            qkv = linear(norm(x), w["qkv"], w["qkv_bias"])
+            qkv = w["qkv"](norm(x, w["in_gain"]))
             qk = _rope_by_halves(qkv[:, :self.n_qk].view(B, H + kv, d), cos, sin)  # q (scaled) and k together
             keys, values = cache.update(i, qk[:, H:, None], qkv[:, self.n_qk:].view(B, kv, 1, d))  # (B, kv, L, d)
             scores = torch.bmm(qk[:, :H].reshape(B * kv, H // kv, d), keys.reshape(B * kv, L, d).transpose(1, 2))
             if padded is not None:
                 scores = scores.view(B, kv, H // kv, L).masked_fill(padded, float("-inf")).view(B * kv, H // kv, L)
             y = torch.bmm(scores.softmax(-1), values.reshape(B * kv, L, d)).view(B, -1)
-            x = x + linear(y, w["o"], w["o_bias"])
-            gate, up = linear(norm(x), w["gate_up"]).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, w["down"])
+            x = x + w["o"](y)
+            gate, up = w["gate_up"](norm(x, w["post_gain"])).chunk(2, dim=-1)
+            x = x + w["down"](F.silu(gate) * up)
         cache.length += 1
         return norm(x)
 

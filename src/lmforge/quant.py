@@ -105,7 +105,8 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
 # ---------------------------------------------------------------------------------------------- the layer
 class QuantLinear(nn.Module):
     """y = x W^T + b with W stored as int8 or int4 (see the module docstring). Not an nn.Linear subclass on
-    purpose: code that finds plain nn.Linear layers (fast decode paths, LoRA) must leave these alone.
+    purpose: code that finds plain nn.Linear layers (LoRA) must leave these alone; the CPU decode step
+    (cpu_decode.PackedDecodeStep) fuses them knowingly (cpu_decode.fused_quant).
 
     ``use_kernel`` (default True) and ``kernel_dtype`` (default ``KERNEL_DTYPE``) may be set per layer; the
     packed kernel weights are built on the first CPU forward and rebuilt when the buffers are replaced (moved,
