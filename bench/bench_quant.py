@@ -14,8 +14,9 @@ size); "top-1 agree": share of positions of the first text where the quantized m
 token is the float model's; "fp32 act." is the same
 perplexity with the quantized layers' fallback (float32 activations on the dequantized weight) instead of
 the fused kernels' bfloat16 activations; greedy decode tokens per second (all rows, end-of-sequence off,
-best of --repeats after a warm-up) through lmforge.generation.generate, which takes its generic path for
-QuantLinear layers (the packed fp32 decode path applies to plain nn.Linear only).
+best of --repeats after a warm-up) through lmforge.generation.generate, which decodes through the packed CPU
+step (cpu_decode.PackedDecodeStep) for float and quantized projections alike where the fused kernels apply, and
+its generic path otherwise (the tiny model's int4 with group 16).
 
 SmolLM2's weights come from a Q4_1 GGUF (blocks of 32 inputs with a scale and a minimum, the same scheme as
 int4 here), so int4 with group 32 re-quantizes them exactly (error 0) while group 64 adds a second rounding:
