@@ -145,6 +145,11 @@ def test_cli_grpo_with_a_rollout_worker_and_its_config_errors(tmp_path):
     assert "RL summary" in proc.stdout
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     assert (latest_checkpoint(out / "checkpoints") / "ahead.json").exists()
+    # A fresh start in the same directory (train.resume=false) must not take the old run's rollouts in flight
+    # (ahead.json): it did, and then waited forever for completions it never asked the worker for.
+    again = lmforge("grpo", f"out_dir={out}", "rollout_staleness=1", "train.resume=false", *micro(tmp_path),
+                    timeout=300)
+    assert "RL summary" in again.stdout and json.loads((out / "summary.json").read_text())["steps"] == 4
     bad = lmforge("grpo", f"out_dir={tmp_path / 'bad'}", "rollout_staleness=1", "environment=calculator",
                   *micro(tmp_path), check=False)
     assert bad.returncode == 2 and "does not run environments yet" in bad.stderr and "Traceback" not in bad.stderr
