@@ -126,6 +126,36 @@ def test_static_decoder_compacts_at_half_and_keeps_min_rows():
     assert cache.batch_size == 2 and dec.rows.tolist() == [0]
 
 
+def random_model(**cfg) -> Transformer:
+    """A 2-layer model whose gains and biases are far from 1 and 0, so that folding them is really tested."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**(dict(vocab_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2) | cfg))).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3 if p.dim() < 2 else 0.1)
+    return model
+
+
+def assert_step_matches_forward(model, rows: int, tol: float) -> None:
+    """Three decode steps of PackedDecodeStep(model, rows) on a left-padded batch of 3 equal the model's forward."""
+    ids = torch.tensor([[0, 0, 5, 9, 13], [7, 2, 30, 41, 8], [0, 3, 4, 5, 6]])
+    mask = (ids != 0).long()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours, theirs = KVCache(model.config, 3, 8), KVCache(model.config, 3, 8)
+        for c in (ours, theirs):
+            model(ids, attention_mask=mask, position_ids=positions, cache=c)
+        step = PackedDecodeStep(model, rows)
+        key_mask = torch.cat((mask, torch.ones(3, 3, dtype=torch.long)), 1)
+        tokens, position = torch.tensor([17, 23, 40]), positions[:, -1:] + 1
+        for _ in range(3):
+            want = model(tokens[:, None], attention_mask=key_mask[:, :theirs.length + 1], position_ids=position,
+                         cache=theirs)[:, 0]
+            got = step.head(step(tokens, key_mask[:, :ours.length + 1], position, ours))
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+            tokens, position = want.argmax(-1), position + 1
+
+
 @pytest.mark.parametrize("rows", [3, 1], ids=["oneDNN layout", "one-row MKL layout"])
 @pytest.mark.parametrize("extra", [dict(), dict(attention_bias=True, tie_word_embeddings=False),
                                    dict(qkv_bias=True, num_key_value_heads=4)])
@@ -133,28 +163,7 @@ def test_packed_decode_step_equals_the_model_forward(extra, rows):
     """PackedDecodeStep (folded norm gains and query scale, fused q/k/v and gate/up, bmm attention) against the
     model's forward on a left-padded batch, for biases, an untied head and plain multi-head attention, with the
     weights laid out for 3 rows (oneDNN) and for one (MKL; any row count still works)."""
-    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**(cfg | extra))).eval()
-    for p in model.parameters():  # non-trivial gains and biases, so that folding them is really tested
-        torch.nn.init.normal_(p, std=0.3 if p.dim() < 2 else 0.1)
-    ids = torch.tensor([[0, 0, 5, 9, 13], [7, 2, 30, 41, 8], [0, 3, 4, 5, 6]])
-    mask = (ids != 0).long()
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    with torch.no_grad():
-        ours, theirs = KVCache(model.config, 3, 8), KVCache(model.config, 3, 8)
-        for c in (ours, theirs):
-            model(ids, attention_mask=mask, position_ids=positions, cache=c)
-        step = PackedDecodeStep(model, rows)
-        key_mask = torch.cat((mask, torch.ones(3, 3, dtype=torch.long)), 1)
-        tokens, position = torch.tensor([17, 23, 40]), positions[:, -1:] + 1
-        for _ in range(3):
-            want = model(tokens[:, None], attention_mask=key_mask[:, :theirs.length + 1], position_ids=position,
-                         cache=theirs)[:, 0]
-            got = step.head(step(tokens, key_mask[:, :ours.length + 1], position, ours))
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-            tokens, position = want.argmax(-1), position + 1
+    assert_step_matches_forward(random_model(hidden_size=32, intermediate_size=64, **extra), rows, 1e-5)
 
 
 @pytest.mark.parametrize("rows", [3, 1])
@@ -162,29 +171,10 @@ def test_packed_decode_step_equals_the_model_forward(extra, rows):
 def test_packed_decode_step_equals_the_forward_of_a_quantized_model(bits, rows):
     """An `lmforge quantize`d model decodes through PackedDecodeStep too (fused QuantLinears, the query scale in
     their scales, norms with their gains): the same logits as the quantized model's own forward."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, attention_bias=True)).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3 if p.dim() < 2 else 0.1)
+    model = random_model(hidden_size=64, intermediate_size=128, attention_bias=True)
     quantize_model(model, bits=bits, group_size=32)
     assert packable(model, rows)
-    ids = torch.tensor([[0, 0, 5, 9, 13], [7, 2, 30, 41, 8], [0, 3, 4, 5, 6]])
-    mask = (ids != 0).long()
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    with torch.no_grad():
-        ours, theirs = KVCache(model.config, 3, 8), KVCache(model.config, 3, 8)
-        for c in (ours, theirs):
-            model(ids, attention_mask=mask, position_ids=positions, cache=c)
-        step = PackedDecodeStep(model, rows)
-        key_mask = torch.cat((mask, torch.ones(3, 3, dtype=torch.long)), 1)
-        tokens, position = torch.tensor([17, 23, 40]), positions[:, -1:] + 1
-        for _ in range(3):
-            want = model(tokens[:, None], attention_mask=key_mask[:, :theirs.length + 1], position_ids=position,
-                         cache=theirs)[:, 0]
-            got = step.head(step(tokens, key_mask[:, :ours.length + 1], position, ours))
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-            tokens, position = want.argmax(-1), position + 1
+    assert_step_matches_forward(model, rows, 1e-4)
 
 
 def test_one_row_decodes_through_the_packed_step_with_the_generic_paths_tokens(monkeypatch):
