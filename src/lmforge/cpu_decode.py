@@ -136,9 +136,9 @@ class PackedDecodeStep:
 
         def project(parts: list[nn.Module], gain: torch.Tensor, row_scale: torch.Tensor | None = None):
             """(x -> x @ W.T + b for the parts stacked, the gain the norm before it keeps: None if folded)."""
-            scale = row_scale if row_scale is not None else torch.ones(sum(p.out_features for p in parts))
             if type(parts[0]) is QuantLinear:
                 return fused_quant(parts, row_scale), gain
+            scale = row_scale if row_scale is not None else torch.ones(sum(p.out_features for p in parts))
             bias = (torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in parts])
                     * scale if any(p.bias is not None for p in parts) else None)
             w = torch.cat([p.weight for p in parts]).mul_(scale[:, None])  # in place: one temporary copy, not three

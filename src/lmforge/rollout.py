@@ -902,8 +902,9 @@ class RLRun:
         return self.run.out_dir
 
     def resume_dir(self) -> Path | None:
-        """The checkpoint a rerun resumes from (None: a fresh run); RolloutStream reads its buffer from there."""
-        return latest_checkpoint(self.out_dir / "checkpoints")
+        """The checkpoint a rerun resumes from (None: a fresh run, train.resume=false included, whatever the
+        directory holds); RolloutStream reads its buffer from there, the rollout worker its jobs in flight."""
+        return latest_checkpoint(self.out_dir / "checkpoints") if self.run.cfg.train.resume else None
 
 
 def start_rl_run(cfg) -> RLRun:

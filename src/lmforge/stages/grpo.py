@@ -201,7 +201,7 @@ def ahead_sampler(cfg: GRPOConfig, rl) -> AheadSampler | None:
     steps_per_rollout = cfg.epochs * cfg.prompts_per_rollout * cfg.num_generations // cfg.train.batch_size
     sampler = AheadSampler(GenerationWorker(rl.policy, rl.tokenizer, cfg.rollout_threads), rl.policy,
                            cfg.rollout_staleness, job, last=math.ceil(cfg.train.max_steps / steps_per_rollout) - 1)
-    sampler.load(rl.resume_dir() if cfg.train.resume else None)  # resume=false: not the old run's jobs in flight
+    sampler.load(rl.resume_dir())
     return sampler
 
 
