@@ -166,9 +166,6 @@ def arrivals(model, vocab: int, scheduled: bool, waves: int = 12, per_wave: int 
     return statistics.mean(latency), time.perf_counter() - t0
 
 
-OTHER: list[tuple] = []  # (model, comparison, A s, B s, new tokens, same tokens): the second table
-
-
 def bench_model(name: str, model, repeats: int) -> list[tuple]:
     vocab, rows = model.config.vocab_size, []
     eos = enders(vocab)
@@ -195,7 +192,6 @@ def bench_model(name: str, model, repeats: int) -> list[tuple]:
     best, outs = timed(fns, repeats)
     rows.append((name, "eval", best["static"], best["scheduler"], tokens(outs["static"]),
                  same(outs["static"], outs["scheduler"])))
-    second_table(name, model, repeats)
     (lat_s, tot_s), (lat_c, tot_c) = arrivals(model, vocab, False), arrivals(model, vocab, True)
     rows.append((name, "arrivals", tot_s, tot_c, None, f"mean latency {lat_s:.2f} s vs {lat_c:.2f} s"))
     generation.SCHEDULED_BY_DEFAULT = True
@@ -203,26 +199,28 @@ def bench_model(name: str, model, repeats: int) -> list[tuple]:
 
 
 def second_table(name: str, model, repeats: int) -> list[tuple]:
-    """The A-vs-B rows (OTHER): eval with 64 vs 256 rows running, batch-1 decode through the forward vs packed."""
-    vocab, eos = model.config.vocab_size, enders(model.config.vocab_size)
+    """The A-vs-B rows (model, comparison, A s, B s, new tokens, same tokens): eval with 64 vs 256 rows running,
+    batch-1 decode through the forward vs the packed step."""
+    vocab, eos, rows = model.config.vocab_size, enders(model.config.vocab_size), []
     generation.SCHEDULED_BY_DEFAULT = True
     prompts, params = prompts_of(vocab, 200, 12, 30, seed=2), SamplingParams(max_new_tokens=48, temperature=0)
     fns = {"64": lambda: run(model, prompts, params, eos, True, max_running=64),
            "256": lambda: run(model, prompts, params, eos, True, max_running=256)}
     best, outs = timed(fns, repeats)
-    OTHER.append((name, "eval (200 prompts): 64 vs 256 rows at once", best["64"], best["256"],
-                  tokens(outs["64"]), same(outs["64"], outs["256"])))
+    rows.append((name, "eval (200 prompts): 64 vs 256 rows at once", best["64"], best["256"],
+                 tokens(outs["64"]), same(outs["64"], outs["256"])))
     prompt, params = prompts_of(vocab, 1, 64, 64, seed=3), SamplingParams(max_new_tokens=128, temperature=0)
     fns = {"forward": lambda: forward_decode(model, prompt, params, []),
            "packed": lambda: run(model, prompt, params, [], True)}
     best, outs = timed(fns, repeats)
-    OTHER.append((name, "batch-1 decode: model forward vs packed step", best["forward"], best["packed"],
-                  tokens(outs["forward"]), same(outs["forward"], outs["packed"])))
-    return []
+    rows.append((name, "batch-1 decode: model forward vs packed step", best["forward"], best["packed"],
+                 tokens(outs["forward"]), same(outs["forward"], outs["packed"])))
+    return rows
 
 
-def bench_pipeline(run_dir: str, repeats: int) -> list[tuple]:
-    """The tiny pipeline's SFT model: its eval and a GRPO rollout, static vs scheduler, with the numbers out."""
+def bench_pipeline(run_dir: str, repeats: int) -> tuple[list[tuple], list[tuple]]:
+    """The tiny pipeline's SFT model: its eval and a GRPO rollout, static vs scheduler, with the numbers out
+    (the first table's rows), and its eval with 64 vs 256 rows at once (the second's)."""
     model, tok = load_model_and_tokenizer(f"{run_dir}/sft/model", "cpu")
     model.eval()
     rows_eval = load_task("tinyworld", limit=200)
@@ -249,16 +247,16 @@ def bench_pipeline(run_dir: str, repeats: int) -> list[tuple]:
     best, outs = timed({b: lambda b=b: task_accuracy(model, tok, rows_eval, max_new_tokens=48, batch_size=b,
                                                      n_boot=10) for b in (64, 256)}, repeats)
     acc = [outs[b]["accuracy"]["value"] for b in (64, 256)]
-    OTHER.append(("tiny SFT", "eval (200 problems): 64 vs 256 rows at once", best[64], best[256],
-                  sum(len(c.token_ids) for row in outs[64]["completions"] for c in row),
-                  f"{same(outs[64]['completions'], outs[256]['completions'])}; accuracy {acc[0]:.3f} vs {acc[1]:.3f}"))
+    other = [("tiny SFT", "eval (200 problems): 64 vs 256 rows at once", best[64], best[256],
+              sum(len(c.token_ids) for row in outs[64]["completions"] for c in row),
+              f"{same(outs[64]['completions'], outs[256]['completions'])}; accuracy {acc[0]:.3f} vs {acc[1]:.3f}")]
     best, outs = timed({"static": lambda: rollout(False), "scheduler": lambda: rollout(True)}, repeats)
     reward = [sum(is_correct(c.text, r["answer"]) for r, row in zip(rl, outs[k]) for c in row) / 64
               for k in ("static", "scheduler")]
     out.append(("tiny SFT", "GRPO rollout (8 x 8)", best["static"], best["scheduler"], tokens(outs["static"]),
                 f"{same(outs['static'], outs['scheduler'])}; math reward {reward[0]:.3f} vs {reward[1]:.3f}"))
     generation.SCHEDULED_BY_DEFAULT = True
-    return out
+    return out, other
 
 
 def main() -> None:
@@ -271,16 +269,19 @@ def main() -> None:
     ap.add_argument("--second-table-only", action="store_true", help="only the A-vs-B settings of the scheduler")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = []
+    rows, other = [], []
     for name in args.models:
         model = tiny_model() if name == "tiny" else load_model_dir(args.smollm2).eval()
-        rows += (second_table(name, model, args.repeats) if args.second_table_only
-                 else bench_model(name, model, args.repeats))
+        if not args.second_table_only:
+            rows += bench_model(name, model, args.repeats)
+        other += second_table(name, model, args.repeats)
     if args.run_dir:
-        rows += bench_pipeline(args.run_dir, args.repeats)
-    table(rows, "case", "static s", "scheduler s")
-    print()
-    table(OTHER, "comparison (A vs B)", "A s", "B s")
+        first, second = bench_pipeline(args.run_dir, args.repeats)
+        rows, other = rows + first, other + second
+    if rows:
+        table(rows, "case", "static s", "scheduler s")
+        print()
+    table(other, "comparison (A vs B)", "A s", "B s")
 
 
 def table(rows: list[tuple], case: str, a_name: str, b_name: str) -> None:
