@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 from lmforge_cli import lmforge
+from run_files import without_wall_clock
 from test_grpo import micro, toy_config
 from test_grpo import run_toy as grpo_toy
 from test_rollout import tiny_model
@@ -100,8 +101,7 @@ def run_toy(out, cfg: GRPOConfig, staleness=None, loss_fn=None):
 
 
 def curve(d):
-    return [{k: v for k, v in r.items() if k not in ("time", "step_time", "tokens_per_sec", "tflops_per_device",
-                                                      "mfu")} for r in read_metrics(d)]
+    return without_wall_clock(read_metrics(d))
 
 
 def test_staleness_0_through_the_worker_is_the_synchronous_run_and_staleness_1_trains_one_step_behind(tmp_path):

@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import math
 import random
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -750,8 +751,10 @@ def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list
 
     def make_rollout(iteration: int, plan):
         release_freed_memory()  # the last step's gradients and activations, before generation packs its weights
+        start = time.perf_counter()
         samples, stats = sample_groups(cfg, objective, policy, tokenizer, rows, prompt_ids, reward, iteration,
                                        rank, world_size, env_cls, sampler)
+        generated = time.perf_counter()
         release_freed_memory()  # generation's packed weights and KV cache, before the forwards
         buffer = pack_rollout(samples.prompt_ids, samples.completion_ids, pad_id, samples.masks)
         if samples.logprobs is not None:
@@ -764,6 +767,9 @@ def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list
                                       cfg.pack)
                 buffer["old_logprobs"], entropy = scored["logprobs"], scored["entropy"]
             buffer["ref_logprobs"] = reference_logprobs(ref, T, buffer, batches, device, autocast, cfg.pack)
+        # verl's timing names: the generate calls and reward scoring (with a sampler, the wait for its worker),
+        # then the old and reference log-prob forwards; the step's whole time is the loop's step_time
+        stats["timing_s/gen"], stats["timing_s/ref"] = generated - start, time.perf_counter() - generated
         if prm is not None:
             step_rewards, ends = process_rewards(prm, samples.prompt_ids, samples.completion_ids, samples.texts)
             buffer["advantages"] = process_advantages(step_rewards, ends, G, buffer["labels"].shape[1])
