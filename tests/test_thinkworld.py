@@ -150,3 +150,12 @@ def test_the_large_held_out_set_extends_the_standard_one_and_stays_held_out():
             [r["question"] for r in standard if r["level"] == level]
     train = {r["question"] for r in source_rows("think_rl")}
     assert not train & {r["question"] for r in large}
+
+
+def test_the_hard_sets_are_the_hardest_levels_and_the_eval_stays_held_out():
+    hard, large = source_rows("think_eval_hard"), source_rows("think_eval_large")
+    assert len(hard) == 1000 and {r["level"] for r in hard} == {5} and len({r["question"] for r in hard}) == 1000
+    assert [r["question"] for r in hard[:200]] == [r["question"] for r in large if r["level"] == 5]
+    train = source_rows("think_rl_hard")
+    assert len(train) == 2000 and {r["level"] for r in train} == {4, 5}
+    assert not {r["question"] for r in train} & {r["question"] for r in hard}

@@ -31,7 +31,8 @@ problem, so every source agrees on what is held out; the held-out set is stratif
 
 Sources (``builtin:tinyworld/NAME``): ``think_text`` (documents for pre-training), ``think_sft``
 ({"messages"}), ``think_rl``, ``think_eval`` and ``think_eval_large`` ({"prompt", "answer", "level"}),
-``think_stepwise`` (TRL's stepwise rows {"prompt", "completions", "labels"}, half of them with a slip).
+``think_eval_hard`` and ``think_rl_hard`` (the hardest levels alone), ``think_stepwise`` (TRL's stepwise rows
+{"prompt", "completions", "labels"}, half of them with a slip).
 """
 
 from __future__ import annotations
@@ -318,6 +319,10 @@ SOURCES = {  # builtin:tinyworld/NAME -> rows (registered in lmforge.data.tinywo
     # 200 held-out problems at each of levels 2-5 (level 1 has fewer than 100 distinct held-out problems): for
     # intervals a quarter as wide where 40 problems per level cannot tell two methods apart
     "think_eval_large": lambda: eval_rows(200, levels=(2, 3, 4, 5)),
+    # the hardest level alone: 1,000 held-out level-5 problems (the first 200 are think_eval_large's), where
+    # search methods differ by a few points, and 2,000 training problems of levels 4-5 to train a PRM on
+    "think_eval_hard": lambda: eval_rows(1000, levels=(5,)),
+    "think_rl_hard": lambda: [_problem_row(p) for p in problems(2000, "train", 5, levels=(4, 5))],
     "think_stepwise": stepwise_rows,
     "think_stepwise_eval": lambda: stepwise_rows(400, split="test"),
 }
