@@ -7,6 +7,7 @@ from copy import deepcopy
 import pytest
 import torch
 from lmforge_cli import lmforge
+from run_files import without_wall_clock
 from test_grpo import count_fives, micro, run_toy, toy_config
 from test_rollout import tiny_model
 
@@ -55,7 +56,8 @@ def test_dynamic_sampling_drops_flat_groups_and_refills_the_batch():
     assert stats["num_gen_batches"] > 1 and stats["dynamic_sampling/flat_groups"] == 2 - sum(informative)
     assert sum(informative) >= 1  # prompt [1, 2] was drawn, and its group kept
     again, stats2 = rollout_once(cfg, first_prompt_only)
-    assert torch.equal(again["input_ids"], buffer["input_ids"]) and stats2 == stats  # a pure function of the seed
+    assert torch.equal(again["input_ids"], buffer["input_ids"])  # a pure function of the seed
+    assert without_wall_clock([stats2]) == without_wall_clock([stats])
 
     off = toy_config(prompts_per_rollout=2, num_generations=4, batch_size=8, max_new_tokens=6, epochs=1)
     assert "num_gen_batches" not in rollout_once(off, first_prompt_only)[1]
