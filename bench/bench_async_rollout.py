@@ -8,8 +8,8 @@ one process) with train.num_threads=2 and with 1. Same recipe otherwise (recipes
 evaluations only at the start and the end so every side times the same work). Prints wall time per side and each final model's greedy accuracy on the
 200 held-out problems (builtin:tinyworld/eval), with the paired difference async - sync (95% bootstrap interval),
 and where each side's time went, from its metrics.jsonl (timing_s/gen: the generate calls, or the wait for the
-worker; timing_s/ref: the reference forwards): the synchronous side's generation time bounds what any overlap can
-save there.
+worker; timing_s/ref: packing and the reference forwards): the synchronous side's generation time bounds what any
+overlap can save there.
 """
 
 from __future__ import annotations

@@ -768,7 +768,8 @@ def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list
                 buffer["old_logprobs"], entropy = scored["logprobs"], scored["entropy"]
             buffer["ref_logprobs"] = reference_logprobs(ref, T, buffer, batches, device, autocast, cfg.pack)
         # verl's timing names: the generate calls and reward scoring (with a sampler, the wait for its worker),
-        # then the old and reference log-prob forwards; the step's whole time is the loop's step_time
+        # then packing the buffer and the old and reference log-prob forwards; the step's whole time is the loop's
+        # step_time
         stats["timing_s/gen"], stats["timing_s/ref"] = generated - start, time.perf_counter() - generated
         if prm is not None:
             step_rewards, ends = process_rewards(prm, samples.prompt_ids, samples.completion_ids, samples.texts)

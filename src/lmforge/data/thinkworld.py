@@ -290,8 +290,8 @@ def _problem_row(p: Problem) -> dict:
     return {"prompt": _user(p.question), "answer": str(p.answer), "question": p.question, "level": p.level}
 
 
-def rl_rows(n: int = 4000, seed: int = 0) -> list[dict]:
-    return [_problem_row(p) for p in problems(n, "train", seed + 3)]
+def rl_rows(n: int = 4000, seed: int = 0, levels=LEVELS) -> list[dict]:
+    return [_problem_row(p) for p in problems(n, "train", seed + 3, levels=levels)]
 
 
 def eval_rows(per_level: int = 40, seed: int = 0, levels=LEVELS) -> list[dict]:
@@ -322,7 +322,7 @@ SOURCES = {  # builtin:tinyworld/NAME -> rows (registered in lmforge.data.tinywo
     # the hardest level alone: 1,000 held-out level-5 problems (the first 200 are think_eval_large's), where
     # search methods differ by a few points, and 2,000 training problems of levels 4-5 to train a PRM on
     "think_eval_hard": lambda: eval_rows(1000, levels=(5,)),
-    "think_rl_hard": lambda: [_problem_row(p) for p in problems(2000, "train", 5, levels=(4, 5))],
+    "think_rl_hard": lambda: rl_rows(2000, seed=2, levels=(4, 5)),  # seed 2: the draw the README's hard PRM saw
     "think_stepwise": stepwise_rows,
     "think_stepwise_eval": lambda: stepwise_rows(400, split="test"),
 }
