@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lmforge.apps.pipeline import split_overrides
+from lmforge.apps.pipeline import split_overrides, stage_config
 
 MODEL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_hidden_layers=2",
          "model.num_attention_heads=4", "model.num_key_value_heads=2"]
@@ -48,6 +48,16 @@ def test_overrides_are_routed_to_their_stage():
     own, per_stage, shared = split_overrides(["sft.train.lr=1", "run_dir=x", "eval.limit=3", "stages=[sft]"])
     assert per_stage["sft"] == ["train.lr=1"] and shared == ["run_dir=x"]
     assert own == ["run_dir=x", "eval.limit=3", "stages=[sft]"]
+
+
+def test_a_recipe_variable_reaches_every_stage_that_names_it():
+    _, per_stage, shared = split_overrides(["world=think_hasty", "sft.train.lr=1"], {"run_dir", "world"})
+    assert shared == ["world=think_hasty"]
+    sft = stage_config("sft", "reasoning", shared + per_stage["sft"])
+    pretrain = stage_config("pretrain", "reasoning", shared)
+    assert sft.data == "builtin:tinyworld/think_hasty_sft" and sft.train.lr == 1
+    assert [m.source for m in pretrain.data.mix] == ["builtin:tinyworld/think_hasty_text"]
+    assert stage_config("sft", "reasoning", []).data == "builtin:tinyworld/think_sft"  # the default world
 
 
 @pytest.mark.slow

@@ -159,3 +159,35 @@ def test_the_hard_sets_are_the_hardest_levels_and_the_eval_stays_held_out():
     train = source_rows("think_rl_hard")
     assert len(train) == 2000 and {r["level"] for r in train} == {4, 5}
     assert not {r["question"] for r in train} & {r["question"] for r in hard}
+
+
+def test_the_hasty_world_answers_short_chains_in_one_line_and_a_wait_rewrites_them():
+    assert tw.think_lines(P, "hasty") == ["7+5-9+3", "= 6"]
+    slipped = tw.think_lines(P, "hasty_wait", slip=(1, 1))  # the head's total is off; the rewrites are not
+    assert slipped == ["7+5-9+3", "= 7", "Wait", "7+5-9+3", "12-9+3", "3+3", "6"]
+    assert tw.solution(P, "hasty", slip=(1, 1)).endswith("The answer is 7.")
+    assert is_correct(tw.solution(P, "hasty_wait", slip=(1, 1)), P.answer)
+    assert tw.step_labels(P, slipped) == [True, False, True, True, True, True, True]
+    assert tw.step_labels(P, ["7+5-9+3", "= 6"]) == [True, True]
+    styles = {lv: [] for lv in tw.LEVELS}
+    for r in tw.sft_rows(3000, hasty=True):
+        lines = r["messages"][1]["content"].split("\n")
+        styles[tw.parse_question(r["messages"][0]["content"]).level].append(len(lines) > 2 and
+                                                                            lines[2].startswith("= "))
+    share = {lv: sum(v) / len(v) for lv, v in styles.items()}
+    assert share[1] == 0 and share[2] > 0.4 and share[3] > 0.4 and share[5] < 0.1  # most short chains, few long
+    # the default world has no hasty line: its data (and every number measured on it) is unchanged
+    assert not any("\n= " in r["messages"][1]["content"] for r in tw.sft_rows(3000))
+    assert len(source_rows("think_hasty_text")) == len(source_rows("think_text"))
+
+
+def test_a_forced_wait_on_a_hasty_answer_writes_what_the_hasty_wait_demonstrations_write(tok):
+    """Budget forcing replaces the close by "Wait": the tokens must be the hasty_wait demonstrations' own, so the
+    model goes on into the rewriting it was shown, not into a text it never saw."""
+    tags = ThinkTags.from_tokenizer(tok)
+    hasty, waited = tok.encode(tw.solution(P, "hasty")), tok.encode(tw.solution(P, "hasty_wait"))
+    state = ThinkState(tags, max_tokens=1000, num_waits=1)
+    forced = [state.step(t) for t in hasty]
+    cut = hasty.index(tags.close[0])
+    assert forced[:cut] == hasty[:cut] and forced[cut:cut + len(tags.wait)] == waited[cut:cut + len(tags.wait)]
+    assert waited[:cut] == hasty[:cut]

@@ -11,7 +11,8 @@ report.html into run_dir.
 
 Rerunning is cheap and safe: a stage whose resolved config matches the one recorded when it finished is skipped,
 and a stage killed half-way resumes from its last checkpoint. Overrides go to one stage with its name as prefix
-(``sft.train.max_steps=50``), to every path with ``run_dir=runs/exp``, or to the pipeline itself
+(``sft.train.max_steps=50``), to every path with ``run_dir=runs/exp`` (any top-level value of the recipe, written
+``${name}`` in it, is set this way: the reasoning recipe's ``world=think_hasty``), or to the pipeline itself
 (``stages=[pretrain,sft]``, ``eval.limit=200``).
 """
 
@@ -32,7 +33,7 @@ from rich.table import Table
 from lmforge.apps.report import write_report
 from lmforge.apps.verbs import VERBS
 from lmforge.atomic import write_atomic
-from lmforge.config import describe, load_config
+from lmforge.config import describe, load_config, read_yaml, recipe_path
 from lmforge.data.mix import source_overrides_mix
 from lmforge.data.tinyworld import eval_rows
 from lmforge.evaluation import encode_prompt, generate_all
@@ -103,15 +104,17 @@ class PipelineConfig:
             raise ValueError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
 
 
-def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]], list[str]]:
-    """(pipeline overrides, {stage: its overrides without the prefix}, variable overrides for every section)."""
+def split_overrides(overrides: list[str], variables=("run_dir",)) -> tuple[list[str], dict[str, list[str]],
+                                                                        list[str]]:
+    """(pipeline overrides, {stage: its overrides without the prefix}, overrides of the recipe's top-level
+    ``variables`` (``${name}`` in any section), which go to every section)."""
     own, per_stage, shared = [], {s: [] for s in STAGES}, []
     for text in overrides:
         key = text.split("=", 1)[0]
         head, _, rest = key.partition(".")
         if head in STAGES and rest:
             per_stage[head].append(text[len(head) + 1:])
-        elif key == "run_dir":
+        elif key in variables:
             shared.append(text)
             own.append(text)
         else:
@@ -288,7 +291,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", "-c", default="tiny", help="recipe YAML file or built-in recipe name")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    own, per_stage, shared = split_overrides(args.overrides)
+    variables = {"run_dir"} | {k for k, v in read_yaml(recipe_path(args.config)).items() if not isinstance(v, dict)}
+    own, per_stage, shared = split_overrides(args.overrides, variables)
     pcfg = load_config(PipelineConfig, args.config, own, section="pipeline")
     record = run_pipeline(pcfg, args.config, per_stage, shared)
     print_table(record)

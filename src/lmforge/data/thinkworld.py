@@ -25,12 +25,22 @@ levels. Demonstrations vary in length on purpose:
 and some demonstrations slip (one operation off by one or two, the rest of the chain following the slip); a check
 catches its slip, an unchecked slip ends in a wrong answer, so checking really fixes mistakes, and pays more on
 the hard levels (more operations, more slips). Harder problems are checked more often, as a careful
-demonstrator would. ``step_labels`` is the step checker: whether each line of a think block is right given the
+demonstrator would.
+
+The hasty variant (``think_hasty_text``, ``think_hasty_sft``: a world where "Wait" has something to fix) adds a
+fourth style, most common on the short chains of levels 2-3, where a chain looks easy enough to do at once:
+
+    hasty    the chain, then its total in one line (``= 6``), done in the head (a slip lands on that total);
+             30% of them then write ``Wait``, restate the chain and rewrite it, and answer from the rewrites
+
+so a model trained on it often stops after one line, and a forced ``Wait`` (s1's budget forcing) turns that into
+the rewriting it knows, which is what decides whether "Wait" raises accuracy in this world. ``step_labels`` is the step checker: whether each line of a think block is right given the
 lines before it (the labels of the PRM's stepwise data). Problems split into train and test by a hash of the
 problem, so every source agrees on what is held out; the held-out set is stratified by level.
 
 Sources (``builtin:tinyworld/NAME``): ``think_text`` (documents for pre-training), ``think_sft``
-({"messages"}), ``think_rl``, ``think_eval`` and ``think_eval_large`` ({"prompt", "answer", "level"}),
+({"messages"}), ``think_hasty_text`` and ``think_hasty_sft`` (the same in the hasty variant), ``think_rl``,
+``think_eval`` and ``think_eval_large`` ({"prompt", "answer", "level"}),
 ``think_eval_hard`` and ``think_rl_hard`` (the hardest levels alone), ``think_stepwise`` (TRL's stepwise rows
 {"prompt", "completions", "labels"}, half of them with a slip).
 """
@@ -51,6 +61,8 @@ WAIT = "Wait"  # opens the check section; budget forcing appends the same word (
 TEST_FRACTION = {1: 0.3, 2: 0.1, 3: 0.1, 4: 0.1, 5: 0.1}  # level 1 has only ~150 problems
 CHECK_RATE = {1: 0.1, 2: 0.25, 3: 0.4, 4: 0.55, 5: 0.7}  # share of thinking demonstrations that check
 DIRECT_RATE = 0.1  # share of demonstrations that answer with an empty think block
+HASTY_RATE = {1: 0.0, 2: 0.6, 3: 0.6, 4: 0.1, 5: 0.05}  # hasty worlds: share of thinking demonstrations in one line
+HASTY_WAIT_RATE = 0.3  # share of the hasty ones that then write Wait and rewrite the chain
 SLIP_RATE = 0.2  # share of thinking demonstrations with one slipped operation
 MAX_TOTAL = 18  # running totals stay in [0, 18]
 _CHAIN = re.compile(r"\d+(?:[+-]\d+)*")
@@ -112,10 +124,14 @@ def op_text(p: Problem, k: int, before: int, result: int) -> str:
 
 
 def think_lines(p: Problem, style: str, slip: tuple[int, int] | None = None) -> list[str]:
-    """The lines of a think block in one style (direct | steps | check), with an optional slip."""
+    """The lines of a think block in one style (direct | steps | check | hasty | hasty_wait), with an optional
+    slip (in the hasty styles, on the one-line total)."""
     if style == "direct":
         return []
     mine = p.totals(slip)
+    if style in ("hasty", "hasty_wait"):
+        head = [_chain(p.numbers, p.ops), f"= {mine[-1]}"]
+        return head if style == "hasty" else head + [WAIT, head[0]] + rewrite_lines(p, p.totals())
     lines = [_chain(p.numbers, p.ops)] + rewrite_lines(p, mine)
     if style == "steps":
         return lines
@@ -133,10 +149,10 @@ def think_lines(p: Problem, style: str, slip: tuple[int, int] | None = None) -> 
 
 
 def result_of(lines: list[str]) -> int | None:
-    """The number the think block ends on: its last line that is a bare number."""
+    """The number the think block ends on: its last line that is a bare number (or a hasty ``= N``)."""
     for line in reversed(lines):
-        if line.isdigit():
-            return int(line)
+        if line.removeprefix("= ").isdigit():
+            return int(line.removeprefix("= "))
     return None
 
 
@@ -191,9 +207,11 @@ def stratified_test(per_level: int, seed: int = 0, levels=LEVELS) -> list[Proble
     return [p for level in levels for p in problems(per_level, "test", seed, levels=(level,), unique=True)]
 
 
-def draw_style(rng: random.Random, level: int) -> str:
+def draw_style(rng: random.Random, level: int, hasty: bool = False) -> str:
     if rng.random() < DIRECT_RATE:
         return "direct"
+    if hasty and rng.random() < HASTY_RATE[level]:  # only hasty worlds draw here: the default data stays as it was
+        return "hasty_wait" if rng.random() < HASTY_WAIT_RATE else "hasty"
     return "check" if rng.random() < CHECK_RATE[level] else "steps"
 
 
@@ -203,8 +221,8 @@ def draw_slip(rng: random.Random, p: Problem, rate: float = SLIP_RATE) -> tuple[
     return rng.randrange(p.level), rng.choice([-2, -1, 1, 2])
 
 
-def demonstration(p: Problem, rng: random.Random) -> str:
-    style = draw_style(rng, p.level)
+def demonstration(p: Problem, rng: random.Random, hasty: bool = False) -> str:
+    style = draw_style(rng, p.level, hasty)
     return solution(p, style, draw_slip(rng, p) if style != "direct" else None)
 
 
@@ -213,7 +231,8 @@ def demonstration(p: Problem, rng: random.Random) -> str:
 def step_labels(p: Problem, lines: list[str]) -> list[bool]:
     """Is each think line right, given the lines before it? A chain line (``12-9+3``) with m operations left
     stands for the total after operation level - m - 1 (the first line, level operations left, restates the
-    question) and is right when it is that true rewrite; ``Wait`` is right; a check ``a+b=c ok`` is right when it
+    question) and is right when it is that true rewrite; a hasty total ``= N`` is right when N is the answer;
+    ``Wait`` is right; a check ``a+b=c ok`` is right when it
     is a true operation and the first pass had its total right; a correction ``wait: a+b=c, not d`` is right when
     it names a true operation and the wrong total d the first pass wrote. Lines after a wrong one are judged
     against the true work all the same (a later correction can be right).
@@ -232,6 +251,8 @@ def step_labels(p: Problem, lines: list[str]) -> list[bool]:
                     written.setdefault(j, int(re.match(r"\d+", line).group()))
             else:
                 labels.append(False)
+        elif line.startswith("= ") and line[2:].isdigit():
+            labels.append(int(line[2:]) == p.answer)
         elif line == WAIT:
             labels.append(True)
         elif line.endswith(" ok"):
@@ -273,17 +294,17 @@ def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def sft_rows(n: int = 12000, seed: int = 0) -> list[dict]:
+def sft_rows(n: int = 12000, seed: int = 0, hasty: bool = False) -> list[dict]:
     """{"messages": [user question, assistant think block + answer]}, styles and slips as the module says."""
     rng = random.Random(f"thinkworld/sft/{seed}")
-    return [{"messages": _user(p.question) + [{"role": "assistant", "content": demonstration(p, rng)}]}
+    return [{"messages": _user(p.question) + [{"role": "assistant", "content": demonstration(p, rng, hasty)}]}
             for p in problems(n, "train", seed + 1)]
 
 
-def text_rows(n: int = 40000, seed: int = 0) -> list[dict]:
+def text_rows(n: int = 40000, seed: int = 0, hasty: bool = False) -> list[dict]:
     """{"text": question + solution}: the same demonstrations as plain documents, for pre-training."""
     rng = random.Random(f"thinkworld/text/{seed}")
-    return [{"text": f"{p.question}\n{demonstration(p, rng)}"} for p in problems(n, "train", seed + 2)]
+    return [{"text": f"{p.question}\n{demonstration(p, rng, hasty)}"} for p in problems(n, "train", seed + 2)]
 
 
 def _problem_row(p: Problem) -> dict:
@@ -315,6 +336,9 @@ SOURCES = {  # builtin:tinyworld/NAME -> rows (registered in lmforge.data.tinywo
     "think_text": text_rows,
     "think_sft": sft_rows,
     "think_rl": rl_rows,
+    # the hasty world: the same problems, with one-line totals on the short chains (see the module docstring)
+    "think_hasty_text": lambda: text_rows(hasty=True),
+    "think_hasty_sft": lambda: sft_rows(hasty=True),
     "think_eval": eval_rows,
     # 200 held-out problems at each of levels 2-5 (level 1 has fewer than 100 distinct held-out problems): for
     # intervals a quarter as wide where 40 problems per level cannot tell two methods apart
