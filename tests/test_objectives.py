@@ -30,7 +30,7 @@ from lmforge.objectives import (
     token_logprobs,
     whiten,
 )
-from lmforge.objectives.rl import process_advantages
+from lmforge.objectives.rl import process_advantages, process_token_rewards
 
 
 def t(*xs):
@@ -453,3 +453,17 @@ def test_process_advantages_by_hand():
     expected = torch.tensor([[hi + lo, hi + lo, lo, lo, 0.0], [hi, hi, hi, 0.0, 0.0]])
     torch.testing.assert_close(adv, expected)
     assert process_advantages([[0.5], [0.5]], [[0], [0]], 2, 3).abs().sum() == 0  # equal rewards: nothing
+
+
+def test_process_token_rewards_by_hand_and_gae_over_them_is_grpos_process_advantage():
+    """The same steps as above: each normalised step reward is paid at its step's last token (an end past the
+    row lands on the last column); GAE with gamma = lam = 1 and zero values sums them from the end, which is
+    GRPO's process advantage for a buffer that is one group."""
+    rewards = process_token_rewards([[1.0, 0.0], [1.0]], [[1, 3], [2]], length=5, eps=0.0)
+    hi, lo = (1 - 2 / 3) / math.sqrt(1 / 3), (0 - 2 / 3) / math.sqrt(1 / 3)
+    torch.testing.assert_close(rewards, torch.tensor([[0.0, hi, 0.0, lo, 0.0], [0.0, 0.0, hi, 0.0, 0.0]]))
+    assert process_token_rewards([[1.0, 0.0]], [[1, 9]], length=4)[0, 3] < 0  # clamped to the last column
+    assert process_token_rewards([[0.7]], [[0]], length=3).abs().sum() == 0  # one step reward: no std
+    mask = torch.ones(2, 5)
+    advantages, _ = gae(rewards, torch.zeros(2, 5), mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(advantages, process_advantages([[1.0, 0.0], [1.0]], [[1, 3], [2]], 2, 5, eps=0.0))

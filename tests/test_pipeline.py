@@ -60,6 +60,15 @@ def test_a_recipe_variable_reaches_every_stage_that_names_it():
     assert stage_config("sft", "reasoning", []).data == "builtin:tinyworld/think_sft"  # the default world
 
 
+def test_the_reasoning_recipes_process_vs_outcome_stages_differ_only_in_the_reward():
+    for verb in ("grpo", "ppo"):
+        outcome, process = (stage_config(f"{verb}_{kind}", "reasoning", []) for kind in ("outcome", "process"))
+        assert outcome.process_reward == "" and process.process_reward == "runs/reasoning/prm/model"
+        assert outcome.train == process.train and outcome.max_new_tokens == process.max_new_tokens
+        assert (outcome.prompts_per_rollout, outcome.num_generations) == (process.prompts_per_rollout,
+                                                                          process.num_generations)
+
+
 @pytest.mark.slow
 def test_micro_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     run = tmp_path / "run"

@@ -21,7 +21,7 @@ from lmforge.data.stepwise import (
 from lmforge.errors import DataError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.objectives.prm import aggregate_steps, first_error_f1, prm_loss
-from lmforge.prm import PRMScorer, mc_step_labels, step_logits
+from lmforge.prm import CheckerScorer, PRMScorer, load_process_scorer, mc_step_labels, step_logits
 from lmforge.thinking import split_steps
 from lmforge.tokenizer import train_tokenizer
 
@@ -127,6 +127,19 @@ def test_scorer_reads_one_probability_per_step_and_batched_equals_alone(tok):
     for x, y in zip(together, alone):
         assert x == pytest.approx(y, abs=1e-5)
     assert split_steps("<think>\n2+3\n5\n</think>\nThe answer is 5.") == steps[0]
+
+
+def test_the_checker_scorer_gives_the_step_checkers_labels_as_step_rewards(tok):
+    """process_reward=checker: 1.0 for each right step and 0.0 for each wrong one, the answer step included."""
+    p = tw.Problem((7, 5, 9, 3), ("+", "-", "+"))
+    scorer = load_process_scorer("checker", tok, "cpu")
+    assert isinstance(scorer, CheckerScorer)
+    prompt = tok.encode("<|im_start|>user\n" + p.question + "<|im_end|>\n<|im_start|>assistant\n")
+    slipped = split_steps(tw.solution(p, "steps", slip=(1, 1)))  # 12-9+3 right, then 4+3, 7 and "7" wrong
+    right = split_steps(tw.solution(p, "steps"))
+    assert scorer.step_probs([prompt, prompt], [slipped, right]) == [[1.0, 1.0, 0.0, 0.0, 0.0], [1.0] * 5]
+    with pytest.raises(ValueError, match="thinking-world prompts"):
+        scorer.step_probs([tok.encode("Tell me a story")], [["once"]])
 
 
 # ---- the loss and the metrics, by hand ----

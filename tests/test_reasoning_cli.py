@@ -48,7 +48,9 @@ def test_budget_sweep_writes_a_table_per_level_and_the_plot(thinker):
     assert (out / "accuracy_vs_thinking_tokens.png").stat().st_size > 1000
 
 
-def test_prm_trains_on_stepwise_rows_then_ranks_samples_and_guides_beam_search(thinker):
+@pytest.fixture(scope="module")
+def prm(thinker):
+    """A PRM trained for 3 steps on stepwise rows (lmforge prm), from the thinker."""
     data = thinker / "steps.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in tw.stepwise_rows(64)))
     held_out = thinker / "steps_eval.jsonl"
@@ -56,6 +58,10 @@ def test_prm_trains_on_stepwise_rows_then_ranks_samples_and_guides_beam_search(t
     prm = thinker / "prm"
     lmforge("prm", f"model={thinker / 'model'}", f"data={data}", f"eval_data={held_out}", f"out_dir={prm}",
             "train.max_steps=3", "train.warmup_steps=0", "train.micro_batch_size=16", "train.batch_size=16", "train.log_every=1", threads=1)
+    return prm
+
+
+def test_prm_trains_on_stepwise_rows_then_ranks_samples_and_guides_beam_search(thinker, prm):
     summary = json.loads((prm / "summary.json").read_text())
     assert summary["train_traces"] == 64 and summary["eval"]["traces"] == 16
     assert 0 <= summary["eval"]["step_accuracy"] <= 1 and "f1" in summary["eval"]["first_error"]
@@ -69,6 +75,27 @@ def test_prm_trains_on_stepwise_rows_then_ranks_samples_and_guides_beam_search(t
     assert summary["problems"] == 4
     assert all(r["mean_generated_tokens"] > 0 for r in summary["table"])
     assert (out / "accuracy_vs_compute.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("verb", ["grpo", "ppo"])
+@pytest.mark.parametrize("scorer", ["prm", "checker"])
+def test_grpo_and_ppo_train_on_step_rewards(thinker, prm, tmp_path, verb, scorer):
+    """process_reward=PRM_DIR (or checker): process supervision end to end, the step scores logged every step."""
+    out = tmp_path / verb
+    problems = thinker / "problems.jsonl"
+    source = prm / "model" if scorer == "prm" else "checker"
+    common = [f"model={thinker / 'model'}", f"process_reward={source}", f"out_dir={out}",
+              f"data.source={problems}", f"data.eval_source={problems}", "data.eval_size=2", "max_new_tokens=12",
+              "rewards=[{kind: math}]", "prompts_per_rollout=2", "num_generations=2", "train.max_steps=2",
+              "train.batch_size=4", "train.micro_batch_size=4", "train.eval_every=0", "train.save_every=0",
+              "train.log_every=1"]
+    lmforge(verb, *common, *(["epochs=1"] if verb == "ppo" else []), threads=1)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2 and all(0 <= r["process/step_reward"] <= 1 for r in steps)
+    if scorer == "checker":  # a random model's steps are almost all wrong, and the checker says so
+        assert all(r["process/step_reward"] < 0.5 for r in steps)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
 
 
 def test_generate_and_eval_take_a_thinking_budget(thinker):

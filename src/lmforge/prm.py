@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.data import thinkworld
 from lmforge.data.stepwise import StepExample, collate_steps, tokenize_steps
 from lmforge.evaluation import generate_all
 from lmforge.generation import SamplingParams
+from lmforge.modelio import load_model_dir
 from lmforge.objectives.prm import aggregate_steps
 from lmforge.thinking import THINK_CLOSE, split_steps
 
@@ -46,6 +48,12 @@ class PRMScorer:
             raise ValueError("the PRM has no score head (load it with num_labels=1)")
         self._prefix = self.tokenizer.encode(self.prefix) if self.prefix else []
 
+    @classmethod
+    def from_dir(cls, path: str, tokenizer, device, prefix: str = "") -> PRMScorer:
+        """The PRM saved in ``path`` (``lmforge prm``'s model directory), in eval mode on ``device``, reading the
+        policy's ``tokenizer`` (the PRM trains on the policy's own tokenizer)."""
+        return cls(load_model_dir(path, device=device, num_labels=1).eval(), tokenizer, prefix=prefix)
+
     @torch.inference_mode()
     def step_probs(self, prompt_ids: Sequence[list[int]], steps: Sequence[list[str]]) -> list[list[float]]:
         examples = [tokenize_steps(self.tokenizer, list(p) + self._prefix, s, None, self.separator)
@@ -65,6 +73,31 @@ class PRMScorer:
                         how: str = "min") -> list[float]:
         probs = self.step_probs(prompt_ids, [split_steps(t) for t in texts])
         return [aggregate_steps(p, how) for p in probs]
+
+
+@dataclass
+class CheckerScorer:
+    """The thinking world's step checker in a PRM's place (``process_reward=checker``): 1.0 for a right step, 0.0
+    for a wrong one, read from the prompt's question (thinkworld.label_steps). An oracle PRM, to tell what process
+    supervision is worth apart from how well a learned PRM judges steps."""
+    tokenizer: object
+
+    def step_probs(self, prompt_ids: Sequence[list[int]], steps: Sequence[list[str]]) -> list[list[float]]:
+        out = []
+        for ids, solution in zip(prompt_ids, steps):
+            problem = thinkworld.parse_question(self.tokenizer.decode(list(ids)))
+            if problem is None:
+                raise ValueError("process_reward=checker needs thinking-world prompts ('What is 7+5-9?'), got "
+                                 f"{self.tokenizer.decode(list(ids))[-80:]!r}")
+            out.append([float(ok) for ok in thinkworld.label_steps(problem, list(solution))])
+        return out
+
+
+def load_process_scorer(spec: str, tokenizer, device, prefix: str = ""):
+    """RL's ``process_reward``: ``checker`` (the step checker, CheckerScorer) or a PRM directory (PRMScorer)."""
+    if spec == "checker":
+        return CheckerScorer(tokenizer)
+    return PRMScorer.from_dir(spec, tokenizer, device, prefix=prefix)
 
 
 def step_end_tokens(tokenizer, completion_ids: list[int], steps: list[str]) -> list[int]:

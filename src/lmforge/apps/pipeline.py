@@ -58,13 +58,16 @@ STAGES: dict[str, str] = {
     "orm": "prm",  # outcome reward model (target: outcome)
     "grpo_outcome": "grpo",  # verifier reward
     "grpo_process": "grpo",  # the PRM's step rewards
+    "ppo_outcome": "ppo",  # verifier reward at the last token, a critic for the values
+    "ppo_process": "ppo",  # the PRM's step rewards at each step's last token
     "grpo_length": "grpo",  # verifier + group-relative length
     "budget_sweep": "think",  # accuracy vs thinking tokens per level
     "compute_sweep": "think",  # majority vs PRM best-of-N vs beam
 }
 DEFAULT_STAGES = ("pretrain", "midtrain", "sft", "reward", "dpo", "grpo", "ppo")  # a recipe's pipeline.stages picks
 BASE_STAGES = ("pretrain", "midtrain")  # probed with raw text; the rest through the chat template
-TUNED_STAGES = ("dpo", "kto", "online_dpo", "grpo", "ppo", "grpo_outcome", "grpo_process", "grpo_length")
+TUNED_STAGES = ("dpo", "kto", "online_dpo", "grpo", "ppo", "grpo_outcome", "grpo_process", "ppo_outcome", "ppo_process",
+                "grpo_length")
 SCORER_STAGES = ("reward", "prm", "orm")  # models that score answers rather than write them: no task accuracy
 
 

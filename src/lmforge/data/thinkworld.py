@@ -283,9 +283,14 @@ def label_solution(p: Problem, text: str) -> tuple[list[str], list[bool]]:
     """A completion (think block and answer) as the PRM's steps (data.stepwise.split_steps) with the step
     checker's labels; the answer step is right when its answer is the problem's."""
     steps = split_steps(text)
+    return steps, label_steps(p, steps)
+
+
+def label_steps(p: Problem, steps: list[str]) -> list[bool]:
+    """The step checker on a completion already split into the PRM's steps (the last may be the answer step)."""
     if steps and steps[-1].startswith(THINK_CLOSE):
-        return steps, step_labels(p, steps[:-1]) + [is_correct(steps[-1], p.answer)]
-    return steps, step_labels(p, steps)
+        return step_labels(p, steps[:-1]) + [is_correct(steps[-1], p.answer)]
+    return step_labels(p, steps)
 
 
 # ---- producers ----

@@ -221,6 +221,31 @@ def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int
     return out
 
 
+def process_token_rewards(step_rewards: list[list[float]], step_ends: list[list[int]], length: int,
+                          eps: float = 1e-4) -> torch.Tensor:
+    """PPO's dense process reward (Lightman et al. 2023; Wang et al. 2024, Math-Shepherd's step-by-step PPO), as a
+    (B, length) tensor of per-token rewards.
+
+    Completion i's step rewards r_i1..r_iK (a process reward model's scores) are normalised by the mean and std of
+    ALL the buffer's step rewards, r~ = (r - mean) / (std + eps), as DeepSeekMath normalises them for GRPO
+    (``process_advantages``; here over the whole buffer, since PPO needs no groups), and r~_ik is paid at the token
+    its step ends on, end_ik (clamped to the last column). GAE then turns them into advantages against the critic:
+    with gamma = lam = 1 and V = 0, token t's advantage is sum_{k: end_ik >= t} r~_ik, which is exactly
+    process_advantages. A buffer with fewer than two step rewards gets 0 everywhere (no std).
+    """
+    if len(step_rewards) != len(step_ends):
+        raise ValueError(f"{len(step_rewards)} completions with {len(step_ends)} step lists")
+    out = torch.zeros(len(step_rewards), length)
+    flat = torch.tensor([r for rows in step_rewards for r in rows], dtype=torch.float32)
+    if flat.numel() < 2:
+        return out
+    mean, std = flat.mean(), flat.std()
+    for i, (rewards, ends) in enumerate(zip(step_rewards, step_ends, strict=True)):
+        for r, end in zip(rewards, ends, strict=True):
+            out[i, min(end, length - 1)] += (r - mean) / (std + eps)
+    return out
+
+
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024): A_i = r_i - mean_{j != i} r_j.
 

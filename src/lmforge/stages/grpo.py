@@ -35,8 +35,8 @@ from lmforge.async_rollout import AheadSampler, GenerationWorker
 from lmforge.atomic import write_atomic
 from lmforge.config import parse_cli
 from lmforge.figures import save_figure
-from lmforge.modelio import load_model_dir, write_model_files
-from lmforge.prm import PRMScorer
+from lmforge.modelio import write_model_files
+from lmforge.prm import load_process_scorer
 from lmforge.rewards import RewardSpec
 from lmforge.rollout import (
     RLDataConfig,
@@ -101,7 +101,7 @@ class GRPOConfig:
     # (s steps off-policy, as verl / prime-rl; pair it with tis_cap to correct for the stale sampler)
     rollout_staleness: int = 0
     rollout_threads: int = 1  # the worker's CPU threads (it generates on the CPU)
-    process_reward: str = ""  # a PRM directory: process supervision (per-step advantages) instead of outcome
+    process_reward: str = ""  # a PRM directory (or "checker": the thinking world's step checker): process supervision
     process_prefix: str = "<think>\n"  # what the PRM reads before the first step (as it trained)
     compile_generation: bool = False  # torch.compile the rollouts' decode step: 10-40 s of warm-up on 2 cores
     # recompute each block's activations in the backward instead of keeping them (the same loss and gradients,
@@ -152,8 +152,7 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     prm = None
     if cfg.process_reward:
-        prm = PRMScorer(load_model_dir(cfg.process_reward, device=dist.device, num_labels=1).eval(), tokenizer,
-                        prefix=cfg.process_prefix)
+        prm = load_process_scorer(cfg.process_reward, tokenizer, dist.device, prefix=cfg.process_prefix)
     sampler = ahead_sampler(cfg, rl)
     stream = RolloutStream(grpo_rollout(cfg, policy, rl.ref, tokenizer, rl.rows, rl.prompt_ids, rl.reward,
                                         dist.device, dist.rank, dist.world_size, prm=prm, sampler=sampler),

@@ -6,6 +6,8 @@ initialised from the reward model (or the policy). Policy and critic train toget
 one module (TRL's PolicyAndValueWrapper). Each rollout:
 
     r_t = -beta kl_t   (+ the sequence's score at its last token),  kl_t = log pi/pi_ref (k1) or k3
+          (process_reward=PRM_DIR: + the PRM's normalised step score at each step's last token instead of the
+          sequence's score: process supervision, objectives.rl.process_token_rewards)
     A, R = GAE(r, V; gamma, lam),  A whitened;   rewards optionally whitened (scale only) before GAE
     loss = clipped surrogate(A) + vf_coef * clipped value loss(V, R)       (objectives/rl.py)
 
@@ -35,8 +37,10 @@ from lmforge.objectives.rl import (
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
+    process_token_rewards,
     whiten,
 )
+from lmforge.prm import PRMScorer, load_process_scorer, process_rewards
 from lmforge.rewards import RewardSpec
 from lmforge.rollout import (
     RLDataConfig,
@@ -85,6 +89,8 @@ class PPOConfig:
     vf_coef: float = 0.1
     whiten_rewards: bool = False
     pack: bool = True  # packed rollouts (document masks) instead of padded rows in the policy/critic/reference forwards
+    process_reward: str = ""  # a PRM directory (or "checker", the step checker): dense step rewards instead of outcome
+    process_prefix: str = "<think>\n"  # what the PRM reads before the first step (as it trained)
     compile_generation: bool = False  # torch.compile the rollouts' decode step: 10-40 s of warm-up on 2 cores
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-6, warmup_steps=0, schedule="constant",
                                                                    max_steps=100, batch_size=16,
@@ -150,10 +156,11 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, b
 
 
 def ppo_rollout(cfg: PPOConfig, model: PolicyAndValue, ref, tokenizer, rows: list[dict], prompt_ids: list[list[int]],
-                reward, dist, kl_coef):
+                reward, dist, kl_coef, prm: PRMScorer | None = None):
     """PPO's ``make_rollout(iteration, plan) -> (buffer, stats)`` for a RolloutStream: sample with the policy,
     score the buffer (log-probs and values, reference log-probs), shape the rewards with the KL penalty, GAE.
-    ``kl_coef()`` is the KL coefficient of this rollout (the adaptive controller's state)."""
+    ``kl_coef()`` is the KL coefficient of this rollout (the adaptive controller's state); ``prm`` pays its step
+    scores at the steps' last tokens instead of the sequence's score at its last token."""
     T = cfg.temperature
 
     def make_rollout(iteration: int, plan):
@@ -169,13 +176,19 @@ def ppo_rollout(cfg: PPOConfig, model: PolicyAndValue, ref, tokenizer, rows: lis
                                                        dist.device, autocast_context(cfg.train, dist.device), cfg.pack)
         mask = buffer["response_mask"]
         kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * mask
-        rewards = shaped_rewards(samples.rewards, kl, mask, beta)
+        if prm is None:
+            rewards = shaped_rewards(samples.rewards, kl, mask, beta)
+        else:
+            step_rewards, ends = process_rewards(prm, samples.prompt_ids, samples.completion_ids, samples.texts)
+            rewards = -beta * kl * mask + process_token_rewards(step_rewards, ends, mask.shape[1]) * mask
         if cfg.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         buffer.update(old_logprobs=logprobs, old_values=values, returns=returns,
                       advantages=whiten(advantages, mask))
         stats = rollout_stats(cfg, samples, logprobs, ref_logprobs, kl, mask, beta, iteration)
+        if prm is not None:
+            stats["process/step_reward"] = sum(map(sum, step_rewards)) / max(sum(map(len, step_rewards)), 1)
         kl_anomaly_check(iteration, stats)
         return buffer, stats
     return make_rollout
@@ -243,8 +256,10 @@ def run_ppo(cfg: PPOConfig) -> dict:
     policy, tokenizer, out_dir, dist = rl.policy, rl.tokenizer, rl.out_dir, rl.dist
     critic = load_model_dir(critic_source(cfg), device=dist.device, num_labels=1)
     model = PolicyAndValue(policy, critic)
+    prm = load_process_scorer(cfg.process_reward, tokenizer, dist.device, prefix=cfg.process_prefix) \
+        if cfg.process_reward else None
     make_rollout = ppo_rollout(cfg, model, rl.ref, tokenizer, rl.rows, rl.prompt_ids, rl.reward, dist,
-                               kl_coef=lambda: stream.stats.get("kl_coef_next", cfg.kl_coef))
+                               kl_coef=lambda: stream.stats.get("kl_coef_next", cfg.kl_coef), prm=prm)
     stream = RolloutStream(make_rollout, epochs=cfg.epochs, micro_batch_size=cfg.train.micro_batch_size,
                            seed=cfg.train.seed, resume_dir=rl.resume_dir,
                            accumulation=cfg.train.accumulation(dist.world_size), packed=cfg.pack)
