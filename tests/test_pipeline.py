@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from lmforge.apps.pipeline import split_overrides, stage_config
+from lmforge.config import read_yaml, recipe_path, top_level_values
 
 MODEL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_hidden_layers=2",
          "model.num_attention_heads=4", "model.num_key_value_heads=2"]
@@ -51,7 +52,9 @@ def test_overrides_are_routed_to_their_stage():
 
 
 def test_a_recipe_variable_reaches_every_stage_that_names_it():
-    _, per_stage, shared = split_overrides(["world=think_hasty", "sft.train.lr=1"], {"run_dir", "world"})
+    variables = top_level_values(read_yaml(recipe_path("reasoning")))  # what `lmforge pipeline` routes
+    assert {"run_dir", "world"} <= set(variables)
+    _, per_stage, shared = split_overrides(["world=think_hasty", "sft.train.lr=1"], variables)
     assert shared == ["world=think_hasty"]
     sft = stage_config("sft", "reasoning", shared + per_stage["sft"])
     pretrain = stage_config("pretrain", "reasoning", shared)

@@ -185,7 +185,7 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: list[
         data = read_yaml(path)
     variables = {}
     if recipe is not None and section is not None:
-        variables = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        variables = top_level_values(data)
         data = _section(data, section, source)
     for text in overrides:
         key, value = parse_override(text)
@@ -196,6 +196,11 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: list[
     if overrides:
         source = f"{source} + overrides" if source else "overrides"
     return from_dict(cls, substitute(data, variables, source or "config"), source)
+
+
+def top_level_values(recipe: dict) -> dict:
+    """A multi-stage recipe's variables: its top-level scalars (``run_dir``), written ``${name}`` in any section."""
+    return {k: v for k, v in recipe.items() if not isinstance(v, dict)}
 
 
 def substitute(tree: Any, variables: dict, source: str) -> Any:

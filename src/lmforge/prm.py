@@ -134,6 +134,11 @@ def process_rewards(scorer: PRMScorer, prompt_ids: Sequence[list[int]], completi
     return probs, ends
 
 
+def mean_step_reward(step_rewards: Sequence[list[float]]) -> float:
+    """The mean over every step of a rollout (RL's ``process/step_reward``); 0 when no completion has a step."""
+    return sum(map(sum, step_rewards)) / max(sum(map(len, step_rewards)), 1)
+
+
 # ---- Monte-Carlo step labels ----
 
 Rollout = Callable[[list[list[int]], int], list[list[str]]]  # prefixes, n -> n continuation texts per prefix

@@ -53,7 +53,7 @@ from lmforge.objectives.rl import (
     process_advantages,
     rloo_advantages,
 )
-from lmforge.prm import process_rewards
+from lmforge.prm import mean_step_reward, process_rewards
 from lmforge.rewards import RewardInput, build_reward
 from lmforge.scoring import to_device
 from lmforge.train.checkpointing import latest_checkpoint
@@ -774,7 +774,7 @@ def grpo_rollout(cfg, policy, ref, tokenizer, rows: list[dict], prompt_ids: list
         if prm is not None:
             step_rewards, ends = process_rewards(prm, samples.prompt_ids, samples.completion_ids, samples.texts)
             buffer["advantages"] = process_advantages(step_rewards, ends, G, buffer["labels"].shape[1])
-            stats["process/step_reward"] = sum(map(sum, step_rewards)) / max(sum(map(len, step_rewards)), 1)
+            stats["process/step_reward"] = mean_step_reward(step_rewards)
         else:
             buffer["advantages"] = group_advantages(cfg, samples.rewards)
         mask = buffer["response_mask"]

@@ -33,7 +33,7 @@ from rich.table import Table
 from lmforge.apps.report import write_report
 from lmforge.apps.verbs import VERBS
 from lmforge.atomic import write_atomic
-from lmforge.config import describe, load_config, read_yaml, recipe_path
+from lmforge.config import describe, load_config, read_yaml, recipe_path, top_level_values
 from lmforge.data.mix import source_overrides_mix
 from lmforge.data.tinyworld import eval_rows
 from lmforge.evaluation import encode_prompt, generate_all
@@ -294,7 +294,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", "-c", default="tiny", help="recipe YAML file or built-in recipe name")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    variables = {"run_dir"} | {k for k, v in read_yaml(recipe_path(args.config)).items() if not isinstance(v, dict)}
+    variables = {"run_dir", *top_level_values(read_yaml(recipe_path(args.config)))}
     own, per_stage, shared = split_overrides(args.overrides, variables)
     pcfg = load_config(PipelineConfig, args.config, own, section="pipeline")
     record = run_pipeline(pcfg, args.config, per_stage, shared)

@@ -62,8 +62,8 @@ from lmforge.train.tracking import log_report
 
 STAGE_ORDER = ("tokenizer", "pretrain", "midtrain", "sft", "reward", "prm", "orm", "dpo", "ipo", "simpo", "orpo",
                "kto", "online_dpo", "constitutional", "ppo", "grpo", "rloo", "grpo_outcome", "grpo_process",
-               "ppo_outcome", "ppo_process", "grpo_length", "dpo_sweep", "reward_hacking", "overoptimisation", "budget_sweep", "compute_sweep",
-               "eval", "think", "scaling")
+               "ppo_outcome", "ppo_process", "grpo_length", "dpo_sweep", "reward_hacking", "overoptimisation",
+               "budget_sweep", "compute_sweep", "eval", "think", "scaling")
 COLUMNS = [  # (header, summary / eval.json keys, metrics.jsonl keys, format)
     ("loss", ("val_loss", "eval_loss", "loss", "train_loss"), ("val_loss", "eval_loss", "loss"), "{:.3f}"),
     ("accuracy", ("accuracy", "eval/accuracy last"), ("eval/accuracy",), "{:.1%}"),

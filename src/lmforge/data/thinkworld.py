@@ -34,8 +34,10 @@ fourth style, most common on the short chains of levels 2-3, where a chain looks
              30% of them then write ``Wait``, restate the chain and rewrite it, and answer from the rewrites
 
 so a model trained on it often stops after one line, and a forced ``Wait`` (s1's budget forcing) turns that into
-the rewriting it knows, which is what decides whether "Wait" raises accuracy in this world. ``step_labels`` is the step checker: whether each line of a think block is right given the
-lines before it (the labels of the PRM's stepwise data). Problems split into train and test by a hash of the
+the rewriting it knows, which is what decides whether "Wait" raises accuracy in this world.
+
+``step_labels`` is the step checker: whether each line of a think block is right given the lines before it (the
+labels of the PRM's stepwise data). Problems split into train and test by a hash of the
 problem, so every source agrees on what is held out; the held-out set is stratified by level.
 
 Sources (``builtin:tinyworld/NAME``): ``think_text`` (documents for pre-training), ``think_sft``
@@ -232,10 +234,10 @@ def step_labels(p: Problem, lines: list[str]) -> list[bool]:
     """Is each think line right, given the lines before it? A chain line (``12-9+3``) with m operations left
     stands for the total after operation level - m - 1 (the first line, level operations left, restates the
     question) and is right when it is that true rewrite; a hasty total ``= N`` is right when N is the answer;
-    ``Wait`` is right; a check ``a+b=c ok`` is right when it
-    is a true operation and the first pass had its total right; a correction ``wait: a+b=c, not d`` is right when
-    it names a true operation and the wrong total d the first pass wrote. Lines after a wrong one are judged
-    against the true work all the same (a later correction can be right).
+    ``Wait`` is right; a check ``a+b=c ok`` is right when it is a true operation and the first pass had its total
+    right; a correction ``wait: a+b=c, not d`` is right when it names a true operation and the wrong total d the
+    first pass wrote. Lines after a wrong one are judged against the true work all the same (a later correction
+    can be right).
     """
     right = p.totals()
     rewrites = [_chain(p.numbers, p.ops)] + rewrite_lines(p, right)  # index j + 1: after operation j

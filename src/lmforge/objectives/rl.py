@@ -204,21 +204,17 @@ def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int
     of ALL the group's step rewards, r~ = (r - mean) / (std + eps), and token t's advantage is the sum of the
     normalised rewards of the steps that end at or after it, A_it = sum_{k: end_ik >= t} r~_ik: a token is
     credited with everything that follows it. Tokens after the last step end get 0. A group with one step
-    reward in all gets 0 (no std).
+    reward in all gets 0 (no std). Computed as each group's ``process_token_rewards`` summed from the end.
     """
     if len(step_rewards) % group_size or len(step_rewards) != len(step_ends):
         raise ValueError(f"{len(step_rewards)} completions with {len(step_ends)} step lists do not make groups "
                          f"of {group_size}")
-    out = torch.zeros(len(step_rewards), length)
-    for g in range(0, len(step_rewards), group_size):
-        flat = torch.tensor([r for rows in step_rewards[g:g + group_size] for r in rows], dtype=torch.float32)
-        if flat.numel() < 2:
-            continue
-        mean, std = flat.mean(), flat.std()
-        for i in range(g, g + group_size):
-            for r, end in zip(step_rewards[i], step_ends[i], strict=True):
-                out[i, :min(end, length - 1) + 1] += (r - mean) / (std + eps)
-    return out
+    groups = [process_token_rewards(step_rewards[g:g + group_size], step_ends[g:g + group_size], length, eps)
+              for g in range(0, len(step_rewards), group_size)]
+    if not groups:
+        return torch.zeros(0, length)
+    paid = torch.cat(groups)  # each normalised step reward at its step's last token
+    return paid.flip(1).cumsum(1).flip(1)  # token t: the sum of what is paid at t and after
 
 
 def process_token_rewards(step_rewards: list[list[float]], step_ends: list[list[int]], length: int,

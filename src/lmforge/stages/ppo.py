@@ -40,7 +40,7 @@ from lmforge.objectives.rl import (
     process_token_rewards,
     whiten,
 )
-from lmforge.prm import PRMScorer, load_process_scorer, process_rewards
+from lmforge.prm import PRMScorer, load_process_scorer, mean_step_reward, process_rewards
 from lmforge.rewards import RewardSpec
 from lmforge.rollout import (
     RLDataConfig,
@@ -188,7 +188,7 @@ def ppo_rollout(cfg: PPOConfig, model: PolicyAndValue, ref, tokenizer, rows: lis
                       advantages=whiten(advantages, mask))
         stats = rollout_stats(cfg, samples, logprobs, ref_logprobs, kl, mask, beta, iteration)
         if prm is not None:
-            stats["process/step_reward"] = sum(map(sum, step_rewards)) / max(sum(map(len, step_rewards)), 1)
+            stats["process/step_reward"] = mean_step_reward(step_rewards)
         kl_anomaly_check(iteration, stats)
         return buffer, stats
     return make_rollout
