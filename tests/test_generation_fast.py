@@ -1,10 +1,13 @@
 """The fixed-shape decode path (Transformer.decode_step, StaticDecoder, torch.compile) against the growing-cache
 engine and plain full forwards: the same greedy tokens, seeded samples and stops, log-probs within 1e-4."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from test_generation import full_forward_logprobs, reference_greedy
-from test_grpo import run_toy, toy_config
+from test_grpo import micro, run_toy, toy_config
 from test_rollout import make_model_dir, tiny_model, write_rl_prompts
 
 import lmforge.generation
@@ -13,13 +16,14 @@ import lmforge.scheduler
 import lmforge.stages.ppo
 import lmforge.stages.sample
 from lmforge.config import parse_cli
-from lmforge.cpu_decode import PackedDecodeStep, packable, packed_head
+from lmforge.cpu_decode import PackedDecodeStep, matmul_dtype, packable, packed_head
 from lmforge.generation import SamplingParams, StaticDecoder, compiled_step, generate
 from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.quant import quantize_model
 from lmforge.rewards import RewardSpec
 from lmforge.rollout import RLDataConfig
 from lmforge.stages.generate import GenerateConfig
+from lmforge.stages.grpo import GRPOConfig, run_grpo
 from lmforge.stages.ppo import PPOConfig, run_ppo
 from lmforge.stages.sample import SampleConfig, run_sample
 from lmforge.train.loop import TrainConfig
@@ -142,7 +146,8 @@ def assert_step_matches_forward(model, rows: int, tol: float) -> None:
     mask = (ids != 0).long()
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        ours, theirs = KVCache(model.config, 3, 8), KVCache(model.config, 3, 8)
+        dtype = model.lm_head.weight.dtype
+        ours, theirs = KVCache(model.config, 3, 8, dtype=dtype), KVCache(model.config, 3, 8, dtype=dtype)
         for c in (ours, theirs):
             model(ids, attention_mask=mask, position_ids=positions, cache=c)
         step = PackedDecodeStep(model, rows)
@@ -152,7 +157,7 @@ def assert_step_matches_forward(model, rows: int, tol: float) -> None:
             want = model(tokens[:, None], attention_mask=key_mask[:, :theirs.length + 1], position_ids=position,
                          cache=theirs)[:, 0]
             got = step.head(step(tokens, key_mask[:, :ours.length + 1], position, ours))
-            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+            torch.testing.assert_close(got, want.float(), atol=tol, rtol=tol)
             tokens, position = want.argmax(-1), position + 1
 
 
@@ -175,6 +180,80 @@ def test_packed_decode_step_equals_the_forward_of_a_quantized_model(bits, rows):
     quantize_model(model, bits=bits, group_size=32)
     assert packable(model, rows)
     assert_step_matches_forward(model, rows, 1e-4)
+
+
+def test_packed_weights_are_freed_with_their_step_without_a_garbage_collection():
+    """The packed copy of the weights (513 MiB for SmolLM2 in fp32) goes when its step does: no reference cycle
+    between the step and its projections' closures keeps it until the cyclic GC runs (it did, into the training
+    phase of every RL step)."""
+    model = random_model(hidden_size=32, intermediate_size=64)
+    gc.collect()
+    gc.disable()
+    try:
+        step = PackedDecodeStep(model, 3)
+        packed = [weakref.ref(c.cell_contents) for c in step.layers[0]["qkv"].__closure__
+                  if isinstance(c.cell_contents, torch.Tensor)]
+        assert packed and all(r() is not None for r in packed)
+        del step
+        assert all(r() is None for r in packed)
+    finally:
+        gc.enable()
+
+
+bf16_kernels = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                  reason="this CPU has no oneDNN bf16 kernels (AVX512-BF16 / AMX)")
+
+
+@bf16_kernels
+@pytest.mark.parametrize("rows", [3, 1])
+def test_bf16_decode_step_packs_bf16_weights_and_stays_close_to_the_fp32_forward(rows):
+    """decode_matmul_dtype=bfloat16 (RL under train.dtype=bfloat16): every projection and the head are packed in
+    bf16, at one row too (oneDNN's bf16 kernel, not MKL's fp32 one), and the logits stay within bf16 rounding of
+    the fp32 model's forward; unset, the same model packs fp32 and matches to 1e-5 (the test above)."""
+    model = random_model(hidden_size=32, intermediate_size=64, attention_bias=True)
+    model.decode_matmul_dtype = torch.bfloat16
+    assert packable(model, rows) and matmul_dtype(model) == torch.bfloat16
+    assert PackedDecodeStep(model, rows).lm_head.dtype == torch.bfloat16
+    with pytest.raises(AssertionError):  # bf16 rounding really happens: not within fp32's tolerance
+        assert_step_matches_forward(model, rows, 1e-5)
+    assert_step_matches_forward(model, rows, 3e-2)
+    model.decode_matmul_dtype = None
+    assert PackedDecodeStep(model, rows).lm_head.dtype == torch.float32
+
+
+@bf16_kernels
+def test_a_bf16_model_decodes_through_the_packed_step_with_its_own_forwards_logprobs():
+    """`lmforge serve dtype=bfloat16` loads bf16 weights: the packed step takes them (bf16 matmuls, activations
+    and cache, as the model's own bf16 forward): seeded samples carry the log-probs its full forward gives."""
+    model = random_model(hidden_size=64, intermediate_size=128).to(torch.bfloat16)
+    assert packable(model, 4) and matmul_dtype(model) == torch.bfloat16
+    assert_step_matches_forward(model, 3, 5e-2)
+    prompts = [[5, 9, 13], [7, 2], [30, 41, 8, 1]]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, return_logprobs=True)
+    for prompt, (out,) in zip(prompts, generate(model, prompts, params, eos_token_ids=[])):
+        want = full_forward_logprobs(model, prompt, out.token_ids)  # the bf16 model's own forward, no cache
+        assert len(out.token_ids) == 8
+        torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(want).float(), atol=0.1, rtol=0)
+
+
+@bf16_kernels
+def test_grpo_under_bf16_training_samples_its_rollouts_with_bf16_matmuls(tmp_path, monkeypatch):
+    """train.dtype=bfloat16 trains under autocast; its rollouts (and greedy evals) sample from the same policy with
+    bf16 matmuls too (rollout.sample_as_trained), and fp32 training samples in fp32."""
+    packed = []
+    init = PackedDecodeStep.__init__
+
+    def spy(self, model, rows):
+        init(self, model, rows)
+        packed.append(self.lm_head.dtype)
+    monkeypatch.setattr(PackedDecodeStep, "__init__", spy)
+    args = micro(tmp_path)
+    for dtype, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        cfg = parse_cli([f"out_dir={tmp_path / dtype}", *args, "train.max_steps=2", "train.warmup_steps=0", "train.save_every=0",
+                         f"train.dtype={dtype}"], GRPOConfig, prog="grpo", description="")
+        summary = run_grpo(cfg)
+        assert summary["steps"] == 2 and packed and set(packed) == {want}
+        packed.clear()
 
 
 def test_one_row_decodes_through_the_packed_step_with_the_generic_paths_tokens(monkeypatch):

@@ -37,10 +37,11 @@ AHEAD_FILE = "ahead.json"
 Job = Callable[[int], tuple[list[list[int]], SamplingParams]]  # rollout index -> (prompt ids, params)
 
 
-def _serve_jobs(config, tokenizer, threads: int, jobs, results) -> None:
+def _serve_jobs(config, tokenizer, threads: int, jobs, results, matmul_dtype=None) -> None:
     """The worker process: (key, weights, prompt ids, params) jobs in, (key, completions, error) out."""
     torch.set_num_threads(threads)
     model = Transformer(config).eval()
+    model.decode_matmul_dtype = matmul_dtype  # the trainer's policy's (rollout.sample_as_trained)
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
     while (job := jobs.get()) is not None:
         key, weights, prompts, params = job
@@ -61,7 +62,8 @@ class GenerationWorker:
         ctx = torch.multiprocessing.get_context("spawn")
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
         self.process = ctx.Process(target=_serve_jobs, args=(model.config, tokenizer, threads, self.jobs,
-                                                             self.results), daemon=True, name="lmforge-rollouts")
+                                                             self.results, model.decode_matmul_dtype),
+                                   daemon=True, name="lmforge-rollouts")
         self.process.start()
         self.done: dict = {}
 

@@ -401,6 +401,9 @@ class Transformer(nn.Module):
         # How packed (document_ids) forwards attend: "sdpa" (dense mask), "flex" (block mask) or "auto" (flex on
         # CUDA, sdpa on CPU; see packed_backend). Set from train.packed_attention by the loop.
         self.packed_attention = "auto"
+        # The dtype the CPU decode step multiplies in (cpu_decode.PackedDecodeStep): None = the weights' dtype. The
+        # RL stages set bfloat16 under train.dtype=bfloat16, so their rollouts sample with bf16 matmuls as they train.
+        self.decode_matmul_dtype: torch.dtype | None = None
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),

@@ -58,7 +58,7 @@ from lmforge.rewards import RewardInput, build_reward
 from lmforge.scoring import to_device
 from lmforge.train.checkpointing import latest_checkpoint
 from lmforge.train.dist import all_reduce_mean, gather_objects
-from lmforge.train.loop import autocast_context
+from lmforge.train.loop import autocast_context, use_bf16
 from lmforge.train.metrics import read_metrics
 from lmforge.train.runs import Run, log, start_run
 
@@ -238,7 +238,7 @@ def response_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, batch: di
     labels = batch["labels"]
     keep = labels != -100
     out = chunked_token_logprobs(response_columns(hidden, batch)[keep], head_weight, labels[keep],
-                                 temperature=temperature, return_entropy=entropy)
+                                 temperature=temperature, return_entropy=entropy, chunk_size=256)
     scatter = lambda v: v.new_zeros(labels.shape).masked_scatter(keep, v)  # noqa: E731
     return (scatter(out[0]), scatter(out[1])) if entropy else scatter(out)
 
@@ -926,6 +926,7 @@ def start_rl_run(cfg) -> RLRun:
     dist = run.dist
     policy, ref, tokenizer = load_policy_and_ref(cfg.model, cfg.ref_model, dist.device, cfg.train.packed_attention,
                                                  offload=getattr(cfg, "ref_offload", False))  # grpo's; ppo's stays
+    sample_as_trained(policy, cfg.train, dist.device)
     rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
     check_answers(rows + eval_rows, cfg.rewards)
     reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)
@@ -934,6 +935,13 @@ def start_rl_run(cfg) -> RLRun:
     eval_fn = make_eval_fn(policy, tokenizer, eval_rows, eval_ids, reward, cfg.max_new_tokens,
                            compile=cfg.compile_generation, env=env) if eval_rows else None
     return RLRun(run, policy, ref, tokenizer, rows, prompt_ids, eval_rows, eval_ids, reward, eval_fn)
+
+
+def sample_as_trained(policy, train_cfg, device) -> None:
+    """Under bf16 training (train.dtype, see train.loop.use_bf16) the policy's CPU rollouts multiply in bf16 too
+    (``Transformer.decode_matmul_dtype``: cpu_decode packs bf16 weights, fp32 activations); fp32 otherwise."""
+    if hasattr(policy, "decode_matmul_dtype"):
+        policy.decode_matmul_dtype = torch.bfloat16 if use_bf16(train_cfg, device) else None
 
 
 def load_policy_and_ref(policy_dir: str, ref_dir: str, device, packed_attention: str = "auto",

@@ -64,6 +64,7 @@ from lmforge.rollout import (
     make_eval_fn,
     prompt_indices,
     sample_and_score,
+    sample_as_trained,
 )
 from lmforge.scoring import evaluate_pairs, precompute_reference, store_pair_logps
 from lmforge.train.loop import TrainConfig, autocast_context, train
@@ -346,6 +347,7 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
 
     last = max(len(done) - 1, 0)
     policy, tokenizer = load_model_and_tokenizer(start_dir(cfg, last + 1), dist.device)
+    sample_as_trained(policy, cfg.train, dist.device)
     rows, prompt_ids, eval_rows, eval_ids = load_rl_data(cfg.data, tokenizer)
     check_answers(rows + eval_rows, cfg.rewards)
     reward = build_reward(cfg.rewards, pad_id=tokenizer.pad_id, device=dist.device)

@@ -548,7 +548,7 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     fp32); fp32 otherwise."""
     if not use_bf16(cfg, device):
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=device.type != "cpu")
 
 
 def _gradient_sync(model: torch.nn.Module, last: bool):
