@@ -22,7 +22,7 @@ from lmforge.data.prompts import render_prompt
 from lmforge.data.sources import read_documents
 from lmforge.model import ModelConfig, Transformer
 from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir
-from lmforge.rollout import DiskReference, RolloutStream, grpo_loss_fn, grpo_rollout
+from lmforge.rollout import DiskReference, RolloutStream, grpo_loss_fn, grpo_rollout, sample_as_trained
 from lmforge.stages.grpo import GRPOConfig
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig, train
@@ -46,7 +46,7 @@ def build_model_dir(path: Path) -> None:
 
 def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int, compile_generation: bool = False,
                   first_step: list | None = None, gradient_checkpointing: bool = False,
-                  ref_offload: bool = False) -> float:
+                  ref_offload: bool = False, dtype: str = "float32") -> float:
     tok = load_tokenizer(model_dir)
     policy = load_model_dir(model_dir)
     ref = DiskReference(model_dir, "cpu") if ref_offload else load_model_dir(model_dir).eval().requires_grad_(False)
@@ -55,8 +55,9 @@ def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int, compile_g
                      ref_offload=ref_offload,
                      train=TrainConfig(lr=1e-6, schedule="constant", warmup_steps=0, max_steps=warmup + steps,
                                        batch_size=16, micro_batch_size=16, weight_decay=0.0, eval_every=0,
-                                       save_every=0, log_every=1, device="cpu"))
+                                       save_every=0, log_every=1, device="cpu", dtype=dtype))
     policy.gradient_checkpointing = cfg.gradient_checkpointing  # as run_grpo sets it
+    sample_as_trained(policy, cfg.train, torch.device("cpu"))  # as start_rl_run does: bf16 rollouts under bf16
     rows = [{"prompt": p, "answer": None} for p in PROMPTS]
     ids = [render_prompt(tok, p, chat_template=False) for p in PROMPTS]
 
@@ -74,7 +75,7 @@ def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int, compile_g
     return 4 * steps / (stamps[warmup + steps] - stamps[warmup])
 
 
-def bench_trl(model_dir: Path, out: Path, steps: int, warmup: int) -> float:
+def bench_trl(model_dir: Path, out: Path, steps: int, warmup: int, bf16: bool = False) -> float:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -93,7 +94,7 @@ def bench_trl(model_dir: Path, out: Path, steps: int, warmup: int) -> float:
 
     args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=16, num_generations=4,
                       max_completion_length=64, max_steps=warmup + steps, learning_rate=1e-6, beta=0.04,
-                      logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                      logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=bf16,
                       temperature=1.0, top_k=0, top_p=1.0, disable_tqdm=True, dataloader_num_workers=0)
     data = Dataset.from_dict({"prompt": PROMPTS * 64})
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,

@@ -4,8 +4,9 @@
         --gguf-f32 runs/smollm2-F32.gguf --gguf-q8 runs/smollm2-Q8_0.gguf [--clients 1,4,16,32] [--tokens 32]
 
 Every server runs in its own subprocess on a free port, one after another, all in one run of this script:
-lmforge serve on the float32 directory and on its quantized one (``lmforge quantize``), transformers serve with
-continuous batching on the float32 directory (it has no CPU quantization: only bitsandbytes), and
+lmforge serve on the float32 directory, on it with ``dtype=bfloat16`` and on its quantized one (``lmforge
+quantize``), transformers serve with continuous batching on the float32 directory in float32 and in bfloat16 (it
+has no CPU quantization: only bitsandbytes), and
 ``python -m llama_cpp.server`` (llama-cpp-python) on the F32 and Q8_0 files ``lmforge export gguf`` wrote, with
 ``--n_threads`` = the cores (its default is half of them) and ``--interrupt_requests false`` (by default a new
 request aborts the one streaming; this way they queue, one decoding at a time). The same streamed, greedy chat requests go to each
@@ -50,14 +51,21 @@ def commands(args, port: int) -> dict[str, list[str]]:
     cores = str(os.cpu_count())
     llama = [PY, "-c", HIDE_OPENAI, "--port", str(port), "--n_threads", cores, "--n_threads_batch", cores,
              "--n_ctx", "4096", "--interrupt_requests", "false", "--model"]
-    return {"lmforge fp32": [PY, "-m", "lmforge", "serve", args.model, f"port={port}", "verbose=false"],
-            "lmforge " + Path(args.quantized).name.rsplit("-", 1)[-1]:
-                [PY, "-m", "lmforge", "serve", args.quantized, f"port={port}", "verbose=false"],
-            "transformers fp32 (CB)": [str(Path(PY).parent / "transformers"), "serve", args.model,
-                                       "--continuous-batching", "--device", "cpu", "--dtype", "float32",
-                                       "--port", str(port)],
-            "llama.cpp F32": llama + [args.gguf_f32],
-            "llama.cpp Q8_0": llama + [args.gguf_q8]}
+    transformers = [str(Path(PY).parent / "transformers"), "serve", args.model, "--continuous-batching",
+                    "--device", "cpu", "--port", str(port), "--dtype"]
+    servers = {"lmforge fp32": [PY, "-m", "lmforge", "serve", args.model, f"port={port}", "verbose=false"],
+               "lmforge bf16": [PY, "-m", "lmforge", "serve", args.model, f"port={port}", "verbose=false",
+                                "dtype=bfloat16"],
+               "transformers fp32 (CB)": transformers + ["float32"],
+               "transformers bf16 (CB)": transformers + ["bfloat16"]}
+    if args.quantized:
+        servers["lmforge " + Path(args.quantized).name.rsplit("-", 1)[-1]] = [
+            PY, "-m", "lmforge", "serve", args.quantized, f"port={port}", "verbose=false"]
+    if args.gguf_f32:
+        servers["llama.cpp F32"] = llama + [args.gguf_f32]
+    if args.gguf_q8:
+        servers["llama.cpp Q8_0"] = llama + [args.gguf_q8]
+    return servers
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -98,9 +106,9 @@ def bench_server(name: str, cmd: list[str], port: int, args, count) -> dict[int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--quantized", required=True, help="lmforge quantize's directory of --model")
-    ap.add_argument("--gguf-f32", required=True)
-    ap.add_argument("--gguf-q8", required=True)
+    ap.add_argument("--quantized", help="lmforge quantize's directory of --model (its server is skipped without)")
+    ap.add_argument("--gguf-f32", help="lmforge export gguf's F32 file (llama.cpp F32 is skipped without)")
+    ap.add_argument("--gguf-q8", help="the Q8_0 file (llama.cpp Q8_0 is skipped without)")
     ap.add_argument("--clients", default="1,4,16,32")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--min-requests", type=int, default=8)
@@ -132,6 +140,18 @@ def ratios(results: dict) -> None:
           f"1-client inter-token p50 lmforge fp32 / llama.cpp F32 = "
           f"{r('lmforge fp32', 'llama.cpp F32', 'itl p50', 1)}, {quant} / llama.cpp Q8_0 = "
           f"{r(quant, 'llama.cpp Q8_0', 'itl p50', 1)} (<= 1.5x)")
+    print(f"bf16 (both sides' weights in bf16): 16-client tokens/s lmforge / transformers = "
+          f"{r('lmforge bf16', 'transformers bf16 (CB)', 'tokens/s', 16)}; lmforge bf16 / transformers' faster of "
+          f"fp32 and bf16 = {best_ratio(results, 16)}")
+
+
+def best_ratio(results: dict, clients: int) -> str:
+    """lmforge bf16's tokens/s over the faster transformers precision at ``clients``."""
+    theirs = [results[n][clients]["tokens/s"] for n in ("transformers fp32 (CB)", "transformers bf16 (CB)")
+              if clients in results.get(n, {})]
+    if not theirs or clients not in results.get("lmforge bf16", {}):
+        return "n/a"
+    return f"{results['lmforge bf16'][clients]['tokens/s'] / max(theirs):.2f}x"
 
 
 if __name__ == "__main__":
