@@ -22,7 +22,14 @@ from lmforge.data.prompts import render_prompt
 from lmforge.data.sources import read_documents
 from lmforge.model import ModelConfig, Transformer
 from lmforge.modelio import load_model_dir, load_tokenizer, save_model_dir
-from lmforge.rollout import DiskReference, RolloutStream, grpo_loss_fn, grpo_rollout, sample_as_trained
+from lmforge.rollout import (
+    DiskReference,
+    RolloutStream,
+    grpo_loss_fn,
+    grpo_rollout,
+    sample_as_trained,
+    trim_before_embedding_backward,
+)
 from lmforge.stages.grpo import GRPOConfig
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig, train
@@ -58,6 +65,7 @@ def bench_lmforge(model_dir: Path, out: Path, steps: int, warmup: int, compile_g
                                        save_every=0, log_every=1, device="cpu", dtype=dtype))
     policy.gradient_checkpointing = cfg.gradient_checkpointing  # as run_grpo sets it
     sample_as_trained(policy, cfg.train, torch.device("cpu"))  # as start_rl_run does: bf16 rollouts under bf16
+    trim_before_embedding_backward(policy)  # and this, on CPU
     rows = [{"prompt": p, "answer": None} for p in PROMPTS]
     ids = [render_prompt(tok, p, chat_template=False) for p in PROMPTS]
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import lmforge.rollout
 from lmforge.data import tinyworld
 from lmforge.data.prompts import read_rl_prompts, render_prompt
 from lmforge.errors import DataError
@@ -20,6 +21,7 @@ from lmforge.rollout import (
     policy_scores,
     prompt_indices,
     score_buffer,
+    trim_before_embedding_backward,
 )
 from lmforge.tokenizer import train_tokenizer
 
@@ -155,3 +157,22 @@ def test_render_prompt_opens_the_assistant_turn(tmp_path):
     text = tok.decode(ids)
     assert text.endswith("<|im_start|>assistant\n") and "What is 2 + 2?" in text
     assert render_prompt(tok, [{"role": "user", "content": "What is 2 + 2?"}]) == ids
+
+
+def test_the_heap_is_trimmed_once_per_backward_just_before_the_embeddings_gradient(monkeypatch):
+    """trim_before_embedding_backward (RL on CPU): one trim per backward, when every gradient but the embedding's
+    has arrived (the tied weight's is still pending), none for no-grad forwards, and the gradients unchanged."""
+    model, plain = tiny_model(vocab=16, tie_word_embeddings=True), tiny_model(vocab=16, tie_word_embeddings=True)
+    trims = []
+    monkeypatch.setattr(lmforge.rollout, "release_freed_memory", lambda: trims.append(
+        (model.model.embed_tokens.weight.grad, model.model.layers[0].self_attn.q_proj.weight.grad is not None)))
+    trim_before_embedding_backward(model)
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    with torch.no_grad():
+        model(ids)
+    assert trims == []
+    model(ids).logsumexp(-1).sum().backward()
+    plain(ids).logsumexp(-1).sum().backward()
+    assert len(trims) == 1 and trims[0] == (None, True)
+    for a, b in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
