@@ -89,12 +89,11 @@ def main() -> None:
         print(f"{side:<38} {dtype:<9} {r['prompts_per_s']:>10.3f} {4 / r['prompts_per_s']:>8.1f} {r['peak_mb']:>9.0f} "
               f"{r['train_peak_mb']:>11.0f}")
     fastest_trl = max((r for (side, _), r in results.items() if side == "trl"), key=lambda r: r["prompts_per_s"])
+    fastest = [("TRL's fastest", fastest_trl)] if len(dtypes) > 1 else []
     for (side, dtype), ours in results.items():
         if side == "trl":
             continue
-        for label, trl in (("TRL, same dtype", results["trl", dtype]), ("TRL's fastest", fastest_trl)):
-            if label == "TRL's fastest" and len(dtypes) == 1:
-                continue
+        for label, trl in [("TRL, same dtype", results["trl", dtype]), *fastest]:
             print(f"{side} ({dtype}) / {label}: {ours['prompts_per_s'] / trl['prompts_per_s']:.2f}x step throughput, "
                   f"{ours['peak_mb'] / trl['peak_mb']:.2f}x peak memory "
                   f"({ours['train_peak_mb'] / trl['train_peak_mb']:.2f}x train peak)")

@@ -249,8 +249,8 @@ def test_grpo_under_bf16_training_samples_its_rollouts_with_bf16_matmuls(tmp_pat
     monkeypatch.setattr(PackedDecodeStep, "__init__", spy)
     args = micro(tmp_path)
     for dtype, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        cfg = parse_cli([f"out_dir={tmp_path / dtype}", *args, "train.max_steps=2", "train.warmup_steps=0", "train.save_every=0",
-                         f"train.dtype={dtype}"], GRPOConfig, prog="grpo", description="")
+        cfg = parse_cli([f"out_dir={tmp_path / dtype}", *args, "train.max_steps=2", "train.warmup_steps=0",
+                         "train.save_every=0", f"train.dtype={dtype}"], GRPOConfig, prog="grpo", description="")
         summary = run_grpo(cfg)
         assert summary["steps"] == 2 and packed and set(packed) == {want}
         packed.clear()

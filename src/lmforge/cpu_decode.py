@@ -96,8 +96,8 @@ def packed_head(model, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
 def packable(model, rows: int) -> bool:
     """Whether ``PackedDecodeStep`` applies: a CPU model with fp32 or bf16 weights whose ``matmul_dtype`` oneDNN
     runs, a float output head, and the projections either all plain nn.Linear or all ``quant.QuantLinear`` on
-    their fused CPU kernel (LoRA-wrapped layers keep the generic path). One row too: SmolLM2-135M's batch-1 step took 71-74 ms against the generic forward's
-    85-97 ms (column-major MKL weights), a 4-layer d=256 model's 4.7-5.3 against 5.3-5.8 ms (2 threads, same
+    their fused CPU kernel (LoRA-wrapped layers keep the generic path). One row too: SmolLM2-135M's batch-1 step
+    took 71-74 ms against the generic forward's 85-97 ms (column-major MKL weights), a 4-layer d=256 model's 4.7-5.3 against 5.3-5.8 ms (2 threads, same
     tokens; README, "Serve a model")."""
     if rows < 1 or matmul_dtype(model) is None or not hasattr(model, "model") or type(model.lm_head) is not nn.Linear:
         return False
