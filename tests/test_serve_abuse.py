@@ -329,6 +329,7 @@ def test_metrics_are_prometheus_text_and_count_what_happened(loaded):
     try:
         outs = [call(s.port, body={"messages": MESSAGES, "max_tokens": 3, "n": n})[2] for n in (1, 2)]
         assert call(s.port, body={"messages": MESSAGES, "tools": [{}]})[0] == 400
+        wait_until(lambda: s.server.open == 0)  # the earlier connections' threads see their close and end
         status, headers, text = call(s.port, "/metrics")
         assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
         types, samples = parse_prometheus(text)
