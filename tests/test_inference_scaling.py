@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lmforge import inference_scaling
 from lmforge.cli import main
 from lmforge.generation import SamplingParams, generate
 from lmforge.inference_scaling import (
@@ -75,15 +76,20 @@ def test_best_of_n_picks_the_max_scoring_completion():
         assert pick.score == max(pick.scores) and pick.completion is pick.completions[pick.scores.index(pick.score)]
 
 
-def test_adaptive_stops_early_when_samples_agree_and_spends_the_budget_when_not():
+def test_adaptive_stops_early_when_samples_agree_and_spends_the_budget_when_not(monkeypatch):
     model = tiny()
     calls = []
-    hook = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+
+    def counted(model, prompts, params, **kw):
+        calls.append((len(prompts), params.n))
+        return generate(model, prompts, params, **kw)
+
+    monkeypatch.setattr(inference_scaling, "generate", counted)
     agreed = adaptive_budget(model, PROMPTS, max_samples=12, round_size=3, extract=lambda text: "42",
                              params=PARAMS)
-    hook.remove()
+    monkeypatch.undo()
     assert all(len(v.completions) == 3 and v.answer == "42" and v.share == 1.0 for v in agreed)
-    assert calls[0][0] == 3 and all(shape[0] == 9 for shape in calls[1:])  # one round: 3 prompts x 3 samples
+    assert calls == [(3, 3)]  # one round: 3 prompts x 3 samples
     torn = adaptive_budget(model, PROMPTS, max_samples=12, round_size=3, extract=lambda text: text,
                            params=SamplingParams(max_new_tokens=6, seed=0))
     assert all(len(v.completions) == 12 for v in torn)  # every sample differs: never confident

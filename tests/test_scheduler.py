@@ -218,3 +218,38 @@ def test_a_request_larger_than_the_pool_is_refused(model):
         sched.submit(prompt(40, 1), SamplingParams(max_new_tokens=40))
     with pytest.raises(ValueError, match="vocab_size"):
         sched.submit([999], GREEDY)
+
+
+def test_the_cache_buffers_are_reused_and_never_read_before_written(model):
+    """The mirror and the prefill cache live in ScratchKV buffers kept between steps and handed out uninitialised:
+    poisoned with NaN between two runs, the second run gives the first's tokens and log-probs, in the same storage."""
+    sched = Scheduler(model, eos_token_ids=[], kv_tokens=1024, prefill_chunk=16)
+    shared = prompt(20, 5)
+    prompts = [shared + prompt(3, 6), prompt(7, 7), shared + prompt(11, 8), prompt(30, 9)]  # ragged, shared prefix
+    first = sched.generate(prompts, SEEDED)
+    held = {name: [t.data_ptr() for t in kv] for name, kv in sched.scratch.flat.items()}
+    assert set(held) == {"mirror", "prefill"}
+    with torch.inference_mode():  # the step allocates them in inference mode
+        for kv in sched.scratch.flat.values():
+            for t in kv:
+                t.fill_(float("nan"))
+    second = sched.generate(prompts, SEEDED)
+    assert {name: [t.data_ptr() for t in kv] for name, kv in sched.scratch.flat.items()} == held
+    assert [tokens(c) for c in second] == [tokens(c) for c in first]
+    assert [[x.logprobs for x in c] for c in second] == [[x.logprobs for x in c] for c in first]
+    assert [tokens(c) for c in first] == [tokens(alone(model, p, SEEDED)) for p in prompts]
+
+
+def test_an_idle_loop_gives_its_cache_buffers_back(model):
+    sched = Scheduler(model, eos_token_ids=[])
+    sched.IDLE_RELEASE_S = 0.0
+    sched.start()
+    try:
+        assert sched.submit(prompt(12, 3), GREEDY).wait(timeout=60)
+        for _ in range(100):  # the loop frees them at its first idle pass
+            if not sched.scratch.flat:
+                break
+            threading.Event().wait(0.02)
+        assert not sched.scratch.flat
+    finally:
+        sched.stop()

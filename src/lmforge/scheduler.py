@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -145,6 +146,33 @@ class BlockAllocator:
             self.by_key[key], self.key_of[block] = block, key
 
 
+class ScratchKV:
+    """Key and value storage that outlives one mirror or one prefill forward: the largest of each kind asked for so
+    far, handed out again as views of the shape asked for (contents undefined).
+
+    PyTorch's CPU allocator returns big tensors to the OS, so a fresh 50 MB cache paid its page faults again at
+    every mirror rebuild and every prefill: 10-40 ms each for SmolLM2 on a 2-core VM (bench/bench_serve_external's
+    16-client wave spent ~80 ms of its ~1.3 s in the zero-fills of those caches, profiled). The scheduler drops
+    these buffers after a while without work (``Scheduler.IDLE_RELEASE_S``)."""
+
+    def __init__(self):
+        self.flat: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        n = 1
+        for size in shape:
+            n *= size
+        held = self.flat.get(name)
+        if held is None or held[0].numel() < n or held[0].dtype != dtype or held[0].device != torch.device(device):
+            self.flat.pop(name, None)  # the old storage goes before the new one is allocated
+            held = self.flat[name] = (torch.empty(n, device=device, dtype=dtype),
+                                      torch.empty(n, device=device, dtype=dtype))
+        return held[0][:n].view(shape), held[1][:n].view(shape)
+
+    def clear(self) -> None:
+        self.flat.clear()
+
+
 class DecodeMirror:
     """The decoding rows' keys and values in one contiguous, right-aligned cache, for the packed decode step.
 
@@ -156,10 +184,11 @@ class DecodeMirror:
     the columns run out.
     """
 
-    def __init__(self, config, capacity: int, width: int, room: int, device, dtype):
+    def __init__(self, config, capacity: int, width: int, room: int, device, dtype, scratch: ScratchKV | None = None):
         L, kv, d = config.num_hidden_layers, config.num_key_value_heads, config.resolved_head_dim
-        self.k = torch.zeros(L, capacity, kv, width + room, d, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        # uninitialised: every position a step reads is written first (gathered when its row joins, at or left of
+        # the width: padding from the pool's zero slot; decoded at cache.length after)
+        self.k, self.v = (scratch or ScratchKV()).take("mirror", (L, capacity, kv, width + room, d), device, dtype)
         self.position = torch.zeros(capacity, 1, dtype=torch.long, device=device)
         self.key_mask = torch.ones(capacity, width + room, dtype=torch.long, device=device)
         self.cache = KVCache(config, 0, 0, device=device, dtype=dtype)
@@ -228,7 +257,10 @@ class DecodeMirror:
 class Scheduler:
     """Continuous batching over a paged KV pool; ``step`` runs one iteration, ``start`` a thread that steps.
 
-    kv_tokens: the pool's budget (rounded down to whole blocks); max_running: most sequences (samples) prefilling
+    kv_tokens: the pool's budget (rounded down to whole blocks); block_size: positions a block holds, which is
+    also how finely equal prefixes are shared (8: SmolLM2's 24-token system-prompt preamble shares 3 blocks instead
+    of 1 at 16, and a 16-client wave's second prefill took 125-141 against 160-179 ms; the decode step reads the
+    mirror, not the blocks, so smaller blocks cost it nothing); max_running: most sequences (samples) prefilling
     or decoding at once; prefill_chunk: most prompt tokens prefilled per step (the rest waits for later steps, so
     running rows keep decoding); min_admit: while rows are decoding, admit only once this many places are free
     (or the whole queue fits): fewer, larger prefill forwards, each of which has a fixed cost on a CPU (1 = admit
@@ -236,8 +268,10 @@ class Scheduler:
     runs.
     """
 
+    IDLE_RELEASE_S = 10.0  # run()/start(): seconds without work before the scratch buffers are freed
+
     def __init__(self, model, tokenizer=None, *, eos_token_ids: list[int] | None = None, pad_id: int = 0,
-                 kv_tokens: int = 16384, block_size: int = 16, max_running: int = 32, prefill_chunk: int = 512,
+                 kv_tokens: int = 16384, block_size: int = 8, max_running: int = 32, prefill_chunk: int = 512,
                  min_admit: int = 1):
         if block_size < 1 or kv_tokens < block_size or max_running < 1 or prefill_chunk < 1:
             raise ValueError(f"need block_size >= 1, kv_tokens >= block_size, max_running >= 1 and prefill_chunk"
@@ -257,6 +291,7 @@ class Scheduler:
         self.decoding: list[Sequence] = []
         self.requests: list[Request] = []
         self.mirror: DecodeMirror | None = None
+        self.scratch = ScratchKV()
         self._intake: list[Request] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -491,13 +526,15 @@ class Scheduler:
                 index += [i] * len(samples)
         if not rows:
             return [], None
-        logits = self.model.lm_head(hidden[torch.tensor(index, device=self.device)]).float()
+        logits = self.head(hidden[torch.tensor(index, device=self.device)])
         return rows, logits
 
     def _forward_chunks(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
         """One forward over each sequence's next ``chunk`` tokens, attending to its positions already in the pool;
         rows right-aligned (past in [P - computed, P), chunk in [P + T - chunk, P + T)), padding masked. Writes
-        the new keys and values to the pool; returns (rows, D) hidden states of each chunk's last token."""
+        the new keys and values to the pool; returns (rows, D) hidden states of each chunk's last token, for
+        ``self.head``. Through the packed step where there is one (SmolLM2 bf16, 15 prompts of ~20 new tokens:
+        ~1.5x faster than the model's forward, whose matmuls repack the weights at every call)."""
         B, P, T = len(work), max(s.computed for s, _ in work), max(c for _, c in work)
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         mask, positions = torch.zeros(B, P + T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
@@ -509,14 +546,22 @@ class Scheduler:
             mask[i, P + T - c:] = 1
             if seq.computed:
                 past[i, P - seq.computed:] = torch.tensor(self.pool.slots(seq.table, 0, seq.computed))
-        cache = KVCache(self.model.config, B, P + T, device=self.device, dtype=self.dtype)
+        cfg = self.model.config
+        cache = KVCache(cfg, 0, 0, device=self.device, dtype=self.dtype)
+        # uninitialised: the past is gathered into [0, P) for every row (padding from the zero slot), the forward
+        # writes [P, P + T)
+        cache.k, cache.v = self.scratch.take("prefill", (cfg.num_hidden_layers, B, cfg.num_key_value_heads, P + T,
+                                                         cfg.resolved_head_dim), self.device, self.dtype)
         if P:
             cache.k[:, :, :, :P], cache.v[:, :, :, :P] = self.pool.gather(past.to(self.device))
             cache.length = P
         ragged = any(s.computed != P or c != T for s, c in work)
-        hidden = self.model(ids.to(self.device), attention_mask=mask.to(self.device) if ragged else None,
-                            position_ids=positions.to(self.device) if ragged else None, cache=cache,
-                            return_hidden=True)[:, -1]
+        mask, positions = (mask.to(self.device), positions.to(self.device)) if ragged else (None, None)
+        if self.packed is not None:  # the decode step's packed weights, a chunk of T tokens per row
+            hidden = self.packed(ids.to(self.device), mask, positions, cache)
+        else:
+            hidden = self.model(ids.to(self.device), attention_mask=mask, position_ids=positions, cache=cache,
+                                return_hidden=True)[:, -1]
         rows, cols, slots = [], [], []
         for i, (seq, c) in enumerate(work):
             rows += [i] * c
@@ -586,7 +631,7 @@ class Scheduler:
         W = max(s.computed for s in self.decoding)
         room = max(1, min(1024, max(s.request.params.max_new_tokens - len(s.generated) for s in self.decoding)))
         self.mirror = DecodeMirror(self.model.config, max(self.max_running, len(self.decoding)), W, room,
-                                   self.device, self.dtype)
+                                   self.device, self.dtype, self.scratch)
         self.mirror.add(list(self.decoding), self.pool)
         self.counts["mirror_rebuilds"] += 1
         return self.mirror
@@ -672,6 +717,7 @@ class Scheduler:
     # ---- the background thread ----
 
     def _loop(self) -> None:
+        idle_since = None
         while not self._stopping:
             try:
                 busy = self.step()
@@ -680,10 +726,15 @@ class Scheduler:
                 if not isinstance(error, Exception):  # Ctrl-C or exit on the thread that runs the loop: stop
                     raise
                 busy = False
-            if not busy:
-                with self._wake:
-                    if not self._intake and not self._stopping:
-                        self._wake.wait(0.5)
+            if busy:
+                idle_since = None
+                continue
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > self.IDLE_RELEASE_S:
+                self.scratch.clear()  # a server without work gives its cache buffers back
+            with self._wake:
+                if not self._intake and not self._stopping:
+                    self._wake.wait(0.5)
 
     def _fail_all(self, error: BaseException) -> None:
         for request in self.requests:
@@ -692,3 +743,4 @@ class Scheduler:
                 seq.state = "done"
             request._finish(error=error)
         self.requests, self.waiting, self.mirror = [], deque(), None
+        self.scratch.clear()
