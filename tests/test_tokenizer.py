@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import AddedToken
 
 from lmforge.stages.tokenizer import TokenizerStageConfig, main, run_tokenizer
@@ -16,9 +18,12 @@ CHATML = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_e
           "<|im_start|>assistant\n4<|im_end|>\n")
 
 
+STREAM_TOK = train_tokenizer(CORPUS, vocab_size=300)
+
+
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer(CORPUS, vocab_size=300)
+    return STREAM_TOK
 
 
 @pytest.mark.parametrize("text", [
@@ -29,6 +34,24 @@ def test_tokenizer_round_trips_any_text(tok, text):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def assert_streams_to_decode(tok, ids):
+    decode = tok.stream_decoder()
+    pieces = [decode(i) for i in ids]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert not any(p.endswith("\ufffd") for p in pieces)  # a split character waits until it is whole
+
+
+@pytest.mark.parametrize("text", ["héllo 🤖 wörld", "日本語テキスト", "e\u0301 and 👩‍👩‍👧", "a<|im_end|>b  c"])
+def test_the_stream_decoder_pieces_concatenate_to_the_decoded_text(tok, text):
+    assert_streams_to_decode(tok, tok.encode(text))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=40))
+def test_the_stream_decoder_fuzzed_with_any_text(text):
+    assert_streams_to_decode(STREAM_TOK, STREAM_TOK.encode(text))
 
 
 def test_special_tokens_have_fixed_ids_and_are_not_split(tok):

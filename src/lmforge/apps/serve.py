@@ -498,15 +498,15 @@ class ChatModel:
             return head | {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
         hold = max(map(len, params.stop_strings), default=1) - 1
-        generated: list[list[int]] = [[] for _ in range(params.n)]
-        shown = [""] * params.n
+        decoders = [self.tokenizer.stream_decoder() for _ in range(params.n)]
+        texts, shown = [""] * params.n, [""] * params.n
 
         def on_token(row: int, token_id: int) -> None:
-            generated[row].append(token_id)
-            text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
-            cut = [j for j in (text.find(s) for s in params.stop_strings) if j >= 0]
+            texts[row] += decoders[row](token_id)
+            text = texts[row]  # a stop string cannot start inside what is shown: it would have been cut then
+            cut = [j for j in (text.find(s, len(shown[row])) for s in params.stop_strings) if j >= 0]
             text = text[:min(cut)] if cut else text[:len(text) - hold]
-            if not text.endswith("\ufffd") and len(text) > len(shown[row]) and text.startswith(shown[row]):
+            if len(text) > len(shown[row]):
                 send(chunk(row, {"content": text[len(shown[row]):]}))
                 shown[row] = text
 

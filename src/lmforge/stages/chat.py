@@ -111,16 +111,15 @@ class ChatSession:
         ids = self.prompt_ids()
         params = replace(self.params, stop_strings=self.stop_strings,
                          seed=None if self.params.seed is None else self.params.seed + self.turn)
-        generated: list[int] = []
+        decode = self.tokenizer.stream_decoder()
         shown = [""]
 
         def on_token(row: int, token_id: int) -> None:
-            # decode all so far and pass on the new characters; a character split over tokens waits until whole
-            generated.append(token_id)
-            now = self.tokenizer.decode(generated, skip_special_tokens=True)
-            if on_text is not None and not now.endswith("\ufffd") and len(now) > len(shown[0]):
-                on_text(now[len(shown[0]):])
-                shown[0] = now
+            # the new characters (a character split over tokens waits until whole)
+            piece = decode(token_id)
+            if on_text is not None and piece:
+                on_text(piece)
+                shown[0] += piece
 
         completion = generate(self.model, [ids], params, tokenizer=self.tokenizer, pad_id=self.tokenizer.pad_id,
                               on_token=on_token)[0][0]
