@@ -208,6 +208,31 @@ def test_a_prefill_chunk_through_the_packed_step_equals_the_model_forward(extra,
     assert_chunk_matches_forward(random_model(hidden_size=32, intermediate_size=64, **extra), rows, 1e-5)
 
 
+def test_a_decode_batch_and_a_prefill_chunk_in_one_pass_equal_each_alone():
+    """forward_groups (the scheduler's step: decoding rows and prefill chunks over their own caches, every
+    projection once over all their tokens) gives each batch the hidden states and cache writes it gets alone."""
+    model = random_model(hidden_size=32, intermediate_size=64)
+    step = PackedDecodeStep(model, 4)
+    past, chunk = torch.tensor([[0, 5, 9, 13], [7, 2, 30, 41]]), torch.tensor([[17, 18, 19], [0, 23, 24]])
+    key_mask = torch.cat(((past != 0).long(), torch.ones(2, 1, dtype=torch.long)), 1)
+    position = (key_mask[:, :4].cumsum(1) - 1).clamp(min=0)[:, -1:] + 1
+    chunk_mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    with torch.no_grad():
+        caches = [KVCache(model.config, 2, 8) for _ in range(4)]  # decode alone, chunk alone, then together
+        for c in caches[0], caches[2]:
+            model(past, attention_mask=key_mask[:, :4], position_ids=(key_mask[:, :4].cumsum(1) - 1).clamp(min=0),
+                  cache=c)
+        groups = [(torch.tensor([3, 4]), key_mask, position, caches[0]), (chunk, chunk_mask, None, caches[1])]
+        alone = [step.forward_groups([g])[0] for g in groups]
+        together = step.forward_groups([(*groups[0][:3], caches[2]), (*groups[1][:3], caches[3])])
+        for a, b in zip(alone, together):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        for a, b in ((caches[0], caches[2]), (caches[1], caches[3])):
+            assert a.length == b.length
+            torch.testing.assert_close(a.k[:, :, :, :a.length], b.k[:, :, :, :b.length])
+            torch.testing.assert_close(a.v[:, :, :, :a.length], b.v[:, :, :, :b.length])
+
+
 @pytest.mark.parametrize("rows", [3, 1])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_packed_decode_step_equals_the_forward_of_a_quantized_model(bits, rows):

@@ -202,26 +202,46 @@ class PackedDecodeStep:
         forward(tokens (as (B, T)), attention_mask=key_mask, position_ids=position, cache=cache)[:, -1] up to
         float rounding.
         """
-        m, B = self.model, tokens.shape[0]
-        T = tokens.shape[1] if tokens.dim() == 2 else 1
-        H, kv, d, g = self.n_heads, self.n_kv, self.head_dim, self.n_heads // self.n_kv
-        m._extend_rope(cache.length + T)
-        cos, sin, keep = self._rope_and_mask(B, T, cache.length, key_mask, position)
+        return self.forward_groups([(tokens, key_mask, position, cache)])[0]
+
+    def forward_groups(self, groups: list[tuple]) -> list[torch.Tensor]:
+        """``__call__`` for several (tokens, key_mask, position, cache) batches at once, each over its own cache
+        (the scheduler's decoding rows and its prefill chunks): every projection runs once over all their tokens,
+        one pass over the weights instead of one per batch; attention runs per batch. One hidden state per batch."""
+        m, H, kv, d, g = self.model, self.n_heads, self.n_kv, self.head_dim, self.n_heads // self.n_kv
+        parts, cos, sin = [], [], []
+        for tokens, key_mask, position, cache in groups:
+            B, T = tokens.shape[0], tokens.shape[1] if tokens.dim() == 2 else 1
+            m._extend_rope(cache.length + T)
+            c, s, keep = self._rope_and_mask(B, T, cache.length, key_mask, position)
+            parts.append((B, T, cache, keep))
+            cos.append(c.expand(B, T, 1, d).reshape(B * T, 1, d))
+            sin.append(s.expand(B, T, 1, d).reshape(B * T, 1, d))
+        cos, sin = (cos[0], sin[0]) if len(groups) == 1 else (torch.cat(cos), torch.cat(sin))
         norm = lambda t, gain=None: F.rms_norm(t, (t.shape[-1],), gain, self.eps)  # noqa: E731
-        x = m.model.embed_tokens(tokens.reshape(-1))  # (B T, D): activations and cache in the weights' dtype
+        x = m.model.embed_tokens(torch.cat([t.reshape(-1) for t, *_ in groups]))  # (tokens, D), weights' dtype
         for i, w in enumerate(self.layers):
             qkv = w["qkv"](norm(x, w["in_gain"]))
-            qk = _rope_by_halves(qkv[:, :self.n_qk].view(B, T, H + kv, d), cos, sin)  # q (scaled) and k together
-            keys, values = cache.update(i, qk[:, :, H:].transpose(1, 2),  # (B, kv, length + T, d) after the write
-                                        qkv[:, self.n_qk:].view(B, T, kv, d).transpose(1, 2))
-            # each kv head's group of query heads as that head's queries: (B, kv, group T, d), one fused kernel
-            q = qk[:, :, :H].view(B, T, kv, g, d).permute(0, 2, 3, 1, 4).reshape(B, kv, g * T, d)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=1.0)
-            x = x + w["o"](y.view(B, kv, g, T, d).permute(0, 3, 1, 2, 4).reshape(B * T, H * d))
+            qk = _rope_by_halves(qkv[:, :self.n_qk].view(-1, H + kv, d), cos, sin)  # q (scaled) and k together
+            ys, start = [], 0
+            for B, T, cache, keep in parts:
+                q_k, v = qk[start:start + B * T].view(B, T, H + kv, d), qkv[start:start + B * T, self.n_qk:]
+                keys, values = cache.update(i, q_k[:, :, H:].transpose(1, 2),  # (B, kv, length + T, d) after it
+                                            v.view(B, T, kv, d).transpose(1, 2))
+                # each kv head's group of query heads as that head's queries: (B, kv, group T, d), one kernel
+                q = q_k[:, :, :H].view(B, T, kv, g, d).permute(0, 2, 3, 1, 4).reshape(B, kv, g * T, d)
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=1.0)
+                ys.append(y.view(B, kv, g, T, d).permute(0, 3, 1, 2, 4).reshape(B * T, H * d))
+                start += B * T
+            x = x + w["o"](ys[0] if len(ys) == 1 else torch.cat(ys))
             gate, up = w["gate_up"](norm(x, w["post_gain"])).chunk(2, dim=-1)
             x = x + w["down"](F.silu(gate) * up)
-        cache.length += T
-        return norm(x.view(B, T, -1)[:, -1])
+        out, start = [], 0
+        for B, T, cache, _ in parts:
+            cache.length += T
+            out.append(norm(x[start:start + B * T].view(B, T, -1)[:, -1]))
+            start += B * T
+        return out
 
     def _rope_and_mask(self, B: int, T: int, past: int, key_mask: torch.Tensor | None,
                        position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
